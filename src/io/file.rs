@@ -1,0 +1,151 @@
+//! The plain engine: positioned reads and writes on a `std::fs::File`.
+
+use super::{Disk, OpenMode, Storage};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Opens files and block devices with `pread`/`pwrite`/`fdatasync`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FileDisk;
+
+impl Disk for FileDisk {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
+        let mut opts = OpenOptions::new();
+        opts.read(true);
+        match mode {
+            OpenMode::CreateNew => {
+                opts.write(true).create_new(true).mode(0o600);
+            }
+            OpenMode::Existing => {
+                opts.write(true);
+            }
+            OpenMode::ReadOnly => {}
+        }
+        let file = opts.open(path)?;
+        let block_device = file.metadata()?.file_type().is_block_device();
+        Ok(Arc::new(FileStorage {
+            file,
+            block_device,
+        }))
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    block_device: bool,
+}
+
+/// Largest single zero-fill write when a device cannot punch holes.
+const ZERO_FILL_BYTES_MAX: usize = 1 << 20;
+
+impl Storage for FileStorage {
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.file.read_at(buf, offset) {
+                Ok(0) => {
+                    // Past the end: the contract says zeros.
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "discard range too large"));
+        };
+        // SAFETY: fallocate takes a valid open descriptor and plain integers; it does not
+        // touch memory we own.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                // No hole punching here: write zeros, but never past the end of a file.
+                let end = if self.block_device {
+                    offset + len
+                } else {
+                    (offset + len).min(self.len()?)
+                };
+                let zeros = vec![0u8; ZERO_FILL_BYTES_MAX];
+                let mut at = offset;
+                while at < end {
+                    let n = ((end - at) as usize).min(ZERO_FILL_BYTES_MAX);
+                    self.write_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            _ => Err(err),
+        }
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        if self.block_device {
+            (&self.file).seek(SeekFrom::End(0))
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.block_device {
+            if len == self.len()? {
+                return Ok(());
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cannot change the size of a block device",
+            ));
+        }
+        self.file.set_len(len)
+    }
+
+    fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+}

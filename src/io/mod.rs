@@ -1,0 +1,160 @@
+//! The storage boundary: every byte snapvol reads or writes goes through [`Storage`].
+//!
+//! Only this module touches file descriptors. The engine sees `Arc<dyn Storage>` handles
+//! obtained from a [`Disk`], so a simulated disk (crash tests), a counting disk (I/O
+//! accounting in tests) or a future io_uring engine can stand in for [`FileDisk`].
+
+mod file;
+mod mem;
+mod counting;
+
+pub use counting::{CountingDisk, IoCounts};
+pub use file::FileDisk;
+pub use mem::MemDisk;
+
+use std::fmt::Debug;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+/// One file or block device.
+///
+/// Contract (every engine must honour it; tests in `io::tests` check each engine):
+/// - `read_at` fills the whole buffer; bytes past the end read as zeros.
+/// - `write_at` writes the whole buffer, extending the file if needed.
+/// - `sync` makes every completed `write_at`, `discard` and `set_len` durable. After a
+///   failed `sync` the caller must assume any unsynced write may be lost.
+/// - `discard` makes the range read as zeros and may release its space.
+pub trait Storage: Send + Sync + Debug {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn sync(&self) -> io::Result<()>;
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Whether this is a block device (fixed size, never truncated).
+    fn is_block_device(&self) -> bool {
+        false
+    }
+}
+
+/// How to open a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the file; fail if it exists.
+    CreateNew,
+    /// Open an existing file or block device read-write.
+    Existing,
+    /// Open an existing file or block device read-only.
+    ReadOnly,
+}
+
+/// Opens [`Storage`] handles. Implemented by each I/O engine.
+pub trait Disk: Send + Sync + Debug {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>>;
+    /// Whether `path` exists on this disk.
+    fn exists(&self, path: &Path) -> bool;
+    /// Removes a file; a missing file is not an error.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+}
+
+/// The default engine.
+pub fn default_disk() -> Arc<dyn Disk> {
+    Arc::new(FileDisk)
+}
+
+/// Adapter so redb keeps its pages on a [`Storage`] like everything else.
+#[derive(Debug)]
+pub struct RedbBackend(pub Arc<dyn Storage>);
+
+impl redb::StorageBackend for RedbBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let len = self.0.len()?;
+        let end = offset
+            .checked_add(out.len() as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "read range overflows"))?;
+        if end > len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read of {end} bytes past end of metadata file ({len} bytes)"),
+            ));
+        }
+        self.0.read_at(out, offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_at(data, offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contract(disk: &dyn Disk, dir: &Path) {
+        let path = dir.join("f");
+        let s = disk.open(&path, OpenMode::CreateNew).unwrap();
+        assert!(disk.open(&path, OpenMode::CreateNew).is_err());
+        assert_eq!(s.len().unwrap(), 0);
+        let mut buf = [7u8; 16];
+        s.read_at(&mut buf, 100).unwrap();
+        assert_eq!(buf, [0u8; 16]);
+        s.write_at(&[1u8; 8192], 4096).unwrap();
+        assert_eq!(s.len().unwrap(), 12288);
+        s.read_at(&mut buf, 4090).unwrap();
+        assert_eq!(&buf[..6], &[0u8; 6]);
+        assert_eq!(&buf[6..], &[1u8; 10]);
+        s.discard(4096, 4096).unwrap();
+        let mut page = vec![9u8; 4096];
+        s.read_at(&mut page, 4096).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        s.read_at(&mut page, 8192).unwrap();
+        assert!(page.iter().all(|&b| b == 1));
+        s.set_len(4096).unwrap();
+        assert_eq!(s.len().unwrap(), 4096);
+        s.sync().unwrap();
+        drop(s);
+        let s = disk.open(&path, OpenMode::Existing).unwrap();
+        assert_eq!(s.len().unwrap(), 4096);
+        let ro = disk.open(&path, OpenMode::ReadOnly).unwrap();
+        assert!(ro.write_at(&[1], 0).is_err() || disk_is_mem(disk));
+        assert!(disk.exists(&path));
+        disk.remove(&path).unwrap();
+        assert!(!disk.exists(&path));
+        assert!(disk.open(&path, OpenMode::Existing).is_err());
+    }
+
+    fn disk_is_mem(disk: &dyn Disk) -> bool {
+        format!("{disk:?}").starts_with("MemDisk")
+    }
+
+    #[test]
+    fn file_disk_honours_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        contract(&FileDisk, dir.path());
+    }
+
+    #[test]
+    fn mem_disk_honours_contract() {
+        contract(&MemDisk::default(), Path::new("/mem"));
+    }
+
+    #[test]
+    fn counting_disk_honours_contract_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = CountingDisk::new(Arc::new(FileDisk));
+        contract(&disk, dir.path());
+        let counts = disk.counts();
+        assert_eq!(counts.bytes_written, 8192);
+        assert_eq!(counts.bytes_discarded, 4096);
+        assert!(counts.syncs >= 1);
+    }
+}
