@@ -2,5 +2,13 @@
 //!
 //! See `ARCHITECTURE.md` for the map of this crate.
 
+pub mod datadir;
+pub mod error;
 pub mod io;
 pub mod journal;
+pub mod names;
+pub mod volume;
+
+pub use datadir::DataDir;
+pub use error::{Error, Result};
+pub use volume::{CheckReport, CreateOptions, StoreFullPolicy, Volume};

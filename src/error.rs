@@ -1,0 +1,53 @@
+//! The engine's errors. One enum for the public API; lower layers have their own
+//! (`journal::JournalError`) and convert into it with context.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {kind} name {name:?}: use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    BadName { kind: &'static str, name: String },
+    #[error("invalid size {0:?}: use a whole number with an optional K, M, G or T suffix")]
+    BadSize(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("volume {0:?} does not exist")]
+    NoSuchVolume(String),
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    #[error("snapshot {volume}@{snapshot} does not exist")]
+    NoSuchSnapshot { volume: String, snapshot: String },
+    #[error("snapshot {volume}@{snapshot} already exists")]
+    SnapshotExists { volume: String, snapshot: String },
+    #[error("volume {volume:?} has {count} snapshots, the limit is {max}")]
+    TooManySnapshots { volume: String, count: u64, max: u64 },
+    #[error("volume {0:?} is in use by another process (lock held on {1})")]
+    Locked(String, PathBuf),
+    #[error("range {offset}+{length} is outside volume {volume:?} of {size} bytes")]
+    OutOfRange { volume: String, offset: u64, length: u64, size: u64 },
+    #[error("volume {volume:?}: snapshot stores are full ({detail}); the write was refused and every snapshot is intact")]
+    StoreFull { volume: String, detail: String },
+    #[error("volume {volume:?} has failed and must be reopened: {reason}")]
+    VolumeFailed { volume: String, reason: String },
+    #[error("volume {volume:?}: corrupt {what}: {detail}")]
+    Corrupt { volume: String, what: String, detail: String },
+    #[error("volume {volume:?}: {context}: {source}")]
+    Io { volume: String, context: String, source: std::io::Error },
+    #[error("{context}: {source}")]
+    Path { context: String, source: std::io::Error },
+}
+
+impl Error {
+    /// Whether this error means the storage ran out of space.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            Error::StoreFull { .. } => true,
+            Error::Io { source, .. } | Error::Path { source, .. } => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            _ => false,
+        }
+    }
+}
