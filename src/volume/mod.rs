@@ -164,3 +164,7 @@ impl Volume {
         todo!()
     }
 }
+
+mod map;
+mod meta;
+mod store;

@@ -1,0 +1,334 @@
+//! The checkpointed metadata: mapping table, snapshot catalog and volume state, in redb.
+//!
+//! redb holds the state as of journal frame `checkpoint_seq`; frames after it are replayed
+//! from the journal on open. Each value carries its own crc32c (over key and value) so a
+//! flipped bit is reported by name instead of read as a wrong mapping.
+
+use super::map::{Loc, PreserveMap};
+use super::Counters;
+use crate::io::{RedbBackend, Storage};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Version of the metadata layout in `meta.redb` (see docs/FORMAT.md).
+pub const META_FORMAT_VERSION: u32 = 1;
+
+const MAPPING: TableDefinition<(u64, u64), [u8; 18]> = TableDefinition::new("mapping");
+const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+const STATE_KEY: &str = "volume";
+const STATE_BYTES: usize = 4 + 8 + 8 + 4 * 8 + 1 + 3 * 8 + 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata database: {0}")]
+    Db(String),
+    #[error("metadata {0}")]
+    Corrupt(String),
+}
+
+fn db_err(e: impl std::fmt::Display) -> MetaError {
+    MetaError::Db(e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreState {
+    pub target_snapshot_id: u64,
+    pub safety_snapshot_id: u64,
+    pub next_chunk_index: u64,
+}
+
+/// Everything that is not a mapping record or a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeState {
+    pub checkpoint_seq: u64,
+    pub next_snapshot_id: u64,
+    pub counters: Counters,
+    pub restore: Option<RestoreState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapMeta {
+    pub name: String,
+    pub created_unix_ns: u64,
+}
+
+/// What a checkpoint must write: the records and snapshots changed since the last one.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    pub mapping: HashMap<(u64, u64), Option<Loc>>,
+    pub snapshots: HashMap<u64, Option<SnapMeta>>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.mapping.is_empty() && self.snapshots.is_empty()
+    }
+}
+
+pub struct Loaded {
+    pub state: VolumeState,
+    pub map: PreserveMap,
+    pub snapshots: BTreeMap<u64, SnapMeta>,
+}
+
+pub struct Meta {
+    db: redb::Database,
+}
+
+impl std::fmt::Debug for Meta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Meta")
+    }
+}
+
+fn encode_loc(chunk_index: u64, until: u64, loc: Loc) -> [u8; 18] {
+    let mut v = [0u8; 18];
+    v[0..2].copy_from_slice(&loc.store_index.to_le_bytes());
+    v[2..10].copy_from_slice(&loc.slot_index.to_le_bytes());
+    v[10..14].copy_from_slice(&loc.data_crc32c.to_le_bytes());
+    let crc = mapping_crc(chunk_index, until, &v[..14]);
+    v[14..18].copy_from_slice(&crc.to_le_bytes());
+    v
+}
+
+fn mapping_crc(chunk_index: u64, until: u64, body: &[u8]) -> u32 {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&chunk_index.to_le_bytes());
+    key[8..].copy_from_slice(&until.to_le_bytes());
+    crc32c::crc32c_append(crc32c::crc32c(&key), body)
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+}
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
+}
+
+fn decode_loc(chunk_index: u64, until: u64, v: &[u8; 18]) -> Result<Loc, MetaError> {
+    if mapping_crc(chunk_index, until, &v[..14]) != le_u32(&v[14..]) {
+        return Err(MetaError::Corrupt(format!(
+            "mapping entry (chunk {chunk_index}, until snapshot {until}) fails its checksum"
+        )));
+    }
+    Ok(Loc {
+        store_index: u16::from_le_bytes([v[0], v[1]]),
+        slot_index: le_u64(&v[2..]),
+        data_crc32c: le_u32(&v[10..]),
+    })
+}
+
+fn encode_snapshot(id: u64, s: &SnapMeta) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 1 + s.name.len() + 4);
+    v.extend_from_slice(&s.created_unix_ns.to_le_bytes());
+    v.push(s.name.len() as u8);
+    v.extend_from_slice(s.name.as_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&id.to_le_bytes()), &v);
+    v.extend_from_slice(&crc.to_le_bytes());
+    v
+}
+
+fn decode_snapshot(id: u64, v: &[u8]) -> Result<SnapMeta, MetaError> {
+    let bad = |why: &str| MetaError::Corrupt(format!("snapshot catalog entry {id}: {why}"));
+    if v.len() < 13 {
+        return Err(bad("too short"));
+    }
+    let body = &v[..v.len() - 4];
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&id.to_le_bytes()), body);
+    if crc != le_u32(&v[v.len() - 4..]) {
+        return Err(bad("fails its checksum"));
+    }
+    let name_len = body[8] as usize;
+    if body.len() != 9 + name_len {
+        return Err(bad("name length does not match"));
+    }
+    let name = std::str::from_utf8(&body[9..]).map_err(|_| bad("name is not UTF-8"))?;
+    crate::names::validate_name("snapshot", name).map_err(|_| bad("invalid name"))?;
+    Ok(SnapMeta { name: name.to_string(), created_unix_ns: le_u64(body) })
+}
+
+fn encode_state(s: &VolumeState) -> [u8; STATE_BYTES] {
+    let mut v = [0u8; STATE_BYTES];
+    let mut at = 0;
+    let mut put = |b: &[u8]| {
+        v[at..at + b.len()].copy_from_slice(b);
+        at += b.len();
+    };
+    put(&META_FORMAT_VERSION.to_le_bytes());
+    put(&s.checkpoint_seq.to_le_bytes());
+    put(&s.next_snapshot_id.to_le_bytes());
+    put(&s.counters.client_bytes_written.to_le_bytes());
+    put(&s.counters.bytes_skipped_identical.to_le_bytes());
+    put(&s.counters.bytes_preserved.to_le_bytes());
+    put(&s.counters.origin_bytes_written.to_le_bytes());
+    let r = s.restore.unwrap_or(RestoreState {
+        target_snapshot_id: 0,
+        safety_snapshot_id: 0,
+        next_chunk_index: 0,
+    });
+    put(&[s.restore.is_some() as u8]);
+    put(&r.target_snapshot_id.to_le_bytes());
+    put(&r.safety_snapshot_id.to_le_bytes());
+    put(&r.next_chunk_index.to_le_bytes());
+    drop(put);
+    let crc = crc32c::crc32c(&v[..STATE_BYTES - 4]);
+    v[STATE_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+    v
+}
+
+fn decode_state(v: &[u8]) -> Result<VolumeState, MetaError> {
+    let bad = |why: String| MetaError::Corrupt(format!("volume state record: {why}"));
+    if v.len() != STATE_BYTES {
+        return Err(bad(format!("{} bytes, expected {STATE_BYTES}", v.len())));
+    }
+    if crc32c::crc32c(&v[..STATE_BYTES - 4]) != le_u32(&v[STATE_BYTES - 4..]) {
+        return Err(bad("fails its checksum".into()));
+    }
+    let version = le_u32(v);
+    if version != META_FORMAT_VERSION {
+        return Err(bad(format!("format version {version}, this build reads {META_FORMAT_VERSION}")));
+    }
+    let u = |i: usize| le_u64(&v[4 + 8 * i..]);
+    let restore_flag = v[4 + 8 * 6];
+    let r = |i: usize| le_u64(&v[4 + 8 * 6 + 1 + 8 * i..]);
+    Ok(VolumeState {
+        checkpoint_seq: u(0),
+        next_snapshot_id: u(1),
+        counters: Counters {
+            client_bytes_written: u(2),
+            bytes_skipped_identical: u(3),
+            bytes_preserved: u(4),
+            origin_bytes_written: u(5),
+        },
+        restore: match restore_flag {
+            0 => None,
+            1 => Some(RestoreState {
+                target_snapshot_id: r(0),
+                safety_snapshot_id: r(1),
+                next_chunk_index: r(2),
+            }),
+            f => return Err(bad(format!("restore flag {f}"))),
+        },
+    })
+}
+
+impl Meta {
+    /// Initialises an empty metadata file.
+    pub fn create(storage: Arc<dyn Storage>) -> Result<Meta, MetaError> {
+        let db = redb::Database::builder().create_with_backend(RedbBackend(storage)).map_err(db_err)?;
+        let meta = Meta { db };
+        let state = VolumeState {
+            checkpoint_seq: 0,
+            next_snapshot_id: 1,
+            counters: Counters::default(),
+            restore: None,
+        };
+        meta.checkpoint(&state, &Dirty::default())?;
+        Ok(meta)
+    }
+
+    pub fn open(storage: Arc<dyn Storage>) -> Result<Meta, MetaError> {
+        let db = redb::Database::builder().create_with_backend(RedbBackend(storage)).map_err(db_err)?;
+        Ok(Meta { db })
+    }
+
+    /// Reads and verifies everything.
+    pub fn load(&self) -> Result<Loaded, MetaError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let state_table = txn.open_table(STATE).map_err(db_err)?;
+        let state = match state_table.get(STATE_KEY).map_err(db_err)? {
+            Some(v) => decode_state(v.value())?,
+            None => return Err(MetaError::Corrupt("volume state record is missing".into())),
+        };
+        let mut map = PreserveMap::default();
+        for row in txn.open_table(MAPPING).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let (chunk_index, until) = k.value();
+            map.insert(chunk_index, until, decode_loc(chunk_index, until, &v.value())?);
+        }
+        let mut snapshots = BTreeMap::new();
+        for row in txn.open_table(SNAPSHOTS).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let id = k.value();
+            snapshots.insert(id, decode_snapshot(id, v.value())?);
+        }
+        Ok(Loaded { state, map, snapshots })
+    }
+
+    /// Writes `dirty` and `state` in one durable transaction.
+    pub fn checkpoint(&self, state: &VolumeState, dirty: &Dirty) -> Result<(), MetaError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut mapping = txn.open_table(MAPPING).map_err(db_err)?;
+            for (&(chunk_index, until), loc) in &dirty.mapping {
+                match loc {
+                    Some(loc) => {
+                        mapping
+                            .insert((chunk_index, until), encode_loc(chunk_index, until, *loc))
+                            .map_err(db_err)?;
+                    }
+                    None => {
+                        mapping.remove((chunk_index, until)).map_err(db_err)?;
+                    }
+                }
+            }
+            let mut snaps = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+            for (&id, s) in &dirty.snapshots {
+                match s {
+                    Some(s) => {
+                        snaps.insert(id, encode_snapshot(id, s).as_slice()).map_err(db_err)?;
+                    }
+                    None => {
+                        snaps.remove(id).map_err(db_err)?;
+                    }
+                }
+            }
+            let mut st = txn.open_table(STATE).map_err(db_err)?;
+            st.insert(STATE_KEY, encode_state(state).as_slice()).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{Disk, MemDisk, OpenMode};
+    use std::path::Path;
+
+    #[test]
+    fn checkpoint_round_trip() {
+        let disk = MemDisk::default();
+        let st = disk.open(Path::new("/m"), OpenMode::CreateNew).unwrap();
+        let meta = Meta::create(st.clone()).unwrap();
+        let mut dirty = Dirty::default();
+        let loc = Loc { store_index: 1, slot_index: 5, data_crc32c: 77 };
+        dirty.mapping.insert((3, 2), Some(loc));
+        dirty.snapshots.insert(2, Some(SnapMeta { name: "s".into(), created_unix_ns: 9 }));
+        let state = VolumeState {
+            checkpoint_seq: 4,
+            next_snapshot_id: 3,
+            counters: Counters { client_bytes_written: 1, bytes_skipped_identical: 2, bytes_preserved: 3, origin_bytes_written: 4 },
+            restore: Some(RestoreState { target_snapshot_id: 2, safety_snapshot_id: 3, next_chunk_index: 8 }),
+        };
+        meta.checkpoint(&state, &dirty).unwrap();
+        drop(meta);
+        let l = Meta::open(st).unwrap().load().unwrap();
+        assert_eq!(l.state, state);
+        assert_eq!(l.map.lookup(3, 1), Some((2, loc)));
+        assert_eq!(l.snapshots[&2].name, "s");
+    }
+
+    #[test]
+    fn flipped_mapping_value_is_named() {
+        let v = encode_loc(3, 2, Loc { store_index: 0, slot_index: 1, data_crc32c: 2 });
+        let mut w = v;
+        w[3] ^= 1;
+        let e = decode_loc(3, 2, &w).unwrap_err().to_string();
+        assert!(e.contains("chunk 3"), "{e}");
+        assert!(decode_loc(3, 3, &v).is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! Snapshot stores: arrays of chunk-sized slots on one or more files or devices.
+//!
+//! Placement: a freed slot is reused first (lowest store, then lowest slot); otherwise new
+//! slots are handed out round-robin across the stores that still have capacity, so
+//! preserved data spreads over every store's disk. A store's capacity is `--store-size`,
+//! or the device size for a block device, or unbounded for a file (until the file system
+//! says ENOSPC, after which that store is capped where it failed).
+
+use crate::io::Storage;
+use parking_lot::Mutex;
+use std::collections::BTreeSet;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct StoreFile {
+    pub path: PathBuf,
+    pub storage: Arc<dyn Storage>,
+}
+
+#[derive(Debug)]
+struct Allocator {
+    free: BTreeSet<(u16, u64)>,
+    high_water_slots: Vec<u64>,
+    capacity_slots: Vec<u64>,
+    next_store: usize,
+}
+
+#[derive(Debug)]
+pub struct Stores {
+    files: Vec<StoreFile>,
+    chunk_size_bytes: u64,
+    alloc: Mutex<Allocator>,
+}
+
+impl Stores {
+    /// `used` lists every slot the mapping table references; every other slot below a
+    /// store's high-water mark is free.
+    pub fn new(
+        files: Vec<StoreFile>,
+        chunk_size_bytes: u64,
+        capacity_slots: Vec<u64>,
+        used: impl Iterator<Item = (u16, u64)>,
+    ) -> Stores {
+        assert_eq!(files.len(), capacity_slots.len());
+        let mut high_water_slots = vec![0u64; files.len()];
+        let mut used_set = BTreeSet::new();
+        for (store, slot) in used {
+            let hw = &mut high_water_slots[store as usize];
+            *hw = (*hw).max(slot + 1);
+            used_set.insert((store, slot));
+        }
+        let mut free = BTreeSet::new();
+        for (store, &hw) in high_water_slots.iter().enumerate() {
+            for slot in 0..hw {
+                if !used_set.contains(&(store as u16, slot)) {
+                    free.insert((store as u16, slot));
+                }
+            }
+        }
+        Stores {
+            files,
+            chunk_size_bytes,
+            alloc: Mutex::new(Allocator { free, high_water_slots, capacity_slots, next_store: 0 }),
+        }
+    }
+
+    pub fn files(&self) -> &[StoreFile] {
+        &self.files
+    }
+
+    /// A free slot, or `None` when every store is full.
+    pub fn allocate(&self) -> Option<(u16, u64)> {
+        let mut a = self.alloc.lock();
+        if let Some(slot) = a.free.pop_first() {
+            return Some(slot);
+        }
+        let n = self.files.len();
+        for step in 0..n {
+            let store = (a.next_store + step) % n;
+            if a.high_water_slots[store] < a.capacity_slots[store] {
+                let slot = a.high_water_slots[store];
+                a.high_water_slots[store] += 1;
+                a.next_store = (store + 1) % n;
+                return Some((store as u16, slot));
+            }
+        }
+        None
+    }
+
+    /// Returns a slot to the free list. Only call once no durable metadata references it.
+    pub fn release(&self, store_index: u16, slot_index: u64) {
+        let inserted = self.alloc.lock().free.insert((store_index, slot_index));
+        debug_assert!(inserted, "slot {store_index}:{slot_index} released twice");
+    }
+
+    /// The file system ran out of space at this slot: never hand out slots from here on.
+    pub fn cap_at(&self, store_index: u16, slot_index: u64) {
+        let mut a = self.alloc.lock();
+        let s = store_index as usize;
+        a.capacity_slots[s] = a.capacity_slots[s].min(slot_index);
+        // Slots at or above the cap that were free are gone too.
+        let beyond: Vec<_> =
+            a.free.range((store_index, slot_index)..=(store_index, u64::MAX)).copied().collect();
+        for k in beyond {
+            a.free.remove(&k);
+        }
+        if a.high_water_slots[s] == slot_index + 1 {
+            a.high_water_slots[s] = slot_index;
+        }
+    }
+
+    fn offset(&self, slot_index: u64) -> io::Result<u64> {
+        slot_index
+            .checked_mul(self.chunk_size_bytes)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "slot offset overflows"))
+    }
+
+    pub fn write_slot(&self, store_index: u16, slot_index: u64, data: &[u8]) -> io::Result<()> {
+        debug_assert_eq!(data.len() as u64, self.chunk_size_bytes);
+        self.storage(store_index)?.write_at(data, self.offset(slot_index)?)
+    }
+
+    pub fn read_slot(&self, store_index: u16, slot_index: u64, buf: &mut [u8]) -> io::Result<()> {
+        debug_assert_eq!(buf.len() as u64, self.chunk_size_bytes);
+        self.storage(store_index)?.read_at(buf, self.offset(slot_index)?)
+    }
+
+    fn storage(&self, store_index: u16) -> io::Result<&Arc<dyn Storage>> {
+        self.files
+            .get(store_index as usize)
+            .map(|f| &f.storage)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such store"))
+    }
+
+    /// Syncs every store (cheap for stores with nothing dirty).
+    pub fn sync_all(&self) -> io::Result<()> {
+        for f in &self.files {
+            f.storage.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Slots in use or free below the high-water marks, per store.
+    pub fn high_water_slots(&self) -> Vec<u64> {
+        self.alloc.lock().high_water_slots.clone()
+    }
+
+    pub fn free_slot_count(&self) -> u64 {
+        self.alloc.lock().free.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{Disk, MemDisk, OpenMode};
+    use std::path::Path;
+
+    fn stores(n: usize, cap: u64, used: Vec<(u16, u64)>) -> Stores {
+        let disk = MemDisk::default();
+        let files = (0..n)
+            .map(|i| StoreFile {
+                path: format!("/s{i}").into(),
+                storage: disk.open(Path::new(&format!("/s{i}")), OpenMode::CreateNew).unwrap(),
+            })
+            .collect();
+        Stores::new(files, 4096, vec![cap; n], used.into_iter())
+    }
+
+    #[test]
+    fn round_robin_then_full_then_reuse() {
+        let s = stores(2, 2, vec![]);
+        let got: Vec<_> = (0..4).map(|_| s.allocate().unwrap()).collect();
+        assert_eq!(got, vec![(0, 0), (1, 0), (0, 1), (1, 1)]);
+        assert_eq!(s.allocate(), None);
+        s.release(1, 0);
+        assert_eq!(s.allocate(), Some((1, 0)));
+    }
+
+    #[test]
+    fn rebuild_finds_holes() {
+        let s = stores(1, 10, vec![(0, 0), (0, 3)]);
+        assert_eq!(s.free_slot_count(), 2);
+        assert_eq!(s.allocate(), Some((0, 1)));
+        assert_eq!(s.allocate(), Some((0, 2)));
+        assert_eq!(s.allocate(), Some((0, 4)));
+        s.cap_at(0, 4);
+        assert_eq!(s.allocate(), None);
+    }
+}
