@@ -31,7 +31,10 @@ pub struct CountingDisk {
 
 impl CountingDisk {
     pub fn new(inner: Arc<dyn Disk>) -> Self {
-        Self { inner, counters: Arc::default() }
+        Self {
+            inner,
+            counters: Arc::default(),
+        }
     }
 
     /// Totals over every file opened through this disk.
@@ -49,7 +52,10 @@ impl CountingDisk {
 impl Disk for CountingDisk {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
         let inner = self.inner.open(path, mode)?;
-        Ok(Arc::new(CountingStorage { inner, counters: self.counters.clone() }))
+        Ok(Arc::new(CountingStorage {
+            inner,
+            counters: self.counters.clone(),
+        }))
     }
     fn exists(&self, path: &Path) -> bool {
         self.inner.exists(path)
@@ -71,7 +77,9 @@ impl Storage for CountingStorage {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.inner.write_at(buf, offset)?;
-        self.counters.bytes_written.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.counters.write_calls.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -81,7 +89,9 @@ impl Storage for CountingStorage {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.inner.discard(offset, len)?;
-        self.counters.bytes_discarded.fetch_add(len, Ordering::Relaxed);
+        self.counters
+            .bytes_discarded
+            .fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {

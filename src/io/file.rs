@@ -27,10 +27,7 @@ impl Disk for FileDisk {
         }
         let file = opts.open(path)?;
         let block_device = file.metadata()?.file_type().is_block_device();
-        Ok(Arc::new(FileStorage {
-            file,
-            block_device,
-        }))
+        Ok(Arc::new(FileStorage { file, block_device }))
     }
 
     fn exists(&self, path: &Path) -> bool {
@@ -87,7 +84,10 @@ impl Storage for FileStorage {
             return Ok(());
         }
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "discard range too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "discard range too large",
+            ));
         };
         // SAFETY: fallocate takes a valid open descriptor and plain integers; it does not
         // touch memory we own.

@@ -48,7 +48,10 @@ impl Disk for MemDisk {
 fn checked_end(offset: u64, len: usize) -> io::Result<u64> {
     match offset.checked_add(len as u64) {
         Some(end) if end <= MEM_FILE_BYTES_MAX => Ok(end),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "beyond in-memory file limit")),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "beyond in-memory file limit",
+        )),
     }
 }
 

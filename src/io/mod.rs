@@ -4,9 +4,10 @@
 //! obtained from a [`Disk`], so a simulated disk (crash tests), a counting disk (I/O
 //! accounting in tests) or a future io_uring engine can stand in for [`FileDisk`].
 
-mod file;
-mod mem;
 mod counting;
+mod file;
+pub mod fs;
+mod mem;
 
 pub use counting::{CountingDisk, IoCounts};
 pub use file::FileDisk;

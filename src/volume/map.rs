@@ -32,10 +32,6 @@ impl PreserveMap {
         self.by_chunk.len() as u64
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_chunk.is_empty()
-    }
-
     pub fn insert(&mut self, chunk_index: u64, until: u64, loc: Loc) -> Option<Loc> {
         self.by_until.insert((until, chunk_index));
         self.by_chunk.insert((chunk_index, until), loc)
@@ -65,7 +61,12 @@ impl PreserveMap {
 
     /// Whether `(chunk_index, until)` (existing or about to be inserted) serves some live
     /// snapshot.
-    pub fn record_needed(&self, chunk_index: u64, until: u64, live: &BTreeMap<u64, impl Sized>) -> bool {
+    pub fn record_needed(
+        &self,
+        chunk_index: u64,
+        until: u64,
+        live: &BTreeMap<u64, impl Sized>,
+    ) -> bool {
         let lo = self.prev_until(chunk_index, until).map_or(0, |p| p + 1);
         live.range(lo..=until).next().is_some()
     }
@@ -78,7 +79,10 @@ impl PreserveMap {
         live: &BTreeMap<u64, impl Sized>,
     ) -> Vec<(u64, u64, Loc)> {
         debug_assert!(!live.contains_key(&deleted_id));
-        let next_live = live.range(deleted_id + 1..).next().map_or(u64::MAX, |(&id, _)| id);
+        let next_live = live
+            .range(deleted_id + 1..)
+            .next()
+            .map_or(u64::MAX, |(&id, _)| id);
         let mut garbage = Vec::new();
         for &(until, chunk_index) in self.by_until.range((deleted_id, 0)..(next_live, 0)) {
             if !self.record_needed(chunk_index, until, live) {
@@ -112,7 +116,11 @@ mod tests {
     use super::*;
 
     fn loc(slot_index: u64) -> Loc {
-        Loc { store_index: 0, slot_index, data_crc32c: 0 }
+        Loc {
+            store_index: 0,
+            slot_index,
+            data_crc32c: 0,
+        }
     }
 
     #[test]
@@ -143,6 +151,9 @@ mod tests {
         live.remove(&3);
         let g = m.garbage_after_delete(3, &live);
         // (0,3] covers (1,3]: no live snapshot left -> garbage. (1,3] covers [0,3] -> holds 1.
-        assert_eq!(g.iter().map(|&(c, u, _)| (c, u)).collect::<Vec<_>>(), vec![(0, 3)]);
+        assert_eq!(
+            g.iter().map(|&(c, u, _)| (c, u)).collect::<Vec<_>>(),
+            vec![(0, 3)]
+        );
     }
 }

@@ -4,8 +4,8 @@
 //! from the journal on open. Each value carries its own crc32c (over key and value) so a
 //! flipped bit is reported by name instead of read as a wrong mapping.
 
-use super::map::{Loc, PreserveMap};
 use super::Counters;
+use super::map::{Loc, PreserveMap};
 use crate::io::{RedbBackend, Storage};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::{BTreeMap, HashMap};
@@ -59,12 +59,6 @@ pub struct SnapMeta {
 pub struct Dirty {
     pub mapping: HashMap<(u64, u64), Option<Loc>>,
     pub snapshots: HashMap<u64, Option<SnapMeta>>,
-}
-
-impl Dirty {
-    pub fn is_empty(&self) -> bool {
-        self.mapping.is_empty() && self.snapshots.is_empty()
-    }
 }
 
 pub struct Loaded {
@@ -146,7 +140,10 @@ fn decode_snapshot(id: u64, v: &[u8]) -> Result<SnapMeta, MetaError> {
     }
     let name = std::str::from_utf8(&body[9..]).map_err(|_| bad("name is not UTF-8"))?;
     crate::names::validate_name("snapshot", name).map_err(|_| bad("invalid name"))?;
-    Ok(SnapMeta { name: name.to_string(), created_unix_ns: le_u64(body) })
+    Ok(SnapMeta {
+        name: name.to_string(),
+        created_unix_ns: le_u64(body),
+    })
 }
 
 fn encode_state(s: &VolumeState) -> [u8; STATE_BYTES] {
@@ -188,7 +185,9 @@ fn decode_state(v: &[u8]) -> Result<VolumeState, MetaError> {
     }
     let version = le_u32(v);
     if version != META_FORMAT_VERSION {
-        return Err(bad(format!("format version {version}, this build reads {META_FORMAT_VERSION}")));
+        return Err(bad(format!(
+            "format version {version}, this build reads {META_FORMAT_VERSION}"
+        )));
     }
     let u = |i: usize| le_u64(&v[4 + 8 * i..]);
     let restore_flag = v[4 + 8 * 6];
@@ -217,7 +216,9 @@ fn decode_state(v: &[u8]) -> Result<VolumeState, MetaError> {
 impl Meta {
     /// Initialises an empty metadata file.
     pub fn create(storage: Arc<dyn Storage>) -> Result<Meta, MetaError> {
-        let db = redb::Database::builder().create_with_backend(RedbBackend(storage)).map_err(db_err)?;
+        let db = redb::Database::builder()
+            .create_with_backend(RedbBackend(storage))
+            .map_err(db_err)?;
         let meta = Meta { db };
         let state = VolumeState {
             checkpoint_seq: 0,
@@ -230,7 +231,9 @@ impl Meta {
     }
 
     pub fn open(storage: Arc<dyn Storage>) -> Result<Meta, MetaError> {
-        let db = redb::Database::builder().create_with_backend(RedbBackend(storage)).map_err(db_err)?;
+        let db = redb::Database::builder()
+            .create_with_backend(RedbBackend(storage))
+            .map_err(db_err)?;
         Ok(Meta { db })
     }
 
@@ -243,18 +246,36 @@ impl Meta {
             None => return Err(MetaError::Corrupt("volume state record is missing".into())),
         };
         let mut map = PreserveMap::default();
-        for row in txn.open_table(MAPPING).map_err(db_err)?.iter().map_err(db_err)? {
+        for row in txn
+            .open_table(MAPPING)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
             let (k, v) = row.map_err(db_err)?;
             let (chunk_index, until) = k.value();
-            map.insert(chunk_index, until, decode_loc(chunk_index, until, &v.value())?);
+            map.insert(
+                chunk_index,
+                until,
+                decode_loc(chunk_index, until, &v.value())?,
+            );
         }
         let mut snapshots = BTreeMap::new();
-        for row in txn.open_table(SNAPSHOTS).map_err(db_err)?.iter().map_err(db_err)? {
+        for row in txn
+            .open_table(SNAPSHOTS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
             let (k, v) = row.map_err(db_err)?;
             let id = k.value();
             snapshots.insert(id, decode_snapshot(id, v.value())?);
         }
-        Ok(Loaded { state, map, snapshots })
+        Ok(Loaded {
+            state,
+            map,
+            snapshots,
+        })
     }
 
     /// Writes `dirty` and `state` in one durable transaction.
@@ -278,7 +299,9 @@ impl Meta {
             for (&id, s) in &dirty.snapshots {
                 match s {
                     Some(s) => {
-                        snaps.insert(id, encode_snapshot(id, s).as_slice()).map_err(db_err)?;
+                        snaps
+                            .insert(id, encode_snapshot(id, s).as_slice())
+                            .map_err(db_err)?;
                     }
                     None => {
                         snaps.remove(id).map_err(db_err)?;
@@ -286,7 +309,8 @@ impl Meta {
                 }
             }
             let mut st = txn.open_table(STATE).map_err(db_err)?;
-            st.insert(STATE_KEY, encode_state(state).as_slice()).map_err(db_err)?;
+            st.insert(STATE_KEY, encode_state(state).as_slice())
+                .map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(())
@@ -305,14 +329,33 @@ mod tests {
         let st = disk.open(Path::new("/m"), OpenMode::CreateNew).unwrap();
         let meta = Meta::create(st.clone()).unwrap();
         let mut dirty = Dirty::default();
-        let loc = Loc { store_index: 1, slot_index: 5, data_crc32c: 77 };
+        let loc = Loc {
+            store_index: 1,
+            slot_index: 5,
+            data_crc32c: 77,
+        };
         dirty.mapping.insert((3, 2), Some(loc));
-        dirty.snapshots.insert(2, Some(SnapMeta { name: "s".into(), created_unix_ns: 9 }));
+        dirty.snapshots.insert(
+            2,
+            Some(SnapMeta {
+                name: "s".into(),
+                created_unix_ns: 9,
+            }),
+        );
         let state = VolumeState {
             checkpoint_seq: 4,
             next_snapshot_id: 3,
-            counters: Counters { client_bytes_written: 1, bytes_skipped_identical: 2, bytes_preserved: 3, origin_bytes_written: 4 },
-            restore: Some(RestoreState { target_snapshot_id: 2, safety_snapshot_id: 3, next_chunk_index: 8 }),
+            counters: Counters {
+                client_bytes_written: 1,
+                bytes_skipped_identical: 2,
+                bytes_preserved: 3,
+                origin_bytes_written: 4,
+            },
+            restore: Some(RestoreState {
+                target_snapshot_id: 2,
+                safety_snapshot_id: 3,
+                next_chunk_index: 8,
+            }),
         };
         meta.checkpoint(&state, &dirty).unwrap();
         drop(meta);
@@ -324,7 +367,15 @@ mod tests {
 
     #[test]
     fn flipped_mapping_value_is_named() {
-        let v = encode_loc(3, 2, Loc { store_index: 0, slot_index: 1, data_crc32c: 2 });
+        let v = encode_loc(
+            3,
+            2,
+            Loc {
+                store_index: 0,
+                slot_index: 1,
+                data_crc32c: 2,
+            },
+        );
         let mut w = v;
         w[3] ^= 1;
         let e = decode_loc(3, 2, &w).unwrap_err().to_string();

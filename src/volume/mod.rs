@@ -1,8 +1,36 @@
-//! A volume: origin + snapshot stores + mapping table + journal. (skeleton, being written)
+//! A volume: an origin kept in place, snapshot stores, the mapping table and the journal.
+//!
+//! Lock order (always taken in this order, never the reverse):
+//! `barrier` -> one chunk lock -> `journal` -> `tables`.
+//! `tables` changes only while `journal` is held, right after the journal frame that
+//! describes the change is durable; so replaying the journal in order rebuilds exactly the
+//! same tables.
 
-use crate::error::Result;
+mod check;
+pub mod config;
+mod map;
+mod meta;
+mod open;
+mod restore;
+mod snapshot;
+mod store;
+mod write;
+
+use crate::error::{Error, Result};
+use crate::io::Storage;
+use crate::journal::Journal;
+use config::VolumeConfig;
+use map::PreserveMap;
+use meta::{Dirty, Meta, RestoreState, SnapMeta};
+use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use store::Stores;
+
+pub use open::OpenConfig;
 
 /// What to do when the snapshot stores have no free slot for a chunk that must be preserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -100,71 +128,327 @@ pub struct CheckReport {
     pub notes: Vec<String>,
 }
 
-/// An open volume. `Send + Sync`: share it behind an `Arc` between connections.
-#[derive(Debug)]
-pub struct Volume {}
+/// Number of striped chunk locks (a chunk uses lock `chunk_index % CHUNK_LOCK_COUNT`).
+const CHUNK_LOCK_COUNT: usize = 4096;
+/// Most live snapshots per volume.
+pub const SNAPSHOT_COUNT_MAX: u64 = 100_000;
 
-impl Volume {
-    pub fn name(&self) -> &str {
-        todo!()
+#[derive(Debug, Default)]
+struct AtomicCounters {
+    client_bytes_written: AtomicU64,
+    bytes_skipped_identical: AtomicU64,
+    bytes_preserved: AtomicU64,
+    origin_bytes_written: AtomicU64,
+}
+
+impl AtomicCounters {
+    fn load(&self) -> Counters {
+        Counters {
+            client_bytes_written: self.client_bytes_written.load(Ordering::Relaxed),
+            bytes_skipped_identical: self.bytes_skipped_identical.load(Ordering::Relaxed),
+            bytes_preserved: self.bytes_preserved.load(Ordering::Relaxed),
+            origin_bytes_written: self.origin_bytes_written.load(Ordering::Relaxed),
+        }
     }
-    pub fn size_bytes(&self) -> u64 {
-        todo!()
-    }
-    pub fn chunk_size_bytes(&self) -> u32 {
-        todo!()
-    }
-    pub fn info(&self) -> VolumeInfo {
-        todo!()
-    }
-    /// Reads the live volume.
-    pub fn read(&self, _offset: u64, _buf: &mut [u8]) -> Result<()> {
-        todo!()
-    }
-    /// Reads snapshot `snapshot` (by name).
-    pub fn read_snapshot(&self, _snapshot: &str, _offset: u64, _buf: &mut [u8]) -> Result<()> {
-        todo!()
-    }
-    /// Writes through compare-before-write.
-    pub fn write(&self, _offset: u64, _data: &[u8]) -> Result<()> {
-        todo!()
-    }
-    /// Makes the range read as zeros (punching holes where whole 4 KiB pieces allow).
-    pub fn write_zeroes(&self, _offset: u64, _length: u64) -> Result<()> {
-        todo!()
-    }
-    /// Discard: the range reads as zeros afterwards, snapshots keep their data.
-    pub fn discard(&self, _offset: u64, _length: u64) -> Result<()> {
-        todo!()
-    }
-    /// Makes every completed write durable.
-    pub fn flush(&self) -> Result<()> {
-        todo!()
-    }
-    pub fn create_snapshot(&self, _name: &str) -> Result<SnapshotInfo> {
-        todo!()
-    }
-    pub fn delete_snapshot(&self, _name: &str) -> Result<()> {
-        todo!()
-    }
-    pub fn list_snapshots(&self) -> Vec<SnapshotInfo> {
-        todo!()
-    }
-    /// Makes the live volume equal snapshot `name`; returns the name of the automatic
-    /// snapshot taken of the state it replaced.
-    pub fn restore(&self, _name: &str) -> Result<String> {
-        todo!()
-    }
-    /// Ranges that differ between snapshot `a` and snapshot `b`, or the live volume if `None`.
-    pub fn diff(&self, _a: &str, _b: Option<&str>) -> Result<Vec<DiffRange>> {
-        todo!()
-    }
-    /// Checkpoints metadata and releases the volume.
-    pub fn close(self) -> Result<()> {
-        todo!()
+    fn store(&self, c: Counters) {
+        self.client_bytes_written
+            .store(c.client_bytes_written, Ordering::Relaxed);
+        self.bytes_skipped_identical
+            .store(c.bytes_skipped_identical, Ordering::Relaxed);
+        self.bytes_preserved
+            .store(c.bytes_preserved, Ordering::Relaxed);
+        self.origin_bytes_written
+            .store(c.origin_bytes_written, Ordering::Relaxed);
     }
 }
 
-mod map;
-mod meta;
-mod store;
+/// The mapping table and snapshot catalog, as of the last applied journal frame.
+#[derive(Debug, Default)]
+struct Tables {
+    map: PreserveMap,
+    snapshots: BTreeMap<u64, SnapMeta>,
+    by_name: HashMap<String, u64>,
+    next_snapshot_id: u64,
+    /// Changes since the last checkpoint.
+    dirty: Dirty,
+}
+
+/// The journal and the state only the journal holder may change.
+#[derive(Debug)]
+struct JournalState {
+    journal: Journal,
+    restore: Option<RestoreState>,
+}
+
+/// Group commit: writers that preserved a chunk queue their mapping entry; one of them
+/// (the leader) syncs the stores, appends one journal frame for all, syncs it, and wakes
+/// the rest.
+#[derive(Debug, Default)]
+struct GroupCommit {
+    state: Mutex<GroupState>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    pending: Vec<crate::journal::PreserveEntry>,
+    /// Id of the batch `pending` will be committed in.
+    filling_batch: u64,
+    /// Batches `0..done_batch_count` are committed (one leader at a time, so in order).
+    done_batch_count: u64,
+    leader_active: bool,
+}
+
+/// An open volume. `Send + Sync`: share it behind an `Arc` between connections.
+#[derive(Debug)]
+pub struct Volume {
+    config: VolumeConfig,
+    origin: Arc<dyn Storage>,
+    stores: Stores,
+    meta: Meta,
+    journal: Mutex<JournalState>,
+    tables: RwLock<Tables>,
+    /// Writes hold it shared; snapshot create and restore hold it exclusively, so a
+    /// snapshot never sees part of a write.
+    barrier: RwLock<()>,
+    chunk_locks: Box<[RwLock<()>]>,
+    group: GroupCommit,
+    counters: AtomicCounters,
+    failed: OnceLock<String>,
+    closed: AtomicBool,
+    /// Opened by `check`: nothing may be written.
+    read_only: bool,
+    checkpoint_journal_bytes: u64,
+    _lock: std::fs::File,
+}
+
+impl Volume {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.config.size_bytes
+    }
+
+    pub fn chunk_size_bytes(&self) -> u32 {
+        self.config.chunk_size_bytes
+    }
+
+    fn chunk_bytes(&self) -> u64 {
+        self.config.chunk_size_bytes as u64
+    }
+
+    pub fn info(&self) -> VolumeInfo {
+        let t = self.tables.read();
+        VolumeInfo {
+            name: self.config.name.clone(),
+            size: self.config.size_bytes,
+            chunk_size: self.config.chunk_size_bytes,
+            origin: self.config.origin.display().to_string(),
+            snapshot_stores: self
+                .config
+                .stores
+                .iter()
+                .map(|s| s.path.display().to_string())
+                .collect(),
+            store_size: self.config.store_size_bytes,
+            on_store_full: self.config.on_store_full,
+            snapshots: t.snapshots.values().map(|s| s.name.clone()).collect(),
+            preserved_chunks: t.map.len(),
+            counters: self.counters.load(),
+        }
+    }
+
+    /// Fails the volume: every later operation returns `VolumeFailed`. Used when the disk
+    /// can no longer be trusted (a failed sync, a failed journal write).
+    fn fail(&self, reason: String) -> Error {
+        let _ = self.failed.set(reason);
+        tracing::error!(volume = %self.config.name, reason = %self.failed.get().map(String::as_str).unwrap_or(""), "volume failed");
+        self.failed_error()
+    }
+
+    fn failed_error(&self) -> Error {
+        Error::VolumeFailed {
+            volume: self.config.name.clone(),
+            reason: self.failed.get().cloned().unwrap_or_default(),
+        }
+    }
+
+    fn ensure_ok(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::InvalidArgument(format!(
+                "volume {:?} is open read-only for checking",
+                self.config.name
+            )));
+        }
+        if self.failed.get().is_some() {
+            return Err(self.failed_error());
+        }
+        Ok(())
+    }
+
+    fn io_err(&self, context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        let context = context.into();
+        move |source| Error::Io {
+            volume: self.config.name.clone(),
+            context,
+            source,
+        }
+    }
+
+    /// Checks `offset + length <= size` without overflow.
+    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.config.size_bytes => Ok(()),
+            _ => Err(Error::OutOfRange {
+                volume: self.config.name.clone(),
+                offset,
+                length,
+                size: self.config.size_bytes,
+            }),
+        }
+    }
+
+    fn chunk_lock(&self, chunk_index: u64) -> &RwLock<()> {
+        &self.chunk_locks[(chunk_index % CHUNK_LOCK_COUNT as u64) as usize]
+    }
+
+    /// Reads the live volume.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.ensure_ok()?;
+        self.check_range(offset, buf.len() as u64)?;
+        self.origin
+            .read_at(buf, offset)
+            .map_err(self.io_err("reading the origin"))
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        self.ensure_ok()?;
+        self.origin.sync().map_err(|e| {
+            self.fail(format!(
+                "syncing the origin failed ({e}); unsynced writes may be lost"
+            ))
+        })
+    }
+
+    /// Writes `dirty` and the volume state to the metadata file and empties the journal.
+    /// Caller holds the journal lock.
+    fn checkpoint(&self, js: &mut JournalState) -> Result<()> {
+        let (dirty, state) = {
+            let mut t = self.tables.write();
+            let dirty = std::mem::take(&mut t.dirty);
+            let state = meta::VolumeState {
+                checkpoint_seq: js.journal.next_seq() - 1,
+                next_snapshot_id: t.next_snapshot_id,
+                counters: self.counters.load(),
+                restore: js.restore,
+            };
+            (dirty, state)
+        };
+        self.meta
+            .checkpoint(&state, &dirty)
+            .map_err(|e| self.fail(format!("metadata checkpoint failed: {e}")))?;
+        js.journal.reset().map_err(|e| {
+            self.fail(format!(
+                "emptying the journal after a checkpoint failed: {e}"
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// Appends one frame and syncs it. Caller holds the journal lock. A failure fails the
+    /// volume: the journal's state on disk is no longer known.
+    fn journal_commit(
+        &self,
+        js: &mut JournalState,
+        records: &[crate::journal::Record],
+    ) -> Result<()> {
+        js.journal
+            .append(records)
+            .and_then(|_| js.journal.sync())
+            .map_err(|e| self.fail(format!("journal write failed: {e}")))
+    }
+
+    /// Checkpoints if the journal has grown past its limit. Caller holds the journal lock.
+    fn maybe_checkpoint(&self, js: &mut JournalState) -> Result<()> {
+        if js.journal.size_bytes() >= self.checkpoint_journal_bytes {
+            self.checkpoint(js)?;
+        }
+        Ok(())
+    }
+
+    /// Checkpoints metadata and releases the volume.
+    pub fn close(self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.ensure_ok()?;
+        self.flush()?;
+        let mut js = self.journal.lock();
+        self.checkpoint(&mut js)
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_inner() {
+            tracing::warn!(volume = %self.config.name, error = %e, "volume closed without a final checkpoint");
+        }
+    }
+}
+
+pub(crate) use open::Access;
+
+/// Checks options and paths for a new volume; creates nothing.
+pub(crate) fn plan_volume(
+    name: &str,
+    opts: &CreateOptions,
+    disk: &dyn crate::io::Disk,
+) -> Result<VolumeConfig> {
+    open::plan(name, opts, disk)
+}
+
+/// Creates a new volume's files in `dir`.
+pub(crate) fn create_volume_files(
+    dir: &std::path::Path,
+    config: &VolumeConfig,
+    disk: &dyn crate::io::Disk,
+) -> Result<()> {
+    open::create_files(dir, config, disk)
+}
+
+/// Best-effort removal of the files snapvol created for a volume (not its directory).
+pub(crate) fn remove_volume_files(
+    dir: &std::path::Path,
+    config: &VolumeConfig,
+    disk: &dyn crate::io::Disk,
+) {
+    let mut paths = vec![dir.join(open::META_FILE), dir.join(open::JOURNAL_FILE)];
+    if config.origin_created {
+        paths.push(open::resolve(dir, &config.origin));
+    }
+    paths.extend(
+        config
+            .stores
+            .iter()
+            .filter(|s| s.created)
+            .map(|s| open::resolve(dir, &s.path)),
+    );
+    for p in paths {
+        if let Err(e) = disk.remove(&p) {
+            tracing::warn!(path = %p.display(), error = %e, "could not remove volume file");
+        }
+    }
+}
+
+impl Volume {
+    pub(crate) fn config(&self) -> &VolumeConfig {
+        &self.config
+    }
+}

@@ -62,7 +62,12 @@ impl Stores {
         Stores {
             files,
             chunk_size_bytes,
-            alloc: Mutex::new(Allocator { free, high_water_slots, capacity_slots, next_store: 0 }),
+            alloc: Mutex::new(Allocator {
+                free,
+                high_water_slots,
+                capacity_slots,
+                next_store: 0,
+            }),
         }
     }
 
@@ -101,8 +106,11 @@ impl Stores {
         let s = store_index as usize;
         a.capacity_slots[s] = a.capacity_slots[s].min(slot_index);
         // Slots at or above the cap that were free are gone too.
-        let beyond: Vec<_> =
-            a.free.range((store_index, slot_index)..=(store_index, u64::MAX)).copied().collect();
+        let beyond: Vec<_> = a
+            .free
+            .range((store_index, slot_index)..=(store_index, u64::MAX))
+            .copied()
+            .collect();
         for k in beyond {
             a.free.remove(&k);
         }
@@ -119,12 +127,14 @@ impl Stores {
 
     pub fn write_slot(&self, store_index: u16, slot_index: u64, data: &[u8]) -> io::Result<()> {
         debug_assert_eq!(data.len() as u64, self.chunk_size_bytes);
-        self.storage(store_index)?.write_at(data, self.offset(slot_index)?)
+        self.storage(store_index)?
+            .write_at(data, self.offset(slot_index)?)
     }
 
     pub fn read_slot(&self, store_index: u16, slot_index: u64, buf: &mut [u8]) -> io::Result<()> {
         debug_assert_eq!(buf.len() as u64, self.chunk_size_bytes);
-        self.storage(store_index)?.read_at(buf, self.offset(slot_index)?)
+        self.storage(store_index)?
+            .read_at(buf, self.offset(slot_index)?)
     }
 
     fn storage(&self, store_index: u16) -> io::Result<&Arc<dyn Storage>> {
@@ -142,11 +152,7 @@ impl Stores {
         Ok(())
     }
 
-    /// Slots in use or free below the high-water marks, per store.
-    pub fn high_water_slots(&self) -> Vec<u64> {
-        self.alloc.lock().high_water_slots.clone()
-    }
-
+    #[cfg(test)]
     pub fn free_slot_count(&self) -> u64 {
         self.alloc.lock().free.len() as u64
     }
@@ -163,7 +169,9 @@ mod tests {
         let files = (0..n)
             .map(|i| StoreFile {
                 path: format!("/s{i}").into(),
-                storage: disk.open(Path::new(&format!("/s{i}")), OpenMode::CreateNew).unwrap(),
+                storage: disk
+                    .open(Path::new(&format!("/s{i}")), OpenMode::CreateNew)
+                    .unwrap(),
             })
             .collect();
         Stores::new(files, 4096, vec![cap; n], used.into_iter())

@@ -1,0 +1,106 @@
+//! Restore: the live volume becomes a snapshot, in time proportional to the chunks changed
+//! since it, resumable after a crash, undoable through an automatic safety snapshot.
+
+use super::Volume;
+use super::meta::RestoreState;
+use super::write::Source;
+use crate::error::Result;
+use crate::journal::Record;
+
+/// Journal restore progress every this many chunks (progress only saves work on resume:
+/// redoing a chunk is harmless, since its compare finds it already equal).
+const RESTORE_PROGRESS_CHUNKS: u64 = 1024;
+
+impl Volume {
+    /// Makes the live volume equal snapshot `name`; returns the name of the automatic
+    /// snapshot taken of the state it replaced (restore that one to undo).
+    pub fn restore(&self, name: &str) -> Result<String> {
+        self.ensure_ok()?;
+        let _barrier = self.barrier.write();
+        let target = self.tables.read().snapshot_id(&self.config.name, name)?;
+        let safety_name = self.safety_snapshot_name(name);
+        let safety = self.create_snapshot_locked(&safety_name)?;
+        {
+            let mut js = self.journal.lock();
+            let record = Record::RestoreBegin {
+                target_snapshot_id: target,
+                safety_snapshot_id: safety.id,
+            };
+            self.journal_commit(&mut js, std::slice::from_ref(&record))?;
+            let mut restore = js.restore;
+            self.tables
+                .write()
+                .apply_with_restore(&record, &mut restore);
+            js.restore = restore;
+        }
+        tracing::info!(volume = %self.config.name, snapshot = %name, safety = %safety_name, "restore started");
+        self.run_restore()?;
+        tracing::info!(volume = %self.config.name, snapshot = %name, "restore finished");
+        Ok(safety_name)
+    }
+
+    fn safety_snapshot_name(&self, target: &str) -> String {
+        let t = self.tables.read();
+        let base = format!("pre-restore-{}", t.next_snapshot_id);
+        let _ = target;
+        let mut name = base.clone();
+        let mut n = 1;
+        while t.by_name.contains_key(&name) {
+            name = format!("{base}.{n}");
+            n += 1;
+        }
+        name
+    }
+
+    /// Runs (or resumes) the restore recorded in the journal state. Caller holds the barrier
+    /// exclusively, or is `open` before anyone else can see the volume.
+    pub(super) fn run_restore(&self) -> Result<()> {
+        let Some(RestoreState {
+            target_snapshot_id,
+            next_chunk_index,
+            ..
+        }) = self.journal.lock().restore
+        else {
+            return Ok(());
+        };
+        let cs = self.chunk_bytes();
+        let size = self.config.size_bytes;
+        // Chunks changed since the target: exactly those with a record at or after it.
+        let chunks = self
+            .tables
+            .read()
+            .map
+            .changed_chunks(target_snapshot_id, u64::MAX);
+        let mut content = vec![0u8; cs as usize];
+        let mut since_progress = 0u64;
+        for chunk_index in chunks.into_iter().filter(|&c| c >= next_chunk_index) {
+            let start = chunk_index * cs;
+            let len = cs.min(size - start);
+            let buf = &mut content[..len as usize];
+            self.read_snapshot_id(target_snapshot_id, start, buf)?;
+            self.write_range_locked(start, len, Source::Data(buf))?;
+            since_progress += 1;
+            if since_progress == RESTORE_PROGRESS_CHUNKS {
+                since_progress = 0;
+                let mut js = self.journal.lock();
+                let record = Record::RestoreProgress {
+                    target_snapshot_id,
+                    next_chunk_index: chunk_index + 1,
+                };
+                self.journal_commit(&mut js, std::slice::from_ref(&record))?;
+                let mut restore = js.restore;
+                self.tables
+                    .write()
+                    .apply_with_restore(&record, &mut restore);
+                js.restore = restore;
+            }
+        }
+        // The restored data must be durable before the restore is recorded as finished.
+        self.flush()?;
+        let mut js = self.journal.lock();
+        let record = Record::RestoreEnd { target_snapshot_id };
+        self.journal_commit(&mut js, std::slice::from_ref(&record))?;
+        js.restore = None;
+        self.maybe_checkpoint(&mut js)
+    }
+}

@@ -1,0 +1,345 @@
+//! Snapshots: create (O(1)), delete (frees what no other snapshot shares), read, list, diff;
+//! and `Tables::apply`, the one function that turns a journal record into table changes
+//! (used live and on replay, so both give the same tables).
+
+use super::meta::{RestoreState, SnapMeta};
+use super::{DiffRange, SNAPSHOT_COUNT_MAX, SnapshotInfo, Tables, Volume};
+use crate::error::{Error, Result};
+use crate::journal::Record;
+use crate::names::validate_name;
+use std::cell::RefCell;
+
+thread_local! {
+    static SLOT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Tables {
+    /// The snapshot a write to this chunk must preserve the old content for, if any: the
+    /// newest snapshot, unless a record already serves it.
+    pub(super) fn preserve_target(&self, chunk_index: u64) -> Option<u64> {
+        let (&newest, _) = self.snapshots.last_key_value()?;
+        match self.map.lookup(chunk_index, newest) {
+            Some(_) => None,
+            None => Some(newest),
+        }
+    }
+
+    /// Applies one journal record. Returns the store slots it freed.
+    /// `restore` is the restore progress, kept beside the tables by the journal holder.
+    pub(super) fn apply_with_restore(
+        &mut self,
+        record: &Record,
+        restore: &mut Option<RestoreState>,
+    ) -> Vec<(u16, u64)> {
+        match record {
+            Record::RestoreBegin {
+                target_snapshot_id,
+                safety_snapshot_id,
+            } => {
+                *restore = Some(RestoreState {
+                    target_snapshot_id: *target_snapshot_id,
+                    safety_snapshot_id: *safety_snapshot_id,
+                    next_chunk_index: 0,
+                });
+                Vec::new()
+            }
+            Record::RestoreProgress {
+                target_snapshot_id,
+                next_chunk_index,
+            } => {
+                if let Some(r) = restore
+                    .as_mut()
+                    .filter(|r| r.target_snapshot_id == *target_snapshot_id)
+                {
+                    r.next_chunk_index = *next_chunk_index;
+                }
+                Vec::new()
+            }
+            Record::RestoreEnd { .. } => {
+                *restore = None;
+                Vec::new()
+            }
+            other => self.apply(other),
+        }
+    }
+
+    /// Applies a record that does not concern restore progress.
+    pub(super) fn apply(&mut self, record: &Record) -> Vec<(u16, u64)> {
+        let mut freed = Vec::new();
+        match record {
+            Record::Preserve(entries) => {
+                for e in entries {
+                    // A snapshot pruned or deleted since the writer decided to preserve may
+                    // leave this copy serving nobody: free it instead of keeping garbage.
+                    if !self
+                        .map
+                        .record_needed(e.chunk_index, e.until_snapshot_id, &self.snapshots)
+                    {
+                        freed.push((e.store_index, e.slot_index));
+                        continue;
+                    }
+                    let loc = super::map::Loc {
+                        store_index: e.store_index,
+                        slot_index: e.slot_index,
+                        data_crc32c: e.data_crc32c,
+                    };
+                    if let Some(old) = self.map.insert(e.chunk_index, e.until_snapshot_id, loc) {
+                        freed.push((old.store_index, old.slot_index));
+                    }
+                    self.dirty
+                        .mapping
+                        .insert((e.chunk_index, e.until_snapshot_id), Some(loc));
+                }
+            }
+            Record::SnapshotCreate {
+                snapshot_id,
+                name,
+                created_unix_ns,
+            } => {
+                let meta = SnapMeta {
+                    name: name.clone(),
+                    created_unix_ns: *created_unix_ns,
+                };
+                self.by_name.insert(name.clone(), *snapshot_id);
+                self.snapshots.insert(*snapshot_id, meta.clone());
+                self.next_snapshot_id = self.next_snapshot_id.max(snapshot_id + 1);
+                self.dirty.snapshots.insert(*snapshot_id, Some(meta));
+            }
+            Record::SnapshotDelete { snapshot_id } => {
+                if let Some(s) = self.snapshots.remove(snapshot_id) {
+                    self.by_name.remove(&s.name);
+                    self.dirty.snapshots.insert(*snapshot_id, None);
+                    for (chunk_index, until, loc) in
+                        self.map.garbage_after_delete(*snapshot_id, &self.snapshots)
+                    {
+                        self.map.remove(chunk_index, until);
+                        self.dirty.mapping.insert((chunk_index, until), None);
+                        freed.push((loc.store_index, loc.slot_index));
+                    }
+                }
+            }
+            Record::RestoreBegin { .. }
+            | Record::RestoreProgress { .. }
+            | Record::RestoreEnd { .. } => {}
+        }
+        freed
+    }
+
+    pub(super) fn snapshot_id(&self, volume: &str, name: &str) -> Result<u64> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::NoSuchSnapshot {
+                volume: volume.to_string(),
+                snapshot: name.to_string(),
+            })
+    }
+}
+
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Volume {
+    /// Takes a snapshot of the live volume: O(1), no data copied. It holds exactly the
+    /// writes completed before it.
+    pub fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        self.ensure_ok()?;
+        validate_name("snapshot", name)?;
+        let _barrier = self.barrier.write();
+        self.create_snapshot_locked(name)
+    }
+
+    /// Caller holds the barrier exclusively (no write in flight).
+    pub(super) fn create_snapshot_locked(&self, name: &str) -> Result<SnapshotInfo> {
+        {
+            let t = self.tables.read();
+            if t.by_name.contains_key(name) {
+                return Err(Error::SnapshotExists {
+                    volume: self.config.name.clone(),
+                    snapshot: name.to_string(),
+                });
+            }
+            if t.snapshots.len() as u64 >= SNAPSHOT_COUNT_MAX {
+                return Err(Error::TooManySnapshots {
+                    volume: self.config.name.clone(),
+                    count: t.snapshots.len() as u64,
+                    max: SNAPSHOT_COUNT_MAX,
+                });
+            }
+        }
+        // Completed writes must be durable before the snapshot is, or a crash could give
+        // the snapshot older data than it had when it was acknowledged.
+        self.flush()?;
+        let mut js = self.journal.lock();
+        let snapshot_id = self.tables.read().next_snapshot_id;
+        let created_unix_ns = now_unix_ns();
+        let record = Record::SnapshotCreate {
+            snapshot_id,
+            name: name.to_string(),
+            created_unix_ns,
+        };
+        self.journal_commit(&mut js, std::slice::from_ref(&record))?;
+        self.tables.write().apply(&record);
+        self.maybe_checkpoint(&mut js)?;
+        tracing::info!(volume = %self.config.name, snapshot = %name, id = snapshot_id, "snapshot created");
+        Ok(SnapshotInfo {
+            name: name.to_string(),
+            id: snapshot_id,
+            created_unix_ns,
+            exclusive_bytes: 0,
+        })
+    }
+
+    /// Deletes a snapshot and frees the preserved chunks no other snapshot needs.
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        self.ensure_ok()?;
+        let id = self.tables.read().snapshot_id(&self.config.name, name)?;
+        if self
+            .journal
+            .lock()
+            .restore
+            .is_some_and(|r| r.target_snapshot_id == id)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {}@{name} is the source of a restore in progress",
+                self.config.name
+            )));
+        }
+        self.delete_snapshot_id(id)?;
+        tracing::info!(volume = %self.config.name, snapshot = %name, "snapshot deleted");
+        Ok(())
+    }
+
+    /// The delete record is durable before any slot it frees can be reused.
+    pub(super) fn delete_snapshot_id(&self, snapshot_id: u64) -> Result<()> {
+        let mut js = self.journal.lock();
+        if !self.tables.read().snapshots.contains_key(&snapshot_id) {
+            return Ok(()); // deleted meanwhile
+        }
+        let record = Record::SnapshotDelete { snapshot_id };
+        self.journal_commit(&mut js, std::slice::from_ref(&record))?;
+        let freed = self.tables.write().apply(&record);
+        for (store_index, slot_index) in freed {
+            self.stores.release(store_index, slot_index);
+        }
+        self.maybe_checkpoint(&mut js)
+    }
+
+    /// Snapshots, oldest first, with the store bytes each one alone holds.
+    pub fn list_snapshots(&self) -> Vec<SnapshotInfo> {
+        let t = self.tables.read();
+        let mut exclusive: std::collections::HashMap<u64, u64> = Default::default();
+        let mut prev: Option<(u64, u64)> = None; // (chunk, until) of the previous record
+        for (chunk_index, until, _) in t.map.iter() {
+            let lo = match prev {
+                Some((c, u)) if c == chunk_index => u + 1,
+                _ => 0,
+            };
+            let mut holders = t.snapshots.range(lo..=until).map(|(&id, _)| id);
+            if let (Some(only), None) = (holders.next(), holders.next()) {
+                *exclusive.entry(only).or_default() += self.chunk_bytes();
+            }
+            prev = Some((chunk_index, until));
+        }
+        t.snapshots
+            .iter()
+            .map(|(&id, s)| SnapshotInfo {
+                name: s.name.clone(),
+                id,
+                created_unix_ns: s.created_unix_ns,
+                exclusive_bytes: exclusive.get(&id).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Reads snapshot `snapshot` (by name).
+    pub fn read_snapshot(&self, snapshot: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.ensure_ok()?;
+        let id = self
+            .tables
+            .read()
+            .snapshot_id(&self.config.name, snapshot)?;
+        self.read_snapshot_id(id, offset, buf)
+    }
+
+    pub(super) fn read_snapshot_id(
+        &self,
+        snapshot_id: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let cs = self.chunk_bytes();
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let chunk_index = at / cs;
+            let part_end = ((chunk_index + 1) * cs).min(end);
+            let out = &mut buf[(at - offset) as usize..(part_end - offset) as usize];
+            // Shared chunk lock: no writer can preserve and overwrite this chunk between the
+            // lookup and the origin read.
+            let _chunk = self.chunk_lock(chunk_index).read();
+            let found = self.tables.read().map.lookup(chunk_index, snapshot_id);
+            match found {
+                None => self.origin.read_at(out, at).map_err(self.io_err("reading the origin"))?,
+                Some((until, loc)) => SLOT_BUF.with(|cell| -> Result<()> {
+                    let mut slot = cell.borrow_mut();
+                    slot.resize(cs as usize, 0);
+                    self.stores
+                        .read_slot(loc.store_index, loc.slot_index, &mut slot)
+                        .map_err(self.io_err(format!("reading store {} slot {}", loc.store_index, loc.slot_index)))?;
+                    let crc = crc32c::crc32c(&slot);
+                    if crc != loc.data_crc32c {
+                        return Err(Error::Corrupt {
+                            volume: self.config.name.clone(),
+                            what: format!(
+                                "preserved chunk {chunk_index} (until snapshot {until}) in store {} slot {}",
+                                loc.store_index, loc.slot_index
+                            ),
+                            detail: format!("checksum {crc:08x}, expected {:08x}", loc.data_crc32c),
+                        });
+                    }
+                    let within = (at - chunk_index * cs) as usize;
+                    out.copy_from_slice(&slot[within..within + out.len()]);
+                    Ok(())
+                })?,
+            }
+            at = part_end;
+        }
+        Ok(())
+    }
+
+    /// Ranges that differ between snapshot `a` and snapshot `b` (or the live volume when
+    /// `b` is `None`), from the mapping table alone. Chunk-granular, so a multiple of 4 KiB.
+    pub fn diff(&self, a: &str, b: Option<&str>) -> Result<Vec<DiffRange>> {
+        self.ensure_ok()?;
+        let t = self.tables.read();
+        let a_id = t.snapshot_id(&self.config.name, a)?;
+        let (from, to) = match b {
+            Some(b) => {
+                let b_id = t.snapshot_id(&self.config.name, b)?;
+                (a_id.min(b_id), a_id.max(b_id))
+            }
+            None => (a_id, u64::MAX),
+        };
+        let cs = self.chunk_bytes();
+        let size = self.config.size_bytes;
+        let mut ranges: Vec<DiffRange> = Vec::new();
+        for chunk_index in t.map.changed_chunks(from, to) {
+            let start = chunk_index * cs;
+            let length = cs.min(size - start);
+            match ranges.last_mut() {
+                Some(r) if r.offset + r.length == start => r.length += length,
+                _ => ranges.push(DiffRange {
+                    offset: start,
+                    length,
+                }),
+            }
+        }
+        Ok(ranges)
+    }
+}
