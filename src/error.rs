@@ -22,21 +22,43 @@ pub enum Error {
     #[error("snapshot {volume}@{snapshot} already exists")]
     SnapshotExists { volume: String, snapshot: String },
     #[error("volume {volume:?} has {count} snapshots, the limit is {max}")]
-    TooManySnapshots { volume: String, count: u64, max: u64 },
+    TooManySnapshots {
+        volume: String,
+        count: u64,
+        max: u64,
+    },
     #[error("volume {0:?} is in use by another process (lock held on {1})")]
     Locked(String, PathBuf),
     #[error("range {offset}+{length} is outside volume {volume:?} of {size} bytes")]
-    OutOfRange { volume: String, offset: u64, length: u64, size: u64 },
-    #[error("volume {volume:?}: snapshot stores are full ({detail}); the write was refused and every snapshot is intact")]
+    OutOfRange {
+        volume: String,
+        offset: u64,
+        length: u64,
+        size: u64,
+    },
+    #[error(
+        "volume {volume:?}: snapshot stores are full ({detail}); the write was refused and every snapshot is intact"
+    )]
     StoreFull { volume: String, detail: String },
     #[error("volume {volume:?} has failed and must be reopened: {reason}")]
     VolumeFailed { volume: String, reason: String },
     #[error("volume {volume:?}: corrupt {what}: {detail}")]
-    Corrupt { volume: String, what: String, detail: String },
+    Corrupt {
+        volume: String,
+        what: String,
+        detail: String,
+    },
     #[error("volume {volume:?}: {context}: {source}")]
-    Io { volume: String, context: String, source: std::io::Error },
+    Io {
+        volume: String,
+        context: String,
+        source: std::io::Error,
+    },
     #[error("{context}: {source}")]
-    Path { context: String, source: std::io::Error },
+    Path {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 impl Error {

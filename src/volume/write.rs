@@ -271,8 +271,9 @@ impl Volume {
                 return Err(self.store_full_error());
             }
             let oldest = {
-                let t = self.tables.read();
+                // Lock order: journal before tables.
                 let restoring = self.journal.lock().restore.map(|r| r.target_snapshot_id);
+                let t = self.tables.read();
                 t.snapshots
                     .iter()
                     .map(|(&id, s)| (id, s.name.clone()))
