@@ -11,8 +11,8 @@ use std::sync::Arc;
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "snapvol-data";
 const VOLUMES_DIR: &str = "volumes";
-/// Prefix of a directory holding a volume being created (removed if a create was cut off).
-const CREATING_PREFIX: &str = ".creating-";
+/// A volume directory is complete once it holds this file.
+const CONFIG_FILE: &str = "volume.toml";
 
 #[derive(Debug, Clone)]
 pub struct DataDir {
@@ -57,38 +57,33 @@ impl DataDir {
     fn existing_volume_dir(&self, name: &str) -> Result<PathBuf> {
         validate_name("volume", name)?;
         let dir = self.volume_dir(name);
-        if !dir.is_dir() {
+        if !dir.join(CONFIG_FILE).exists() {
             return Err(Error::NoSuchVolume(name.to_string()));
         }
         Ok(dir)
     }
 
-    /// Creates a volume. Files are made in a hidden directory that is renamed into place
-    /// once complete, so a cut-off create leaves no half volume behind.
+    /// Creates a volume. `volume.toml` is written last: a directory without it is what a
+    /// cut-off create left behind, and is cleared by the next create of that name.
     pub fn create_volume(&self, name: &str, opts: &CreateOptions) -> Result<()> {
         validate_name("volume", name)?;
         let dir = self.volume_dir(name);
-        if dir.exists() {
+        if dir.join(CONFIG_FILE).exists() {
             return Err(Error::VolumeExists(name.to_string()));
         }
         let config = crate::volume::plan_volume(name, opts, self.disk.as_ref())?;
-        let tmp = self
-            .root
-            .join(VOLUMES_DIR)
-            .join(format!("{CREATING_PREFIX}{name}"));
         let path_err = |context: String| move |source| Error::Path { context, source };
-        fs::remove_dir_all(&tmp).map_err(path_err(format!("removing {}", tmp.display())))?;
-        fs::create_dir_all(&tmp).map_err(path_err(format!("creating {}", tmp.display())))?;
-        if let Err(e) = crate::volume::create_volume_files(&tmp, &config, self.disk.as_ref()) {
-            crate::volume::remove_volume_files(&tmp, &config, self.disk.as_ref());
-            let _ = fs::remove_dir_all(&tmp);
+        if dir.exists() {
+            tracing::warn!(volume = %name, "clearing the remains of an interrupted create");
+            crate::volume::remove_volume_files(&dir, &config, self.disk.as_ref());
+            fs::remove_dir_all(&dir).map_err(path_err(format!("removing {}", dir.display())))?;
+        }
+        fs::create_dir_all(&dir).map_err(path_err(format!("creating {}", dir.display())))?;
+        if let Err(e) = crate::volume::create_volume_files(&dir, &config, self.disk.as_ref()) {
+            crate::volume::remove_volume_files(&dir, &config, self.disk.as_ref());
+            let _ = fs::remove_dir_all(&dir);
             return Err(e);
         }
-        fs::rename(&tmp, &dir).map_err(path_err(format!(
-            "renaming {} to {}",
-            tmp.display(),
-            dir.display()
-        )))?;
         fs::sync_dir(&self.root.join(VOLUMES_DIR))
             .map_err(path_err("syncing the volumes directory".into()))?;
         tracing::info!(volume = %name, size = config.size_bytes, "volume created");
@@ -104,7 +99,9 @@ impl DataDir {
         })?;
         Ok(names
             .into_iter()
-            .filter(|n| !n.starts_with(CREATING_PREFIX) && validate_name("volume", n).is_ok())
+            .filter(|n| {
+                validate_name("volume", n).is_ok() && dir.join(n).join(CONFIG_FILE).exists()
+            })
             .collect())
     }
 

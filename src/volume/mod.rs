@@ -384,6 +384,12 @@ impl Volume {
         self.close_inner()
     }
 
+    /// Drops the volume as a crash would: no flush, no checkpoint. For recovery tests.
+    #[doc(hidden)]
+    pub fn abandon(self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
     fn close_inner(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());

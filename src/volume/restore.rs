@@ -18,7 +18,7 @@ impl Volume {
         self.ensure_ok()?;
         let _barrier = self.barrier.write();
         let target = self.tables.read().snapshot_id(&self.config.name, name)?;
-        let safety_name = self.safety_snapshot_name(name);
+        let safety_name = self.safety_snapshot_name();
         let safety = self.create_snapshot_locked(&safety_name)?;
         {
             let mut js = self.journal.lock();
@@ -34,15 +34,21 @@ impl Volume {
             js.restore = restore;
         }
         tracing::info!(volume = %self.config.name, snapshot = %name, safety = %safety_name, "restore started");
-        self.run_restore()?;
+        if let Err(e) = self.run_restore() {
+            // Later client writes would be overwritten when the restore resumes on the next
+            // open: stop serving instead.
+            return Err(self.fail(format!(
+                "restore to {name} was interrupted ({e}); reopen the volume to resume it"
+            )));
+        }
         tracing::info!(volume = %self.config.name, snapshot = %name, "restore finished");
         Ok(safety_name)
     }
 
-    fn safety_snapshot_name(&self, target: &str) -> String {
+    /// `pre-restore-ID`, ID being the id the safety snapshot is about to get.
+    fn safety_snapshot_name(&self) -> String {
         let t = self.tables.read();
         let base = format!("pre-restore-{}", t.next_snapshot_id);
-        let _ = target;
         let mut name = base.clone();
         let mut n = 1;
         while t.by_name.contains_key(&name) {

@@ -1,0 +1,329 @@
+//! Engine behaviour at its edges: recovery, corruption, store full, locking, faults.
+//! Everything goes through `DataDir` with an in-memory disk (or a faulty wrapper of it).
+
+use snapvol::io::{Disk, MemDisk, OpenMode, Storage};
+use snapvol::{CreateOptions, DataDir, Error, StoreFullPolicy, Volume};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+const CS: u32 = 4096;
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    mem: MemDisk,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        Fixture {
+            _tmp: tmp,
+            root,
+            mem: MemDisk::default(),
+        }
+    }
+
+    fn dd(&self) -> DataDir {
+        DataDir::open_with_disk(&self.root, Arc::new(self.mem.clone())).unwrap()
+    }
+
+    fn create(&self, opts: CreateOptions) -> Volume {
+        let dd = self.dd();
+        dd.create_volume("v", &opts).unwrap();
+        dd.open_volume("v").unwrap()
+    }
+
+    fn file(&self, name: &str) -> Arc<dyn Storage> {
+        self.mem
+            .open(&self.root.join("volumes/v").join(name), OpenMode::Existing)
+            .unwrap()
+    }
+}
+
+fn opts(size: u64) -> CreateOptions {
+    CreateOptions {
+        size_bytes: Some(size),
+        chunk_size_bytes: Some(CS),
+        ..Default::default()
+    }
+}
+
+fn read_all(v: &Volume, snap: Option<&str>) -> Vec<u8> {
+    let mut b = vec![0u8; v.size_bytes() as usize];
+    match snap {
+        Some(s) => v.read_snapshot(s, 0, &mut b).unwrap(),
+        None => v.read(0, &mut b).unwrap(),
+    }
+    b
+}
+
+#[test]
+fn second_open_is_refused_with_a_clear_error() {
+    let f = Fixture::new();
+    let _v = f.create(opts(64 * 1024));
+    let e = f.dd().open_volume("v").unwrap_err();
+    assert!(matches!(e, Error::Locked(..)), "{e}");
+    assert!(e.to_string().contains("in use by another process"), "{e}");
+}
+
+#[test]
+fn replay_after_crash_keeps_snapshots() {
+    let f = Fixture::new();
+    let v = f.create(opts(64 * 1024));
+    v.write(0, &[1; 8192]).unwrap();
+    v.create_snapshot("a").unwrap();
+    v.write(0, &[2; 4096]).unwrap();
+    v.create_snapshot("b").unwrap();
+    v.write(4096, &[3; 4096]).unwrap();
+    v.delete_snapshot("a").unwrap();
+    v.flush().unwrap();
+    v.abandon(); // no checkpoint: everything must come back from the journal
+    let v = f.dd().open_volume("v").unwrap();
+    let b = read_all(&v, Some("b"));
+    assert!(b[..4096].iter().all(|&x| x == 2) && b[4096..8192].iter().all(|&x| x == 1));
+    assert_eq!(v.list_snapshots().len(), 1);
+    drop(v);
+    assert!(f.dd().check_volume("v").unwrap().problems.is_empty());
+}
+
+#[test]
+fn torn_journal_tail_is_discarded_and_reported() {
+    let f = Fixture::new();
+    let v = f.create(opts(64 * 1024));
+    v.create_snapshot("a").unwrap();
+    v.abandon();
+    let j = f.file("journal");
+    let len = j.len().unwrap();
+    j.write_at(&[0x53, 0x4e, 0x56, 0x4a, 9, 9, 9], len).unwrap(); // half a frame header
+    let report = f.dd().check_volume("v").unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(
+        report.notes.iter().any(|n| n.contains("torn tail")),
+        "{:?}",
+        report.notes
+    );
+    let v = f.dd().open_volume("v").unwrap();
+    assert_eq!(v.list_snapshots()[0].name, "a");
+}
+
+#[test]
+fn corruption_inside_the_journal_refuses_to_open_and_check_names_it() {
+    let f = Fixture::new();
+    let v = f.create(opts(64 * 1024));
+    v.create_snapshot("a").unwrap();
+    v.create_snapshot("b").unwrap();
+    v.abandon();
+    let j = f.file("journal");
+    let mut byte = [0u8; 1];
+    j.read_at(&mut byte, 40).unwrap(); // inside the first frame
+    j.write_at(&[byte[0] ^ 0x10], 40).unwrap();
+    let e = f.dd().open_volume("v").unwrap_err();
+    assert!(e.to_string().contains("journal"), "{e}");
+    assert!(e.to_string().contains("offset"), "{e}");
+    let report = f.dd().check_volume("v").unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    // Undo the flip: everything is still there.
+    j.write_at(&byte, 40).unwrap();
+    let v = f.dd().open_volume("v").unwrap();
+    assert_eq!(v.list_snapshots().len(), 2);
+}
+
+#[test]
+fn flipped_preserved_chunk_is_an_error_never_wrong_data() {
+    let f = Fixture::new();
+    let v = f.create(opts(64 * 1024));
+    v.write(0, &[1; 4096]).unwrap();
+    v.create_snapshot("a").unwrap();
+    v.write(0, &[2; 4096]).unwrap();
+    let store = f.file("store-0.snap");
+    store.write_at(&[7], 100).unwrap();
+    let mut b = vec![0u8; 4096];
+    let e = v.read_snapshot("a", 0, &mut b).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+    drop(v);
+    let report = f.dd().check_volume("v").unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("slot 0") && p.contains("checksum")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[test]
+fn store_full_refuse_fails_the_write_and_keeps_every_snapshot() {
+    let f = Fixture::new();
+    let v = f.create(CreateOptions {
+        store_size_bytes: Some(2 * CS as u64),
+        ..opts(64 * 1024)
+    });
+    let before: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    v.write(0, &before).unwrap();
+    v.create_snapshot("a").unwrap();
+    v.write(0, &[9; 4096]).unwrap();
+    v.write(4096, &[9; 4096]).unwrap();
+    let e = v.write(8192, &[9; 4096]).unwrap_err();
+    assert!(e.is_out_of_space(), "{e}");
+    assert!(e.to_string().contains("snapshot stores are full"), "{e}");
+    assert_eq!(read_all(&v, Some("a")), before);
+    // The refused chunk was not touched; already-preserved chunks can still change.
+    assert_eq!(read_all(&v, None)[8192..12288], before[8192..12288]);
+    v.write(0, &[8; 4096]).unwrap();
+    assert_eq!(read_all(&v, Some("a")), before);
+}
+
+#[test]
+fn store_full_prune_oldest_deletes_oldest_snapshots_only() {
+    let f = Fixture::new();
+    let v = f.create(CreateOptions {
+        store_size_bytes: Some(2 * CS as u64),
+        on_store_full: StoreFullPolicy::PruneOldest,
+        ..opts(64 * 1024)
+    });
+    v.create_snapshot("old").unwrap();
+    v.write(0, &[1; 8192]).unwrap(); // preserves 2 chunks for "old": store full
+    v.create_snapshot("new").unwrap();
+    let new_view = read_all(&v, None);
+    v.write(0, &[2; 4096]).unwrap(); // needs a slot for "new": prunes "old"
+    let names: Vec<_> = v.list_snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, vec!["new".to_string()]);
+    assert_eq!(read_all(&v, Some("new")), new_view);
+    drop(v);
+    assert!(f.dd().check_volume("v").unwrap().problems.is_empty());
+}
+
+/// A disk whose origin writes start failing with EIO after a budget runs out.
+#[derive(Debug)]
+struct FailingOriginDisk {
+    inner: MemDisk,
+    budget: Arc<AtomicI64>,
+}
+
+#[derive(Debug)]
+struct FailingStorage {
+    inner: Arc<dyn Storage>,
+    budget: Arc<AtomicI64>,
+}
+
+impl Disk for FailingOriginDisk {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
+        let inner = self.inner.open(path, mode)?;
+        if path.ends_with("origin.raw") {
+            return Ok(Arc::new(FailingStorage {
+                inner,
+                budget: self.budget.clone(),
+            }));
+        }
+        Ok(inner)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+}
+
+impl Storage for FailingStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.budget.fetch_sub(1, Ordering::SeqCst) <= 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn interrupted_restore_resumes_on_open() {
+    let f = Fixture::new();
+    let size = 256 * 1024u64;
+    let v = f.create(opts(size));
+    let old: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+    v.write(0, &old).unwrap();
+    v.create_snapshot("a").unwrap();
+    v.write(0, &vec![5u8; size as usize]).unwrap();
+    v.close().unwrap();
+
+    let budget = Arc::new(AtomicI64::new(10));
+    let faulty = DataDir::open_with_disk(
+        &f.root,
+        Arc::new(FailingOriginDisk {
+            inner: f.mem.clone(),
+            budget,
+        }),
+    )
+    .unwrap();
+    let v = faulty.open_volume("v").unwrap();
+    let e = v.restore("a").unwrap_err();
+    assert!(e.to_string().contains("reopen the volume to resume"), "{e}");
+    // The failed volume refuses further writes rather than mixing them with the restore.
+    assert!(matches!(
+        v.write(0, &[1; 512]),
+        Err(Error::VolumeFailed { .. })
+    ));
+    v.abandon();
+
+    let v = f.dd().open_volume("v").unwrap();
+    assert_eq!(read_all(&v, None), old);
+    let names: Vec<_> = v.list_snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(read_all(&v, Some(&names[1])).iter().all(|&x| x == 5));
+}
+
+#[test]
+fn out_of_range_and_zero_length_requests() {
+    let f = Fixture::new();
+    let v = f.create(opts(64 * 1024));
+    for (offset, len) in [
+        (64 * 1024, 1u64),
+        (u64::MAX, 1),
+        (1 << 63, 4096),
+        (60 * 1024, 8192),
+    ] {
+        assert!(
+            matches!(v.write_zeroes(offset, len), Err(Error::OutOfRange { .. })),
+            "{offset}+{len}"
+        );
+    }
+    v.write(64 * 1024, &[]).unwrap();
+    v.write_zeroes(0, 0).unwrap();
+    let mut empty = [];
+    v.read(64 * 1024, &mut empty).unwrap();
+}
+
+#[test]
+fn write_zeroes_keeps_the_origin_sparse_and_snapshots_whole() {
+    let f = Fixture::new();
+    let v = f.create(opts(64 * 1024));
+    v.write(0, &[3; 65536]).unwrap();
+    v.create_snapshot("a").unwrap();
+    v.write_zeroes(100, 20000).unwrap();
+    let live = read_all(&v, None);
+    assert!(live[..100].iter().all(|&x| x == 3));
+    assert!(live[100..20100].iter().all(|&x| x == 0));
+    assert!(live[20100..].iter().all(|&x| x == 3));
+    assert!(read_all(&v, Some("a")).iter().all(|&x| x == 3));
+    let diff = v.diff("a", None).unwrap();
+    assert_eq!((diff[0].offset, diff[0].length), (0, 5 * 4096));
+}
