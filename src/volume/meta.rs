@@ -230,15 +230,37 @@ impl Meta {
         Ok(meta)
     }
 
+    /// Opens and verifies every page checksum (a plain redb open may panic on a file
+    /// altered behind its back; this one reports it). A panic inside redb is still caught
+    /// and reported as corruption, never let through.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Meta, MetaError> {
-        let db = redb::Database::builder()
-            .create_with_backend(RedbBackend(storage))
-            .map_err(db_err)?;
-        Ok(Meta { db })
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            redb::Database::builder()
+                .set_check_integrity_on_open(true)
+                .create_with_backend(RedbBackend(storage))
+        }));
+        match opened {
+            Ok(db) => Ok(Meta {
+                db: db.map_err(db_err)?,
+            }),
+            Err(_) => Err(MetaError::Corrupt(
+                "file is damaged (the database library panicked reading it)".into(),
+            )),
+        }
     }
 
     /// Reads and verifies everything.
     pub fn load(&self) -> Result<Loaded, MetaError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load_inner())).unwrap_or_else(
+            |_| {
+                Err(MetaError::Corrupt(
+                    "file is damaged (the database library panicked reading it)".into(),
+                ))
+            },
+        )
+    }
+
+    fn load_inner(&self) -> Result<Loaded, MetaError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let state_table = txn.open_table(STATE).map_err(db_err)?;
         let state = match state_table.get(STATE_KEY).map_err(db_err)? {
