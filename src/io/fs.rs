@@ -60,10 +60,10 @@ pub fn list_dirs(dir: &Path) -> io::Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            if let Some(n) = entry.file_name().to_str() {
-                names.push(n.to_string());
-            }
+        if entry.file_type()?.is_dir()
+            && let Some(n) = entry.file_name().to_str()
+        {
+            names.push(n.to_string());
         }
     }
     names.sort();

@@ -26,6 +26,7 @@ use std::sync::Arc;
 /// - `sync` makes every completed `write_at`, `discard` and `set_len` durable. After a
 ///   failed `sync` the caller must assume any unsynced write may be lost.
 /// - `discard` makes the range read as zeros and may release its space.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;

@@ -53,7 +53,7 @@ pub fn validate_chunk_size(chunk_size_bytes: u32) -> Result<()> {
 }
 
 pub fn validate_size(size_bytes: u64) -> Result<()> {
-    if size_bytes == 0 || size_bytes % 512 != 0 || size_bytes > VOLUME_BYTES_MAX {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(512) || size_bytes > VOLUME_BYTES_MAX {
         return Err(Error::InvalidArgument(format!(
             "volume size {size_bytes} must be a non-zero multiple of 512 bytes and at most 2^60"
         )));

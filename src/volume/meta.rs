@@ -169,7 +169,6 @@ fn encode_state(s: &VolumeState) -> [u8; STATE_BYTES] {
     put(&r.target_snapshot_id.to_le_bytes());
     put(&r.safety_snapshot_id.to_le_bytes());
     put(&r.next_chunk_index.to_le_bytes());
-    drop(put);
     let crc = crc32c::crc32c(&v[..STATE_BYTES - 4]);
     v[STATE_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
     v

@@ -224,12 +224,12 @@ pub(crate) fn plan(
             super::config::STORE_COUNT_MAX
         )));
     }
-    if let Some(s) = opts.store_size_bytes {
-        if s < chunk_size_bytes as u64 {
-            return Err(Error::InvalidArgument(format!(
-                "--store-size {s} is smaller than one chunk ({chunk_size_bytes})"
-            )));
-        }
+    if let Some(s) = opts.store_size_bytes
+        && s < chunk_size_bytes as u64
+    {
+        return Err(Error::InvalidArgument(format!(
+            "--store-size {s} is smaller than one chunk ({chunk_size_bytes})"
+        )));
     }
     Ok(VolumeConfig {
         format_version: CONFIG_FORMAT_VERSION,
@@ -358,17 +358,17 @@ impl Volume {
                 detail: "two snapshots share a name".into(),
             });
         }
-        if let Some((&last, _)) = tables.snapshots.last_key_value() {
-            if last >= tables.next_snapshot_id {
-                return Err(Error::Corrupt {
-                    volume: name.into(),
-                    what: "snapshot catalog".into(),
-                    detail: format!(
-                        "snapshot id {last} is not below the next id {}",
-                        tables.next_snapshot_id
-                    ),
-                });
-            }
+        if let Some((&last, _)) = tables.snapshots.last_key_value()
+            && last >= tables.next_snapshot_id
+        {
+            return Err(Error::Corrupt {
+                volume: name.into(),
+                what: "snapshot catalog".into(),
+                detail: format!(
+                    "snapshot id {last} is not below the next id {}",
+                    tables.next_snapshot_id
+                ),
+            });
         }
 
         let journal_storage = disk
