@@ -71,7 +71,11 @@ pub enum JournalError {
     #[error(
         "journal is corrupt at byte offset {offset} (next expected frame seq {seq_expected}): {reason}"
     )]
-    Corrupt { offset: u64, seq_expected: u64, reason: String },
+    Corrupt {
+        offset: u64,
+        seq_expected: u64,
+        reason: String,
+    },
     #[error(
         "journal starts at frame seq {first_seq} but the checkpoint only covers frames up to seq \
          {checkpoint_seq}: the frames in between are missing"

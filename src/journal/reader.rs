@@ -60,7 +60,9 @@ pub(crate) fn check_header(file: &[u8]) -> Result<(), JournalError> {
     }
     let header_len = le_u32(h, 12).unwrap_or(0);
     if u64::from(header_len) != JOURNAL_HEADER_BYTES {
-        return Err(bad(format!("header_len {header_len}, expected {JOURNAL_HEADER_BYTES}")));
+        return Err(bad(format!(
+            "header_len {header_len}, expected {JOURNAL_HEADER_BYTES}"
+        )));
     }
     Ok(())
 }
@@ -80,7 +82,10 @@ pub(crate) struct FrameHeader {
 /// included), checksum and record count. The error is the reason it is invalid.
 pub(crate) fn check_frame(file: &[u8], offset: usize) -> Result<FrameHeader, String> {
     let left = file.len().saturating_sub(offset);
-    let Some(h) = offset.checked_add(FRAME_HEADER_BYTES).and_then(|e| file.get(offset..e)) else {
+    let Some(h) = offset
+        .checked_add(FRAME_HEADER_BYTES)
+        .and_then(|e| file.get(offset..e))
+    else {
         return Err(format!(
             "only {left} bytes left before the end of the file, a frame header needs {FRAME_HEADER_BYTES}"
         ));
@@ -125,7 +130,13 @@ pub(crate) fn check_frame(file: &[u8], offset: usize) -> Result<FrameHeader, Str
             "frame seq {seq}: record_count {record_count} is outside 1..={JOURNAL_FRAME_RECORDS_MAX}"
         ));
     }
-    Ok(FrameHeader { seq, record_count, payload_start, payload_end, end })
+    Ok(FrameHeader {
+        seq,
+        record_count,
+        payload_start,
+        payload_end,
+        end,
+    })
 }
 
 /// Damage after the last valid frame that hides no committed frame.
@@ -174,12 +185,19 @@ pub(crate) fn parse(file: &[u8], checkpoint_seq: u64) -> Result<Parsed, JournalE
         };
         match last_seq {
             None if h.seq > checkpoint_seq.saturating_add(1) => {
-                return Err(JournalError::Gap { first_seq: h.seq, checkpoint_seq });
+                return Err(JournalError::Gap {
+                    first_seq: h.seq,
+                    checkpoint_seq,
+                });
             }
             None => {}
             Some(last) if last.checked_add(1) == Some(h.seq) => {}
             Some(last) => {
-                break Some(format!("frame has seq {}, expected {}", h.seq, last.saturating_add(1)));
+                break Some(format!(
+                    "frame has seq {}, expected {}",
+                    h.seq,
+                    last.saturating_add(1)
+                ));
             }
         }
         let payload = file.get(h.payload_start..h.payload_end).unwrap_or(&[]);
@@ -188,7 +206,10 @@ pub(crate) fn parse(file: &[u8], checkpoint_seq: u64) -> Result<Parsed, JournalE
             Err(reason) => break Some(format!("frame seq {}: {reason}", h.seq)),
         };
         if h.seq > checkpoint_seq {
-            frames.push(Frame { seq: h.seq, records });
+            frames.push(Frame {
+                seq: h.seq,
+                records,
+            });
         } else {
             skipped_frame_count += 1;
         }
@@ -200,7 +221,9 @@ pub(crate) fn parse(file: &[u8], checkpoint_seq: u64) -> Result<Parsed, JournalE
     let torn = match damage_reason {
         None => None,
         Some(reason) => {
-            if let Some((found_at, found_seq)) = find_later_frame(file, pos, last_seq.unwrap_or(checkpoint_seq)) {
+            if let Some((found_at, found_seq)) =
+                find_later_frame(file, pos, last_seq.unwrap_or(checkpoint_seq))
+            {
                 let seq_expected = match last_seq {
                     Some(last) => last.saturating_add(1),
                     None => checkpoint_seq.saturating_add(1),
@@ -215,10 +238,19 @@ pub(crate) fn parse(file: &[u8], checkpoint_seq: u64) -> Result<Parsed, JournalE
                     ),
                 });
             }
-            Some(Damage { offset: end, reason })
+            Some(Damage {
+                offset: end,
+                reason,
+            })
         }
     };
-    Ok(Parsed { frames, skipped_frame_count, last_seq, end, torn })
+    Ok(Parsed {
+        frames,
+        skipped_frame_count,
+        last_seq,
+        end,
+        torn,
+    })
 }
 
 /// The first valid frame at an 8-byte-aligned offset >= `from` whose seq is greater than

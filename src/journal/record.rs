@@ -44,13 +44,23 @@ pub enum Record {
     /// Kind 1.
     Preserve(Vec<PreserveEntry>),
     /// Kind 2. `name` is at most [`SNAPSHOT_NAME_BYTES_MAX`] bytes.
-    SnapshotCreate { snapshot_id: u64, name: String, created_unix_ns: u64 },
+    SnapshotCreate {
+        snapshot_id: u64,
+        name: String,
+        created_unix_ns: u64,
+    },
     /// Kind 3.
     SnapshotDelete { snapshot_id: u64 },
     /// Kind 4.
-    RestoreBegin { target_snapshot_id: u64, safety_snapshot_id: u64 },
+    RestoreBegin {
+        target_snapshot_id: u64,
+        safety_snapshot_id: u64,
+    },
     /// Kind 5.
-    RestoreProgress { target_snapshot_id: u64, next_chunk_index: u64 },
+    RestoreProgress {
+        target_snapshot_id: u64,
+        next_chunk_index: u64,
+    },
     /// Kind 6.
     RestoreEnd { target_snapshot_id: u64 },
 }
@@ -89,12 +99,12 @@ impl Record {
     /// Rejects what the encoding cannot represent (size limits are checked per frame).
     pub(crate) fn validate(&self) -> Result<(), String> {
         match self {
-            Record::SnapshotCreate { name, .. } if name.len() > SNAPSHOT_NAME_BYTES_MAX => Err(
-                format!(
+            Record::SnapshotCreate { name, .. } if name.len() > SNAPSHOT_NAME_BYTES_MAX => {
+                Err(format!(
                     "snapshot name of {} bytes exceeds the maximum of {SNAPSHOT_NAME_BYTES_MAX} bytes",
                     name.len()
-                ),
-            ),
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -116,7 +126,11 @@ impl Record {
                     out.extend_from_slice(&e.data_crc32c.to_le_bytes());
                 }
             }
-            Record::SnapshotCreate { snapshot_id, name, created_unix_ns } => {
+            Record::SnapshotCreate {
+                snapshot_id,
+                name,
+                created_unix_ns,
+            } => {
                 out.extend_from_slice(&snapshot_id.to_le_bytes());
                 out.extend_from_slice(&created_unix_ns.to_le_bytes());
                 out.push(name.len() as u8);
@@ -125,11 +139,17 @@ impl Record {
             Record::SnapshotDelete { snapshot_id } => {
                 out.extend_from_slice(&snapshot_id.to_le_bytes());
             }
-            Record::RestoreBegin { target_snapshot_id, safety_snapshot_id } => {
+            Record::RestoreBegin {
+                target_snapshot_id,
+                safety_snapshot_id,
+            } => {
                 out.extend_from_slice(&target_snapshot_id.to_le_bytes());
                 out.extend_from_slice(&safety_snapshot_id.to_le_bytes());
             }
-            Record::RestoreProgress { target_snapshot_id, next_chunk_index } => {
+            Record::RestoreProgress {
+                target_snapshot_id,
+                next_chunk_index,
+            } => {
                 out.extend_from_slice(&target_snapshot_id.to_le_bytes());
                 out.extend_from_slice(&next_chunk_index.to_le_bytes());
             }
@@ -201,12 +221,15 @@ pub(crate) fn decode_records(payload: &[u8], record_count: u32) -> Result<Vec<Re
             ));
         };
         let left = cur.remaining();
-        let body = usize::try_from(body_len).ok().and_then(|n| cur.take(n)).ok_or_else(|| {
-            format!(
-                "record {i} (kind {kind}) at payload byte {at}: body_len {body_len} exceeds \
+        let body = usize::try_from(body_len)
+            .ok()
+            .and_then(|n| cur.take(n))
+            .ok_or_else(|| {
+                format!(
+                    "record {i} (kind {kind}) at payload byte {at}: body_len {body_len} exceeds \
                  the {left} bytes left in the payload"
-            )
-        })?;
+                )
+            })?;
         let record = decode_body(kind, body)
             .map_err(|reason| format!("record {i} (kind {kind}) at payload byte {at}: {reason}"))?;
         records.push(record);
@@ -236,7 +259,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Record, String> {
     let short = || format!("body of {len} bytes is too short");
     let record = match kind {
         KIND_PRESERVE => {
-            let count = c.u32().ok_or_else(|| format!("body of {len} bytes has no entry count"))?;
+            let count = c
+                .u32()
+                .ok_or_else(|| format!("body of {len} bytes has no entry count"))?;
             let want = 4 + u64::from(count) * PRESERVE_ENTRY_BYTES;
             if want != len {
                 return Err(format!(
@@ -273,11 +298,17 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Record, String> {
             let name = c.take(usize::from(name_len)).ok_or_else(short)?;
             let name = std::str::from_utf8(name)
                 .map_err(|e| format!("snapshot name is not valid UTF-8: {e}"))?;
-            Record::SnapshotCreate { snapshot_id, name: name.to_owned(), created_unix_ns }
+            Record::SnapshotCreate {
+                snapshot_id,
+                name: name.to_owned(),
+                created_unix_ns,
+            }
         }
         KIND_SNAPSHOT_DELETE => {
             fixed(8)?;
-            Record::SnapshotDelete { snapshot_id: c.u64().ok_or_else(short)? }
+            Record::SnapshotDelete {
+                snapshot_id: c.u64().ok_or_else(short)?,
+            }
         }
         KIND_RESTORE_BEGIN => {
             fixed(16)?;
@@ -295,7 +326,9 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Record, String> {
         }
         KIND_RESTORE_END => {
             fixed(8)?;
-            Record::RestoreEnd { target_snapshot_id: c.u64().ok_or_else(short)? }
+            Record::RestoreEnd {
+                target_snapshot_id: c.u64().ok_or_else(short)?,
+            }
         }
         other => return Err(format!("unknown record kind {other}")),
     };

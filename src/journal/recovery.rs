@@ -1,9 +1,7 @@
 //! Opening an existing journal: [`Journal::open`].
 
 use super::reader::{check_header, parse};
-use super::{
-    JOURNAL_HEADER_BYTES, Journal, JournalError, Recovered, RecoveryMode, TornTail,
-};
+use super::{JOURNAL_HEADER_BYTES, Journal, JournalError, Recovered, RecoveryMode, TornTail};
 use crate::io::Storage;
 use std::io;
 use std::sync::Arc;
@@ -46,7 +44,10 @@ impl Journal {
     /// with a higher seq is [`JournalError::Corrupt`]; the file is never modified then.
     ///
     /// After open, appends go at the end of the last valid frame and get seq
-    /// `max(last valid seq, checkpoint_seq) + 1`.
+    /// `max(last valid seq, checkpoint_seq) + 1`. If every frame in the file has a seq below
+    /// `checkpoint_seq`, appending `checkpoint_seq + 1` after them would leave a gap, so
+    /// Repair truncates the file to its header (all of them are checkpointed);
+    /// `skipped_frame_count` still counts them.
     pub fn open(
         storage: Arc<dyn Storage>,
         checkpoint_seq: u64,
@@ -65,38 +66,47 @@ impl Journal {
         let parsed = parse(&file, checkpoint_seq)?;
         drop(file);
 
-        let torn_tail = match parsed.torn {
-            None => None,
-            Some(damage) => {
-                let torn = TornTail { offset: damage.offset, bytes: len - damage.offset };
-                match mode {
-                    RecoveryMode::Repair => {
-                        tracing::warn!(
-                            offset = torn.offset,
-                            bytes = torn.bytes,
-                            reason = %damage.reason,
-                            "journal: truncating torn tail"
-                        );
-                        storage.set_len(torn.offset)?;
-                        storage.sync()?;
-                    }
-                    RecoveryMode::ReadOnly => {
-                        tracing::warn!(
-                            offset = torn.offset,
-                            bytes = torn.bytes,
-                            reason = %damage.reason,
-                            "journal: torn tail found, left in place (read-only)"
-                        );
-                    }
-                }
-                Some(torn)
+        // Every frame is older than the checkpoint (e.g. the checkpoint covers frames that
+        // were lost with the unsynced end of the journal): the next frame gets seq
+        // checkpoint_seq + 1, which must not follow the last frame in the file with a gap.
+        // Nothing in the file is needed any more, so Repair drops it all.
+        let drop_all = matches!(parsed.last_seq, Some(last) if last < checkpoint_seq);
+        let mut end = parsed.end;
+        let torn_tail = parsed.torn.as_ref().map(|damage| {
+            let torn = TornTail {
+                offset: damage.offset,
+                bytes: len - damage.offset,
+            };
+            tracing::warn!(
+                offset = torn.offset,
+                bytes = torn.bytes,
+                reason = %damage.reason,
+                repair = mode == RecoveryMode::Repair,
+                "journal: torn tail"
+            );
+            torn
+        });
+        if mode == RecoveryMode::Repair {
+            if drop_all {
+                tracing::info!(
+                    frames = parsed.skipped_frame_count,
+                    checkpoint_seq,
+                    "journal: dropping frames all older than the checkpoint"
+                );
+                end = JOURNAL_HEADER_BYTES;
+            } else if let Some(torn) = torn_tail {
+                end = torn.offset;
             }
-        };
+            if end < len {
+                storage.set_len(end)?;
+                storage.sync()?;
+            }
+        }
 
         let last_seq = parsed.last_seq.unwrap_or(0).max(checkpoint_seq);
         let journal = Journal {
             storage,
-            end: parsed.end,
+            end,
             next_seq: last_seq.saturating_add(1),
             buf: Vec::new(),
             read_only: mode == RecoveryMode::ReadOnly,

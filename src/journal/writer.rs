@@ -34,7 +34,11 @@ pub(crate) fn pad8(n: u64) -> u64 {
 
 /// Encodes one frame (header, records, zero padding) into `buf`, replacing its contents.
 /// Checks every limit before encoding anything.
-pub(crate) fn encode_frame(seq: u64, records: &[Record], buf: &mut Vec<u8>) -> Result<(), JournalError> {
+pub(crate) fn encode_frame(
+    seq: u64,
+    records: &[Record],
+    buf: &mut Vec<u8>,
+) -> Result<(), JournalError> {
     if records.is_empty() {
         return Err(JournalError::InvalidAppend {
             reason: "no records given; a frame holds at least one record".into(),
@@ -50,14 +54,19 @@ pub(crate) fn encode_frame(seq: u64, records: &[Record], buf: &mut Vec<u8>) -> R
     }
     let mut payload_len = 0u64;
     for (i, record) in records.iter().enumerate() {
-        record.validate().map_err(|reason| JournalError::InvalidAppend {
-            reason: format!("record {i} (kind {}): {reason}", record.kind()),
-        })?;
+        record
+            .validate()
+            .map_err(|reason| JournalError::InvalidAppend {
+                reason: format!("record {i} (kind {}): {reason}", record.kind()),
+            })?;
         payload_len = payload_len.saturating_add(record.encoded_len());
     }
     let max = u64::from(JOURNAL_FRAME_BYTES_MAX);
     if payload_len > max {
-        return Err(JournalError::TooLarge { bytes: payload_len, max });
+        return Err(JournalError::TooLarge {
+            bytes: payload_len,
+            max,
+        });
     }
     let frame_len = pad8(FRAME_HEADER_BYTES as u64 + payload_len) as usize;
 
