@@ -198,17 +198,6 @@ impl Volume {
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
         self.ensure_ok()?;
         let id = self.tables.read().snapshot_id(&self.config.name, name)?;
-        if self
-            .journal
-            .lock()
-            .restore
-            .is_some_and(|r| r.target_snapshot_id == id)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "snapshot {}@{name} is the source of a restore in progress",
-                self.config.name
-            )));
-        }
         self.delete_snapshot_id(id)?;
         tracing::info!(volume = %self.config.name, snapshot = %name, "snapshot deleted");
         Ok(())
@@ -219,6 +208,13 @@ impl Volume {
         let mut js = self.journal.lock();
         if !self.tables.read().snapshots.contains_key(&snapshot_id) {
             return Ok(()); // deleted meanwhile
+        }
+        // Checked under the journal lock, so no restore can begin in between.
+        if js.restore.is_some_and(|r| r.target_snapshot_id == snapshot_id) {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot id {snapshot_id} of volume {:?} is the source of a restore in progress",
+                self.config.name
+            )));
         }
         let record = Record::SnapshotDelete { snapshot_id };
         self.journal_commit(&mut js, std::slice::from_ref(&record))?;
