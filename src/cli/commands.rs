@@ -1,0 +1,418 @@
+//! One function per command. Each takes a [`Ctx`] and its parsed arguments, opens what it
+//! needs, writes its output to `ctx.out` and closes every volume it opened, so a control
+//! socket can later run the same functions with a different writer.
+
+use super::format::{Align, human_size, rfc3339, table};
+use super::transfer;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+use snapvol::names::{parse_size, parse_target, validate_name};
+use snapvol::volume::{DiffRange, SnapshotInfo, VolumeInfo};
+use snapvol::{CreateOptions, DataDir, StoreFullPolicy, Volume};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// What a command runs against.
+pub struct Ctx<'a> {
+    pub data_dir: &'a DataDir,
+    /// Where the command's output goes (stdout for the CLI).
+    pub out: &'a mut dyn Write,
+    /// Whether import/export may draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Arguments of `volume create`, still as typed.
+#[derive(Debug, Clone, Default)]
+pub struct CreateArgs {
+    pub name: String,
+    pub size: Option<String>,
+    pub chunk_size: Option<String>,
+    pub origin: Option<PathBuf>,
+    pub snapshot_stores: Vec<PathBuf>,
+    pub store_size: Option<String>,
+    pub on_store_full: Option<String>,
+}
+
+/// Opens `name`, runs `work`, and closes the volume whatever `work` returned.
+fn with_volume<T>(dd: &DataDir, name: &str, work: impl FnOnce(&Volume) -> Result<T>) -> Result<T> {
+    let vol = dd.open_volume(name)?;
+    let result = work(&vol);
+    let closed = vol.close();
+    match (result, closed) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(_), Err(e)) => Err(anyhow::Error::new(e).context(format!("closing volume {name:?}"))),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(close_err)) => {
+            tracing::debug!("closing volume {name:?} after an error also failed: {close_err}");
+            Err(e)
+        }
+    }
+}
+
+fn volume_name(text: &str) -> Result<String> {
+    validate_name("volume", text)?;
+    Ok(text.to_string())
+}
+
+/// `VOL@SNAP`, where the snapshot part is required.
+fn snapshot_target(text: &str) -> Result<(String, String)> {
+    match parse_target(text)? {
+        (vol, Some(snap)) => Ok((vol, snap)),
+        (_, None) => bail!("expected VOL@SNAP, got {text:?}"),
+    }
+}
+
+fn size_arg(flag: &str, text: &str) -> Result<u64> {
+    let size = parse_size(text)?;
+    if size == 0 {
+        bail!("{flag} must be greater than 0");
+    }
+    Ok(size)
+}
+
+/// Paths are stored in the volume's metadata, so make them independent of the cwd.
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
+}
+
+fn json_line(out: &mut dyn Write, value: &impl Serialize) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+pub fn volume_create(ctx: &mut Ctx, args: &CreateArgs) -> Result<()> {
+    let name = volume_name(&args.name)?;
+    let size_bytes = args
+        .size
+        .as_deref()
+        .map(|s| size_arg("--size", s))
+        .transpose()?;
+    let chunk_size_bytes = match args.chunk_size.as_deref() {
+        None => None,
+        Some(text) => {
+            let n = parse_size(text)?;
+            Some(u32::try_from(n).map_err(|_| {
+                anyhow!(
+                    "--chunk-size {text} is too large: at most {} bytes",
+                    u32::MAX
+                )
+            })?)
+        }
+    };
+    let store_size_bytes = args
+        .store_size
+        .as_deref()
+        .map(|s| size_arg("--store-size", s))
+        .transpose()?;
+    let on_store_full = match args.on_store_full.as_deref() {
+        None => StoreFullPolicy::default(),
+        Some(text) => StoreFullPolicy::from_str(text)?,
+    };
+    let opts = CreateOptions {
+        size_bytes,
+        chunk_size_bytes,
+        origin: args.origin.as_deref().map(absolute).transpose()?,
+        snapshot_stores: args
+            .snapshot_stores
+            .iter()
+            .map(|p| absolute(p))
+            .collect::<Result<_>>()?,
+        store_size_bytes,
+        on_store_full,
+    };
+    ctx.data_dir.create_volume(&name, &opts)?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct VolumeListJson {
+    volumes: Vec<VolumeInfo>,
+}
+
+pub fn volume_list(ctx: &mut Ctx, json: bool) -> Result<()> {
+    let names = ctx.data_dir.list_volumes()?;
+    let mut volumes = Vec::with_capacity(names.len());
+    for name in &names {
+        volumes.push(with_volume(ctx.data_dir, name, |vol| Ok(vol.info()))?);
+    }
+    if json {
+        return json_line(ctx.out, &VolumeListJson { volumes });
+    }
+    if volumes.is_empty() {
+        writeln!(ctx.out, "no volumes in {}", ctx.data_dir.root().display())?;
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                human_size(v.size),
+                human_size(u64::from(v.chunk_size)),
+                v.snapshots.len().to_string(),
+                v.origin.clone(),
+            ]
+        })
+        .collect();
+    let header = [
+        ("NAME", Align::Left),
+        ("SIZE", Align::Right),
+        ("CHUNK", Align::Right),
+        ("SNAPSHOTS", Align::Right),
+        ("ORIGIN", Align::Left),
+    ];
+    write!(ctx.out, "{}", table(&header, &rows))?;
+    Ok(())
+}
+
+pub fn volume_info(ctx: &mut Ctx, name: &str, json: bool) -> Result<()> {
+    let name = volume_name(name)?;
+    let info = with_volume(ctx.data_dir, &name, |vol| Ok(vol.info()))?;
+    if json {
+        return json_line(ctx.out, &info);
+    }
+    let bytes = |n: u64| format!("{} ({n} bytes)", human_size(n));
+    let c = &info.counters;
+    let lines = [
+        ("name", info.name.clone()),
+        ("size", bytes(info.size)),
+        ("chunk size", bytes(u64::from(info.chunk_size))),
+        ("origin", info.origin.clone()),
+        ("snapshot stores", info.snapshot_stores.join(", ")),
+        (
+            "store size",
+            info.store_size
+                .map_or_else(|| "unlimited".to_string(), bytes),
+        ),
+        (
+            "on store full",
+            match info.on_store_full {
+                StoreFullPolicy::Refuse => "refuse".to_string(),
+                StoreFullPolicy::PruneOldest => "prune-oldest".to_string(),
+            },
+        ),
+        (
+            "snapshots",
+            if info.snapshots.is_empty() {
+                "0".to_string()
+            } else {
+                format!("{} ({})", info.snapshots.len(), info.snapshots.join(", "))
+            },
+        ),
+        ("preserved chunks", info.preserved_chunks.to_string()),
+        ("client bytes written", bytes(c.client_bytes_written)),
+        ("bytes skipped identical", bytes(c.bytes_skipped_identical)),
+        ("bytes preserved", bytes(c.bytes_preserved)),
+        ("origin bytes written", bytes(c.origin_bytes_written)),
+    ];
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    for (key, value) in lines {
+        writeln!(ctx.out, "{:<width$} {value}", format!("{key}:"))?;
+    }
+    Ok(())
+}
+
+pub fn volume_delete(ctx: &mut Ctx, name: &str) -> Result<()> {
+    let name = volume_name(name)?;
+    ctx.data_dir.delete_volume(&name)?;
+    Ok(())
+}
+
+pub fn snapshot_create(ctx: &mut Ctx, target: &str) -> Result<()> {
+    let (vol, snap) = snapshot_target(target)?;
+    with_volume(ctx.data_dir, &vol, |v| {
+        v.create_snapshot(&snap)?;
+        Ok(())
+    })
+}
+
+#[derive(Serialize)]
+struct SnapshotJson {
+    name: String,
+    created: String,
+    created_unix_ns: u64,
+    id: u64,
+    exclusive_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct SnapshotListJson {
+    snapshots: Vec<SnapshotJson>,
+}
+
+pub fn snapshot_list(ctx: &mut Ctx, volume: &str, json: bool) -> Result<()> {
+    let vol = volume_name(volume)?;
+    let mut snaps: Vec<SnapshotInfo> = with_volume(ctx.data_dir, &vol, |v| Ok(v.list_snapshots()))?;
+    snaps.sort_by_key(|s| (s.created_unix_ns, s.id));
+    if json {
+        let snapshots = snaps
+            .into_iter()
+            .map(|s| SnapshotJson {
+                created: rfc3339(s.created_unix_ns, true),
+                name: s.name,
+                created_unix_ns: s.created_unix_ns,
+                id: s.id,
+                exclusive_bytes: s.exclusive_bytes,
+            })
+            .collect();
+        return json_line(ctx.out, &SnapshotListJson { snapshots });
+    }
+    if snaps.is_empty() {
+        writeln!(ctx.out, "volume {vol:?} has no snapshots")?;
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = snaps
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                rfc3339(s.created_unix_ns, false),
+                human_size(s.exclusive_bytes),
+                s.id.to_string(),
+            ]
+        })
+        .collect();
+    let header = [
+        ("NAME", Align::Left),
+        ("CREATED (UTC)", Align::Left),
+        ("EXCLUSIVE", Align::Right),
+        ("ID", Align::Right),
+    ];
+    write!(ctx.out, "{}", table(&header, &rows))?;
+    Ok(())
+}
+
+pub fn snapshot_delete(ctx: &mut Ctx, target: &str) -> Result<()> {
+    let (vol, snap) = snapshot_target(target)?;
+    with_volume(ctx.data_dir, &vol, |v| Ok(v.delete_snapshot(&snap)?))
+}
+
+pub fn restore(ctx: &mut Ctx, target: &str) -> Result<()> {
+    let (vol, snap) = snapshot_target(target)?;
+    let safety = with_volume(ctx.data_dir, &vol, |v| Ok(v.restore(&snap)?))?;
+    writeln!(ctx.out, "{vol}@{safety}")?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct DiffJson {
+    ranges: Vec<DiffRange>,
+}
+
+pub fn diff(ctx: &mut Ctx, a: &str, b: Option<&str>, json: bool) -> Result<()> {
+    let (vol, snap_a) = snapshot_target(a)?;
+    let snap_b = match b {
+        None => None,
+        Some(b) => {
+            let (vol_b, snap_b) = snapshot_target(b)?;
+            if vol_b != vol {
+                bail!("diff compares snapshots of one volume, but {a} and {b} name two");
+            }
+            Some(snap_b)
+        }
+    };
+    let ranges = with_volume(ctx.data_dir, &vol, |v| {
+        Ok(v.diff(&snap_a, snap_b.as_deref())?)
+    })?;
+    if json {
+        return json_line(ctx.out, &DiffJson { ranges });
+    }
+    if ranges.is_empty() {
+        writeln!(ctx.out, "no differences")?;
+        return Ok(());
+    }
+    let total: u64 = ranges.iter().map(|r| r.length).sum();
+    let rows: Vec<Vec<String>> = ranges
+        .iter()
+        .map(|r| vec![r.offset.to_string(), r.length.to_string()])
+        .collect();
+    write!(
+        ctx.out,
+        "{}",
+        table(&[("OFFSET", Align::Right), ("LENGTH", Align::Right)], &rows)
+    )?;
+    writeln!(
+        ctx.out,
+        "{} range{}, {} differ",
+        ranges.len(),
+        if ranges.len() == 1 { "" } else { "s" },
+        human_size(total)
+    )?;
+    Ok(())
+}
+
+pub fn import(ctx: &mut Ctx, volume: &str, file: &Path) -> Result<()> {
+    let vol = volume_name(volume)?;
+    let progress = ctx.progress;
+    let n = with_volume(ctx.data_dir, &vol, |v| transfer::import(v, file, progress))?;
+    writeln!(
+        ctx.out,
+        "imported {n} bytes from {} into {vol}",
+        file.display()
+    )?;
+    Ok(())
+}
+
+pub fn export(ctx: &mut Ctx, target: &str, file: &Path) -> Result<()> {
+    let (vol, snap) = parse_target(target)?;
+    let progress = ctx.progress;
+    let n = with_volume(ctx.data_dir, &vol, |v| {
+        transfer::export(v, snap.as_deref(), file, progress)
+    })?;
+    writeln!(
+        ctx.out,
+        "exported {n} bytes from {target} to {}",
+        file.display()
+    )?;
+    Ok(())
+}
+
+pub fn check(ctx: &mut Ctx, volume: Option<&str>) -> Result<()> {
+    let names = match volume {
+        Some(v) => vec![volume_name(v)?],
+        None => ctx.data_dir.list_volumes()?,
+    };
+    if names.is_empty() {
+        writeln!(ctx.out, "no volumes in {}", ctx.data_dir.root().display())?;
+        return Ok(());
+    }
+    let mut problems = 0usize;
+    let mut bad_volumes = 0usize;
+    for name in &names {
+        let report = match ctx.data_dir.check_volume(name) {
+            Ok(report) => report,
+            // Asked for one volume that is not there: that is a usage error, not a finding.
+            Err(e @ snapvol::Error::NoSuchVolume(_)) if volume.is_some() => return Err(e.into()),
+            Err(e) => snapvol::CheckReport {
+                problems: vec![format!("cannot check: {}", super::one_line(&e.into()))],
+                notes: Vec::new(),
+            },
+        };
+        // Lines start with the volume name already; drop the engine's own `volume "NAME": `.
+        let engine_prefix = format!("volume {name:?}: ");
+        let local =
+            |text: &str| super::single_line(text.strip_prefix(&engine_prefix).unwrap_or(text));
+        for note in &report.notes {
+            writeln!(ctx.out, "{name}: note: {}", local(note))?;
+        }
+        for problem in &report.problems {
+            writeln!(ctx.out, "{name}: problem: {}", local(problem))?;
+        }
+        if report.problems.is_empty() {
+            writeln!(ctx.out, "{name}: ok")?;
+        } else {
+            problems += report.problems.len();
+            bad_volumes += 1;
+        }
+    }
+    if problems > 0 {
+        bail!(
+            "check found {problems} problem{} in {bad_volumes} volume{}",
+            if problems == 1 { "" } else { "s" },
+            if bad_volumes == 1 { "" } else { "s" }
+        );
+    }
+    Ok(())
+}

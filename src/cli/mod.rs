@@ -1,0 +1,160 @@
+//! The `snapvol` command-line interface: argument parsing ([`args`]), one function per
+//! command ([`commands`]), output formatting and import/export.
+//!
+//! Conventions: exit 0 on success; on failure exactly one line `snapvol: error: MESSAGE`
+//! on stderr and exit 1; clap usage errors keep clap's exit code 2. Command output goes to
+//! stdout, logs (tracing) and progress bars to stderr.
+
+mod args;
+mod commands;
+mod format;
+mod transfer;
+
+use args::{Cli, Command, SnapshotCommand, VolumeCommand};
+use clap::Parser;
+use commands::Ctx;
+use snapvol::DataDir;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = run(&cli, &mut out);
+    // Output written before a failure (e.g. `check`'s findings) still goes out first.
+    let flushed = out.flush();
+    let result = result.and_then(|()| flushed.map_err(|e| anyhow::anyhow!("writing output: {e}")));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "snapvol: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = match verbose {
+        0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
+        _ => EnvFilter::new(level),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(verbose >= 2)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .try_init();
+}
+
+/// An error and its causes on one line, joined with ": ". A cause whose text the message
+/// already contains (engine errors often embed their source) is not repeated.
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || msg.contains(text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(text);
+    }
+    single_line(&msg)
+}
+
+/// Text from lower layers may span lines (e.g. parser errors with a source snippet); the
+/// output contract is one line per message. Multi-line text is joined with its runs of
+/// blanks collapsed; single-line text is returned unchanged.
+pub fn single_line(text: &str) -> String {
+    if !text.contains(['\n', '\r']) {
+        return text.to_string();
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Runs one parsed command line, writing its output to `out`.
+fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let data_dir = DataDir::open(&cli.data_dir)
+        .with_context(|| format!("cannot open data directory {}", cli.data_dir.display()))?;
+    let mut ctx = Ctx {
+        data_dir: &data_dir,
+        out,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let ctx = &mut ctx;
+    match &cli.command {
+        Command::Volume(cmd) => match cmd {
+            VolumeCommand::Create(a) => commands::volume_create(
+                ctx,
+                &commands::CreateArgs {
+                    name: a.name.clone(),
+                    size: a.size.clone(),
+                    chunk_size: a.chunk_size.clone(),
+                    origin: a.origin.clone(),
+                    snapshot_stores: a.snapshot_stores.clone(),
+                    store_size: a.store_size.clone(),
+                    on_store_full: a.on_store_full.clone(),
+                },
+            ),
+            VolumeCommand::List { json } => commands::volume_list(ctx, *json),
+            VolumeCommand::Info { name, json } => commands::volume_info(ctx, name, *json),
+            VolumeCommand::Delete { name } => commands::volume_delete(ctx, name),
+        },
+        Command::Snapshot(cmd) => match cmd {
+            SnapshotCommand::Create { target } => commands::snapshot_create(ctx, target),
+            SnapshotCommand::List { volume, json } => commands::snapshot_list(ctx, volume, *json),
+            SnapshotCommand::Delete { target } => commands::snapshot_delete(ctx, target),
+        },
+        Command::Restore { target } => commands::restore(ctx, target),
+        Command::Diff { a, b, json } => commands::diff(ctx, a, b.as_deref(), *json),
+        Command::Import { volume, file } => commands::import(ctx, volume, file),
+        Command::Export { target, file } => commands::export(ctx, target, file),
+        Command::Check { volume } => commands::check(ctx, volume.as_deref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn error_chain_on_one_line() {
+        let io = std::io::Error::other("disk on fire");
+        let engine = snapvol::Error::Io {
+            volume: "v".into(),
+            context: "reading chunk 3".into(),
+            source: io,
+        };
+        let err = anyhow::Error::new(engine).context("export v\nto x");
+        assert_eq!(
+            one_line(&err),
+            "export v to x: volume \"v\": reading chunk 3: disk on fire"
+        );
+        let toml =
+            anyhow::anyhow!("parse error at line 3\n  |\n3 | size_bytes\n  |    ^ no value\n");
+        assert_eq!(
+            one_line(&toml),
+            "parse error at line 3 | 3 | size_bytes | ^ no value"
+        );
+        assert_eq!(single_line("a  b"), "a  b");
+    }
+}

@@ -1,0 +1,151 @@
+//! `import` and `export`: copying between a volume and a raw image file in 1 MiB blocks.
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use snapvol::Volume;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+
+/// Transfer unit.
+pub const BLOCK_BYTES: usize = 1 << 20;
+
+/// A byte progress bar on stderr, or a hidden one when `show` is false.
+fn progress_bar(total: u64, show: bool, what: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Size of an open regular file or block device.
+fn file_len(file: &mut File) -> std::io::Result<u64> {
+    let len = file.seek(SeekFrom::End(0))?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(len)
+}
+
+/// Writes `file` into `vol` from offset 0; returns the number of bytes read from the file.
+pub fn import(vol: &Volume, file: &Path, progress: bool) -> Result<u64> {
+    let shown = file.display();
+    let meta = std::fs::metadata(file).with_context(|| format!("cannot open {shown}"))?;
+    if meta.is_dir() {
+        bail!("cannot import {shown}: it is a directory");
+    }
+    let mut f = File::open(file).with_context(|| format!("cannot open {shown}"))?;
+    let len = file_len(&mut f).with_context(|| format!("cannot read the size of {shown}"))?;
+    let vol_size = vol.size_bytes();
+    if len > vol_size {
+        bail!(
+            "{shown} is {len} bytes, larger than volume {:?} ({vol_size} bytes)",
+            vol.name()
+        );
+    }
+    let bar = progress_bar(len, progress, &format!("import {}", vol.name()));
+    let mut buf = vec![0u8; BLOCK_BYTES];
+    let mut offset = 0u64;
+    while offset < len {
+        let n = (len - offset).min(BLOCK_BYTES as u64) as usize;
+        f.read_exact(&mut buf[..n])
+            .with_context(|| format!("cannot read {shown} at offset {offset}"))?;
+        vol.write(offset, &buf[..n])?;
+        offset += n as u64;
+        bar.inc(n as u64);
+    }
+    vol.flush()?;
+    bar.finish_and_clear();
+    Ok(len)
+}
+
+/// Writes the live volume (or snapshot `snapshot`) to `file`, sparse where the data is
+/// zero; returns the number of bytes exported (the volume size).
+pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, progress: bool) -> Result<u64> {
+    let shown = file.display();
+    let size = vol.size_bytes();
+    // Fail on an unknown snapshot before creating or truncating the file.
+    if let Some(snap) = snapshot
+        && !vol.list_snapshots().iter().any(|s| s.name == snap)
+    {
+        return Err(snapvol::Error::NoSuchSnapshot {
+            volume: vol.name().to_string(),
+            snapshot: snap.to_string(),
+        }
+        .into());
+    }
+    // A block device keeps its size and old contents: write every block, never truncate.
+    let is_device = std::fs::metadata(file).is_ok_and(|m| m.file_type().is_block_device());
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(!is_device)
+        .open(file)
+        .with_context(|| format!("cannot create {shown}"))?;
+    if is_device {
+        let dev_len =
+            file_len(&mut f).with_context(|| format!("cannot read the size of {shown}"))?;
+        if dev_len < size {
+            bail!("{shown} is {dev_len} bytes, smaller than the {size} bytes to export");
+        }
+    }
+    let label = match snapshot {
+        Some(s) => format!("export {}@{s}", vol.name()),
+        None => format!("export {}", vol.name()),
+    };
+    let bar = progress_bar(size, progress, &label);
+    let mut buf = vec![0u8; BLOCK_BYTES];
+    let mut offset = 0u64;
+    while offset < size {
+        let n = (size - offset).min(BLOCK_BYTES as u64) as usize;
+        let block = &mut buf[..n];
+        match snapshot {
+            Some(s) => vol.read_snapshot(s, offset, block)?,
+            None => vol.read(offset, block)?,
+        }
+        // The file was truncated, so skipping a zero block leaves a hole that reads as zeros.
+        if is_device || !is_zero(block) {
+            f.write_all_at(block, offset)
+                .with_context(|| format!("cannot write {shown} at offset {offset}"))?;
+        }
+        offset += n as u64;
+        bar.inc(n as u64);
+    }
+    if !is_device {
+        f.set_len(size)
+            .with_context(|| format!("cannot set the size of {shown}"))?;
+    }
+    f.sync_all()
+        .with_context(|| format!("cannot sync {shown}"))?;
+    bar.finish_and_clear();
+    Ok(size)
+}
+
+fn is_zero(block: &[u8]) -> bool {
+    let words = block.chunks_exact(8);
+    let tail = words.remainder();
+    tail.iter().all(|&b| b == 0)
+        && words
+            .into_iter()
+            .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zero_blocks() {
+        assert!(super::is_zero(&[]));
+        assert!(super::is_zero(&[0; 13]));
+        for i in 0..13 {
+            let mut b = [0u8; 13];
+            b[i] = 1;
+            assert!(!super::is_zero(&b), "{i}");
+        }
+    }
+}
