@@ -74,9 +74,12 @@ impl DataDir {
         let config = crate::volume::plan_volume(name, opts, self.disk.as_ref())?;
         let path_err = |context: String| move |source| Error::Path { context, source };
         if dir.exists() {
-            tracing::warn!(volume = %name, "clearing the remains of an interrupted create");
-            crate::volume::remove_volume_files(&dir, &config, self.disk.as_ref());
-            fs::remove_dir_all(&dir).map_err(path_err(format!("removing {}", dir.display())))?;
+            // Never delete what might be a volume whose volume.toml was lost.
+            return Err(Error::InvalidArgument(format!(
+                "{} exists but holds no volume.toml (an interrupted create, or a damaged volume); \
+                 inspect it and remove it by hand to reuse the name",
+                dir.display()
+            )));
         }
         fs::create_dir_all(&dir).map_err(path_err(format!("creating {}", dir.display())))?;
         if let Err(e) = crate::volume::create_volume_files(&dir, &config, self.disk.as_ref()) {

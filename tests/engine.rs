@@ -412,3 +412,39 @@ fn ten_thousand_snapshots_share_preserved_copies() {
     v.close().unwrap();
     assert!(f.dd().check_volume("v").unwrap().problems.is_empty());
 }
+
+#[test]
+fn create_never_clears_a_directory_that_may_hold_a_volume() {
+    let f = Fixture::new();
+    let v = f.create(opts(64 * 1024));
+    v.write(0, &[6; 4096]).unwrap();
+    v.close().unwrap();
+    let toml = f.root.join("volumes/v/volume.toml");
+    let saved = std::fs::read(&toml).unwrap();
+    std::fs::remove_file(&toml).unwrap();
+    assert!(f.dd().list_volumes().unwrap().is_empty());
+    let e = f.dd().create_volume("v", &opts(64 * 1024)).unwrap_err();
+    assert!(e.to_string().contains("no volume.toml"), "{e}");
+    std::fs::write(&toml, saved).unwrap();
+    let v = f.dd().open_volume("v").unwrap();
+    assert!(read_all(&v, None)[..4096].iter().all(|&x| x == 6));
+}
+
+#[test]
+fn empty_metadata_file_is_reported_not_reinitialised() {
+    let f = Fixture::new();
+    f.create(opts(64 * 1024)).close().unwrap();
+    f.file("meta.redb").set_len(0).unwrap();
+    let e = f.dd().open_volume("v").unwrap_err();
+    assert!(
+        e.to_string().contains("meta.redb") && e.to_string().contains("empty"),
+        "{e}"
+    );
+    let report = f.dd().check_volume("v").unwrap();
+    assert_eq!(report.problems.len(), 1);
+    assert_eq!(
+        f.file("meta.redb").len().unwrap(),
+        0,
+        "check must not rewrite the file"
+    );
+}

@@ -73,8 +73,13 @@ impl VolumeConfig {
             what: "volume.toml".into(),
             detail,
         };
-        let c: VolumeConfig =
-            toml::from_str(text).map_err(|e| corrupt(e.to_string().replace('\n', " ")))?;
+        let c: VolumeConfig = toml::from_str(text).map_err(|e: toml::de::Error| {
+            let at = e
+                .span()
+                .map(|s| format!(" at byte {}", s.start))
+                .unwrap_or_default();
+            corrupt(format!("{}{at}", e.message()))
+        })?;
         if c.format_version != CONFIG_FORMAT_VERSION {
             return Err(corrupt(format!(
                 "format version {}, this build reads {CONFIG_FORMAT_VERSION}",

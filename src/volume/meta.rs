@@ -233,6 +233,11 @@ impl Meta {
     /// altered behind its back; this one reports it). A panic inside redb is still caught
     /// and reported as corruption, never let through.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Meta, MetaError> {
+        // redb would initialise an empty file as a new database: an empty metadata file is
+        // a lost one, and must not be replaced by an empty volume.
+        if storage.len().map_err(db_err)? == 0 {
+            return Err(MetaError::Corrupt("file is empty".into()));
+        }
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             redb::Database::builder()
                 .set_check_integrity_on_open(true)
@@ -261,7 +266,12 @@ impl Meta {
 
     fn load_inner(&self) -> Result<Loaded, MetaError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        let state_table = txn.open_table(STATE).map_err(db_err)?;
+        let state_table = txn.open_table(STATE).map_err(|e| match e {
+            redb::TableError::TableDoesNotExist(_) => MetaError::Corrupt(
+                "holds no volume state table (not a snapvol metadata file?)".into(),
+            ),
+            e => db_err(e),
+        })?;
         let state = match state_table.get(STATE_KEY).map_err(db_err)? {
             Some(v) => decode_state(v.value())?,
             None => return Err(MetaError::Corrupt("volume state record is missing".into())),

@@ -210,7 +210,10 @@ impl Volume {
             return Ok(()); // deleted meanwhile
         }
         // Checked under the journal lock, so no restore can begin in between.
-        if js.restore.is_some_and(|r| r.target_snapshot_id == snapshot_id) {
+        if js
+            .restore
+            .is_some_and(|r| r.target_snapshot_id == snapshot_id)
+        {
             return Err(Error::InvalidArgument(format!(
                 "snapshot id {snapshot_id} of volume {:?} is the source of a restore in progress",
                 self.config.name
