@@ -7,8 +7,10 @@ pub mod error;
 pub mod io;
 pub mod journal;
 pub mod names;
+pub mod registry;
 pub mod volume;
 
 pub use datadir::DataDir;
+pub use registry::Registry;
 pub use error::{Error, Result};
 pub use volume::{CheckReport, CreateOptions, StoreFullPolicy, Volume};

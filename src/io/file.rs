@@ -148,4 +148,64 @@ impl Storage for FileStorage {
     fn is_block_device(&self) -> bool {
         self.block_device
     }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        let end = offset.saturating_add(len);
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        if self.block_device {
+            return Ok(vec![(len, true)]);
+        }
+        let fd = self.file.as_raw_fd();
+        let seek = |whence: libc::c_int, at: u64| -> io::Result<Option<u64>> {
+            let Ok(at) = i64::try_from(at) else {
+                return Ok(None);
+            };
+            // SAFETY: lseek on a valid descriptor with plain integers; the file position it
+            // moves is not used by this engine (all I/O is positioned).
+            let r = unsafe { libc::lseek(fd, at, whence) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::ENXIO) => Ok(None), // no data (or hole) at or after `at`
+                    _ => Err(e),
+                };
+            }
+            Ok(Some(r as u64))
+        };
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |length: u64, allocated: bool| match out.last_mut() {
+            Some(last) if last.1 == allocated => last.0 += length,
+            _ => out.push((length, allocated)),
+        };
+        let mut at = offset;
+        while at < end {
+            match seek(libc::SEEK_DATA, at) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // SEEK_DATA unsupported here: everything counts as allocated.
+                    push(end - at, true);
+                    break;
+                }
+                Err(e) => return Err(e),
+                Ok(None) => {
+                    push(end - at, false);
+                    break;
+                }
+                Ok(Some(data)) => {
+                    let data = data.min(end);
+                    if data > at {
+                        push(data - at, false);
+                    }
+                    if data >= end {
+                        break;
+                    }
+                    let hole = seek(libc::SEEK_HOLE, data)?.unwrap_or(end).min(end);
+                    push(hole - data, true);
+                    at = hole;
+                }
+            }
+        }
+        Ok(out)
+    }
 }

@@ -38,6 +38,17 @@ pub trait Storage: Send + Sync + Debug {
     fn is_block_device(&self) -> bool {
         false
     }
+    /// Allocation of `[offset, offset + len)` as consecutive `(length, allocated)` extents
+    /// covering the range exactly. Unallocated extents read as zeros. Engines that cannot
+    /// tell report everything allocated.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        let _ = offset;
+        Ok(if len == 0 {
+            Vec::new()
+        } else {
+            vec![(len, true)]
+        })
+    }
 }
 
 /// How to open a path.
@@ -115,6 +126,8 @@ mod tests {
         assert_eq!(&buf[..6], &[0u8; 6]);
         assert_eq!(&buf[6..], &[1u8; 10]);
         s.discard(4096, 4096).unwrap();
+        let extents = s.allocation(0, 12288).unwrap();
+        assert_eq!(extents.iter().map(|e| e.0).sum::<u64>(), 12288);
         let mut page = vec![9u8; 4096];
         s.read_at(&mut page, 4096).unwrap();
         assert!(page.iter().all(|&b| b == 0));

@@ -105,6 +105,19 @@ impl PreserveMap {
         chunks
     }
 
+    /// Chunks in `chunk_lo..=chunk_hi` with a record `until >= from`: the chunks changed
+    /// since snapshot `from`, in that window. Sorted, unique. O(records in the window).
+    pub fn changed_chunks_in(&self, from: u64, chunk_lo: u64, chunk_hi: u64) -> Vec<u64> {
+        let mut chunks: Vec<u64> = self
+            .by_chunk
+            .range((chunk_lo, 0)..=(chunk_hi, u64::MAX))
+            .filter(|((_, until), _)| *until >= from)
+            .map(|(&(chunk_index, _), _)| chunk_index)
+            .collect();
+        chunks.dedup();
+        chunks
+    }
+
     /// Every record in chunk order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, Loc)> + '_ {
         self.by_chunk.iter().map(|(&(c, u), &loc)| (c, u, loc))

@@ -13,6 +13,7 @@ mod meta;
 mod open;
 mod restore;
 mod snapshot;
+mod status;
 mod store;
 mod write;
 
@@ -31,6 +32,7 @@ use std::sync::{Arc, OnceLock};
 use store::Stores;
 
 pub use open::OpenConfig;
+pub use status::Extent;
 
 /// What to do when the snapshot stores have no free slot for a chunk that must be preserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -265,12 +265,9 @@ impl Volume {
         self.read_snapshot_id(id, offset, buf)
     }
 
-    pub(super) fn read_snapshot_id(
-        &self,
-        snapshot_id: u64,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<()> {
+    /// Reads snapshot `snapshot_id` (see [`Volume::snapshot_id`]); an error once the
+    /// snapshot is deleted, never another snapshot's data.
+    pub fn read_snapshot_id(&self, snapshot_id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.chunk_bytes();
         let end = offset + buf.len() as u64;
@@ -282,7 +279,13 @@ impl Volume {
             // Shared chunk lock: no writer can preserve and overwrite this chunk between the
             // lookup and the origin read.
             let _chunk = self.chunk_lock(chunk_index).read();
-            let found = self.tables.read().map.lookup(chunk_index, snapshot_id);
+            let found = {
+                let t = self.tables.read();
+                if !t.snapshots.contains_key(&snapshot_id) {
+                    return Err(self.no_such_snapshot_id(snapshot_id));
+                }
+                t.map.lookup(chunk_index, snapshot_id)
+            };
             match found {
                 None => self.origin.read_at(out, at).map_err(self.io_err("reading the origin"))?,
                 Some((until, loc)) => SLOT_BUF.with(|cell| -> Result<()> {

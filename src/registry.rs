@@ -1,0 +1,137 @@
+//! The volumes a daemon holds open, shared by the NBD server and the control socket.
+//!
+//! A volume is opened on first use and stays open (its lock held) until the registry
+//! closes it. Connections that write register themselves, so that operations which must
+//! not race with writers (restore) can see and refuse them.
+
+use crate::datadir::DataDir;
+use crate::error::{Error, Result};
+use crate::volume::Volume;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug)]
+struct Entry {
+    volume: Arc<Volume>,
+    /// Read-write connections currently attached.
+    writers: Arc<AtomicU64>,
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    data_dir: DataDir,
+    open: Mutex<HashMap<String, Entry>>,
+}
+
+/// Held by a read-write connection; dropping it detaches the writer.
+#[derive(Debug)]
+pub struct WriterGuard {
+    writers: Arc<AtomicU64>,
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.writers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Registry {
+    pub fn new(data_dir: DataDir) -> Registry {
+        Registry {
+            data_dir,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn data_dir(&self) -> &DataDir {
+        &self.data_dir
+    }
+
+    /// The open volume `name`, opening it if needed.
+    pub fn volume(&self, name: &str) -> Result<Arc<Volume>> {
+        let mut open = self.open.lock();
+        if let Some(e) = open.get(name) {
+            return Ok(e.volume.clone());
+        }
+        let volume = Arc::new(self.data_dir.open_volume(name)?);
+        open.insert(
+            name.to_string(),
+            Entry {
+                volume: volume.clone(),
+                writers: Arc::default(),
+            },
+        );
+        Ok(volume)
+    }
+
+    /// Registers a read-write connection to `name`.
+    pub fn attach_writer(&self, name: &str) -> Result<(Arc<Volume>, WriterGuard)> {
+        let volume = self.volume(name)?;
+        let open = self.open.lock();
+        let writers = open
+            .get(name)
+            .map(|e| e.writers.clone())
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        writers.fetch_add(1, Ordering::SeqCst);
+        Ok((volume, WriterGuard { writers }))
+    }
+
+    /// Read-write connections attached to `name`.
+    pub fn writer_count(&self, name: &str) -> u64 {
+        self.open
+            .lock()
+            .get(name)
+            .map_or(0, |e| e.writers.load(Ordering::SeqCst))
+    }
+
+    /// Closes `name` (checkpoint, release the lock) if nobody else holds it. Used before
+    /// deleting a volume.
+    pub fn close_volume(&self, name: &str) -> Result<()> {
+        let mut open = self.open.lock();
+        let Some(entry) = open.remove(name) else {
+            return Ok(());
+        };
+        match Arc::try_unwrap(entry.volume) {
+            Ok(volume) => volume.close(),
+            Err(volume) => {
+                open.insert(
+                    name.to_string(),
+                    Entry {
+                        volume,
+                        writers: entry.writers,
+                    },
+                );
+                Err(Error::InvalidArgument(format!(
+                    "volume {name:?} is in use by connected clients"
+                )))
+            }
+        }
+    }
+
+    /// Names of the volumes currently open.
+    pub fn open_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.open.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Flushes and closes every volume (at shutdown). Volumes still referenced elsewhere
+    /// are flushed and checkpointed when their last reference drops.
+    pub fn close_all(&self) -> Result<()> {
+        let entries: Vec<(String, Entry)> = self.open.lock().drain().collect();
+        let mut first_err = None;
+        for (name, entry) in entries {
+            let result = match Arc::try_unwrap(entry.volume) {
+                Ok(volume) => volume.close(),
+                Err(volume) => volume.flush(),
+            };
+            if let Err(e) = result {
+                tracing::error!(volume = %name, error = %e, "closing volume failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
