@@ -10,13 +10,27 @@ use crate::volume::Volume;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Disconnects one client (sets its stop flag and shuts its socket down).
+pub type Kick = Box<dyn Fn() + Send + Sync>;
+
+#[derive(Default)]
+struct Writers {
+    next_id: u64,
+    kicks: HashMap<u64, Option<Kick>>,
+}
+
+impl std::fmt::Debug for Writers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Writers({})", self.kicks.len())
+    }
+}
 
 #[derive(Debug)]
 struct Entry {
     volume: Arc<Volume>,
     /// Read-write connections currently attached.
-    writers: Arc<AtomicU64>,
+    writers: Arc<Mutex<Writers>>,
 }
 
 #[derive(Debug)]
@@ -28,12 +42,13 @@ pub struct Registry {
 /// Held by a read-write connection; dropping it detaches the writer.
 #[derive(Debug)]
 pub struct WriterGuard {
-    writers: Arc<AtomicU64>,
+    writers: Arc<Mutex<Writers>>,
+    id: u64,
 }
 
 impl Drop for WriterGuard {
     fn drop(&mut self) {
-        self.writers.fetch_sub(1, Ordering::SeqCst);
+        self.writers.lock().kicks.remove(&self.id);
     }
 }
 
