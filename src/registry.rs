@@ -81,16 +81,36 @@ impl Registry {
         Ok(volume)
     }
 
-    /// Registers a read-write connection to `name`.
+    /// Registers a read-write connection to `name` that cannot be disconnected by force.
     pub fn attach_writer(&self, name: &str) -> Result<(Arc<Volume>, WriterGuard)> {
+        self.attach(name, None)
+    }
+
+    /// Registers a read-write connection to `name`; `kick` disconnects it (used by
+    /// `restore --force`).
+    pub fn attach_writer_with_kick(
+        &self,
+        name: &str,
+        kick: Kick,
+    ) -> Result<(Arc<Volume>, WriterGuard)> {
+        self.attach(name, Some(kick))
+    }
+
+    fn attach(&self, name: &str, kick: Option<Kick>) -> Result<(Arc<Volume>, WriterGuard)> {
         let volume = self.volume(name)?;
         let open = self.open.lock();
         let writers = open
             .get(name)
             .map(|e| e.writers.clone())
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
-        writers.fetch_add(1, Ordering::SeqCst);
-        Ok((volume, WriterGuard { writers }))
+        let id = {
+            let mut w = writers.lock();
+            let id = w.next_id;
+            w.next_id += 1;
+            w.kicks.insert(id, kick);
+            id
+        };
+        Ok((volume, WriterGuard { writers, id }))
     }
 
     /// Read-write connections attached to `name`.
@@ -98,7 +118,23 @@ impl Registry {
         self.open
             .lock()
             .get(name)
-            .map_or(0, |e| e.writers.load(Ordering::SeqCst))
+            .map_or(0, |e| e.writers.lock().kicks.len() as u64)
+    }
+
+    /// Disconnects every read-write connection of `name` that can be kicked; returns how
+    /// many were kicked. They detach when their connection threads finish.
+    pub fn kick_writers(&self, name: &str) -> u64 {
+        let writers = match self.open.lock().get(name) {
+            Some(e) => e.writers.clone(),
+            None => return 0,
+        };
+        let w = writers.lock();
+        let mut n = 0;
+        for kick in w.kicks.values().flatten() {
+            kick();
+            n += 1;
+        }
+        n
     }
 
     /// Closes `name` (checkpoint, release the lock) if nobody else holds it. Used before
