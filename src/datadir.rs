@@ -64,7 +64,7 @@ impl DataDir {
     }
 
     /// Creates a volume. `volume.toml` is written last: a directory without it is what a
-    /// cut-off create left behind, and is cleared by the next create of that name.
+    /// cut-off create (or a damaged volume) left behind; it is refused, never cleared.
     pub fn create_volume(&self, name: &str, opts: &CreateOptions) -> Result<()> {
         validate_name("volume", name)?;
         let dir = self.volume_dir(name);
@@ -124,10 +124,15 @@ impl DataDir {
     /// block-device stores are left in place.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let dir = self.existing_volume_dir(name)?;
-        // Taking the volume open proves nobody else has it.
+        // Open (recover, checkpoint) and keep holding the lock while files go away.
         let volume = self.open_volume(name)?;
         let config = volume.config().clone();
-        drop(volume);
+        let _lock = volume.close_keeping_lock()?;
+        // volume.toml first: a delete cut short leaves a directory that is no volume.
+        fs::remove_file(&dir.join(CONFIG_FILE)).map_err(|source| Error::Path {
+            context: format!("removing {}", dir.join(CONFIG_FILE).display()),
+            source,
+        })?;
         crate::volume::remove_volume_files(&dir, &config, self.disk.as_ref());
         fs::remove_dir_all(&dir).map_err(|source| Error::Path {
             context: format!("removing {}", dir.display()),

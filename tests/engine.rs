@@ -448,3 +448,29 @@ fn empty_metadata_file_is_reported_not_reinitialised() {
         "check must not rewrite the file"
     );
 }
+
+#[test]
+fn check_changes_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let dd = DataDir::open(dir.path()).unwrap();
+    dd.create_volume("v", &opts(64 * 1024)).unwrap();
+    let v = dd.open_volume("v").unwrap();
+    v.write(0, &[1; 4096]).unwrap();
+    v.create_snapshot("a").unwrap();
+    v.write(0, &[2; 4096]).unwrap();
+    v.close().unwrap();
+    let vdir = dir.path().join("volumes/v");
+    let snapshot = |d: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = snapshot(&vdir);
+    let report = dd.check_volume("v").unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(before == snapshot(&vdir), "check modified a file");
+}

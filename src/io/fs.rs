@@ -51,6 +51,10 @@ pub fn remove_dir_all(dir: &Path) -> io::Result<()> {
     }
 }
 
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    fs::remove_file(path)
+}
+
 pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
     fs::rename(from, to)
 }

@@ -71,6 +71,28 @@ pub trait Disk: Send + Sync + Debug {
     fn remove(&self, path: &Path) -> io::Result<()>;
 }
 
+/// A private in-memory copy of `storage` (at most `bytes_max`), for reading a file with a
+/// library that may write to it (redb's integrity check) without changing the original.
+pub fn copy_to_memory(storage: &dyn Storage, bytes_max: u64) -> io::Result<Arc<dyn Storage>> {
+    let len = storage.len()?;
+    if len > bytes_max {
+        return Err(io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!("{len} bytes is more than the {bytes_max} this check copies"),
+        ));
+    }
+    let copy = MemDisk::default().open(Path::new("/copy"), OpenMode::CreateNew)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        storage.read_at(&mut buf[..n], at)?;
+        copy.write_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(copy)
+}
+
 /// The default engine.
 pub fn default_disk() -> Arc<dyn Disk> {
     Arc::new(FileDisk)

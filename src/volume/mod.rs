@@ -221,7 +221,8 @@ pub struct Volume {
     /// Opened by `check`: nothing may be written.
     read_only: bool,
     checkpoint_journal_bytes: u64,
-    _lock: std::fs::File,
+    /// The volume lock; `None` only after `close_keeping_lock` took it.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl Volume {
@@ -384,6 +385,13 @@ impl Volume {
     /// Checkpoints metadata and releases the volume.
     pub fn close(self) -> Result<()> {
         self.close_inner()
+    }
+
+    /// Closes the volume but hands back its lock, so the caller can act on its files
+    /// without anyone else opening it meanwhile.
+    pub(crate) fn close_keeping_lock(self) -> Result<Option<std::fs::File>> {
+        self.close_inner()?;
+        Ok(self.lock.lock().take())
     }
 
     /// Drops the volume as a crash would: no flush, no checkpoint. For recovery tests.

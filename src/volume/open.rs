@@ -22,6 +22,8 @@ pub const LOCK_FILE: &str = "lock";
 pub const DEFAULT_ORIGIN_FILE: &str = "origin.raw";
 pub const DEFAULT_STORE_FILE: &str = "store-0.snap";
 const CONFIG_BYTES_MAX: u64 = 1 << 20;
+/// Largest metadata file `check` copies into memory to verify.
+const CHECK_META_BYTES_MAX: u64 = 8 << 30;
 
 /// Tunables for an open volume.
 #[derive(Debug, Clone, Copy)]
@@ -297,9 +299,14 @@ impl Volume {
             }
         };
 
+        let file_mode = if access == Access::Check {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::Existing
+        };
         let origin_path = resolve(dir, &config.origin);
         let origin = disk
-            .open(&origin_path, OpenMode::Existing)
+            .open(&origin_path, file_mode)
             .map_err(io(format!("opening origin {}", origin_path.display())))?;
         let origin_len = origin
             .len()
@@ -320,7 +327,7 @@ impl Volume {
         for s in &config.stores {
             let path = resolve(dir, &s.path);
             let storage: Arc<dyn Storage> = disk
-                .open(&path, OpenMode::Existing)
+                .open(&path, file_mode)
                 .map_err(io(format!("opening snapshot store {}", path.display())))?;
             let mut cap = config.store_size_bytes.map_or(u64::MAX, |b| b / cs);
             if storage.is_block_device() {
@@ -335,9 +342,14 @@ impl Volume {
             files.push(StoreFile { path, storage });
         }
 
-        let meta_storage = disk
-            .open(&dir.join(META_FILE), OpenMode::Existing)
+        let mut meta_storage = disk
+            .open(&dir.join(META_FILE), file_mode)
             .map_err(io(format!("opening {META_FILE}")))?;
+        if access == Access::Check {
+            // redb's integrity check commits: run it on a copy so check changes nothing.
+            meta_storage = crate::io::copy_to_memory(meta_storage.as_ref(), CHECK_META_BYTES_MAX)
+                .map_err(io(format!("copying {META_FILE} for checking")))?;
+        }
         let meta = Meta::open(meta_storage).map_err(|e| meta_err(name, e))?;
         let loaded = meta.load().map_err(|e| meta_err(name, e))?;
         let mut tables = Tables {
@@ -372,7 +384,7 @@ impl Volume {
         }
 
         let journal_storage = disk
-            .open(&dir.join(JOURNAL_FILE), OpenMode::Existing)
+            .open(&dir.join(JOURNAL_FILE), file_mode)
             .map_err(io(format!("opening {JOURNAL_FILE}")))?;
         let mode = if access == Access::Check {
             RecoveryMode::ReadOnly
@@ -446,7 +458,7 @@ impl Volume {
             closed: AtomicBool::new(access == Access::Check),
             read_only: access == Access::Check,
             checkpoint_journal_bytes: open_config.checkpoint_journal_bytes,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
             config,
         };
         if access == Access::Normal {

@@ -88,6 +88,9 @@ impl Volume {
             since_progress += 1;
             if since_progress == RESTORE_PROGRESS_CHUNKS {
                 since_progress = 0;
+                // Progress may only name chunks whose restored data is durable, or a power
+                // cut could lose their writes and the resume would skip them.
+                self.flush()?;
                 let mut js = self.journal.lock();
                 let record = Record::RestoreProgress {
                     target_snapshot_id,

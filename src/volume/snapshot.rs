@@ -316,7 +316,8 @@ impl Volume {
     }
 
     /// Ranges that differ between snapshot `a` and snapshot `b` (or the live volume when
-    /// `b` is `None`), from the mapping table alone. Chunk-granular, so a multiple of 4 KiB.
+    /// `b` is `None`), from the mapping table alone. Chunk-granular (the last range may end at
+    /// the volume's end, a multiple of 512).
     pub fn diff(&self, a: &str, b: Option<&str>) -> Result<Vec<DiffRange>> {
         self.ensure_ok()?;
         let t = self.tables.read();
