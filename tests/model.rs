@@ -97,6 +97,9 @@ enum Op {
     Restore(usize),
     /// close(), check, open again.
     Reopen,
+    /// Drop the volume as a crash would (no flush, no checkpoint), check, open again:
+    /// everything since the last checkpoint comes back from the journal.
+    Crash,
     /// Reads a range of the live volume (`target % (snapshots + 1) == 0`) or a snapshot.
     ReadCheck {
         target: usize,
@@ -175,6 +178,7 @@ fn op_strategy(size: u64, cs: u64) -> impl Strategy<Value = Op> {
         4 => any::<usize>().prop_map(Op::SnapshotDelete),
         4 => any::<usize>().prop_map(Op::Restore),
         3 => Just(Op::Reopen),
+        3 => Just(Op::Crash),
         5 => (any::<usize>(), r())
             .prop_map(|(target, (offset, len))| Op::ReadCheck { target, offset, len }),
     ]
@@ -534,6 +538,18 @@ impl Harness {
                     before,
                     "counters changed across reopen"
                 );
+            }
+            Op::Crash => {
+                self.vol.take().unwrap().abandon();
+                let report = self.dd.check_volume("v").unwrap();
+                assert!(
+                    report.problems.is_empty(),
+                    "check after a crash found problems: {:#?}",
+                    report.problems
+                );
+                self.vol = Some(self.dd.open_volume("v").unwrap());
+                // Counters are saved at checkpoints only: a crash may lose recent increments.
+                self.model.counters = self.vol().info().counters;
             }
             Op::ReadCheck {
                 target,
