@@ -20,19 +20,10 @@ impl Volume {
         let target = self.tables.read().snapshot_id(&self.config.name, name)?;
         let safety_name = self.safety_snapshot_name();
         let safety = self.create_snapshot_locked(&safety_name)?;
-        {
-            let mut js = self.journal.lock();
-            let record = Record::RestoreBegin {
-                target_snapshot_id: target,
-                safety_snapshot_id: safety.id,
-            };
-            self.journal_commit(&mut js, std::slice::from_ref(&record))?;
-            let mut restore = js.restore;
-            self.tables
-                .write()
-                .apply_with_restore(&record, &mut restore);
-            js.restore = restore;
-        }
+        self.commit_restore_record(Record::RestoreBegin {
+            target_snapshot_id: target,
+            safety_snapshot_id: safety.id,
+        })?;
         tracing::info!(volume = %self.config.name, snapshot = %name, safety = %safety_name, "restore started");
         if let Err(e) = self.run_restore() {
             // Later client writes would be overwritten when the restore resumes on the next
@@ -91,17 +82,10 @@ impl Volume {
                 // Progress may only name chunks whose restored data is durable, or a power
                 // cut could lose their writes and the resume would skip them.
                 self.flush()?;
-                let mut js = self.journal.lock();
-                let record = Record::RestoreProgress {
+                self.commit_restore_record(Record::RestoreProgress {
                     target_snapshot_id,
                     next_chunk_index: chunk_index + 1,
-                };
-                self.journal_commit(&mut js, std::slice::from_ref(&record))?;
-                let mut restore = js.restore;
-                self.tables
-                    .write()
-                    .apply_with_restore(&record, &mut restore);
-                js.restore = restore;
+                })?;
             }
         }
         // The restored data must be durable before the restore is recorded as finished.
@@ -111,5 +95,17 @@ impl Volume {
         self.journal_commit(&mut js, std::slice::from_ref(&record))?;
         js.restore = None;
         self.maybe_checkpoint(&mut js)
+    }
+
+    /// Journals a restore record (synced) and applies it to the restore state.
+    fn commit_restore_record(&self, record: Record) -> Result<()> {
+        let mut js = self.journal.lock();
+        self.journal_commit(&mut js, std::slice::from_ref(&record))?;
+        let mut restore = js.restore;
+        self.tables
+            .write()
+            .apply_with_restore(&record, &mut restore);
+        js.restore = restore;
+        Ok(())
     }
 }
