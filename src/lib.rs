@@ -14,3 +14,10 @@ pub use datadir::DataDir;
 pub use registry::Registry;
 pub use error::{Error, Result};
 pub use volume::{CheckReport, CreateOptions, StoreFullPolicy, Volume};
+
+/// The engine is shared between connections: `Volume` and `Registry` must stay `Send + Sync`.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Volume>();
+    assert_send_sync::<Registry>();
+};
