@@ -2,11 +2,13 @@
 //!
 //! See `ARCHITECTURE.md` for the map of this crate.
 
+pub mod daemon;
 pub mod datadir;
 pub mod error;
 pub mod io;
 pub mod journal;
 pub mod names;
+pub mod nbd;
 pub mod registry;
 pub mod volume;
 

@@ -3,6 +3,10 @@
 //! A volume is opened on first use and stays open (its lock held) until the registry
 //! closes it. Connections that write register themselves, so that operations which must
 //! not race with writers (restore) can see and refuse them.
+//!
+//! A volume can be *held* for a while: [`Registry::hold_closed`] closes it and refuses to
+//! reopen it (check, delete), [`Registry::hold_writers`] refuses new read-write connections
+//! (restore). A hold ends when its [`HoldGuard`] drops.
 
 use crate::datadir::DataDir;
 use crate::error::{Error, Result};
@@ -33,10 +37,52 @@ struct Entry {
     writers: Arc<Mutex<Writers>>,
 }
 
+/// What a hold keeps away from a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldKind {
+    /// The volume is closed and must not be reopened.
+    Closed,
+    /// No read-write connection may attach.
+    NoNewWriters,
+}
+
+#[derive(Debug, Clone)]
+struct Hold {
+    kind: HoldKind,
+    /// Completes "volume NAME is ...", e.g. "being restored".
+    reason: String,
+}
+
+/// Why a hold could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error("volume {name:?} is busy: it is {reason}")]
+    Held { name: String, reason: String },
+    #[error("volume {name:?} is in use by {users} NBD connection(s) or running command(s)")]
+    InUse { name: String, users: usize },
+    #[error(transparent)]
+    Close(#[from] Error),
+}
+
 #[derive(Debug)]
 pub struct Registry {
     data_dir: DataDir,
+    /// Lock order: `open` before `holds`.
     open: Mutex<HashMap<String, Entry>>,
+    holds: Mutex<HashMap<String, Hold>>,
+}
+
+/// Keeps a hold on a volume (see [`Registry::hold_closed`]); dropping it ends the hold.
+#[derive(Debug)]
+pub struct HoldGuard<'a> {
+    registry: &'a Registry,
+    name: String,
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        self.registry.holds.lock().remove(&self.name);
+    }
 }
 
 /// Held by a read-write connection; dropping it detaches the writer.
@@ -57,6 +103,7 @@ impl Registry {
         Registry {
             data_dir,
             open: Mutex::new(HashMap::new()),
+            holds: Mutex::new(HashMap::new()),
         }
     }
 
@@ -69,6 +116,14 @@ impl Registry {
         let mut open = self.open.lock();
         if let Some(e) = open.get(name) {
             return Ok(e.volume.clone());
+        }
+        if let Some(hold) = self.holds.lock().get(name)
+            && hold.kind == HoldKind::Closed
+        {
+            return Err(Error::InvalidArgument(format!(
+                "volume {name:?} is {}; try again later",
+                hold.reason
+            )));
         }
         let volume = Arc::new(self.data_dir.open_volume(name)?);
         open.insert(
@@ -99,6 +154,12 @@ impl Registry {
     fn attach(&self, name: &str, kick: Option<Kick>) -> Result<(Arc<Volume>, WriterGuard)> {
         let volume = self.volume(name)?;
         let open = self.open.lock();
+        if let Some(hold) = self.holds.lock().get(name) {
+            return Err(Error::InvalidArgument(format!(
+                "volume {name:?} is {}; try again later",
+                hold.reason
+            )));
+        }
         let writers = open
             .get(name)
             .map(|e| e.writers.clone())
@@ -161,6 +222,92 @@ impl Registry {
         }
     }
 
+    /// Closes `name` (flush, checkpoint, release its lock) and keeps it closed: until the
+    /// guard drops, opening it through the registry fails with "volume NAME is `reason`".
+    /// Fails if anyone else holds the volume (connections, running commands) or it is
+    /// already held. A volume that is not open is simply held.
+    pub fn hold_closed(
+        &self,
+        name: &str,
+        reason: &str,
+    ) -> std::result::Result<HoldGuard<'_>, HoldError> {
+        let volume = {
+            let mut open = self.open.lock();
+            let mut holds = self.holds.lock();
+            if let Some(hold) = holds.get(name) {
+                return Err(HoldError::Held {
+                    name: name.to_string(),
+                    reason: hold.reason.clone(),
+                });
+            }
+            let volume = match open.remove(name) {
+                None => None,
+                Some(entry) => match Arc::try_unwrap(entry.volume) {
+                    Ok(volume) => Some(volume),
+                    Err(volume) => {
+                        let users = Arc::strong_count(&volume) - 1;
+                        open.insert(
+                            name.to_string(),
+                            Entry {
+                                volume,
+                                writers: entry.writers,
+                            },
+                        );
+                        return Err(HoldError::InUse {
+                            name: name.to_string(),
+                            users,
+                        });
+                    }
+                },
+            };
+            holds.insert(
+                name.to_string(),
+                Hold {
+                    kind: HoldKind::Closed,
+                    reason: reason.to_string(),
+                },
+            );
+            volume
+        };
+        let guard = HoldGuard {
+            registry: self,
+            name: name.to_string(),
+        };
+        // Closed outside the registry locks: the hold keeps everyone else away meanwhile.
+        if let Some(volume) = volume {
+            volume.close()?;
+        }
+        Ok(guard)
+    }
+
+    /// Refuses new read-write connections to `name` until the guard drops (connections
+    /// already attached stay). Fails if the volume is already held.
+    pub fn hold_writers(
+        &self,
+        name: &str,
+        reason: &str,
+    ) -> std::result::Result<HoldGuard<'_>, HoldError> {
+        let _open = self.open.lock();
+        let mut holds = self.holds.lock();
+        if let Some(hold) = holds.get(name) {
+            return Err(HoldError::Held {
+                name: name.to_string(),
+                reason: hold.reason.clone(),
+            });
+        }
+        holds.insert(
+            name.to_string(),
+            Hold {
+                kind: HoldKind::NoNewWriters,
+                reason: reason.to_string(),
+            },
+        );
+        Ok(HoldGuard {
+            registry: self,
+            name: name.to_string(),
+        })
+    }
+
     /// Names of the volumes currently open.
     pub fn open_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.open.lock().keys().cloned().collect();
@@ -184,5 +331,65 @@ impl Registry {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::CreateOptions;
+
+    fn registry_with_volume() -> (tempfile::TempDir, Registry) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::open(tmp.path()).unwrap();
+        let opts = CreateOptions {
+            size_bytes: Some(1 << 20),
+            ..CreateOptions::default()
+        };
+        dd.create_volume("v", &opts).unwrap();
+        (tmp, Registry::new(dd))
+    }
+
+    #[test]
+    fn hold_closed_closes_and_keeps_closed() {
+        let (_tmp, reg) = registry_with_volume();
+        let vol = reg.volume("v").unwrap();
+        match reg.hold_closed("v", "being checked") {
+            Err(HoldError::InUse { users: 1, .. }) => {}
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        drop(vol);
+        let hold = reg.hold_closed("v", "being checked").unwrap();
+        assert!(reg.open_names().is_empty());
+        // Closed for real: the volume's lock is free for another opener.
+        reg.data_dir().open_volume("v").unwrap().close().unwrap();
+        let err = reg.volume("v").unwrap_err().to_string();
+        assert!(err.contains("is being checked"), "{err}");
+        assert!(reg.attach_writer("v").is_err());
+        let err = reg.hold_writers("v", "being restored").unwrap_err();
+        assert!(
+            err.to_string().contains("busy: it is being checked"),
+            "{err}"
+        );
+        drop(hold);
+        reg.volume("v").unwrap();
+        // A volume that is not open (or does not exist) is simply held.
+        drop(reg.hold_closed("nosuch", "being deleted").unwrap());
+    }
+
+    #[test]
+    fn hold_writers_refuses_new_writers_only() {
+        let (_tmp, reg) = registry_with_volume();
+        let (_v, first) = reg.attach_writer("v").unwrap();
+        let hold = reg.hold_writers("v", "being restored").unwrap();
+        let err = reg.attach_writer("v").unwrap_err().to_string();
+        assert!(err.contains("is being restored"), "{err}");
+        assert_eq!(reg.writer_count("v"), 1);
+        reg.volume("v").unwrap();
+        drop(first);
+        assert_eq!(reg.writer_count("v"), 0);
+        drop(hold);
+        let (_v, _second) = reg.attach_writer("v").unwrap();
+        assert_eq!(reg.writer_count("v"), 1);
     }
 }

@@ -27,8 +27,8 @@ pub struct Cli {
     )]
     pub data_dir: PathBuf,
 
-    /// More log output on stderr (-v info, -vv debug, -vvv trace). Without it, RUST_LOG
-    /// is honoured and the default level is warn.
+    /// More log output on stderr (-v info, -vv debug, -vvv trace; for `serve`, which logs
+    /// info by default, -v debug, -vv trace). Without it, RUST_LOG is honoured.
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
 
@@ -48,10 +48,21 @@ pub enum Command {
     ///
     /// Takes a safety snapshot of the state it replaces first and prints its name as
     /// VOL@SNAP (restore that to undo).
+    ///
+    /// While `snapvol serve` runs, restore goes through the daemon. If read-write NBD
+    /// clients are connected to the volume, it refuses and says how many: their disk would
+    /// change under them. --force disconnects them first, waits (up to 10 s) until they are
+    /// gone, then restores; no read-write client can connect while the restore runs, so no
+    /// client ever sees a mix of old and new data. Read-only snapshot exports are not
+    /// affected.
     Restore {
         /// Snapshot to restore.
         #[arg(value_name = "VOL@SNAP")]
         target: String,
+        /// Disconnect the volume's read-write NBD clients first (only matters while
+        /// `snapvol serve` runs).
+        #[arg(long)]
+        force: bool,
     },
     /// List the byte ranges that differ between two snapshots, or a snapshot and the live
     /// volume.
@@ -90,12 +101,51 @@ pub enum Command {
     /// Verify volumes without changing them.
     ///
     /// Prints every problem and note on stdout, one per line, and exits 1 if there is any
-    /// problem.
+    /// problem. While `snapvol serve` runs, a volume can be checked only when no NBD
+    /// client is connected to it.
     Check {
         /// Volume to check; absent means every volume.
         #[arg(value_name = "VOL")]
         volume: Option<String>,
     },
+    /// Serve the volumes over NBD, with a control socket for the other commands.
+    ///
+    /// Exports: each volume by name (read-write), each snapshot as VOL@SNAP (read-only);
+    /// the empty name means `default`. Without --listen or --socket, serves on
+    /// 127.0.0.1:10809 (nbd://127.0.0.1/VOL). Creates volume `default` (1 GiB) when the
+    /// data directory has no volumes. Prints `snapvol: serving N volume(s) on ...` on
+    /// stderr when ready.
+    ///
+    /// While it runs, every other snapvol command on this data directory is sent to it
+    /// through DATA_DIR/control.sock and runs there, on the volumes it holds open. SIGINT
+    /// or SIGTERM stops it: no new connections, clients finish their requests (at most
+    /// 30 s), every volume is flushed and closed, exit 0.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TCP address to serve NBD on (repeatable). An address that is not loopback is
+    /// allowed, with a warning: there is no TLS yet. Port 0 picks a free port (printed
+    /// when ready).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<String>,
+    /// Unix socket to serve NBD on (repeatable). A stale socket file is replaced; one
+    /// that a server answers on is not.
+    #[arg(long = "socket", value_name = "PATH")]
+    pub sockets: Vec<PathBuf>,
+    /// Most NBD connections at once; further ones are closed as soon as accepted.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_connections: u32,
+    /// Create volume `default` with this size if it does not exist (without this option
+    /// it is created, 1 GiB, only when there are no volumes at all).
+    #[arg(long, value_name = "SIZE")]
+    pub create_default_size: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,25 +1,81 @@
-//! One function per command. Each takes a [`Ctx`] and its parsed arguments, opens what it
-//! needs, writes its output to `ctx.out` and closes every volume it opened, so a control
-//! socket can later run the same functions with a different writer.
+//! One function per command. Each takes a [`Ctx`] and its parsed arguments and writes its
+//! output to `ctx.out`. The CLI on its own runs them in direct mode (each command opens the
+//! volumes it needs and closes them again); the daemon runs the same functions for its
+//! control socket in daemon mode, on the volumes its registry keeps open (see [`Volumes`]).
 
 use super::format::{Align, human_size, rfc3339, table};
 use super::transfer;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use snapvol::names::{parse_size, parse_target, validate_name};
+use snapvol::registry::HoldError;
 use snapvol::volume::{DiffRange, SnapshotInfo, VolumeInfo};
-use snapvol::{CreateOptions, DataDir, StoreFullPolicy, Volume};
+use snapvol::{CreateOptions, DataDir, Registry, StoreFullPolicy, Volume};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long `restore --force` waits for the disconnected writers to go.
+const WRITERS_GONE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a command's volumes come from.
+#[derive(Clone, Copy)]
+pub enum Volumes<'a> {
+    /// The CLI on its own: a command opens each volume it needs and closes it again.
+    Direct(&'a DataDir),
+    /// Inside the daemon: volumes stay open in its registry, shared with NBD clients.
+    Daemon(&'a Arc<Registry>),
+}
+
+impl<'a> Volumes<'a> {
+    fn data_dir(self) -> &'a DataDir {
+        match self {
+            Volumes::Direct(dd) => dd,
+            Volumes::Daemon(registry) => registry.data_dir(),
+        }
+    }
+}
 
 /// What a command runs against.
 pub struct Ctx<'a> {
-    pub data_dir: &'a DataDir,
+    pub volumes: Volumes<'a>,
     /// Where the command's output goes (stdout for the CLI).
     pub out: &'a mut dyn Write,
     /// Whether import/export may draw a progress bar on stderr.
     pub progress: bool,
+    /// What relative paths in arguments are relative to: the client's directory in the
+    /// daemon; `None` is this process's working directory.
+    pub cwd: Option<&'a Path>,
+    /// Once set, long commands (import, export) stop early: the daemon is shutting down.
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl<'a> Ctx<'a> {
+    fn data_dir(&self) -> &DataDir {
+        self.volumes.data_dir()
+    }
+
+    /// `path` as this process must open it.
+    fn resolve(&self, path: &Path) -> PathBuf {
+        match self.cwd {
+            Some(cwd) => cwd.join(path),
+            None => path.to_path_buf(),
+        }
+    }
+
+    /// Paths are stored in the volume's metadata, so make them independent of the cwd.
+    fn absolute(&self, path: &Path) -> Result<PathBuf> {
+        std::path::absolute(self.resolve(path))
+            .with_context(|| format!("cannot resolve {}", path.display()))
+    }
+
+    fn cancelled(&self) -> impl Fn() -> bool + 'a {
+        let cancel = self.cancel;
+        move || cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 /// Arguments of `volume create`, still as typed.
@@ -34,8 +90,20 @@ pub struct CreateArgs {
     pub on_store_full: Option<String>,
 }
 
-/// Opens `name`, runs `work`, and closes the volume whatever `work` returned.
-fn with_volume<T>(dd: &DataDir, name: &str, work: impl FnOnce(&Volume) -> Result<T>) -> Result<T> {
+/// Runs `work` on volume `name`. In direct mode the volume is opened for it and closed
+/// again whatever `work` returned; in daemon mode it stays open in the registry.
+fn with_volume<T>(
+    volumes: Volumes,
+    name: &str,
+    work: impl FnOnce(&Volume) -> Result<T>,
+) -> Result<T> {
+    let dd = match volumes {
+        Volumes::Direct(dd) => dd,
+        Volumes::Daemon(registry) => {
+            let vol = registry.volume(name)?;
+            return work(&vol);
+        }
+    };
     let vol = dd.open_volume(name)?;
     let result = work(&vol);
     let closed = vol.close();
@@ -69,11 +137,6 @@ fn size_arg(flag: &str, text: &str) -> Result<u64> {
         bail!("{flag} must be greater than 0");
     }
     Ok(size)
-}
-
-/// Paths are stored in the volume's metadata, so make them independent of the cwd.
-fn absolute(path: &Path) -> Result<PathBuf> {
-    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
 }
 
 fn json_line(out: &mut dyn Write, value: &impl Serialize) -> Result<()> {
@@ -113,16 +176,20 @@ pub fn volume_create(ctx: &mut Ctx, args: &CreateArgs) -> Result<()> {
     let opts = CreateOptions {
         size_bytes,
         chunk_size_bytes,
-        origin: args.origin.as_deref().map(absolute).transpose()?,
+        origin: args
+            .origin
+            .as_deref()
+            .map(|p| ctx.absolute(p))
+            .transpose()?,
         snapshot_stores: args
             .snapshot_stores
             .iter()
-            .map(|p| absolute(p))
+            .map(|p| ctx.absolute(p))
             .collect::<Result<_>>()?,
         store_size_bytes,
         on_store_full,
     };
-    ctx.data_dir.create_volume(&name, &opts)?;
+    ctx.data_dir().create_volume(&name, &opts)?;
     Ok(())
 }
 
@@ -132,16 +199,17 @@ struct VolumeListJson {
 }
 
 pub fn volume_list(ctx: &mut Ctx, json: bool) -> Result<()> {
-    let names = ctx.data_dir.list_volumes()?;
+    let names = ctx.data_dir().list_volumes()?;
     let mut volumes = Vec::with_capacity(names.len());
     for name in &names {
-        volumes.push(with_volume(ctx.data_dir, name, |vol| Ok(vol.info()))?);
+        volumes.push(with_volume(ctx.volumes, name, |vol| Ok(vol.info()))?);
     }
     if json {
         return json_line(ctx.out, &VolumeListJson { volumes });
     }
     if volumes.is_empty() {
-        writeln!(ctx.out, "no volumes in {}", ctx.data_dir.root().display())?;
+        let root = ctx.data_dir().root().display().to_string();
+        writeln!(ctx.out, "no volumes in {root}")?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = volumes
@@ -169,7 +237,7 @@ pub fn volume_list(ctx: &mut Ctx, json: bool) -> Result<()> {
 
 pub fn volume_info(ctx: &mut Ctx, name: &str, json: bool) -> Result<()> {
     let name = volume_name(name)?;
-    let info = with_volume(ctx.data_dir, &name, |vol| Ok(vol.info()))?;
+    let info = with_volume(ctx.volumes, &name, |vol| Ok(vol.info()))?;
     if json {
         return json_line(ctx.out, &info);
     }
@@ -216,13 +284,22 @@ pub fn volume_info(ctx: &mut Ctx, name: &str, json: bool) -> Result<()> {
 
 pub fn volume_delete(ctx: &mut Ctx, name: &str) -> Result<()> {
     let name = volume_name(name)?;
-    ctx.data_dir.delete_volume(&name)?;
+    match ctx.volumes {
+        Volumes::Direct(dd) => dd.delete_volume(&name)?,
+        Volumes::Daemon(registry) => {
+            // Closed in the daemon first; refused while clients or commands use it.
+            let _hold = registry
+                .hold_closed(&name, "being deleted")
+                .with_context(|| format!("cannot delete volume {name:?}"))?;
+            registry.data_dir().delete_volume(&name)?;
+        }
+    }
     Ok(())
 }
 
 pub fn snapshot_create(ctx: &mut Ctx, target: &str) -> Result<()> {
     let (vol, snap) = snapshot_target(target)?;
-    with_volume(ctx.data_dir, &vol, |v| {
+    with_volume(ctx.volumes, &vol, |v| {
         v.create_snapshot(&snap)?;
         Ok(())
     })
@@ -244,7 +321,7 @@ struct SnapshotListJson {
 
 pub fn snapshot_list(ctx: &mut Ctx, volume: &str, json: bool) -> Result<()> {
     let vol = volume_name(volume)?;
-    let mut snaps: Vec<SnapshotInfo> = with_volume(ctx.data_dir, &vol, |v| Ok(v.list_snapshots()))?;
+    let mut snaps: Vec<SnapshotInfo> = with_volume(ctx.volumes, &vol, |v| Ok(v.list_snapshots()))?;
     snaps.sort_by_key(|s| (s.created_unix_ns, s.id));
     if json {
         let snapshots = snaps
@@ -286,14 +363,59 @@ pub fn snapshot_list(ctx: &mut Ctx, volume: &str, json: bool) -> Result<()> {
 
 pub fn snapshot_delete(ctx: &mut Ctx, target: &str) -> Result<()> {
     let (vol, snap) = snapshot_target(target)?;
-    with_volume(ctx.data_dir, &vol, |v| Ok(v.delete_snapshot(&snap)?))
+    with_volume(ctx.volumes, &vol, |v| Ok(v.delete_snapshot(&snap)?))
 }
 
-pub fn restore(ctx: &mut Ctx, target: &str) -> Result<()> {
+/// `restore`. In daemon mode, read-write NBD clients of the volume make it refuse, unless
+/// `force`: then they are disconnected first (see the command's help).
+pub fn restore(ctx: &mut Ctx, target: &str, force: bool) -> Result<()> {
     let (vol, snap) = snapshot_target(target)?;
-    let safety = with_volume(ctx.data_dir, &vol, |v| Ok(v.restore(&snap)?))?;
+    let safety = match ctx.volumes {
+        Volumes::Direct(dd) => with_volume(Volumes::Direct(dd), &vol, |v| Ok(v.restore(&snap)?))?,
+        Volumes::Daemon(registry) => restore_served(registry, &vol, &snap, force)?,
+    };
     writeln!(ctx.out, "{vol}@{safety}")?;
     Ok(())
+}
+
+fn restore_served(registry: &Registry, vol: &str, snap: &str, force: bool) -> Result<String> {
+    let volume = registry.volume(vol)?;
+    // An unknown snapshot fails before anyone is disconnected.
+    volume.snapshot_id(snap)?;
+    // From here until the restore ends, no read-write client can attach.
+    let _hold = registry.hold_writers(vol, "being restored")?;
+    let writers = registry.writer_count(vol);
+    if writers > 0 {
+        if !force {
+            let clients = match writers {
+                1 => "1 read-write NBD client is".to_string(),
+                n => format!("{n} read-write NBD clients are"),
+            };
+            bail!(
+                "volume {vol:?} is in use: {clients} connected, and a restore would change the \
+                 disk under them; disconnect them, or use restore --force to disconnect them \
+                 first"
+            );
+        }
+        let kicked = registry.kick_writers(vol);
+        tracing::info!(volume = %vol, writers, kicked, "restore --force: disconnecting read-write clients");
+        let deadline = Instant::now() + WRITERS_GONE_TIMEOUT;
+        loop {
+            let left = registry.writer_count(vol);
+            if left == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{left} read-write client(s) of volume {vol:?} did not disconnect within \
+                     {} s; nothing was restored",
+                    WRITERS_GONE_TIMEOUT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(volume.restore(snap)?)
 }
 
 #[derive(Serialize)]
@@ -313,7 +435,7 @@ pub fn diff(ctx: &mut Ctx, a: &str, b: Option<&str>, json: bool) -> Result<()> {
             Some(snap_b)
         }
     };
-    let ranges = with_volume(ctx.data_dir, &vol, |v| {
+    let ranges = with_volume(ctx.volumes, &vol, |v| {
         Ok(v.diff(&snap_a, snap_b.as_deref())?)
     })?;
     if json {
@@ -345,8 +467,14 @@ pub fn diff(ctx: &mut Ctx, a: &str, b: Option<&str>, json: bool) -> Result<()> {
 
 pub fn import(ctx: &mut Ctx, volume: &str, file: &Path) -> Result<()> {
     let vol = volume_name(volume)?;
-    let progress = ctx.progress;
-    let n = with_volume(ctx.data_dir, &vol, |v| transfer::import(v, file, progress))?;
+    let path = ctx.resolve(file);
+    let cancelled = ctx.cancelled();
+    let how = transfer::How {
+        shown: file,
+        progress: ctx.progress,
+        cancelled: &cancelled,
+    };
+    let n = with_volume(ctx.volumes, &vol, |v| transfer::import(v, &path, &how))?;
     writeln!(
         ctx.out,
         "imported {n} bytes from {} into {vol}",
@@ -357,9 +485,15 @@ pub fn import(ctx: &mut Ctx, volume: &str, file: &Path) -> Result<()> {
 
 pub fn export(ctx: &mut Ctx, target: &str, file: &Path) -> Result<()> {
     let (vol, snap) = parse_target(target)?;
-    let progress = ctx.progress;
-    let n = with_volume(ctx.data_dir, &vol, |v| {
-        transfer::export(v, snap.as_deref(), file, progress)
+    let path = ctx.resolve(file);
+    let cancelled = ctx.cancelled();
+    let how = transfer::How {
+        shown: file,
+        progress: ctx.progress,
+        cancelled: &cancelled,
+    };
+    let n = with_volume(ctx.volumes, &vol, |v| {
+        transfer::export(v, snap.as_deref(), &path, &how)
     })?;
     writeln!(
         ctx.out,
@@ -372,21 +506,30 @@ pub fn export(ctx: &mut Ctx, target: &str, file: &Path) -> Result<()> {
 pub fn check(ctx: &mut Ctx, volume: Option<&str>) -> Result<()> {
     let names = match volume {
         Some(v) => vec![volume_name(v)?],
-        None => ctx.data_dir.list_volumes()?,
+        None => ctx.data_dir().list_volumes()?,
     };
     if names.is_empty() {
-        writeln!(ctx.out, "no volumes in {}", ctx.data_dir.root().display())?;
+        let root = ctx.data_dir().root().display().to_string();
+        writeln!(ctx.out, "no volumes in {root}")?;
         return Ok(());
     }
     let mut problems = 0usize;
     let mut bad_volumes = 0usize;
     for name in &names {
-        let report = match ctx.data_dir.check_volume(name) {
+        let report = match check_one(ctx.volumes, name) {
             Ok(report) => report,
             // Asked for one volume that is not there: that is a usage error, not a finding.
-            Err(e @ snapvol::Error::NoSuchVolume(_)) if volume.is_some() => return Err(e.into()),
+            Err(e)
+                if volume.is_some()
+                    && matches!(
+                        e.downcast_ref::<snapvol::Error>(),
+                        Some(snapvol::Error::NoSuchVolume(_))
+                    ) =>
+            {
+                return Err(e);
+            }
             Err(e) => snapvol::CheckReport {
-                problems: vec![format!("cannot check: {}", super::one_line(&e.into()))],
+                problems: vec![format!("cannot check: {}", super::one_line(&e))],
                 notes: Vec::new(),
             },
         };
@@ -415,4 +558,21 @@ pub fn check(ctx: &mut Ctx, volume: Option<&str>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Checks one volume. The check needs the volume closed: in daemon mode it is closed in the
+/// registry for the check (and reopened on next use), which only works while no client or
+/// command holds it.
+fn check_one(volumes: Volumes, name: &str) -> Result<snapvol::CheckReport> {
+    match volumes {
+        Volumes::Direct(dd) => Ok(dd.check_volume(name)?),
+        Volumes::Daemon(registry) => match registry.hold_closed(name, "being checked") {
+            Ok(_hold) => Ok(registry.data_dir().check_volume(name)?),
+            Err(HoldError::InUse { users, .. }) => bail!(
+                "volume {name:?} is being served ({users} NBD connection(s) or running \
+                 command(s)); check it when they have disconnected"
+            ),
+            Err(e) => Err(e.into()),
+        },
+    }
 }

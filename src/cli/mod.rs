@@ -4,28 +4,47 @@
 //! Conventions: exit 0 on success; on failure exactly one line `snapvol: error: MESSAGE`
 //! on stderr and exit 1; clap usage errors keep clap's exit code 2. Command output goes to
 //! stdout, logs (tracing) and progress bars to stderr.
+//!
+//! While `snapvol serve` runs on the data directory, every other command is sent to it
+//! through the control socket ([`remote`]) and runs there, in daemon mode ([`serve`]).
 
 mod args;
 mod commands;
 mod format;
+mod remote;
+mod serve;
 mod transfer;
 
 use args::{Cli, Command, SnapshotCommand, VolumeCommand};
 use clap::Parser;
-use commands::Ctx;
+use commands::{Ctx, Volumes};
 use snapvol::DataDir;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    if let Command::Serve(args) = &cli.command {
+        init_tracing(cli.verbose, true);
+        return exit_code(serve::serve(&cli.data_dir, args));
+    }
+    init_tracing(cli.verbose, false);
+    match remote::forward(&cli.data_dir) {
+        Ok(Some(code)) => return code,
+        Ok(None) => {}
+        Err(e) => return exit_code(Err(e)),
+    }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = run(&cli, &mut out);
     // Output written before a failure (e.g. `check`'s findings) still goes out first.
     let flushed = out.flush();
     let result = result.and_then(|()| flushed.map_err(|e| anyhow::anyhow!("writing output: {e}")));
+    exit_code(result)
+}
+
+/// Exit 0, or the error line on stderr and exit 1.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -35,25 +54,28 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(verbose: u8) {
+/// Logs go to stderr. Commands log warnings by default, `serve` info (one line per
+/// connection and per control request); each -v is one level more. Without -v, RUST_LOG
+/// is honoured.
+fn init_tracing(verbose: u8, daemon: bool) {
     use tracing_subscriber::EnvFilter;
-    let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
+    let levels = ["warn", "info", "debug", "trace"];
+    let level = levels[(usize::from(verbose) + usize::from(daemon)).min(levels.len() - 1)];
     let filter = match verbose {
         0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
         _ => EnvFilter::new(level),
     };
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(verbose >= 2)
-        .with_ansi(std::io::stderr().is_terminal())
-        .without_time()
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal());
+    // A daemon's log needs times; a command's lines do not.
+    let _ = if daemon {
+        builder.try_init()
+    } else {
+        builder.without_time().try_init()
+    };
 }
 
 /// An error and its causes on one line, joined with ": ". A cause whose text the message
@@ -84,18 +106,24 @@ pub fn single_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Runs one parsed command line, writing its output to `out`.
+/// Runs one parsed command line in direct mode, writing its output to `out`.
 fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     use anyhow::Context;
     let data_dir = DataDir::open(&cli.data_dir)
         .with_context(|| format!("cannot open data directory {}", cli.data_dir.display()))?;
     let mut ctx = Ctx {
-        data_dir: &data_dir,
+        volumes: Volumes::Direct(&data_dir),
         out,
         progress: std::io::stderr().is_terminal(),
+        cwd: None,
+        cancel: None,
     };
-    let ctx = &mut ctx;
-    match &cli.command {
+    execute(&cli.command, &mut ctx)
+}
+
+/// Runs one command (any but `serve`) against `ctx`.
+fn execute(command: &Command, ctx: &mut Ctx) -> anyhow::Result<()> {
+    match command {
         Command::Volume(cmd) => match cmd {
             VolumeCommand::Create(a) => commands::volume_create(
                 ctx,
@@ -118,11 +146,12 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             SnapshotCommand::List { volume, json } => commands::snapshot_list(ctx, volume, *json),
             SnapshotCommand::Delete { target } => commands::snapshot_delete(ctx, target),
         },
-        Command::Restore { target } => commands::restore(ctx, target),
+        Command::Restore { target, force } => commands::restore(ctx, target, *force),
         Command::Diff { a, b, json } => commands::diff(ctx, a, b.as_deref(), *json),
         Command::Import { volume, file } => commands::import(ctx, volume, file),
         Command::Export { target, file } => commands::export(ctx, target, file),
         Command::Check { volume } => commands::check(ctx, volume.as_deref()),
+        Command::Serve(_) => anyhow::bail!("serve cannot run inside a daemon"),
     }
 }
 

@@ -11,6 +11,25 @@ use std::path::Path;
 /// Transfer unit.
 pub const BLOCK_BYTES: usize = 1 << 20;
 
+/// How a transfer runs, besides what it copies.
+pub struct How<'a> {
+    /// The file as the user named it, for messages.
+    pub shown: &'a Path,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Checked before each block: true stops the transfer with an error.
+    pub cancelled: &'a dyn Fn() -> bool,
+}
+
+impl How<'_> {
+    fn check_cancelled(&self, done: u64) -> Result<()> {
+        if (self.cancelled)() {
+            bail!("interrupted after {done} bytes: the daemon is shutting down");
+        }
+        Ok(())
+    }
+}
+
 /// A byte progress bar on stderr, or a hidden one when `show` is false.
 fn progress_bar(total: u64, show: bool, what: &str) -> ProgressBar {
     if !show {
@@ -34,8 +53,8 @@ fn file_len(file: &mut File) -> std::io::Result<u64> {
 }
 
 /// Writes `file` into `vol` from offset 0; returns the number of bytes read from the file.
-pub fn import(vol: &Volume, file: &Path, progress: bool) -> Result<u64> {
-    let shown = file.display();
+pub fn import(vol: &Volume, file: &Path, how: &How) -> Result<u64> {
+    let shown = how.shown.display();
     let meta = std::fs::metadata(file).with_context(|| format!("cannot open {shown}"))?;
     if meta.is_dir() {
         bail!("cannot import {shown}: it is a directory");
@@ -49,10 +68,11 @@ pub fn import(vol: &Volume, file: &Path, progress: bool) -> Result<u64> {
             vol.name()
         );
     }
-    let bar = progress_bar(len, progress, &format!("import {}", vol.name()));
+    let bar = progress_bar(len, how.progress, &format!("import {}", vol.name()));
     let mut buf = vec![0u8; BLOCK_BYTES];
     let mut offset = 0u64;
     while offset < len {
+        how.check_cancelled(offset)?;
         let n = (len - offset).min(BLOCK_BYTES as u64) as usize;
         f.read_exact(&mut buf[..n])
             .with_context(|| format!("cannot read {shown} at offset {offset}"))?;
@@ -67,8 +87,8 @@ pub fn import(vol: &Volume, file: &Path, progress: bool) -> Result<u64> {
 
 /// Writes the live volume (or snapshot `snapshot`) to `file`, sparse where the data is
 /// zero; returns the number of bytes exported (the volume size).
-pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, progress: bool) -> Result<u64> {
-    let shown = file.display();
+pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, how: &How) -> Result<u64> {
+    let shown = how.shown.display();
     let size = vol.size_bytes();
     // Fail on an unknown snapshot before creating or truncating the file.
     if let Some(snap) = snapshot
@@ -99,10 +119,11 @@ pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, progress: bool)
         Some(s) => format!("export {}@{s}", vol.name()),
         None => format!("export {}", vol.name()),
     };
-    let bar = progress_bar(size, progress, &label);
+    let bar = progress_bar(size, how.progress, &label);
     let mut buf = vec![0u8; BLOCK_BYTES];
     let mut offset = 0u64;
     while offset < size {
+        how.check_cancelled(offset)?;
         let n = (size - offset).min(BLOCK_BYTES as u64) as usize;
         let block = &mut buf[..n];
         match snapshot {

@@ -1,0 +1,64 @@
+//! The client side of the control socket: while a daemon serves the data directory, a
+//! command is sent to it instead of being run here.
+
+use anyhow::{Context, Result, bail};
+use snapvol::daemon::control::{self, Request};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Sends this process's command line to the daemon serving `data_dir`, prints its reply
+/// and returns the exit code to use; `Ok(None)` when no daemon serves it (no control
+/// socket, or a stale one) and the command should run here.
+pub fn forward(data_dir: &Path) -> Result<Option<ExitCode>> {
+    let socket = control::socket_path(data_dir);
+    // No socket file: no daemon. (Checked first, so that a data directory whose path is
+    // too long for a socket address still works without a daemon.)
+    if std::fs::symlink_metadata(&socket).is_err() {
+        return Ok(None);
+    }
+    let stream = match UnixStream::connect(&socket) {
+        Ok(s) => s,
+        // A daemon that died leaves its socket behind: nothing answers.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ) =>
+        {
+            tracing::debug!(socket = %socket.display(), "stale control socket: running the command here");
+            return Ok(None);
+        }
+        Err(e) => bail!(
+            "a daemon serves {} but its control socket {} cannot be reached: {e}",
+            data_dir.display(),
+            socket.display()
+        ),
+    };
+    let argv = std::env::args_os()
+        .skip(1)
+        .map(|a| {
+            a.into_string().map_err(|a| {
+                anyhow::anyhow!(
+                    "argument {a:?} is not valid UTF-8, so it cannot be sent to the daemon \
+                     serving {}",
+                    data_dir.display()
+                )
+            })
+        })
+        .collect::<Result<Vec<String>>>()?;
+    let cwd = std::env::current_dir().context("cannot determine the current directory")?;
+    let request = Request { argv, cwd };
+    let reply = control::call(stream, &request).with_context(|| {
+        format!(
+            "running the command in the daemon serving {}",
+            data_dir.display()
+        )
+    })?;
+    // Output goes out even if the other stream is closed.
+    let _ = std::io::stdout().write_all(reply.stdout.as_bytes());
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().write_all(reply.stderr.as_bytes());
+    Ok(Some(ExitCode::from(reply.exit.clamp(0, 255) as u8)))
+}

@@ -1,0 +1,716 @@
+//! The daemon behind `snapvol serve`: NBD listeners (TCP and unix), the connection limit,
+//! SIGINT/SIGTERM and graceful shutdown, and the control socket through which the CLI runs
+//! its commands while the daemon holds the volumes open.
+//!
+//! One thread waits in `poll(2)` on every listening socket and on a wake-up pipe that the
+//! signal handlers (and [`Stopper`]) write to; each accepted NBD connection and each control
+//! request gets its own thread. Volumes live in the shared [`Registry`]. What a control
+//! request runs is up to the [`Handler`] the caller supplies (the CLI runs its own command
+//! functions), so this module knows nothing of the command line.
+//!
+//! Shutdown: stop accepting (listening sockets closed and their files removed), set the
+//! shutdown flag, shut the read side of every NBD connection down (the NBD server then
+//! finishes its in-flight requests, flushes and returns), wait for connection and control
+//! threads for at most [`Options::shutdown_grace`], then flush and close every volume.
+//!
+//! One daemon per data directory: `DATA_DIR/daemon.lock` is held (flock) while it runs, and
+//! a second daemon is refused before it touches anything.
+
+pub mod control;
+mod listen;
+
+pub use listen::{Probe, probe};
+
+use crate::registry::Registry;
+use listen::{Listener, Socket, SocketFile};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The IANA port for NBD.
+pub const DEFAULT_PORT: u16 = 10809;
+/// Held (flock) by the daemon serving a data directory.
+pub const LOCK_FILE: &str = "daemon.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("a daemon already serves this data directory ({0})")]
+    AlreadyServing(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Engine(#[from] crate::Error),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
+    let context = context.into();
+    move |source| DaemonError::Io { context, source }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// TCP addresses to listen on for NBD.
+    pub tcp: Vec<SocketAddr>,
+    /// Unix socket paths to listen on for NBD.
+    pub unix: Vec<PathBuf>,
+    /// NBD connections served at once; more are accepted and closed at once.
+    pub max_connections: usize,
+    /// Control requests run at once; more are answered "busy".
+    pub control_requests_max: usize,
+    /// How long shutdown waits for connections and running commands to finish.
+    pub shutdown_grace: Duration,
+    /// Limits of each NBD connection.
+    pub nbd: crate::nbd::ServerConfig,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            tcp: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT))],
+            unix: Vec::new(),
+            max_connections: 64,
+            control_requests_max: 16,
+            shutdown_grace: Duration::from_secs(30),
+            nbd: crate::nbd::ServerConfig::default(),
+        }
+    }
+}
+
+/// Runs one control request. It gets the registry and the shutdown flag (long commands
+/// should stop early once it is set) and returns the reply; it runs on its own thread, and
+/// a panic is answered as an internal error.
+pub type Handler =
+    Arc<dyn Fn(control::Request, &Arc<Registry>, &AtomicBool) -> control::Reply + Send + Sync>;
+
+/// Asks a running daemon to shut down, as SIGTERM does.
+#[derive(Debug)]
+pub struct Stopper {
+    wake: UnixStream,
+    requested: Arc<AtomicBool>,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = (&self.wake).write(&[1]);
+    }
+}
+
+/// Live connections (or control requests) and their threads.
+#[derive(Default)]
+struct Tracker {
+    inner: Mutex<TrackerInner>,
+}
+
+#[derive(Default)]
+struct TrackerInner {
+    next_id: u64,
+    /// Live entries, with a handle to shut the connection down (none for control requests).
+    live: HashMap<u64, Option<Socket>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Tracker {
+    fn live(&self) -> usize {
+        self.inner.lock().live.len()
+    }
+
+    fn add(&self, socket: Option<Socket>) -> u64 {
+        let mut t = self.inner.lock();
+        t.next_id += 1;
+        let id = t.next_id;
+        t.live.insert(id, socket);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.inner.lock().live.remove(&id);
+    }
+
+    fn push_thread(&self, thread: JoinHandle<()>) {
+        self.inner.lock().threads.push(thread);
+    }
+
+    /// Joins the threads that have finished.
+    fn reap(&self) {
+        let finished: Vec<JoinHandle<()>> = {
+            let mut t = self.inner.lock();
+            let (done, running) = std::mem::take(&mut t.threads)
+                .into_iter()
+                .partition(|h| h.is_finished());
+            t.threads = running;
+            done
+        };
+        for h in finished {
+            let _ = h.join();
+        }
+    }
+
+    fn shutdown_all(&self, how: Shutdown) {
+        for socket in self.inner.lock().live.values().flatten() {
+            let _ = socket.shutdown(how);
+        }
+    }
+}
+
+/// Removes a tracker entry when its thread ends, even by a panic.
+struct Leave {
+    tracker: Arc<Tracker>,
+    id: u64,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.tracker.remove(self.id);
+    }
+}
+
+/// A daemon whose sockets are bound; [`Daemon::run`] serves until a signal or [`Stopper`].
+pub struct Daemon {
+    registry: Arc<Registry>,
+    options: Options,
+    handler: Handler,
+    /// Dropping a listener removes its socket file.
+    listeners: Vec<Listener>,
+    control: Option<(UnixListener, SocketFile)>,
+    wake_rx: UnixStream,
+    wake_tx: UnixStream,
+    stop_requested: Arc<AtomicBool>,
+    last_signal: Arc<AtomicUsize>,
+    signal_ids: Vec<signal_hook::SigId>,
+    /// Declared last: released after the socket files are gone.
+    _lock: File,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("endpoints", &self.endpoints())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for id in self.signal_ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}
+
+impl Daemon {
+    /// Claims the registry's data directory (refusing if another daemon serves it), binds
+    /// every NBD listener and the control socket. Nothing is served until [`Daemon::run`].
+    pub fn bind(
+        registry: Arc<Registry>,
+        options: Options,
+        handler: Handler,
+    ) -> Result<Daemon, DaemonError> {
+        let root = registry.data_dir().root().to_path_buf();
+        let control_path = control::socket_path(&root);
+        if let Probe::Answers = probe(&control_path) {
+            return Err(DaemonError::AlreadyServing(format!(
+                "{} answers",
+                control_path.display()
+            )));
+        }
+        let lock_path = root.join(LOCK_FILE);
+        let lock = crate::io::fs::try_lock(&lock_path)
+            .map_err(io_err(format!("cannot lock {}", lock_path.display())))?
+            .ok_or_else(|| {
+                DaemonError::AlreadyServing(format!(
+                    "{} is locked by another process",
+                    lock_path.display()
+                ))
+            })?;
+        let mut listeners = Vec::new();
+        for addr in &options.tcp {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "listening on a non-loopback address: NBD has no TLS yet, so anyone who \
+                     can reach it can read and write the volumes"
+                );
+            }
+            listeners.push(
+                Listener::bind_tcp(*addr).map_err(io_err(format!("cannot listen on {addr}")))?,
+            );
+        }
+        for path in &options.unix {
+            let (l, f) = listen::bind_unix(path, None)
+                .map_err(io_err(format!("cannot listen on {}", path.display())))?;
+            listeners.push(Listener::Unix(l, f));
+        }
+        let control = listen::bind_unix(&control_path, Some(0o600)).map_err(io_err(format!(
+            "cannot create the control socket {}",
+            control_path.display()
+        )))?;
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(io_err("creating a socket pair"))?;
+        for s in [&wake_rx, &wake_tx] {
+            s.set_nonblocking(true)
+                .map_err(io_err("creating a socket pair"))?;
+        }
+        Ok(Daemon {
+            registry,
+            options,
+            handler,
+            listeners,
+            control: Some(control),
+            wake_rx,
+            wake_tx,
+            stop_requested: Arc::new(AtomicBool::new(false)),
+            last_signal: Arc::new(AtomicUsize::new(0)),
+            signal_ids: Vec::new(),
+            _lock: lock,
+        })
+    }
+
+    /// Where NBD clients connect, e.g. `127.0.0.1:10809` and `unix:/run/nbd.sock` (the
+    /// real port when port 0 was asked for).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.listeners.iter().map(Listener::endpoint).collect()
+    }
+
+    /// The control socket's path.
+    pub fn control_socket(&self) -> Option<&std::path::Path> {
+        self.control.as_ref().map(|(_, f)| f.path.as_path())
+    }
+
+    /// A handle that makes [`Daemon::run`] shut down.
+    pub fn stopper(&self) -> Result<Stopper, DaemonError> {
+        Ok(Stopper {
+            wake: self
+                .wake_tx
+                .try_clone()
+                .map_err(io_err("cloning a socket"))?,
+            requested: self.stop_requested.clone(),
+        })
+    }
+
+    /// Makes SIGINT and SIGTERM shut the daemon down gracefully (a second one cuts the
+    /// wait for connections short).
+    pub fn handle_signals(&mut self) -> Result<(), DaemonError> {
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            let flag =
+                signal_hook::flag::register_usize(sig, self.last_signal.clone(), sig as usize)
+                    .map_err(io_err("installing a signal handler"))?;
+            self.signal_ids.push(flag);
+            let wake = self
+                .wake_tx
+                .try_clone()
+                .map_err(io_err("installing a signal handler"))?;
+            let pipe = signal_hook::low_level::pipe::register(sig, wake)
+                .map_err(io_err("installing a signal handler"))?;
+            self.signal_ids.push(pipe);
+        }
+        Ok(())
+    }
+
+    /// Empties the wake-up pipe; true if anything was in it.
+    fn drain_wake(&self) -> bool {
+        let mut buf = [0u8; 64];
+        let mut any = false;
+        while let Ok(n) = (&self.wake_rx).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            any = true;
+        }
+        any
+    }
+
+    fn stop_reason(&self) -> Option<String> {
+        match self.last_signal.load(Ordering::SeqCst) {
+            0 if self.stop_requested.load(Ordering::SeqCst) => Some("stop requested".into()),
+            0 => None,
+            s if s == signal_hook::consts::SIGINT as usize => Some("SIGINT".into()),
+            s if s == signal_hook::consts::SIGTERM as usize => Some("SIGTERM".into()),
+            s => Some(format!("signal {s}")),
+        }
+    }
+
+    /// Serves until SIGINT/SIGTERM or [`Stopper::stop`], then shuts down gracefully (see
+    /// the module documentation). Errors only if closing the volumes failed.
+    pub fn run(mut self) -> Result<(), DaemonError> {
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let nbd = Arc::new(Tracker::default());
+        let ctl = Arc::new(Tracker::default());
+        loop {
+            let mut fds = vec![self.wake_rx.as_raw_fd()];
+            if let Some((l, _)) = &self.control {
+                fds.push(l.as_raw_fd());
+            }
+            let first_listener = fds.len();
+            fds.extend(self.listeners.iter().map(Listener::raw_fd));
+            let ready = match listen::poll_readable(&fds, Duration::from_secs(1)) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "waiting for connections failed; shutting down");
+                    break;
+                }
+            };
+            if ready[0] {
+                self.drain_wake();
+            }
+            if let Some(reason) = self.stop_reason() {
+                tracing::info!(reason = %reason, "shutting down");
+                break;
+            }
+            nbd.reap();
+            ctl.reap();
+            if first_listener == 2 && ready[1] {
+                self.accept_control(&ctl, &shutdown);
+            }
+            for (i, l) in self.listeners.iter().enumerate() {
+                if ready[first_listener + i] {
+                    self.accept_nbd(l, &nbd, &shutdown);
+                }
+            }
+        }
+        self.shut_down(&nbd, &ctl, &shutdown)
+    }
+
+    fn accept_nbd(&self, listener: &Listener, nbd: &Arc<Tracker>, shutdown: &Arc<AtomicBool>) {
+        loop {
+            let (socket, peer) = match listener.accept() {
+                Ok(Some(accepted)) => accepted,
+                Ok(None) => return,
+                Err(e) => {
+                    accept_failed(&listener.endpoint(), &e);
+                    return;
+                }
+            };
+            let live = nbd.live();
+            if live >= self.options.max_connections {
+                tracing::warn!(
+                    peer = %peer,
+                    limit = self.options.max_connections,
+                    "connection limit reached: closing the new connection"
+                );
+                let _ = socket.shutdown(Shutdown::Both);
+                continue;
+            }
+            let id = nbd.add(socket.try_clone().ok());
+            let leave = Leave {
+                tracker: nbd.clone(),
+                id,
+            };
+            let registry = self.registry.clone();
+            let shutdown = shutdown.clone();
+            let config = self.options.nbd.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-{id}"))
+                .spawn(move || {
+                    let _leave = leave;
+                    // The NBD server's own log lines (which name the export) carry the
+                    // connection's id and peer.
+                    let _span = tracing::info_span!("conn", id, peer = %peer).entered();
+                    tracing::info!("connection opened");
+                    let started = Instant::now();
+                    let result = handle(socket, &registry, &config, &shutdown);
+                    let secs = started.elapsed().as_secs_f64();
+                    match result {
+                        Ok(()) => tracing::info!(secs, "connection closed"),
+                        Err(e) => tracing::info!(secs, error = %e, "connection closed"),
+                    }
+                });
+            match spawned {
+                Ok(thread) => nbd.push_thread(thread),
+                // The closure (with `leave`) was dropped: the entry is gone already.
+                Err(e) => tracing::error!(error = %e, "cannot start a connection thread"),
+            }
+        }
+    }
+
+    fn accept_control(&self, ctl: &Arc<Tracker>, shutdown: &Arc<AtomicBool>) {
+        let Some((listener, _)) = &self.control else {
+            return;
+        };
+        loop {
+            let mut stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    accept_failed("the control socket", &e);
+                    return;
+                }
+            };
+            if ctl.live() >= self.options.control_requests_max {
+                tracing::warn!(
+                    limit = self.options.control_requests_max,
+                    "control request refused: too many running"
+                );
+                // The reply is small: it fits the empty socket buffer without blocking.
+                let _ = stream.set_nonblocking(true);
+                let _ = control::write_reply(
+                    &mut stream,
+                    &control::Reply::error(&format!(
+                        "the daemon is busy ({} commands running); try again",
+                        self.options.control_requests_max
+                    )),
+                );
+                continue;
+            }
+            if let Err(e) = stream.set_nonblocking(false) {
+                tracing::warn!(error = %e, "control connection dropped");
+                continue;
+            }
+            let id = ctl.add(None);
+            let leave = Leave {
+                tracker: ctl.clone(),
+                id,
+            };
+            let registry = self.registry.clone();
+            let handler = self.handler.clone();
+            let shutdown = shutdown.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("control-{id}"))
+                .spawn(move || {
+                    let _leave = leave;
+                    serve_control(stream, &handler, &registry, &shutdown);
+                });
+            match spawned {
+                Ok(thread) => ctl.push_thread(thread),
+                Err(e) => tracing::error!(error = %e, "cannot start a control thread"),
+            }
+        }
+    }
+
+    fn shut_down(
+        &mut self,
+        nbd: &Arc<Tracker>,
+        ctl: &Arc<Tracker>,
+        shutdown: &Arc<AtomicBool>,
+    ) -> Result<(), DaemonError> {
+        // Stop accepting: close the listeners and remove their socket files.
+        self.listeners.clear();
+        self.control = None;
+        shutdown.store(true, Ordering::SeqCst);
+        nbd.shutdown_all(Shutdown::Read);
+        let grace = self.options.shutdown_grace;
+        let deadline = Instant::now() + grace;
+        let (n, c) = (nbd.live(), ctl.live());
+        if n + c > 0 {
+            tracing::info!(
+                connections = n,
+                commands = c,
+                "waiting for connections and commands to finish"
+            );
+        }
+        self.drain_wake();
+        loop {
+            if nbd.live() + ctl.live() == 0 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    connections = nbd.live(),
+                    commands = ctl.live(),
+                    grace_secs = grace.as_secs(),
+                    "still running after the grace period; closing the volumes anyway"
+                );
+                break;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(50));
+            if let Ok(r) = listen::poll_readable(&[self.wake_rx.as_raw_fd()], wait)
+                && r[0]
+                && self.drain_wake()
+            {
+                tracing::warn!("second stop request: not waiting for connections any more");
+                break;
+            }
+        }
+        if nbd.live() > 0 {
+            nbd.shutdown_all(Shutdown::Both);
+            // Give the connection threads a moment to notice.
+            let until = Instant::now() + Duration::from_secs(1);
+            while nbd.live() > 0 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        nbd.reap();
+        ctl.reap();
+        self.registry.close_all()?;
+        tracing::info!("daemon stopped; volumes closed");
+        Ok(())
+    }
+}
+
+fn accept_failed(what: &str, e: &io::Error) {
+    tracing::warn!(listener = %what, error = %e, "accept failed");
+    // Out of file descriptors: poll would report the listener ready again at once.
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    ) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn serve_control(
+    mut stream: UnixStream,
+    handler: &Handler,
+    registry: &Arc<Registry>,
+    shutdown: &AtomicBool,
+) {
+    match listen::peer_uid(&stream) {
+        Ok(uid) if uid == listen::own_uid() || uid == 0 => {}
+        Ok(uid) => {
+            tracing::warn!(uid, "control request from another user refused");
+            let _ = control::write_reply(
+                &mut stream,
+                &control::Reply::error("permission denied: only the daemon's user may use it"),
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "control connection dropped: cannot read its credentials");
+            return;
+        }
+    }
+    let request = match control::read_request(&mut stream) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            tracing::debug!("control probe");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "bad control request");
+            let _ = control::write_reply(
+                &mut stream,
+                &control::Reply::error(&format!("bad control request: {e}")),
+            );
+            return;
+        }
+    };
+    let argv = request.argv.join(" ");
+    let started = Instant::now();
+    let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        handler(request, registry, shutdown)
+    }))
+    .unwrap_or_else(|_| {
+        tracing::error!(command = %argv, "control command panicked");
+        control::Reply::error("internal error: the command panicked (see the daemon's log)")
+    });
+    tracing::info!(
+        command = %argv,
+        exit = reply.exit,
+        secs = started.elapsed().as_secs_f64(),
+        "control request"
+    );
+    if let Err(e) = control::write_reply(&mut stream, &reply) {
+        tracing::warn!(command = %argv, error = %e, "could not send the control reply");
+    }
+}
+
+/// Serves one NBD connection until the client disconnects or shutdown is requested.
+fn handle(
+    socket: Socket,
+    registry: &Arc<Registry>,
+    config: &crate::nbd::ServerConfig,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<(), crate::nbd::NbdError> {
+    let stream = match socket {
+        Socket::Tcp(s) => crate::nbd::NbdStream::Tcp(s),
+        Socket::Unix(s) => crate::nbd::NbdStream::Unix(s),
+    };
+    crate::nbd::serve_connection(stream, registry, config, shutdown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DataDir;
+
+    fn echo() -> Handler {
+        Arc::new(
+            |req: control::Request, registry: &Arc<Registry>, _: &AtomicBool| control::Reply {
+                exit: 0,
+                stdout: format!("{} in {}", req.argv.join(" "), req.cwd.display()),
+                stderr: registry.data_dir().root().display().to_string(),
+            },
+        )
+    }
+
+    fn options(dir: &std::path::Path) -> Options {
+        Options {
+            tcp: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
+            unix: vec![dir.join("nbd.sock")],
+            ..Options::default()
+        }
+    }
+
+    #[test]
+    fn serves_control_requests_until_stopped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let registry = Arc::new(Registry::new(DataDir::open(&data).unwrap()));
+        let daemon = Daemon::bind(registry.clone(), options(tmp.path()), echo()).unwrap();
+        let endpoints = daemon.endpoints();
+        assert_eq!(endpoints.len(), 2);
+        assert!(endpoints[0].starts_with("127.0.0.1:") && !endpoints[0].ends_with(":0"));
+        assert_eq!(
+            endpoints[1],
+            format!("unix:{}", tmp.path().join("nbd.sock").display())
+        );
+        let control_path = control::socket_path(&data);
+        assert_eq!(daemon.control_socket(), Some(control_path.as_path()));
+
+        // A second daemon on the same data directory is refused before binding anything.
+        let other = Arc::new(Registry::new(DataDir::open(&data).unwrap()));
+        let other_dir = tempfile::tempdir().unwrap();
+        match Daemon::bind(other, options(other_dir.path()), echo()) {
+            Err(DaemonError::AlreadyServing(_)) => {}
+            other => panic!("expected AlreadyServing, got {other:?}"),
+        }
+        assert!(!other_dir.path().join("nbd.sock").exists());
+
+        let stopper = daemon.stopper().unwrap();
+        let thread = std::thread::spawn(move || daemon.run());
+        let request = control::Request {
+            argv: vec!["volume".into(), "list".into()],
+            cwd: "/somewhere".into(),
+        };
+        let stream = UnixStream::connect(&control_path).unwrap();
+        let reply = control::call(stream, &request).unwrap();
+        assert_eq!(reply.exit, 0);
+        assert_eq!(reply.stdout, "volume list in /somewhere");
+        assert_eq!(reply.stderr, data.display().to_string());
+        // A malformed request gets an error reply in the CLI's format.
+        let mut stream = UnixStream::connect(&control_path).unwrap();
+        stream.write_all(b"{\"argv\": 1}\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let reply: control::Reply = serde_json::from_str(&text).unwrap();
+        assert_eq!(reply.exit, 1);
+        assert!(
+            reply
+                .stderr
+                .starts_with("snapvol: error: bad control request"),
+            "{reply:?}"
+        );
+
+        stopper.stop();
+        thread.join().unwrap().unwrap();
+        assert!(!control_path.exists());
+        assert!(!tmp.path().join("nbd.sock").exists());
+        // The data directory is free again.
+        let again = Arc::new(Registry::new(DataDir::open(&data).unwrap()));
+        drop(Daemon::bind(again, options(tmp.path()), echo()).unwrap());
+    }
+}

@@ -1,0 +1,929 @@
+//! End-to-end tests of `snapvol serve`: the control socket (every command gives the same
+//! result through the daemon as without it), one daemon per data directory, stale sockets,
+//! SIGTERM, the default volume, and, with a minimal NBD client, the restore rule, the
+//! connection limit and shutdown with clients connected.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_snapvol");
+const MIB: usize = 1 << 20;
+const READY: &str = "snapvol: serving ";
+
+/// Runs the binary in `cwd` with a clean environment (no SNAPVOL_DATA_DIR, no RUST_LOG).
+fn snapvol_command(cwd: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(cwd)
+        .env_remove("SNAPVOL_DATA_DIR")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn describe(args: &[&str], out: &Output) -> String {
+    format!(
+        "snapvol {}\nexit: {:?}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn image(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: first difference at byte {i}");
+    }
+}
+
+/// A temporary directory holding a data directory `data/`, used with `--data-dir data`
+/// from the directory itself.
+struct Sandbox {
+    tmp: TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        Sandbox {
+            tmp: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn root(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root().join(name)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.path("data")
+    }
+
+    /// Writes `name` (a path relative to the sandbox), creating its directory.
+    fn write_file(&self, name: &str, bytes: &[u8]) {
+        let path = self.path(name);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, bytes).expect("write file");
+    }
+
+    fn read_file(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).expect("read file")
+    }
+
+    /// `snapvol --data-dir data ARGS...` run in the sandbox.
+    fn snapvol(&self, args: &[&str]) -> Output {
+        snapvol_command(self.root())
+            .args(["--data-dir", "data"])
+            .args(args)
+            .output()
+            .expect("run snapvol")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.snapvol(args);
+        assert!(
+            out.status.success(),
+            "expected success\n{}",
+            describe(args, &out)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs a command that must fail with exit 1 and one error line containing `needle`.
+    fn fails(&self, args: &[&str], needle: &str) -> String {
+        let out = self.snapvol(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            out.status.code() == Some(1)
+                && stderr.lines().count() == 1
+                && stderr.starts_with("snapvol: error: ")
+                && stderr.contains(needle),
+            "expected one error line containing {needle:?}\n{}",
+            describe(args, &out)
+        );
+        stderr
+    }
+
+    /// Starts `snapvol --data-dir data serve ARGS...` in the sandbox.
+    fn serve(&self, args: &[&str]) -> Daemon {
+        let mut cmd = snapvol_command(self.root());
+        cmd.args(["--data-dir", "data", "serve"]).args(args);
+        Daemon::start(cmd, self.path(&format!("serve-{}.log", unique())))
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A running `snapvol serve`, its stderr going to a log file. Killed if dropped running.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    /// From the ready line: `127.0.0.1:PORT` and `unix:PATH`.
+    endpoints: Vec<String>,
+}
+
+impl Daemon {
+    /// Spawns `cmd` and waits for the ready line; panics with the log if it does not come.
+    fn start(mut cmd: Command, log: PathBuf) -> Daemon {
+        let log_file = File::create(&log).expect("create log");
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn snapvol serve");
+        let mut daemon = Daemon {
+            child,
+            log,
+            endpoints: Vec::new(),
+        };
+        match daemon.wait_ready() {
+            Ok(endpoints) => daemon.endpoints = endpoints,
+            Err(why) => panic!("snapvol serve not ready: {why}\nlog:\n{}", daemon.log()),
+        }
+        daemon
+    }
+
+    fn wait_ready(&mut self) -> Result<Vec<String>, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.starts_with(READY)) {
+                let (_, list) = line
+                    .split_once(" on ")
+                    .ok_or_else(|| format!("odd ready line {line:?}"))?;
+                return Ok(list.split(", ").map(str::to_string).collect());
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Err(format!("exited with {status}"));
+            }
+            if Instant::now() > deadline {
+                return Err("no ready line within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn tcp_addr(&self) -> String {
+        self.endpoints
+            .iter()
+            .find(|e| !e.starts_with("unix:"))
+            .expect("a TCP endpoint")
+            .clone()
+    }
+
+    fn unix_path(&self) -> PathBuf {
+        let e = self
+            .endpoints
+            .iter()
+            .find_map(|e| e.strip_prefix("unix:"))
+            .expect("a unix endpoint");
+        PathBuf::from(e)
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill");
+    }
+
+    /// Sends SIGTERM and waits (at most 20 s) for the exit.
+    fn terminate(mut self) -> (ExitStatus, String) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "snapvol serve still running 20 s after SIGTERM\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, which must end it with exit 0 and no panic; returns the log.
+    fn stop(self) -> String {
+        let (status, log) = self.terminate();
+        assert!(status.success(), "exit {status} after SIGTERM\nlog:\n{log}");
+        assert!(
+            !log.contains("panicked"),
+            "panic in the daemon\nlog:\n{log}"
+        );
+        log
+    }
+
+    /// Like a crash: SIGKILL, nothing cleaned up.
+    fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Replaces what legitimately differs between two runs of the same commands: timestamps
+/// (`2026-01-02T03:04:05[.123]Z`) and `"created_unix_ns": N`.
+fn normalize(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let digits = |from: usize, n: usize| {
+        b.len() >= from + n && b[from..from + n].iter().all(u8::is_ascii_digit)
+    };
+    while i < b.len() {
+        // yyyy-mm-ddThh:mm:ss
+        let ts = digits(i, 4)
+            && b.get(i + 4) == Some(&b'-')
+            && digits(i + 5, 2)
+            && b.get(i + 7) == Some(&b'-')
+            && digits(i + 8, 2)
+            && b.get(i + 10) == Some(&b'T')
+            && digits(i + 11, 2)
+            && b.get(i + 13) == Some(&b':')
+            && digits(i + 14, 2)
+            && b.get(i + 16) == Some(&b':')
+            && digits(i + 17, 2);
+        if ts {
+            let mut j = i + 19;
+            if b.get(j) == Some(&b'.') {
+                j += 1;
+                while j < b.len() && b[j].is_ascii_digit() {
+                    j += 1;
+                }
+            }
+            if b.get(j) == Some(&b'Z') {
+                out.push_str("<TIME>");
+                i = j + 1;
+                continue;
+            }
+        }
+        const NS: &str = "\"created_unix_ns\": ";
+        if text[i..].starts_with(NS) {
+            out.push_str(NS);
+            out.push_str("<NS>");
+            i += NS.len();
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            continue;
+        }
+        let c = text[i..].chars().next().expect("char");
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
+}
+
+#[test]
+fn normalize_hides_times_only() {
+    assert_eq!(
+        normalize("a  2026-11-25T20:10:47Z  b 2026-11-25T20:10:47.000000123Z c"),
+        "a  <TIME>  b <TIME> c"
+    );
+    assert_eq!(
+        normalize("\"created_unix_ns\": 1764101447000000123,\n\"id\": 1"),
+        "\"created_unix_ns\": <NS>,\n\"id\": 1"
+    );
+    assert_eq!(normalize("2026-11-25 1234"), "2026-11-25 1234");
+}
+
+/// The data-driven helper: runs `steps` (arguments, expected exit status) in a sandbox
+/// without a daemon and in one whose daemon runs from another directory, and requires the
+/// same exit status, stdout and stderr from both (timestamps aside). Both sandboxes start
+/// with `setup` run directly and hold the files `files`. Returns both sandboxes, the
+/// daemon still running.
+fn run_both_ways(
+    setup: &[&[&str]],
+    files: &[(&str, &[u8])],
+    steps: &[(&[&str], i32)],
+) -> (Sandbox, Sandbox, Daemon) {
+    let direct = Sandbox::new();
+    let served = Sandbox::new();
+    for sb in [&direct, &served] {
+        for args in setup {
+            sb.ok(args);
+        }
+        for (name, bytes) in files {
+            sb.write_file(name, bytes);
+        }
+    }
+    // The daemon runs elsewhere with an absolute data directory, so that a relative path
+    // in a command only works if it is resolved against the client's directory.
+    let elsewhere = served.path("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    let mut cmd = snapvol_command(&elsewhere);
+    cmd.arg("--data-dir").arg(served.data()).args([
+        "serve",
+        "--socket",
+        served.path("nbd.sock").to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let daemon = Daemon::start(cmd, served.path("serve.log"));
+    for (args, want_exit) in steps {
+        let a = direct.snapvol(args);
+        let b = served.snapvol(args);
+        assert_eq!(
+            a.status.code(),
+            Some(*want_exit),
+            "direct mode\n{}",
+            describe(args, &a)
+        );
+        // Absolute paths name the sandbox.
+        let text = |sb: &Sandbox, bytes: &[u8]| {
+            let root = sb.root().to_str().expect("utf-8");
+            normalize(&String::from_utf8_lossy(bytes).replace(root, "<SANDBOX>"))
+        };
+        let same = a.status.code() == b.status.code()
+            && text(&direct, &a.stdout) == text(&served, &b.stdout)
+            && text(&direct, &a.stderr) == text(&served, &b.stderr);
+        assert!(
+            same,
+            "the daemon's result differs from direct mode\n--- direct:\n{}\n--- through the \
+             daemon:\n{}\n--- daemon log:\n{}",
+            describe(args, &a),
+            describe(args, &b),
+            daemon.log()
+        );
+        // Usage errors (exit 2) are caught by the client; everything else ran in the daemon.
+        if *want_exit != 2 {
+            let logged = format!(
+                "command=--data-dir data {} exit={want_exit}",
+                args.join(" ")
+            );
+            assert!(
+                daemon.log().contains(&logged),
+                "not run by the daemon: no {logged:?} in its log:\n{}",
+                daemon.log()
+            );
+        }
+    }
+    (direct, served, daemon)
+}
+
+#[test]
+fn every_command_gives_the_same_result_through_the_daemon() {
+    let a = image(3 * MIB, 1);
+    let mut b = a.clone();
+    b[MIB..MIB + 200_000].copy_from_slice(&image(200_000, 2));
+    let sub = "sub/b.img";
+    let steps: &[(&[&str], i32)] = &[
+        (&["volume", "list"], 0),
+        (&["volume", "list", "--json"], 0),
+        (&["volume", "info", "v"], 0),
+        (&["import", "v", "a.img"], 0),
+        (&["snapshot", "create", "v@one"], 0),
+        (&["import", "v", sub], 0),
+        (&["import", "v", sub], 0),
+        (&["snapshot", "create", "v@two"], 0),
+        (&["snapshot", "list", "v"], 0),
+        (&["snapshot", "list", "v", "--json"], 0),
+        (&["diff", "v@one"], 0),
+        (&["diff", "v@one", "v@two", "--json"], 0),
+        (&["export", "v@one", "one.img"], 0),
+        (&["export", "v", "sub/live.img"], 0),
+        (&["volume", "info", "v", "--json"], 0),
+        (&["restore", "v@one"], 0),
+        (&["restore", "--force", "v@two"], 0),
+        (&["export", "v", "restored.img"], 0),
+        (&["snapshot", "delete", "v@one"], 0),
+        (&["snapshot", "list", "v"], 0),
+        (&["diff", "v@two"], 0),
+        (
+            &[
+                "volume",
+                "create",
+                "w",
+                "--size",
+                "1M",
+                "--chunk-size",
+                "4K",
+            ],
+            0,
+        ),
+        (
+            &[
+                "volume",
+                "create",
+                "x",
+                "--origin",
+                "sub/origin.raw",
+                "--snapshot-store",
+                "x-store.snap",
+            ],
+            0,
+        ),
+        (&["volume", "list"], 0),
+        (&["volume", "info", "x"], 0),
+        (&["volume", "delete", "w"], 0),
+        (&["volume", "delete", "x"], 0),
+        (&["volume", "list", "--json"], 0),
+        (&["check"], 0),
+        (&["check", "v"], 0),
+        (&["volume", "info", "v"], 0),
+        // Errors.
+        (&["volume", "info", "nosuch"], 1),
+        (&["volume", "create", "v", "--size", "1M"], 1),
+        (&["volume", "create", "bad/name", "--size", "1M"], 1),
+        (&["volume", "delete", "nosuch"], 1),
+        (&["snapshot", "create", "v@two"], 1),
+        (&["snapshot", "delete", "v@nosuch"], 1),
+        (&["snapshot", "list", "nosuch"], 1),
+        (&["import", "v", "missing.img"], 1),
+        (&["import", "v", "big.img"], 1),
+        (&["export", "v@nosuch", "never.img"], 1),
+        (&["restore", "v@nosuch"], 1),
+        (&["diff", "v@two", "w@x"], 1),
+        (&["check", "nosuch"], 1),
+        // Usage errors never leave the client.
+        (&["snapshot", "create"], 2),
+        (&["restore", "--bogus", "v@two"], 2),
+    ];
+    let origin = vec![7u8; MIB];
+    let big = vec![1u8; 4 * MIB + 1];
+    let files: &[(&str, &[u8])] = &[
+        ("a.img", &a),
+        (sub, &b),
+        ("big.img", &big),
+        ("sub/origin.raw", &origin),
+    ];
+    let setup: &[&[&str]] = &[&["volume", "create", "v", "--size", "4M"]];
+    let (direct, served, daemon) = run_both_ways(setup, files, steps);
+    // The same bytes came out both ways, and they are the right ones.
+    for name in ["one.img", "sub/live.img", "restored.img"] {
+        assert_same(
+            &served.read_file(name),
+            &direct.read_file(name),
+            &format!("{name}: daemon vs direct"),
+        );
+    }
+    let mut want_one = a.clone();
+    want_one.resize(4 * MIB, 0);
+    assert_same(&served.read_file("one.img"), &want_one, "one.img");
+    let mut want_two = b.clone();
+    want_two.resize(4 * MIB, 0);
+    assert_same(&served.read_file("sub/live.img"), &want_two, "live.img");
+    assert_same(&served.read_file("restored.img"), &want_two, "restored.img");
+    // The adopted origin of the deleted volume x is left in place, as without a daemon.
+    assert_same(&served.read_file("sub/origin.raw"), &origin, "origin of x");
+    assert!(!served.path("x-store.snap").exists(), "x's store removed");
+    // Relative paths were the client's: nothing landed in the daemon's directory.
+    let elsewhere: Vec<_> = std::fs::read_dir(served.path("elsewhere"))
+        .expect("read_dir")
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "files in the daemon's cwd: {elsewhere:?}"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn one_daemon_per_data_directory_and_stale_sockets_are_replaced() {
+    let sb = Sandbox::new();
+    let sock = sb.path("nbd.sock");
+    let sock_arg = sock.to_str().expect("utf-8");
+    let first = sb.serve(&["--socket", sock_arg]);
+    sb.ok(&["volume", "create", "v", "--size", "1M"]);
+
+    // A second daemon on the same data directory is refused, and touches nothing.
+    let out = snapvol_command(sb.root())
+        .args(["--data-dir", "data", "serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("snapvol: error: a daemon already serves this data directory"),
+        "{stderr}"
+    );
+    // Another NBD server's socket is not taken over either.
+    let other = Sandbox::new();
+    let out = snapvol_command(other.root())
+        .args(["--data-dir", "data", "serve", "--socket", sock_arg])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another server answers on it"), "{stderr}");
+    assert!(!other.path("data/control.sock").exists());
+    // The first daemon still serves.
+    assert!(sb.ok(&["volume", "list"]).contains("v "));
+    assert!(sb.path("data/control.sock").exists());
+
+    // A crashed daemon leaves its sockets behind: the CLI runs the command itself, and a
+    // new daemon replaces them.
+    first.kill();
+    assert!(sb.path("data/control.sock").exists() && sock.exists());
+    assert!(sb.ok(&["volume", "list"]).contains("v "));
+    sb.ok(&["snapshot", "create", "v@direct"]);
+    let second = sb.serve(&["--socket", sock_arg]);
+    assert!(sb.ok(&["snapshot", "list", "v"]).contains("direct"));
+    let log = second.stop();
+    assert!(
+        log.contains("command=--data-dir data snapshot list v exit=0"),
+        "{log}"
+    );
+}
+
+#[test]
+fn sigterm_exits_zero_removes_its_sockets_and_keeps_the_data() {
+    let sb = Sandbox::new();
+    sb.ok(&["volume", "create", "v", "--size", "4M"]);
+    let sock = sb.path("nbd.sock");
+    let sock_arg = sock.to_str().expect("utf-8");
+    let img = image(3 * MIB + 12345, 7);
+    sb.write_file("in.img", &img);
+
+    let daemon = sb.serve(&["--socket", sock_arg, "--listen", "127.0.0.1:0"]);
+    assert!(sock.exists() && sb.path("data/control.sock").exists());
+    sb.ok(&["import", "v", "in.img"]);
+    sb.ok(&["snapshot", "create", "v@s"]);
+    let log = daemon.stop();
+    assert!(log.contains("daemon stopped"), "{log}");
+    assert!(!sock.exists(), "NBD socket left behind");
+    assert!(
+        !sb.path("data/control.sock").exists(),
+        "control socket left behind"
+    );
+
+    // Without a daemon: the data is there.
+    sb.ok(&["export", "v@s", "out.img"]);
+    let mut want = img.clone();
+    want.resize(4 * MIB, 0);
+    assert_same(&sb.read_file("out.img"), &want, "after SIGTERM");
+    // And through a restarted daemon.
+    let daemon = sb.serve(&["--socket", sock_arg]);
+    sb.ok(&["export", "v", "out2.img"]);
+    assert_same(&sb.read_file("out2.img"), &want, "after restart");
+    sb.ok(&["check", "v"]);
+    daemon.stop();
+}
+
+#[test]
+fn serve_without_arguments_serves_a_default_volume_on_the_nbd_port() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port_free = std::net::TcpListener::bind("127.0.0.1:10809").is_ok();
+    if !port_free {
+        eprintln!("skipped: 127.0.0.1:10809 is in use");
+        return;
+    }
+    // The log goes elsewhere: the working directory stays empty but for the data.
+    let logs = tempfile::tempdir().expect("tempdir");
+    let mut cmd = snapvol_command(tmp.path());
+    cmd.arg("serve");
+    let daemon = Daemon::start(cmd, logs.path().join("serve.log"));
+    assert_eq!(daemon.endpoints, ["127.0.0.1:10809"]);
+    let info = snapvol_command(tmp.path())
+        .args(["volume", "info", "default", "--json"])
+        .output()
+        .expect("run");
+    assert!(
+        info.status.success(),
+        "{}",
+        describe(&["volume", "info"], &info)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(info["size"], 1u64 << 30);
+    let log = daemon.stop();
+    assert!(
+        log.contains("snapvol: serving 1 volume(s) on 127.0.0.1:10809"),
+        "{log}"
+    );
+    assert!(
+        tmp.path()
+            .join("snapvol-data/volumes/default/volume.toml")
+            .exists()
+    );
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(tmp.path()), ["snapvol-data"]);
+    assert_eq!(
+        names(&tmp.path().join("snapvol-data")),
+        ["daemon.lock", "volumes"],
+        "no socket left behind"
+    );
+}
+
+/// A minimal NBD client: fixed-newstyle handshake with `NBD_OPT_GO`, then simple replies
+/// (no structured replies are negotiated). Enough to hold a connection as a writer or a
+/// reader of a snapshot.
+struct Nbd {
+    stream: Box<dyn ReadWrite>,
+    size: u64,
+    read_only: bool,
+    next_cookie: u64,
+}
+
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+const NBD_FLAG_READ_ONLY: u16 = 1 << 1;
+
+impl Nbd {
+    fn unix(path: &Path, export: &str) -> std::io::Result<Nbd> {
+        Nbd::handshake(Box::new(UnixStream::connect(path)?), export)
+    }
+
+    fn tcp(addr: &str, export: &str) -> std::io::Result<Nbd> {
+        Nbd::handshake(Box::new(TcpStream::connect(addr)?), export)
+    }
+
+    fn handshake(mut s: Box<dyn ReadWrite>, export: &str) -> std::io::Result<Nbd> {
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting)?;
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        assert_eq!(&greeting[8..16], b"IHAVEOPT");
+        // Client flags: fixed newstyle, no zeroes.
+        s.write_all(&3u32.to_be_bytes())?;
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        opt.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
+        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        opt.extend_from_slice(export.as_bytes());
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&opt)?;
+        let (mut size, mut flags) = (None, 0u16);
+        loop {
+            let mut head = [0u8; 20];
+            s.read_exact(&mut head)?;
+            let reply = u32::from_be_bytes(head[12..16].try_into().expect("4"));
+            let len = u32::from_be_bytes(head[16..20].try_into().expect("4")) as usize;
+            let mut data = vec![0u8; len];
+            s.read_exact(&mut data)?;
+            match reply {
+                1 => break, // NBD_REP_ACK
+                3 if data.len() >= 12 && data[..2] == [0, 0] => {
+                    // NBD_INFO_EXPORT
+                    size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8")));
+                    flags = u16::from_be_bytes(data[10..12].try_into().expect("2"));
+                }
+                3 => {}
+                r if r & (1 << 31) != 0 => {
+                    return Err(std::io::Error::other(format!(
+                        "NBD_OPT_GO refused ({r:#x}): {}",
+                        String::from_utf8_lossy(&data)
+                    )));
+                }
+                r => panic!("unexpected option reply {r:#x}"),
+            }
+        }
+        Ok(Nbd {
+            stream: s,
+            size: size.expect("NBD_INFO_EXPORT"),
+            read_only: flags & NBD_FLAG_READ_ONLY != 0,
+            next_cookie: 1,
+        })
+    }
+
+    /// Sends one request and reads its simple reply; an NBD error is an `Err` as well.
+    fn request(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> std::io::Result<Vec<u8>> {
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let mut req = Vec::with_capacity(28 + data.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&kind.to_be_bytes());
+        req.extend_from_slice(&cookie.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        req.extend_from_slice(data);
+        self.stream.write_all(&req)?;
+        let mut head = [0u8; 16];
+        self.stream.read_exact(&mut head)?;
+        assert_eq!(
+            head[..4],
+            0x6744_6698u32.to_be_bytes(),
+            "simple reply magic"
+        );
+        let error = u32::from_be_bytes(head[4..8].try_into().expect("4"));
+        assert_eq!(head[8..16], cookie.to_be_bytes(), "cookie");
+        if error != 0 {
+            return Err(std::io::Error::other(format!("NBD error {error}")));
+        }
+        let mut payload = vec![0u8; if kind == 0 { len as usize } else { 0 }];
+        self.stream.read_exact(&mut payload)?;
+        Ok(payload)
+    }
+
+    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.request(0, offset, len as u32, &[])
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.request(1, offset, data.len() as u32, data).map(drop)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.request(3, 0, 0, &[]).map(drop)
+    }
+
+    /// NBD_CMD_DISC: no reply; the server closes the connection.
+    fn disconnect(mut self) {
+        let mut req = Vec::new();
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&2u16.to_be_bytes());
+        req.extend_from_slice(&[0u8; 20]);
+        let _ = self.stream.write_all(&req);
+        let _ = self.stream.read_to_end(&mut Vec::new());
+    }
+}
+
+/// Sandbox with volume `v` (4 MiB, 64 KiB chunks) holding `image(4 MiB, 1)` and snapshot
+/// `v@s`, served on a unix socket.
+fn served_volume() -> (Sandbox, Daemon, Vec<u8>) {
+    let sb = Sandbox::new();
+    sb.ok(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "4M",
+        "--chunk-size",
+        "64K",
+    ]);
+    let img = image(4 * MIB, 1);
+    sb.write_file("v.img", &img);
+    sb.ok(&["import", "v", "v.img"]);
+    sb.ok(&["snapshot", "create", "v@s"]);
+    let sock = sb.path("nbd.sock");
+    let daemon = sb.serve(&["--socket", sock.to_str().expect("utf-8")]);
+    (sb, daemon, img)
+}
+
+#[test]
+fn restore_refuses_connected_writers_unless_forced() {
+    let (sb, daemon, img) = served_volume();
+    let sock = daemon.unix_path();
+    let mut writer = Nbd::unix(&sock, "v").expect("connect writer");
+    assert_eq!(writer.size, 4 * MIB as u64);
+    assert!(!writer.read_only);
+    let mut reader = Nbd::unix(&sock, "v@s").expect("connect snapshot reader");
+    assert!(reader.read_only);
+    let new = vec![0xA5u8; 128 * 1024];
+    writer.write(MIB as u64, &new).expect("write");
+    writer.flush().expect("flush");
+
+    // Refused while the writer is connected, with the count in the message; nothing changes.
+    let err = sb.fails(&["restore", "v@s"], "1 read-write NBD client is connected");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(writer.read(MIB as u64, new.len()).expect("read"), new);
+    assert!(!sb.ok(&["snapshot", "list", "v"]).contains("pre-restore"));
+    // A second writer makes two.
+    let mut second = Nbd::unix(&sock, "v").expect("connect second writer");
+    sb.fails(
+        &["restore", "v@s"],
+        "2 read-write NBD clients are connected",
+    );
+    // Other commands still work while writers are connected.
+    sb.ok(&["snapshot", "create", "v@while-writing"]);
+    let out = sb.snapvol(&["check", "v"]);
+    assert_eq!(out.status.code(), Some(1));
+    let found = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        found.contains("v: problem: cannot check: volume \"v\" is being served"),
+        "{found}"
+    );
+    sb.fails(&["volume", "delete", "v"], "in use");
+
+    // --force disconnects the writers, then restores.
+    let out = sb.ok(&["restore", "--force", "v@s"]);
+    assert!(out.starts_with("v@pre-restore-"), "{out}");
+    for (name, client) in [("first", &mut writer), ("second", &mut second)] {
+        assert!(
+            client.read(0, 4096).is_err(),
+            "the {name} writer is still connected after restore --force"
+        );
+    }
+    // A new connection sees the snapshot's data, never a mix.
+    let mut after = Nbd::unix(&sock, "v").expect("reconnect");
+    let got = after.read(0, 4 * MIB).expect("read all");
+    assert_same(&got, &img, "volume after restore --force");
+    after.disconnect();
+    // The read-only snapshot export was not touched.
+    let got = reader
+        .read(MIB as u64, new.len())
+        .expect("snapshot reader still connected");
+    assert_same(&got, &img[MIB..MIB + new.len()], "snapshot export");
+    reader.disconnect();
+    // Without writers, a plain restore works (undoing the forced one).
+    let undo = out.trim().to_string();
+    sb.ok(&["restore", &undo]);
+    let log = daemon.stop();
+    assert!(
+        log.contains("restore --force: disconnecting read-write clients"),
+        "{log}"
+    );
+    sb.ok(&["export", "v", "out.img"]);
+    let mut want = img.clone();
+    want[MIB..MIB + new.len()].copy_from_slice(&new);
+    assert_same(&sb.read_file("out.img"), &want, "after undoing the restore");
+}
+
+#[test]
+fn sigterm_with_connected_clients_exits_zero_and_keeps_their_writes() {
+    let (sb, daemon, img) = served_volume();
+    let sock = daemon.unix_path();
+    let mut writer = Nbd::unix(&sock, "v").expect("connect");
+    let mut reader = Nbd::unix(&sock, "v@s").expect("connect");
+    let new = image(256 * 1024, 9);
+    // Written but not flushed by the client: shutdown flushes it.
+    writer.write(3 * MIB as u64, &new).expect("write");
+    assert_eq!(reader.read(0, 4096).expect("read"), img[..4096]);
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "exit {status}\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("connection closed"), "{log}");
+    assert!(!sock.exists() && !sb.path("data/control.sock").exists());
+    assert!(
+        writer.read(0, 4096).is_err(),
+        "still connected after shutdown"
+    );
+    sb.ok(&["export", "v", "out.img"]);
+    let mut want = img.clone();
+    want[3 * MIB..3 * MIB + new.len()].copy_from_slice(&new);
+    assert_same(&sb.read_file("out.img"), &want, "after shutdown");
+    sb.ok(&["check"]);
+}
+
+#[test]
+fn connections_beyond_the_limit_are_closed() {
+    let sb = Sandbox::new();
+    sb.ok(&["volume", "create", "v", "--size", "1M"]);
+    let daemon = sb.serve(&["--listen", "127.0.0.1:0", "--max-connections", "1"]);
+    let addr = daemon.tcp_addr();
+    let mut first = Nbd::tcp(&addr, "v").expect("first connection");
+    assert!(Nbd::tcp(&addr, "v").is_err(), "second connection served");
+    assert_eq!(
+        first.read(0, 512).expect("first still served"),
+        vec![0u8; 512]
+    );
+    first.disconnect();
+    // Once the first has gone, there is room again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match Nbd::tcp(&addr, "v") {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => panic!("no room after disconnect: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    again.disconnect();
+    let log = daemon.stop();
+    assert!(log.contains("connection limit reached"), "{log}");
+}
