@@ -60,18 +60,25 @@ impl State {
 /// The handshake side of the stream: reads under the handshake deadline, buffered replies.
 struct Conn<'a> {
     stream: &'a NbdStream,
-    deadline: Instant,
+    /// `None` when the configured timeout is too large to represent.
+    deadline: Option<Instant>,
     out: Vec<u8>,
 }
 
 impl Conn<'_> {
     fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, NbdError> {
         loop {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(NbdError::Timeout);
-            }
-            self.stream.set_read_timeout(Some(left))?;
+            let left = match self.deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(NbdError::Timeout);
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            self.stream.set_read_timeout(left)?;
             match { self.stream }.read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -166,7 +173,7 @@ pub fn negotiate(
     stream.set_write_timeout(Some(config.handshake_timeout.max(Duration::from_millis(1))))?;
     let mut c = Conn {
         stream,
-        deadline: Instant::now() + config.handshake_timeout,
+        deadline: Instant::now().checked_add(config.handshake_timeout),
         out: Vec::new(),
     };
     c.out.extend_from_slice(&NBDMAGIC.to_be_bytes());
