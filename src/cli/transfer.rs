@@ -92,7 +92,7 @@ pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, how: &How) -> R
     let size = vol.size_bytes();
     // Fail on an unknown snapshot before creating or truncating the file.
     if let Some(snap) = snapshot
-        && !vol.list_snapshots().iter().any(|s| s.name == snap)
+        && vol.snapshot_id(snap).is_err()
     {
         return Err(snapvol::Error::NoSuchSnapshot {
             volume: vol.name().to_string(),

@@ -68,7 +68,7 @@ impl Resolved {
             Some(id) => {
                 let created = self
                     .volume
-                    .list_snapshots()
+                    .snapshot_catalog()
                     .into_iter()
                     .find(|s| s.id == id)
                     .map(|s| s.created_unix_ns);
@@ -83,7 +83,7 @@ impl Resolved {
         if self.snapshot_id.is_none() {
             out.extend(
                 self.volume
-                    .list_snapshots()
+                    .snapshot_catalog()
                     .into_iter()
                     .map(|s| Context::Dirty {
                         snapshot_id: s.id,
@@ -184,7 +184,7 @@ pub fn list_exports(registry: &Registry) -> crate::Result<Vec<Listed>> {
                     description: volume_description(volume.size_bytes()),
                     name: name.clone(),
                 });
-                for s in volume.list_snapshots() {
+                for s in volume.snapshot_catalog() {
                     out.push(Listed {
                         name: format!("{name}@{}", s.name),
                         description: snapshot_description(&name, Some(s.created_unix_ns)),

@@ -32,7 +32,7 @@ use std::sync::{Arc, OnceLock};
 use store::Stores;
 
 pub use open::OpenConfig;
-pub use status::Extent;
+pub use status::{Extent, SnapshotEntry};
 
 /// What to do when the snapshot stores have no free slot for a chunk that must be preserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
