@@ -8,10 +8,12 @@ mod counting;
 mod file;
 pub mod fs;
 mod mem;
+pub mod sim;
 
 pub use counting::{CountingDisk, IoCounts};
 pub use file::FileDisk;
 pub use mem::MemDisk;
+pub use sim::{FaultDisk, SimDisk};
 
 use std::fmt::Debug;
 use std::io;

@@ -1,0 +1,374 @@
+//! I/O errors, SQLite's way: for each workload, fail backing-store operation N for every N
+//! (once, and from then on), with EIO and with ENOSPC. The client must see an error or a
+//! true success, never a false success; after reopening the disk as it stands (and after a
+//! power cut on top) the guarantee must hold; and a failed sync must fail the volume, with
+//! an error that says so and names the volume, for every later request too.
+//! See docs/RELIABILITY.md.
+
+mod crash_support;
+
+use crash_support::*;
+use snapvol::io::sim::{Fate, IoKind, SimDisk};
+use snapvol::io::{Disk, FaultDisk};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+/// Checkpoint often, so metadata (redb) writes and syncs fail too.
+const FAULT_CHECKPOINT_BYTES: u64 = 512;
+
+#[derive(Default)]
+struct Tally {
+    runs: u64,
+    injected: u64,
+    sync_failures: u64,
+    failures: Vec<String>,
+}
+
+fn errno_name(errno: i32) -> &'static str {
+    if errno == libc::ENOSPC {
+        "ENOSPC"
+    } else {
+        "EIO"
+    }
+}
+
+fn kinds_for(errno: i32) -> u8 {
+    if errno == libc::ENOSPC {
+        ENOSPC_KINDS
+    } else {
+        IoKind::ALL
+    }
+}
+
+/// Operations a fault-free run performs (after the volume is open).
+fn count_ops(w: &'static Workload, seed: u64, kinds: u8) -> u64 {
+    let run = FaultRun::new((w.spec)(seed), FAULT_CHECKPOINT_BYTES);
+    run.plan.arm(u64::MAX, libc::EIO, false, kinds);
+    (w.run)(&run.client, &mut Rng::new(seed));
+    let n = run.plan.counted();
+    run.client.vol.abandon();
+    n
+}
+
+/// One run with operation `n` failing; `Err` describes what went wrong.
+fn run_one(
+    w: &'static Workload,
+    seed: u64,
+    n: u64,
+    errno: i32,
+    persistent: bool,
+    tally: &mut Tally,
+) -> Result<(), String> {
+    let spec = (w.spec)(seed);
+    let run = FaultRun::new(spec, FAULT_CHECKPOINT_BYTES);
+    run.plan.arm(n, errno, persistent, kinds_for(errno));
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| {
+        (w.run)(&run.client, &mut Rng::new(seed))
+    })) {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        return Err(format!("the engine panicked: {msg}"));
+    }
+    run.plan.disarm();
+    let FaultRun {
+        root,
+        sim,
+        plan,
+        client,
+        ..
+    } = run;
+    let events = client.events();
+    let outcomes = client.outcomes.lock().unwrap().clone();
+    client.vol.abandon();
+    let injected = plan.injected();
+    tally.runs += 1;
+    tally.injected += injected.len() as u64;
+
+    // A failed sync fails the volume: that request and every later one get VolumeFailed,
+    // naming the volume, even when the disk works again ("once").
+    // (Which request saw which fault, and in which order requests started, is only known
+    // for workloads that issue one request at a time.)
+    if injected.first().is_some_and(|f| f.kind == IoKind::Sync) {
+        tally.sync_failures += 1;
+    }
+    if !w.concurrent && injected.first().is_some_and(|f| f.kind == IoKind::Sync) {
+        let at = outcomes
+            .iter()
+            .position(|o| !o.faults.is_empty())
+            .ok_or("a sync failed outside any request")?;
+        let o = &outcomes[at];
+        let err = o.error.clone().unwrap_or_default();
+        if !o.volume_failed
+            || !err.contains(&format!("volume {VOLUME:?}"))
+            || !err.contains("has failed and must be reopened")
+        {
+            return Err(format!(
+                "request {} ({}) saw a failed sync of {} but returned {:?}, not \"volume {VOLUME:?} has failed and must be reopened\"",
+                o.id,
+                o.what,
+                injected[0].path.display(),
+                o.error
+            ));
+        }
+    }
+    // Once failed, always failed: no request succeeds after a VolumeFailed.
+    if !w.concurrent
+        && let Some(at) = outcomes.iter().position(|o| o.volume_failed)
+        && let Some(o) = outcomes[at + 1..].iter().find(|o| !o.volume_failed)
+    {
+        return Err(format!(
+            "request {} ({}) returned {:?} after the volume had failed",
+            o.id, o.what, o.error
+        ));
+    }
+
+    let mut model = Model::new(spec.blocks(), &events);
+    for ev in &events {
+        model.apply(ev);
+    }
+    if let Some(e) = model.errors.first() {
+        return Err(e.clone());
+    }
+    // Reopen the disk as it stands: every acknowledged request is there.
+    let r = recover_and_read(
+        &root,
+        Arc::new(SimDisk::with_files(sim.current_images(), false)),
+        spec.blocks(),
+        true,
+    );
+    let mut as_is = model.clone();
+    as_is.assume_all_flushed();
+    as_is
+        .check(&r, false)
+        .map_err(|e| format!("reopened as is: {e}"))?;
+    // A power cut on top: only what was synced, and two random subsets of the rest.
+    for k in 0..3u64 {
+        let images = if k == 0 {
+            sim.crash_images(&mut |_, _, _| Fate::Lost, None)
+        } else {
+            sim.crash_images(&mut random_fate(mix(seed ^ n, k)), None)
+        };
+        let r = recover_and_read(
+            &root,
+            Arc::new(SimDisk::with_files(images, false)),
+            spec.blocks(),
+            true,
+        );
+        model
+            .check(&r, false)
+            .map_err(|e| format!("after a power cut (variant {k}): {e}"))?;
+    }
+    Ok(())
+}
+
+fn every_fault(name: &str) {
+    let w = workload(name).unwrap();
+    let seed = std::env::var("SNAPVOL_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xFA_17);
+    let mut tally = Tally::default();
+    for errno in [libc::EIO, libc::ENOSPC] {
+        let total = count_ops(w, seed, kinds_for(errno));
+        for n in 0..=total {
+            for persistent in [false, true] {
+                if let Err(e) = run_one(w, seed, n, errno, persistent, &mut tally) {
+                    tally.failures.push(format!(
+                        "workload={name} seed={seed} fail op {n}/{total} with {}{}: {e}",
+                        errno_name(errno),
+                        if persistent { " from then on" } else { " once" }
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{name}: {} runs, {} faults injected, {} failed syncs, {} problems",
+        tally.runs,
+        tally.injected,
+        tally.sync_failures,
+        tally.failures.len()
+    );
+    for f in tally.failures.iter().take(10) {
+        eprintln!("{f}");
+    }
+    assert!(
+        tally.failures.is_empty(),
+        "{} fault runs broke the guarantee; first: {}",
+        tally.failures.len(),
+        tally.failures[0]
+    );
+    assert!(tally.sync_failures > 0, "no sync failure was exercised");
+}
+
+macro_rules! fault_tests {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                every_fault($name);
+            }
+        )*
+    };
+}
+
+fault_tests! {
+    faults_overwrite_same_block => "overwrite-same-block",
+    faults_first_write_after_snapshot => "first-write-after-snapshot",
+    faults_snapshot_during_writes => "snapshot-during-writes",
+    faults_delete_snapshot => "delete-snapshot",
+    faults_store_full => "store-full",
+    faults_discard_and_zeroes => "discard-and-zeroes",
+    faults_flush_storm => "flush-storm",
+    faults_restore_interrupted => "restore-interrupted",
+}
+
+/// I/O errors during recovery: a crash state in the middle of a restore is opened with
+/// operation N failing, for every N; whatever the open did, reopening without faults
+/// (as the disk stands, and after a power cut) must still satisfy the guarantee.
+#[test]
+fn faults_during_recovery() {
+    let w = workload("restore-interrupted").unwrap();
+    let rec = record(w, 0xFA_17);
+    let root = Root::copy_of(&rec.root.path);
+    let blocks = rec.spec.blocks();
+    // Crash points inside the restore, with every pending operation applied.
+    let restore_at = rec
+        .trace
+        .iter()
+        .position(|e| {
+            matches!(e, snapvol::io::sim::TraceEvent::Mark(t)
+                if matches!(rec.events[*t as usize], Ev::Restore { .. }))
+        })
+        .expect("the workload restores");
+    let mut failures = Vec::new();
+    let mut open_errors: std::collections::BTreeMap<String, String> = Default::default();
+    let mut runs = 0;
+    for position in (restore_at..rec.trace.len()).step_by(7).take(6) {
+        let (images, model) = state_at(&rec, position);
+        let images = rebase(images, &rec.root.path, &root.path);
+        for errno in [libc::EIO, libc::ENOSPC] {
+            let count = {
+                let sim = SimDisk::with_files(images.clone(), true);
+                let fault = FaultDisk::new(Arc::new(sim));
+                fault.plan().arm(u64::MAX, errno, false, kinds_for(errno));
+                let _ = recover_and_read(&root, Arc::new(fault.clone()), blocks, false);
+                fault.plan().counted()
+            };
+            for n in 0..count {
+                for persistent in [false, true] {
+                    runs += 1;
+                    let sim = SimDisk::with_files(images.clone(), true);
+                    let fault = FaultDisk::new(Arc::new(sim.clone()));
+                    fault.plan().arm(n, errno, persistent, kinds_for(errno));
+                    let dd = root.datadir(Arc::new(fault.clone()) as Arc<dyn Disk>);
+                    let opened = catch_unwind(AssertUnwindSafe(|| dd.open_volume(VOLUME)));
+                    match opened {
+                        Err(_) => {
+                            failures.push(format!("position {position} op {n}: open panicked"));
+                            continue;
+                        }
+                        Ok(Ok(v)) => v.abandon(),
+                        Ok(Err(e)) => {
+                            let text = e.to_string();
+                            let key: String =
+                                text.split(": ").take(2).collect::<Vec<_>>().join(": ");
+                            open_errors.entry(key).or_insert(text);
+                            if !e.to_string().contains(VOLUME) {
+                                failures.push(format!(
+                                    "position {position} op {n}: open error does not name the volume: {e}"
+                                ));
+                            }
+                        }
+                    }
+                    let checks: [(&str, Images); 2] = [
+                        ("as is", sim.current_images()),
+                        (
+                            "after a power cut",
+                            sim.crash_images(&mut |_, _, _| Fate::Lost, None),
+                        ),
+                    ];
+                    for (how, images) in checks {
+                        let r = recover_and_read(
+                            &root,
+                            Arc::new(SimDisk::with_files(images, false)),
+                            blocks,
+                            true,
+                        );
+                        if let Err(e) = model.check(&r, false) {
+                            failures.push(format!(
+                                "seed {} position {position}, recovery with op {n} failing ({}{}), reopened {how}: {e}",
+                                rec.seed,
+                                errno_name(errno),
+                                if persistent { " from then on" } else { " once" }
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "faults during recovery: {runs} runs, {} problems",
+        failures.len()
+    );
+    for e in open_errors.values() {
+        eprintln!("open error: {e}");
+    }
+    for f in failures.iter().take(10) {
+        eprintln!("{f}");
+    }
+    assert!(failures.is_empty(), "{}", failures[0]);
+}
+
+/// A failed sync of each kind of file (origin, store, journal, metadata) fails the volume
+/// with an error that names the volume and says what failed; prints one per file.
+#[test]
+fn failed_sync_of_each_file_fails_the_volume() {
+    let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+    for name in ["first-write-after-snapshot", "restore-interrupted"] {
+        let w = workload(name).unwrap();
+        let total = count_ops(w, 1, IoKind::Sync as u8);
+        for n in 0..total {
+            let run = FaultRun::new((w.spec)(1), FAULT_CHECKPOINT_BYTES);
+            run.plan.arm(n, libc::EIO, false, IoKind::Sync as u8);
+            (w.run)(&run.client, &mut Rng::new(1));
+            let outcomes = run.client.outcomes.lock().unwrap().clone();
+            let o = outcomes
+                .iter()
+                .find(|o| !o.faults.is_empty())
+                .expect("a request saw the failed sync");
+            let file = o.faults[0]
+                .path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let err = o.error.clone().unwrap_or_default();
+            assert!(
+                o.volume_failed
+                    && err.contains("volume \"v\" has failed and must be reopened")
+                    && (err.contains("sync")
+                        || err.contains("journal write failed")
+                        || err.contains("checkpoint failed")),
+                "failed sync of {file} during {}: {err}",
+                o.what
+            );
+            seen.entry(format!("{file} during {}", o.what))
+                .or_insert(err);
+            run.client.vol.abandon();
+        }
+    }
+    for (k, v) in &seen {
+        eprintln!("{k}: {v}");
+    }
+    for file in ["origin.raw", "store-0.snap", "journal", "meta.redb"] {
+        assert!(
+            seen.keys().any(|k| k.starts_with(file)),
+            "no failed sync of {file}: {seen:?}"
+        );
+    }
+}
