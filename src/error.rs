@@ -37,7 +37,7 @@ pub enum Error {
         size: u64,
     },
     #[error(
-        "volume {volume:?}: snapshot stores are full ({detail}); the write was refused and every snapshot is intact"
+        "volume {volume:?}: snapshot stores are full ({detail}); the write was refused and every remaining snapshot is intact"
     )]
     StoreFull { volume: String, detail: String },
     #[error("volume {volume:?} has failed and must be reopened: {reason}")]

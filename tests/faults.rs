@@ -352,8 +352,9 @@ fn failed_sync_of_each_file_fails_the_volume() {
                 o.volume_failed
                     && err.contains("volume \"v\" has failed and must be reopened")
                     && (err.contains("sync")
-                        || err.contains("journal write failed")
-                        || err.contains("checkpoint failed")),
+                        || err.contains("appending to the journal failed")
+                        || err.contains("checkpoint to meta.redb failed")
+                        || err.contains("emptying the journal after a checkpoint failed")),
                 "failed sync of {file} during {}: {err}",
                 o.what
             );

@@ -22,14 +22,20 @@ const STATE_BYTES: usize = 4 + 8 + 8 + 4 * 8 + 1 + 3 * 8 + 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
+    #[error("I/O error on the metadata file: {0}")]
+    Io(std::io::Error),
     #[error("metadata database: {0}")]
     Db(String),
     #[error("metadata {0}")]
     Corrupt(String),
 }
 
-fn db_err(e: impl std::fmt::Display) -> MetaError {
-    MetaError::Db(e.to_string())
+/// A redb error; an I/O error of the file underneath stays an I/O error (not corruption).
+fn db_err(e: impl Into<redb::Error>) -> MetaError {
+    match e.into() {
+        redb::Error::Io(source) => MetaError::Io(source),
+        e => MetaError::Db(e.to_string()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -352,7 +352,7 @@ impl Volume {
         };
         self.meta
             .checkpoint(&state, &dirty)
-            .map_err(|e| self.fail(format!("metadata checkpoint failed: {e}")))?;
+            .map_err(|e| self.fail(format!("metadata checkpoint to meta.redb failed: {e}")))?;
         js.journal.reset().map_err(|e| {
             self.fail(format!(
                 "emptying the journal after a checkpoint failed: {e}"
@@ -370,8 +370,12 @@ impl Volume {
     ) -> Result<()> {
         js.journal
             .append(records)
-            .and_then(|_| js.journal.sync())
-            .map_err(|e| self.fail(format!("journal write failed: {e}")))
+            .map_err(|e| self.fail(format!("appending to the journal failed: {e}")))?;
+        js.journal.sync().map_err(|e| {
+            self.fail(format!(
+                "syncing the journal failed ({e}); its last frame may be lost"
+            ))
+        })
     }
 
     /// Checkpoints if the journal has grown past its limit. Caller holds the journal lock.

@@ -50,10 +50,17 @@ pub(crate) fn resolve(dir: &Path, p: &Path) -> PathBuf {
 }
 
 fn meta_err(volume: &str, e: MetaError) -> Error {
-    Error::Corrupt {
-        volume: volume.to_string(),
-        what: format!("metadata ({META_FILE})"),
-        detail: e.to_string(),
+    match e {
+        MetaError::Io(source) => Error::Io {
+            volume: volume.to_string(),
+            context: format!("reading the metadata ({META_FILE})"),
+            source,
+        },
+        e => Error::Corrupt {
+            volume: volume.to_string(),
+            what: format!("metadata ({META_FILE})"),
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -61,7 +68,7 @@ fn journal_err(volume: &str, e: JournalError) -> Error {
     match e {
         JournalError::Io(source) => Error::Io {
             volume: volume.to_string(),
-            context: format!("reading the journal ({JOURNAL_FILE})"),
+            context: format!("opening or repairing the journal ({JOURNAL_FILE})"),
             source,
         },
         e => Error::Corrupt {
@@ -420,16 +427,44 @@ impl Volume {
                 "{replayed} journal frame(s) after the last checkpoint"
             ));
         }
+        // Assert what the checksums cannot: every entry lies inside the volume, names an
+        // issued snapshot id and a store slot the store file holds (its data was synced
+        // before the entry was committed, so the file covers it).
+        let store_slots: Vec<u64> = files
+            .iter()
+            .map(|f| f.storage.len().map(|len| len.div_ceil(cs)))
+            .collect::<std::io::Result<_>>()
+            .map_err(io("sizing the snapshot stores".into()))?;
+        let chunk_count = config.chunk_count();
         for (chunk_index, until, loc) in tables.map.iter() {
-            if loc.store_index as usize >= files.len() {
+            let bad = if chunk_index >= chunk_count {
+                Some(format!(
+                    "is past the end of the volume ({chunk_count} chunks)"
+                ))
+            } else if until == 0 || until >= tables.next_snapshot_id {
+                Some(format!(
+                    "names snapshot id {until}, never issued (next id {})",
+                    tables.next_snapshot_id
+                ))
+            } else if loc.store_index as usize >= files.len() {
+                Some(format!(
+                    "names store {} of {}",
+                    loc.store_index,
+                    files.len()
+                ))
+            } else if loc.slot_index >= store_slots[loc.store_index as usize] {
+                Some(format!(
+                    "names slot {} of store {}, which holds {} slots",
+                    loc.slot_index, loc.store_index, store_slots[loc.store_index as usize]
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = bad {
                 return Err(Error::Corrupt {
                     volume: name.into(),
                     what: "mapping table".into(),
-                    detail: format!(
-                        "chunk {chunk_index} (until {until}) names store {} of {}",
-                        loc.store_index,
-                        files.len()
-                    ),
+                    detail: format!("entry (chunk {chunk_index}, until snapshot {until}) {why}"),
                 });
             }
         }

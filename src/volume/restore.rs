@@ -4,7 +4,7 @@
 use super::Volume;
 use super::meta::RestoreState;
 use super::write::Source;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::journal::Record;
 
 /// Journal restore progress every this many chunks (progress only saves work on resume:
@@ -28,9 +28,13 @@ impl Volume {
         if let Err(e) = self.run_restore() {
             // Later client writes would be overwritten when the restore resumes on the next
             // open: stop serving instead.
-            return Err(self.fail(format!(
-                "restore to {name} was interrupted ({e}); reopen the volume to resume it"
-            )));
+            let reason =
+                format!("restore to {name} was interrupted ({e}); reopen the volume to resume it");
+            let _ = self.fail(reason.clone());
+            return Err(Error::VolumeFailed {
+                volume: self.config.name.clone(),
+                reason,
+            });
         }
         tracing::info!(volume = %self.config.name, snapshot = %name, "restore finished");
         Ok(safety_name)

@@ -230,7 +230,7 @@ impl Volume {
     fn preserve(&self, chunk_index: u64, until: u64, data: &[u8]) -> Result<()> {
         let data_crc32c = crc32c::crc32c(data);
         let (store_index, slot_index) = loop {
-            let Some((store_index, slot_index)) = self.allocate_slot()? else {
+            let Some((store_index, slot_index)) = self.allocate_slot(chunk_index, until)? else {
                 return Ok(()); // pruning removed every snapshot that needed this chunk
             };
             match self.stores.write_slot(store_index, slot_index, data) {
@@ -260,9 +260,10 @@ impl Volume {
         })
     }
 
-    /// A free slot; when the stores are full, applies the volume's policy. `Ok(None)`: the
-    /// policy pruned the snapshots that needed the copy, so no copy is needed any more.
-    fn allocate_slot(&self) -> Result<Option<(u16, u64)>> {
+    /// A free slot for the copy `(chunk_index, until)`; when the stores are full, applies
+    /// the volume's policy. `Ok(None)`: the policy pruned every snapshot that needed the
+    /// copy, so no copy is needed any more.
+    fn allocate_slot(&self, chunk_index: u64, until: u64) -> Result<Option<(u16, u64)>> {
         loop {
             if let Some(slot) = self.stores.allocate() {
                 return Ok(Some(slot));
@@ -284,7 +285,8 @@ impl Volume {
             };
             tracing::warn!(volume = %self.config.name, snapshot = %name, "snapshot stores full: pruning the oldest snapshot (policy prune-oldest)");
             self.delete_snapshot_id(id)?;
-            if self.tables.read().snapshots.is_empty() {
+            let t = self.tables.read();
+            if !t.map.record_needed(chunk_index, until, &t.snapshots) {
                 return Ok(None);
             }
         }
