@@ -5,6 +5,8 @@
 pub mod daemon;
 pub mod datadir;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod journal;
 pub mod names;
