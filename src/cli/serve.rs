@@ -66,10 +66,15 @@ pub fn serve(data_dir: &Path, args: &ServeArgs) -> Result<()> {
             ),
         }
     }
-    eprintln!(
-        "snapvol: serving {served} volume(s) on {}",
+    // One write(2) for the whole line: readers wait for it to know the daemon is ready.
+    let ready = format!(
+        "snapvol: serving {served} volume(s) on {}\n",
         daemon.endpoints().join(", ")
     );
+    {
+        use std::io::Write as _;
+        let _ = std::io::stderr().lock().write_all(ready.as_bytes());
+    }
     daemon.run()?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! A volume: an origin kept in place, snapshot stores, the mapping table and the journal.
 //!
 //! Lock order (always taken in this order, never the reverse):
-//! `barrier` -> one chunk lock -> `journal` -> `tables`.
+//! `barrier` -> one chunk lock -> `prune` -> `journal` -> `tables`.
 //! `tables` changes only while `journal` is held, right after the journal frame that
 //! describes the change is durable; so replaying the journal in order rebuilds exactly the
 //! same tables.
@@ -215,6 +215,9 @@ pub struct Volume {
     barrier: RwLock<()>,
     chunk_locks: Box<[RwLock<()>]>,
     group: GroupCommit,
+    /// Serialises the prune-oldest decision, so concurrent writers that found the stores
+    /// full prune one snapshot at a time and retry before pruning another.
+    prune: Mutex<()>,
     counters: AtomicCounters,
     failed: OnceLock<String>,
     closed: AtomicBool,

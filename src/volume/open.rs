@@ -488,6 +488,7 @@ impl Volume {
             barrier: RwLock::new(()),
             chunk_locks: (0..CHUNK_LOCK_COUNT).map(|_| RwLock::new(())).collect(),
             group: GroupCommit::default(),
+            prune: Mutex::new(()),
             counters,
             failed: OnceLock::new(),
             closed: AtomicBool::new(access == Access::Check),

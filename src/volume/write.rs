@@ -264,17 +264,26 @@ impl Volume {
     /// the volume's policy. `Ok(None)`: the policy pruned every snapshot that needed the
     /// copy, so no copy is needed any more.
     fn allocate_slot(&self, chunk_index: u64, until: u64) -> Result<Option<(u16, u64)>> {
+        if let Some(slot) = self.stores.allocate() {
+            return Ok(Some(slot));
+        }
+        if self.config.on_store_full == StoreFullPolicy::Refuse {
+            return Err(self.store_full_error());
+        }
+        // One pruner at a time; each one first retries, since the prune of a writer ahead
+        // of it may have freed enough.
+        let _prune = self.prune.lock();
         loop {
             if let Some(slot) = self.stores.allocate() {
                 return Ok(Some(slot));
-            }
-            if self.config.on_store_full == StoreFullPolicy::Refuse {
-                return Err(self.store_full_error());
             }
             let oldest = {
                 // Lock order: journal before tables.
                 let restoring = self.journal.lock().restore.map(|r| r.target_snapshot_id);
                 let t = self.tables.read();
+                if !t.map.record_needed(chunk_index, until, &t.snapshots) {
+                    return Ok(None); // every snapshot that needed the copy is gone
+                }
                 t.snapshots
                     .iter()
                     .map(|(&id, s)| (id, s.name.clone()))
@@ -285,10 +294,6 @@ impl Volume {
             };
             tracing::warn!(volume = %self.config.name, snapshot = %name, "snapshot stores full: pruning the oldest snapshot (policy prune-oldest)");
             self.delete_snapshot_id(id)?;
-            let t = self.tables.read();
-            if !t.map.record_needed(chunk_index, until, &t.snapshots) {
-                return Ok(None);
-            }
         }
     }
 
