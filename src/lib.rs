@@ -15,8 +15,8 @@ pub mod registry;
 pub mod volume;
 
 pub use datadir::DataDir;
-pub use registry::Registry;
 pub use error::{Error, Result};
+pub use registry::Registry;
 pub use volume::{CheckReport, CreateOptions, StoreFullPolicy, Volume};
 
 /// The engine is shared between connections: `Volume` and `Registry` must stay `Send + Sync`.
