@@ -294,11 +294,15 @@ impl Volume {
         Ok(())
     }
 
-    fn io_err(&self, context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error + '_ {
-        let context = context.into();
+    /// Maps an I/O error to `Error::Io`; `context` runs only on error, so the hot path
+    /// builds no strings.
+    fn io_err<'a, C: Into<String>>(
+        &'a self,
+        context: impl FnOnce() -> C + 'a,
+    ) -> impl FnOnce(std::io::Error) -> Error + 'a {
         move |source| Error::Io {
             volume: self.config.name.clone(),
-            context,
+            context: context().into(),
             source,
         }
     }
@@ -326,7 +330,7 @@ impl Volume {
         self.check_range(offset, buf.len() as u64)?;
         self.origin
             .read_at(buf, offset)
-            .map_err(self.io_err("reading the origin"))
+            .map_err(self.io_err(|| "reading the origin"))
     }
 
     /// Makes every completed write durable.

@@ -287,13 +287,13 @@ impl Volume {
                 t.map.lookup(chunk_index, snapshot_id)
             };
             match found {
-                None => self.origin.read_at(out, at).map_err(self.io_err("reading the origin"))?,
+                None => self.origin.read_at(out, at).map_err(self.io_err(|| "reading the origin"))?,
                 Some((until, loc)) => SLOT_BUF.with(|cell| -> Result<()> {
                     let mut slot = cell.borrow_mut();
                     slot.resize(cs as usize, 0);
                     self.stores
                         .read_slot(loc.store_index, loc.slot_index, &mut slot)
-                        .map_err(self.io_err(format!("reading store {} slot {}", loc.store_index, loc.slot_index)))?;
+                        .map_err(self.io_err(|| format!("reading store {} slot {}", loc.store_index, loc.slot_index)))?;
                     let crc = crc32c::crc32c(&slot);
                     if crc != loc.data_crc32c {
                         return Err(Error::Corrupt {

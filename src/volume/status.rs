@@ -1,6 +1,6 @@
 //! Block status for exports: what is allocated, and what changed since a snapshot.
 
-use super::{Volume, map::PreserveMap};
+use super::Volume;
 use crate::error::{Error, Result};
 
 /// One extent of a block-status answer. Extents are consecutive and cover the range asked.
@@ -81,7 +81,7 @@ impl Volume {
             for (l, allocated) in self
                 .origin
                 .allocation(at, len)
-                .map_err(self.io_err("querying origin allocation"))?
+                .map_err(self.io_err(|| "querying origin allocation"))?
             {
                 push(out, l, allocated);
             }
@@ -102,7 +102,8 @@ impl Volume {
             if length == 0 {
                 return Ok(out);
             }
-            preserved_chunks_for(&t.map, id, offset / cs, (end - 1) / cs)
+            // A chunk has a record serving `id` exactly when it has a record `until >= id`.
+            t.map.changed_chunks_in(id, offset / cs, (end - 1) / cs)
         };
         let mut at = offset;
         for chunk_index in preserved {
@@ -148,12 +149,6 @@ impl Volume {
         push(&mut out, end - at, false);
         Ok(out)
     }
-}
-
-/// Chunks in the window whose content snapshot `id` reads from a store.
-fn preserved_chunks_for(map: &PreserveMap, id: u64, chunk_lo: u64, chunk_hi: u64) -> Vec<u64> {
-    // A chunk has a record serving `id` exactly when it has a record `until >= id`.
-    map.changed_chunks_in(id, chunk_lo, chunk_hi)
 }
 
 #[cfg(test)]

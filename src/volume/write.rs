@@ -127,7 +127,7 @@ impl Volume {
             let old_span = &mut old[..(span_end - span_start) as usize];
             self.origin
                 .read_at(old_span, span_start)
-                .map_err(self.io_err(format!("reading chunk {chunk_index} of the origin")))?;
+                .map_err(self.io_err(|| format!("reading chunk {chunk_index} of the origin")))?;
 
             // Compare per piece; collect differing ranges (absolute, coalesced).
             let mut diffs: Vec<(u64, u64)> = Vec::new();
@@ -181,7 +181,7 @@ impl Volume {
         src: Source<'_>,
         chunk_index: u64,
     ) -> Result<()> {
-        let err = || self.io_err(format!("writing chunk {chunk_index} of the origin"));
+        let err = || self.io_err(|| format!("writing chunk {chunk_index} of the origin"));
         match src {
             Source::Data(d) => self
                 .origin
@@ -241,10 +241,9 @@ impl Volume {
                 }
                 Err(e) => {
                     self.stores.release(store_index, slot_index);
-                    return Err(self
-                        .io_err(format!("writing store {store_index} slot {slot_index}"))(
-                        e,
-                    ));
+                    return Err(self.io_err(|| {
+                        format!("writing store {store_index} slot {slot_index}")
+                    })(e));
                 }
             }
         };
