@@ -1,12 +1,11 @@
 //! Engine behaviour at its edges: recovery, corruption, store full, locking, faults.
 //! Everything goes through `DataDir` with an in-memory disk (or a faulty wrapper of it).
 
-use snapvol::io::{Disk, MemDisk, OpenMode, Storage};
+use snapvol::io::sim::IoKind;
+use snapvol::io::{Disk, FaultDisk, MemDisk, OpenMode, Storage};
 use snapvol::{CreateOptions, DataDir, Error, StoreFullPolicy, Volume};
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 const CS: u32 = 4096;
 
@@ -198,62 +197,6 @@ fn store_full_prune_oldest_deletes_oldest_snapshots_only() {
     assert!(f.dd().check_volume("v").unwrap().problems.is_empty());
 }
 
-/// A disk whose origin writes start failing with EIO after a budget runs out.
-#[derive(Debug)]
-struct FailingOriginDisk {
-    inner: MemDisk,
-    budget: Arc<AtomicI64>,
-}
-
-#[derive(Debug)]
-struct FailingStorage {
-    inner: Arc<dyn Storage>,
-    budget: Arc<AtomicI64>,
-}
-
-impl Disk for FailingOriginDisk {
-    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
-        let inner = self.inner.open(path, mode)?;
-        if path.ends_with("origin.raw") {
-            return Ok(Arc::new(FailingStorage {
-                inner,
-                budget: self.budget.clone(),
-            }));
-        }
-        Ok(inner)
-    }
-    fn exists(&self, path: &Path) -> bool {
-        self.inner.exists(path)
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        self.inner.remove(path)
-    }
-}
-
-impl Storage for FailingStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.budget.fetch_sub(1, Ordering::SeqCst) <= 0 {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.inner.sync()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
 #[test]
 fn interrupted_restore_resumes_on_open() {
     let f = Fixture::new();
@@ -265,16 +208,13 @@ fn interrupted_restore_resumes_on_open() {
     v.write(0, &vec![5u8; size as usize]).unwrap();
     v.close().unwrap();
 
-    let budget = Arc::new(AtomicI64::new(10));
-    let faulty = DataDir::open_with_disk(
-        &f.root,
-        Arc::new(FailingOriginDisk {
-            inner: f.mem.clone(),
-            budget,
-        }),
-    )
-    .unwrap();
+    let faulty_disk = Arc::new(FaultDisk::new(Arc::new(f.mem.clone())));
+    let faulty = DataDir::open_with_disk(&f.root, faulty_disk.clone()).unwrap();
     let v = faulty.open_volume("v").unwrap();
+    // The restore's 11th write on any file and every one after it fail with EIO.
+    faulty_disk
+        .plan()
+        .arm(10, libc::EIO, true, IoKind::Write as u8);
     let e = v.restore("a").unwrap_err();
     assert!(e.to_string().contains("reopen the volume to resume"), "{e}");
     // The failed volume refuses further writes rather than mixing them with the restore.
