@@ -14,6 +14,7 @@ use crate::volume::Volume;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Disconnects one client (sets its stop flag and shuts its socket down).
 pub type Kick = Box<dyn Fn() + Send + Sync>;
@@ -35,6 +36,72 @@ struct Entry {
     volume: Arc<Volume>,
     /// Read-write connections currently attached.
     writers: Arc<Mutex<Writers>>,
+    /// Commits the volume's queued preserved copies in the background.
+    committer: Option<Committer>,
+}
+
+impl Entry {
+    fn new(volume: Arc<Volume>, writers: Arc<Mutex<Writers>>) -> Entry {
+        let committer = Committer::spawn(&volume);
+        Entry {
+            volume,
+            writers,
+            committer,
+        }
+    }
+
+    /// Stops the committer (it holds a reference while it works) and hands back the parts.
+    fn into_parts(mut self) -> (Arc<Volume>, Arc<Mutex<Writers>>) {
+        if let Some(c) = self.committer.take() {
+            c.stop(&self.volume);
+        }
+        (self.volume, self.writers)
+    }
+}
+
+/// A thread per open volume that commits its queued preserved copies as they come, so
+/// writers never wait for a group commit unless they ask for durability or hit a limit.
+#[derive(Debug)]
+struct Committer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Committer {
+    /// How long the committer sleeps between checks when nothing is queued.
+    const IDLE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+    fn spawn(volume: &Arc<Volume>) -> Option<Committer> {
+        let weak = Arc::downgrade(volume);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_seen = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("commit:{}", volume.name()))
+            .spawn(move || {
+                while !stop_seen.load(Ordering::Acquire) {
+                    let Some(v) = weak.upgrade() else { break };
+                    if v.wait_for_queued(Self::IDLE_WAIT)
+                        && !stop_seen.load(Ordering::Acquire)
+                        && v.commit_queued().is_err()
+                    {
+                        break; // the volume failed; every later request says so
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => Some(Committer { stop, thread }),
+            Err(e) => {
+                tracing::warn!(volume = %volume.name(), error = %e, "no background committer: queued copies commit at flushes and limits");
+                None
+            }
+        }
+    }
+
+    fn stop(self, volume: &Volume) {
+        self.stop.store(true, Ordering::Release);
+        volume.wake_committer();
+        let _ = self.thread.join();
+    }
 }
 
 /// What a hold keeps away from a volume.
@@ -126,13 +193,7 @@ impl Registry {
             )));
         }
         let volume = Arc::new(self.data_dir.open_volume(name)?);
-        open.insert(
-            name.to_string(),
-            Entry {
-                volume: volume.clone(),
-                writers: Arc::default(),
-            },
-        );
+        open.insert(name.to_string(), Entry::new(volume.clone(), Arc::default()));
         Ok(volume)
     }
 
@@ -205,16 +266,11 @@ impl Registry {
         let Some(entry) = open.remove(name) else {
             return Ok(());
         };
-        match Arc::try_unwrap(entry.volume) {
+        let (volume, writers) = entry.into_parts();
+        match Arc::try_unwrap(volume) {
             Ok(volume) => volume.close(),
             Err(volume) => {
-                open.insert(
-                    name.to_string(),
-                    Entry {
-                        volume,
-                        writers: entry.writers,
-                    },
-                );
+                open.insert(name.to_string(), Entry::new(volume, writers));
                 Err(Error::InvalidArgument(format!(
                     "volume {name:?} is in use by connected clients"
                 )))
@@ -242,23 +298,20 @@ impl Registry {
             }
             let volume = match open.remove(name) {
                 None => None,
-                Some(entry) => match Arc::try_unwrap(entry.volume) {
-                    Ok(volume) => Some(volume),
-                    Err(volume) => {
-                        let users = Arc::strong_count(&volume) - 1;
-                        open.insert(
-                            name.to_string(),
-                            Entry {
-                                volume,
-                                writers: entry.writers,
-                            },
-                        );
-                        return Err(HoldError::InUse {
-                            name: name.to_string(),
-                            users,
-                        });
+                Some(entry) => {
+                    let (volume, writers) = entry.into_parts();
+                    match Arc::try_unwrap(volume) {
+                        Ok(volume) => Some(volume),
+                        Err(volume) => {
+                            let users = Arc::strong_count(&volume) - 1;
+                            open.insert(name.to_string(), Entry::new(volume, writers));
+                            return Err(HoldError::InUse {
+                                name: name.to_string(),
+                                users,
+                            });
+                        }
                     }
-                },
+                }
             };
             holds.insert(
                 name.to_string(),
@@ -321,7 +374,8 @@ impl Registry {
         let entries: Vec<(String, Entry)> = self.open.lock().drain().collect();
         let mut first_err = None;
         for (name, entry) in entries {
-            let result = match Arc::try_unwrap(entry.volume) {
+            let (volume, _) = entry.into_parts();
+            let result = match Arc::try_unwrap(volume) {
                 Ok(volume) => volume.close(),
                 Err(volume) => volume.flush(),
             };

@@ -498,11 +498,17 @@ impl History {
         self.follow()
     }
 
-    /// Ends the history: reopen the disk as it stands; everything acknowledged is there.
+    /// Ends the history: reopen the disk as it stands; everything acknowledged is there,
+    /// unless the volume failed: then writes acknowledged while their chunk's copy waited
+    /// for a group commit that never came are lost (their data was never written over the
+    /// old), and only what was flushed is promised.
     fn finish(&mut self) -> Result<(), String> {
         self.follow()?;
+        let failed = self.client().vol.failure().is_some();
         self.stop();
-        self.model.assume_all_flushed();
+        if !failed {
+            self.model.assume_all_flushed();
+        }
         let images = self.sim.current_images();
         self.restart(images, "reopened as is at the end")
     }

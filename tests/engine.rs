@@ -138,6 +138,8 @@ fn flipped_preserved_chunk_is_an_error_never_wrong_data() {
     v.write(0, &[1; 4096]).unwrap();
     v.create_snapshot("a").unwrap();
     v.write(0, &[2; 4096]).unwrap();
+    // The copy is queued until a group commit; until then the snapshot reads the origin.
+    v.flush().unwrap();
     let store = f.file("store-0.snap");
     store.write_at(&[7], 100).unwrap();
     let mut b = vec![0u8; 4096];
@@ -413,4 +415,81 @@ fn check_changes_no_file() {
     let report = dd.check_volume("v").unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert!(before == snapshot(&vdir), "check modified a file");
+}
+
+/// Snapshots taken while writers run and a background committer commits queued copies
+/// (as the daemon runs it): every write acknowledged before a create started is in the
+/// snapshot, and the snapshot never changes afterwards.
+#[test]
+fn snapshots_hold_every_write_acknowledged_before_them_with_a_background_committer() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const BLOCKS: u64 = 256;
+    const WRITERS: u64 = 3;
+    let f = Fixture::new();
+    let v = Arc::new(f.create(opts(BLOCKS * 4096)));
+    let stop = Arc::new(AtomicBool::new(false));
+    // acked[b]: the last value acknowledged for block b (writers own disjoint blocks, so a
+    // block's writes are sequential).
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..BLOCKS).map(|_| AtomicU64::new(0)).collect());
+    let committer = {
+        let (v, stop) = (v.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if v.wait_for_queued(std::time::Duration::from_millis(5)) {
+                    v.commit_queued().unwrap();
+                }
+            }
+        })
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (v, stop, acked) = (v.clone(), stop.clone(), acked.clone());
+            std::thread::spawn(move || {
+                let mut x = w + 1;
+                let mut value = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let b = (x >> 33) % (BLOCKS / WRITERS) * WRITERS + w;
+                    value += 1;
+                    let tagged = (value << 16) | b;
+                    let mut block = vec![0u8; 4096];
+                    block[..8].copy_from_slice(&tagged.to_le_bytes());
+                    v.write(b * 4096, &block).unwrap();
+                    acked[b as usize].store(tagged, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for i in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        let before: Vec<u64> = acked.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+        let name = format!("s{i}");
+        v.create_snapshot(&name).unwrap();
+        let image = read_all(&v, Some(&name));
+        for b in 0..BLOCKS as usize {
+            let got = u64::from_le_bytes(image[b * 4096..b * 4096 + 8].try_into().unwrap());
+            // Values of one block only grow: the snapshot holds the one acknowledged before
+            // the create began, or a later one.
+            assert!(
+                got >= before[b],
+                "snapshot {name} block {b}: {got:#x}, but {:#x} was acknowledged before it",
+                before[b]
+            );
+        }
+        taken.push((name, image));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    committer.join().unwrap();
+    for (name, image) in &taken {
+        assert!(
+            read_all(&v, Some(name)) == *image,
+            "snapshot {name} changed"
+        );
+    }
 }

@@ -1164,15 +1164,28 @@ impl Harness {
                     } else {
                         self.stats.cut_off_happened += 1;
                     }
-                    problems.extend(check_new_snapshot(
-                        &log,
-                        &hist,
-                        &self.base,
-                        &after.reads[&export],
-                        name,
-                        op.begin,
-                        op.end,
-                    ));
+                    let got = &after.reads[&export];
+                    let mut found =
+                        check_new_snapshot(&log, &hist, &self.base, got, name, op.begin, op.end);
+                    // A create whose command outlived the kill may have run after it (the
+                    // CLI runs it itself once the daemon is gone): then the snapshot holds
+                    // the crashed volume, where unflushed writes may be lost, as (a) allows
+                    // for the live volume.
+                    if !found.is_empty()
+                        && log.kill.is_some_and(|k| op.begin <= k && k < op.end)
+                        && check_live(
+                            &log,
+                            &hist,
+                            &self.base,
+                            got,
+                            &HashMap::new(),
+                            &mut Stats::default(),
+                        )
+                        .is_empty()
+                    {
+                        found.clear();
+                    }
+                    problems.extend(found);
                     fresh.push(name.clone());
                 }
                 None if self.snaps.contains_key(name) => {

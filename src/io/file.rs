@@ -34,6 +34,20 @@ impl Disk for FileDisk {
         path.exists()
     }
 
+    fn scratch(&self, dir: &Path) -> io::Result<Arc<dyn Storage>> {
+        // O_TMPFILE: an inode with no name, freed when the descriptor closes.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(dir)?;
+        Ok(Arc::new(FileStorage {
+            file,
+            block_device: false,
+        }))
+    }
+
     fn remove(&self, path: &Path) -> io::Result<()> {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -12,7 +12,7 @@ pub mod sim;
 
 pub use counting::{CountingDisk, IoCounts};
 pub use file::FileDisk;
-pub use mem::MemDisk;
+pub use mem::{MemDisk, MemStorage};
 pub use sim::{FaultDisk, SimDisk};
 
 use std::fmt::Debug;
@@ -71,6 +71,12 @@ pub trait Disk: Send + Sync + Debug {
     fn exists(&self, path: &Path) -> bool;
     /// Removes a file; a missing file is not an error.
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// An unnamed scratch file on the file system of `dir`, gone when dropped or at a crash:
+    /// room for bytes the process holds for a while but need not keep, outside its memory.
+    /// Engines without files keep it in memory.
+    fn scratch(&self, _dir: &Path) -> io::Result<Arc<dyn Storage>> {
+        Ok(Arc::new(mem::MemStorage::default()))
+    }
 }
 
 /// A private in-memory copy of `storage` (at most `bytes_max`), for reading a file with a

@@ -2,6 +2,7 @@
 //! finish interrupted work.
 
 use super::config::{CONFIG_FORMAT_VERSION, StoreConfig, VolumeConfig};
+use super::deferred::Deferred;
 use super::meta::{Meta, MetaError};
 use super::store::{StoreFile, Stores};
 use super::{
@@ -479,6 +480,18 @@ impl Volume {
         );
         let counters = AtomicCounters::default();
         counters.store(loaded.state.counters);
+        // Deferred pieces go to an unnamed file beside the volume; `check` writes nothing.
+        let scratch = match access {
+            Access::Check => None,
+            _ => match disk.scratch(dir) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %e, "no scratch file in the volume directory; deferred writes are held in memory");
+                    None
+                }
+            },
+        };
+        let scratch = scratch.unwrap_or_else(|| Arc::new(crate::io::MemStorage::default()));
         let volume = Volume {
             origin,
             stores,
@@ -488,6 +501,9 @@ impl Volume {
             barrier: RwLock::new(()),
             chunk_locks: (0..CHUNK_LOCK_COUNT).map(|_| RwLock::new(())).collect(),
             group: GroupCommit::default(),
+            deferred: Deferred::new(scratch),
+            // Whatever an earlier process left unsynced is synced by the first flush.
+            origin_unsynced: AtomicBool::new(true),
             prune: Mutex::new(()),
             counters,
             failed: OnceLock::new(),

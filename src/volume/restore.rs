@@ -81,7 +81,8 @@ impl Volume {
             self.read_snapshot_id(target_snapshot_id, start, buf)?;
             self.write_range_locked(start, len, Source::Data(buf))?;
             since_progress += 1;
-            if since_progress == RESTORE_PROGRESS_CHUNKS {
+            // Also when the deferred data is at its limit: the flush commits it.
+            if since_progress == RESTORE_PROGRESS_CHUNKS || self.deferred_full() {
                 since_progress = 0;
                 // Progress may only name chunks whose restored data is durable, or a power
                 // cut could lose their writes and the resume would skip them.

@@ -320,6 +320,8 @@ impl Volume {
     /// the volume's end, a multiple of 512).
     pub fn diff(&self, a: &str, b: Option<&str>) -> Result<Vec<DiffRange>> {
         self.ensure_ok()?;
+        // Queued copies are changes too; they are in the mapping table once committed.
+        self.commit_queued()?;
         let t = self.tables.read();
         let a_id = t.snapshot_id(&self.config.name, a)?;
         let (from, to) = match b {

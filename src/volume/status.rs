@@ -77,6 +77,10 @@ impl Volume {
         length: u64,
     ) -> Result<Vec<Extent>> {
         self.check_range(offset, length)?;
+        if snapshot_id.is_none() && !self.deferred.is_empty() {
+            // Held pieces are not on the origin yet, so its holes would hide them.
+            self.commit_queued()?;
+        }
         let origin = |at: u64, len: u64, out: &mut Vec<Extent>| -> Result<()> {
             for (l, allocated) in self
                 .origin
@@ -125,6 +129,8 @@ impl Volume {
     /// same answer as `diff(snapshot, live)`, restricted to the window.
     pub fn changed_since(&self, snapshot_id: u64, offset: u64, length: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, length)?;
+        // Queued copies are changes too; they are in the mapping table once committed.
+        self.commit_queued()?;
         let t = self.tables.read();
         if !t.snapshots.contains_key(&snapshot_id) {
             return Err(self.no_such_snapshot_id(snapshot_id));

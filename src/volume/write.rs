@@ -3,7 +3,7 @@
 use super::config::PIECE_BYTES;
 use super::{StoreFullPolicy, Volume};
 use crate::error::{Error, Result};
-use crate::journal::{PreserveEntry, Record};
+use crate::journal::{JOURNAL_FRAME_RECORDS_MAX, PreserveEntry, Record};
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
@@ -20,6 +20,12 @@ thread_local! {
     /// Per-thread buffer for the old contents of a chunk: no allocation per request.
     static OLD_CHUNK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Most bytes of preserved copies queued for a group commit at once (written to the stores'
+/// page cache, not yet synced): a flush waits for at most this much to reach the disk.
+pub(super) const DEFERRED_PRESERVE_BYTES_MAX: u64 = 1 << 30;
+/// Most 4 KiB pieces of new data held (in the scratch file) for chunks whose copy is queued.
+pub(super) const DEFERRED_PIECES_MAX: u64 = 65_536;
 
 static ZERO_PIECE: [u8; PIECE_BYTES as usize] = [0u8; PIECE_BYTES as usize];
 
@@ -53,6 +59,7 @@ impl Volume {
         self.counters
             .client_bytes_written
             .fetch_add(length, Ordering::Relaxed);
+        self.wait_for_deferred_room()?;
         let _barrier = self.barrier.read();
         self.write_range_locked(offset, length, src)
     }
@@ -91,8 +98,11 @@ impl Volume {
     //    and compare per 4 KiB piece; identical pieces cause no I/O, an identical write
     //    none at all;
     // 3. if something differs and preservation is due: copy the chunk once into a store
-    //    slot and wait for the group commit that syncs the stores and the journal frame;
-    // 4. overwrite only the differing pieces.
+    //    slot, queue its mapping entry for the next group commit and hold the new pieces
+    //    in `deferred` (readers of the live volume see them there); the group commit syncs
+    //    the stores, then the journal frame, and only then writes the held pieces to the
+    //    origin (`commit_batch`). A chunk with held pieces takes later writes into them;
+    // 4. otherwise overwrite only the differing pieces in place.
     fn write_chunk(
         &self,
         chunk_index: u64,
@@ -108,6 +118,9 @@ impl Volume {
         debug_assert!(chunk_start <= offset && end <= chunk_end);
 
         let _chunk = self.chunk_lock(chunk_index).write();
+        if self.deferred.contains(chunk_index) {
+            return self.write_deferred(chunk_index, offset, length, src);
+        }
         let preserve_for = self.tables.read().preserve_target(chunk_index);
 
         let (span_start, span_end) = if preserve_for.is_some() {
@@ -159,17 +172,111 @@ impl Volume {
             if let Some(until) = preserve_for {
                 // The slot holds a whole chunk; the tail past the volume's end is zeros.
                 old[(chunk_end - chunk_start) as usize..cs as usize].fill(0);
-                self.preserve(chunk_index, until, &old[..cs as usize])?;
+                if let Some(entry) = self.copy_out(chunk_index, until, &old[..cs as usize])? {
+                    // Hold the new contents of every differing piece (old bytes plus the
+                    // write) until the entry's group commit.
+                    // `old` becomes the new contents of those pieces; the copy is out.
+                    let mut pieces: Vec<(u32, u64, u64)> = Vec::new();
+                    for &(a, b) in &diffs {
+                        let mut p = align_down(a, PIECE_BYTES);
+                        while p < b {
+                            let p_end = (p + PIECE_BYTES).min(chunk_end);
+                            let bytes = &mut old
+                                [(p - chunk_start) as usize..(p_end - chunk_start) as usize];
+                            apply_source(bytes, p, offset, end, src);
+                            pieces.push((((p - chunk_start) / PIECE_BYTES) as u32, p, p_end));
+                            p = p_end;
+                        }
+                    }
+                    let held = pieces.iter().map(|&(i, p, p_end)| {
+                        (
+                            i,
+                            &old[(p - chunk_start) as usize..(p_end - chunk_start) as usize],
+                        )
+                    });
+                    if let Err(e) = self.deferred.put(chunk_index, held) {
+                        // The copy was written but is not queued: its slot is free again.
+                        self.stores.release(entry.store_index, entry.slot_index);
+                        return Err(self.io_err(|| "holding deferred data in the scratch file")(
+                            e,
+                        ));
+                    }
+                    self.queue(entry);
+                    self.counters
+                        .origin_bytes_written
+                        .fetch_add(differing, Ordering::Relaxed);
+                    return Ok(());
+                }
             }
 
             for (a, b) in diffs {
                 self.write_origin(a, b, offset, src, chunk_index)?;
             }
+            // After the writes: a flush that sees the flag clear saw them synced.
+            self.origin_unsynced.store(true, Ordering::Release);
             self.counters
                 .origin_bytes_written
                 .fetch_add(differing, Ordering::Relaxed);
             Ok(())
         })
+    }
+
+    /// A write into a chunk whose new contents are held in `deferred` (its preserved copy is
+    /// queued): merged into the held pieces, compared piece by piece like any write.
+    fn write_deferred(
+        &self,
+        chunk_index: u64,
+        offset: u64,
+        length: u64,
+        src: Source<'_>,
+    ) -> Result<()> {
+        let cs = self.chunk_bytes();
+        let chunk_start = chunk_index * cs;
+        let chunk_end = (chunk_start + cs).min(self.config.size_bytes);
+        let end = offset + length;
+        let mut pieces = Vec::new();
+        let mut differing = 0u64;
+        let mut p = align_down(offset, PIECE_BYTES);
+        while p < end {
+            let p_end = (p + PIECE_BYTES).min(chunk_end);
+            let piece_index = ((p - chunk_start) / PIECE_BYTES) as u32;
+            let mut bytes: Box<[u8]> = vec![0u8; (p_end - p) as usize].into();
+            let held = self
+                .deferred
+                .read_piece(chunk_index, piece_index, &mut bytes)
+                .map_err(self.io_err(|| "reading deferred data from the scratch file"))?;
+            if !held {
+                // Not held: the origin still has this piece's current contents.
+                self.origin.read_at(&mut bytes, p).map_err(
+                    self.io_err(|| format!("reading chunk {chunk_index} of the origin")),
+                )?;
+            }
+            let a = p.max(offset);
+            let b = p_end.min(end);
+            let before = &bytes[(a - p) as usize..(b - p) as usize];
+            let same = match src {
+                Source::Data(d) => before == &d[(a - offset) as usize..(b - offset) as usize],
+                Source::Zeroes => before.iter().all(|&x| x == 0),
+            };
+            if !same {
+                apply_source(&mut bytes, p, offset, end, src);
+                pieces.push((piece_index, bytes));
+                differing += b - a;
+            }
+            p = p_end;
+        }
+        self.counters
+            .bytes_skipped_identical
+            .fetch_add(length - differing, Ordering::Relaxed);
+        if !pieces.is_empty() {
+            self.deferred
+                .put(chunk_index, pieces.iter().map(|(i, b)| (*i, &b[..])))
+                .map_err(self.io_err(|| "holding deferred data in the scratch file"))?;
+            self.counters
+                .origin_bytes_written
+                .fetch_add(differing, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Writes `[a, b)` of the new contents to the origin.
@@ -225,13 +332,13 @@ impl Volume {
         }
     }
 
-    /// Copies `data` (one whole chunk) into a store slot and makes it and its mapping entry
-    /// durable. Returns once the group commit covering it is done.
-    fn preserve(&self, chunk_index: u64, until: u64, data: &[u8]) -> Result<()> {
+    /// Copies `data` (one whole chunk) into a store slot, not yet synced. `Ok(None)`: the
+    /// store-full policy pruned every snapshot that needed the copy, so none was made.
+    fn copy_out(&self, chunk_index: u64, until: u64, data: &[u8]) -> Result<Option<PreserveEntry>> {
         let data_crc32c = crc32c::crc32c(data);
         let (store_index, slot_index) = loop {
             let Some((store_index, slot_index)) = self.allocate_slot(chunk_index, until)? else {
-                return Ok(()); // pruning removed every snapshot that needed this chunk
+                return Ok(None);
             };
             match self.stores.write_slot(store_index, slot_index, data) {
                 Ok(()) => break (store_index, slot_index),
@@ -250,13 +357,13 @@ impl Volume {
         self.counters
             .bytes_preserved
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.group_commit(PreserveEntry {
+        Ok(Some(PreserveEntry {
             chunk_index,
             until_snapshot_id: until,
             store_index,
             slot_index,
             data_crc32c,
-        })
+        }))
     }
 
     /// A free slot for the copy `(chunk_index, until)`; when the stores are full, applies
@@ -308,26 +415,93 @@ impl Volume {
         }
     }
 
-    /// Queues `entry` and returns once a journal frame holding it is durable.
-    fn group_commit(&self, entry: PreserveEntry) -> Result<()> {
+    /// Queues a mapping entry for the next group commit and wakes the committer.
+    fn queue(&self, entry: PreserveEntry) {
         let mut st = self.group.state.lock();
         st.pending.push(entry);
-        let my_batch = st.filling_batch;
+        st.queued_count += 1;
+        drop(st);
+        self.group.wake.notify_all();
+    }
+
+    /// Waits (committing, if no one else is) until the deferred work is back under its
+    /// limits. Call before taking the barrier or any chunk lock.
+    pub(super) fn wait_for_deferred_room(&self) -> Result<()> {
         loop {
-            if st.done_batch_count > my_batch {
+            let (queued, pending) = {
+                let st = self.group.state.lock();
+                (st.queued_count, st.pending.len() as u64)
+            };
+            if pending < self.deferred_entries_max()
+                && self.deferred.piece_count() < DEFERRED_PIECES_MAX
+            {
+                return Ok(());
+            }
+            self.commit_until(queued)?;
+        }
+    }
+
+    /// Whether the deferred work has reached one of its limits.
+    pub(super) fn deferred_full(&self) -> bool {
+        self.group.state.lock().pending.len() as u64 >= self.deferred_entries_max()
+            || self.deferred.piece_count() >= DEFERRED_PIECES_MAX
+    }
+
+    /// Most mapping entries queued at once: `DEFERRED_PRESERVE_BYTES_MAX` of copies, and no
+    /// more than one journal frame holds.
+    fn deferred_entries_max(&self) -> u64 {
+        (DEFERRED_PRESERVE_BYTES_MAX / self.chunk_bytes())
+            .clamp(1, JOURNAL_FRAME_RECORDS_MAX as u64)
+    }
+
+    /// Commits every entry queued so far and writes the pieces they held to the origin.
+    pub fn commit_queued(&self) -> Result<()> {
+        let target = self.group.state.lock().queued_count;
+        self.commit_until(target)
+    }
+
+    /// Blocks until entries are queued or `timeout` passes; `true` if some are queued.
+    /// For a background committer, which then calls `commit_queued`.
+    pub fn wait_for_queued(&self, timeout: std::time::Duration) -> bool {
+        let mut st = self.group.state.lock();
+        if st.pending.is_empty() {
+            let _ = self.group.wake.wait_for(&mut st, timeout);
+        }
+        !st.pending.is_empty()
+    }
+
+    /// Wakes a background committer blocked in `wait_for_queued` (to stop it).
+    pub fn wake_committer(&self) {
+        self.group.wake.notify_all();
+    }
+
+    /// Returns once the first `target` queued entries are committed and their pieces are on
+    /// the origin, leading commits while no one else does.
+    fn commit_until(&self, target: u64) -> Result<()> {
+        let mut st = self.group.state.lock();
+        loop {
+            if st.applied_count >= target {
                 drop(st);
-                return self.ensure_ok();
+                return match self.failed.get() {
+                    Some(_) => Err(self.failed_error()),
+                    None => Ok(()),
+                };
+            }
+            if self.failed.get().is_some() {
+                return Err(self.failed_error());
             }
             if !st.leader_active {
+                debug_assert!(!st.pending.is_empty());
                 st.leader_active = true;
-                let batch = std::mem::take(&mut st.pending);
-                let batch_id = st.filling_batch;
-                st.filling_batch += 1;
+                let n = st.pending.len().min(JOURNAL_FRAME_RECORDS_MAX as usize);
+                let batch: Vec<PreserveEntry> = st.pending.drain(..n).collect();
                 drop(st);
-                let result = self.commit_batch(batch);
+                let result = self.commit_batch(&batch);
                 st = self.group.state.lock();
-                st.done_batch_count = batch_id + 1;
                 st.leader_active = false;
+                if result.is_ok() {
+                    st.applied_count += n as u64;
+                }
                 self.group.wake.notify_all();
                 if let Err(e) = result {
                     // commit_batch failed the volume; every waiter sees that.
@@ -340,19 +514,92 @@ impl Volume {
         }
     }
 
-    /// One group commit: stores durable, then the journal frame, then the tables.
-    fn commit_batch(&self, batch: Vec<PreserveEntry>) -> Result<()> {
+    /// One group commit: stores durable, then the journal frame, then the tables; then the
+    /// held pieces of the batch's chunks go to the origin (each under its chunk lock).
+    fn commit_batch(&self, batch: &[PreserveEntry]) -> Result<()> {
         debug_assert!(!batch.is_empty());
+        self.ensure_ok()?;
         self.stores
             .sync_all()
             .map_err(|e| self.fail(format!("syncing the snapshot stores failed ({e})")))?;
-        let mut js = self.journal.lock();
-        let record = [Record::Preserve(batch)];
-        self.journal_commit(&mut js, &record)?;
-        let freed = self.tables.write().apply(&record[0]);
-        for (store_index, slot_index) in freed {
-            self.stores.release(store_index, slot_index);
+        {
+            let mut js = self.journal.lock();
+            let record = [Record::Preserve(batch.to_vec())];
+            self.journal_commit(&mut js, &record)?;
+            let freed = self.tables.write().apply(&record[0]);
+            for (store_index, slot_index) in freed {
+                self.stores.release(store_index, slot_index);
+            }
+            self.maybe_checkpoint(&mut js)?;
         }
-        self.maybe_checkpoint(&mut js)
+        let mut chunks: Vec<u64> = batch.iter().map(|e| e.chunk_index).collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        for chunk_index in chunks {
+            let _chunk = self.chunk_lock(chunk_index).write();
+            self.deferred
+                .drain_chunk(chunk_index, |pieces| self.write_pieces(chunk_index, pieces))
+                .map_err(|e| {
+                    self.fail(format!(
+                        "writing the deferred data of chunk {chunk_index} to the origin failed ({e}); acknowledged writes may be lost"
+                    ))
+                })?;
+            self.origin_unsynced.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Writes held pieces of one chunk to the origin: runs of adjacent pieces in one write,
+    /// all-zero pieces punched out (they read as zeros and keep the origin sparse).
+    fn write_pieces(&self, chunk_index: u64, pieces: &[(u32, &[u8])]) -> std::io::Result<()> {
+        let chunk_start = chunk_index * self.chunk_bytes();
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0u64;
+        let mut run_end = 0u64;
+        let flush_run = |run: &mut Vec<u8>, at: u64| -> std::io::Result<()> {
+            if !run.is_empty() {
+                self.origin.write_at(run, at)?;
+                run.clear();
+            }
+            Ok(())
+        };
+        for &(piece_index, bytes) in pieces {
+            let at = chunk_start + piece_index as u64 * PIECE_BYTES;
+            if bytes.iter().all(|&b| b == 0) {
+                flush_run(&mut run, run_start)?;
+                self.origin.discard(at, bytes.len() as u64)?;
+                continue;
+            }
+            if run.is_empty() || at != run_end {
+                flush_run(&mut run, run_start)?;
+                run_start = at;
+            }
+            run.extend_from_slice(bytes);
+            run_end = at + bytes.len() as u64;
+        }
+        flush_run(&mut run, run_start)
+    }
+}
+
+/// Puts the write's bytes (or zeros) into `piece`, which holds the volume's bytes from
+/// `piece_start`; only the overlap with the write `[write_offset, write_end)` changes.
+fn apply_source(
+    piece: &mut [u8],
+    piece_start: u64,
+    write_offset: u64,
+    write_end: u64,
+    src: Source<'_>,
+) {
+    let a = piece_start.max(write_offset);
+    let b = (piece_start + piece.len() as u64).min(write_end);
+    if a >= b {
+        return;
+    }
+    let dst = &mut piece[(a - piece_start) as usize..(b - piece_start) as usize];
+    match src {
+        Source::Data(d) => {
+            dst.copy_from_slice(&d[(a - write_offset) as usize..(b - write_offset) as usize])
+        }
+        Source::Zeroes => dst.fill(0),
     }
 }

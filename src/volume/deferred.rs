@@ -1,0 +1,309 @@
+//! Deferred origin writes: the new contents of chunks whose preserved copy is queued for the
+//! next group commit but not yet durable.
+//!
+//! A first write after a snapshot copies the chunk's old contents into a store slot (page
+//! cache only) and queues its mapping entry; the new bytes wait here, per 4 KiB piece, and
+//! reach the origin only after the group commit that made the copy and the entry durable (so
+//! the write path's INVARIANT holds without the writer waiting for that commit). Readers of
+//! the live volume see these pieces over the origin; snapshot readers see the origin, which
+//! still holds the old contents.
+//!
+//! The pieces' bytes live in an unnamed scratch file (`Disk::scratch`), one 4 KiB slot each,
+//! so they cost page cache rather than the daemon's memory; only the index is in memory. A
+//! crash loses the scratch file, which is fine: nothing durable refers to it.
+
+use super::config::PIECE_BYTES;
+use crate::io::Storage;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Where one held piece's bytes are.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    scratch_slot: u32,
+    /// The piece's length: PIECE_BYTES, or less for the last piece of the volume.
+    len_bytes: u16,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    chunks: HashMap<u64, BTreeMap<u32, Held>>,
+    piece_count: u64,
+    free_slots: Vec<u32>,
+    /// Slots `0..slot_count` of the scratch file have been handed out at some point.
+    slot_count: u32,
+}
+
+impl State {
+    fn allocate(&mut self) -> io::Result<u32> {
+        if let Some(slot) = self.free_slots.pop() {
+            return Ok(slot);
+        }
+        let slot = self.slot_count;
+        self.slot_count = slot
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("deferred scratch file has no free slot"))?;
+        Ok(slot)
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Deferred {
+    state: Mutex<State>,
+    /// Chunks held; lets readers skip the lock when nothing is deferred.
+    chunk_count: AtomicU64,
+    scratch: Arc<dyn Storage>,
+}
+
+fn slot_offset(slot: u32) -> u64 {
+    slot as u64 * PIECE_BYTES
+}
+
+impl Deferred {
+    pub fn new(scratch: Arc<dyn Storage>) -> Deferred {
+        Deferred {
+            state: Mutex::default(),
+            chunk_count: AtomicU64::new(0),
+            scratch,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunk_count.load(Ordering::Acquire) == 0
+    }
+
+    pub fn piece_count(&self) -> u64 {
+        self.state.lock().piece_count
+    }
+
+    pub fn contains(&self, chunk_index: u64) -> bool {
+        !self.is_empty() && self.state.lock().chunks.contains_key(&chunk_index)
+    }
+
+    /// The held bytes of `piece_index` of `chunk_index`, read into `out` (the piece's
+    /// length). `Ok(false)` if the piece is not held.
+    pub fn read_piece(
+        &self,
+        chunk_index: u64,
+        piece_index: u32,
+        out: &mut [u8],
+    ) -> io::Result<bool> {
+        let st = self.state.lock();
+        match st
+            .chunks
+            .get(&chunk_index)
+            .and_then(|c| c.get(&piece_index))
+        {
+            Some(h) => {
+                assert_eq!(h.len_bytes as usize, out.len());
+                self.scratch.read_at(out, slot_offset(h.scratch_slot))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Sets pieces of `chunk_index` (creating the chunk's entry if needed). On error nothing
+    /// new is held for pieces not yet written; the caller fails the request.
+    pub fn put<'a>(
+        &self,
+        chunk_index: u64,
+        pieces: impl IntoIterator<Item = (u32, &'a [u8])>,
+    ) -> io::Result<()> {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let result = (|| {
+            for (piece_index, bytes) in pieces {
+                assert!(!bytes.is_empty() && bytes.len() as u64 <= PIECE_BYTES);
+                let existing = st
+                    .chunks
+                    .get(&chunk_index)
+                    .and_then(|c| c.get(&piece_index))
+                    .copied();
+                let scratch_slot = match existing {
+                    Some(h) => h.scratch_slot,
+                    None => st.allocate()?,
+                };
+                if let Err(e) = self.scratch.write_at(bytes, slot_offset(scratch_slot)) {
+                    if existing.is_none() {
+                        st.free_slots.push(scratch_slot);
+                    }
+                    return Err(e);
+                }
+                let held = Held {
+                    scratch_slot,
+                    len_bytes: bytes.len() as u16,
+                };
+                if st
+                    .chunks
+                    .entry(chunk_index)
+                    .or_default()
+                    .insert(piece_index, held)
+                    .is_none()
+                {
+                    st.piece_count += 1;
+                }
+            }
+            Ok(())
+        })();
+        self.chunk_count
+            .store(st.chunks.len() as u64, Ordering::Release);
+        result
+    }
+
+    /// Reads `[offset, offset + buf.len())` of the live volume: `read_origin` fills `buf`
+    /// from the origin, then every held piece that overlaps is copied over it. The lock is
+    /// held across both when anything is deferred, so a piece being moved to the origin is
+    /// seen either here or in the origin read, never in neither.
+    pub fn read_with(
+        &self,
+        chunk_bytes: u64,
+        offset: u64,
+        buf: &mut [u8],
+        read_origin: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if self.is_empty() || buf.is_empty() {
+            // Nothing deferred now: a piece deferred later belongs to a concurrent write,
+            // and one drained earlier is on the origin already.
+            return read_origin(buf);
+        }
+        let st = self.state.lock();
+        read_origin(buf)?;
+        let end = offset + buf.len() as u64;
+        let first_chunk = offset / chunk_bytes;
+        let last_chunk = (end - 1) / chunk_bytes;
+        for chunk_index in first_chunk..=last_chunk {
+            let Some(pieces) = st.chunks.get(&chunk_index) else {
+                continue;
+            };
+            let chunk_start = chunk_index * chunk_bytes;
+            let lo = (offset.max(chunk_start) - chunk_start) / PIECE_BYTES;
+            let hi = (end.min(chunk_start + chunk_bytes) - 1 - chunk_start) / PIECE_BYTES;
+            for (&piece_index, h) in pieces.range(lo as u32..=hi as u32) {
+                let p_start = chunk_start + piece_index as u64 * PIECE_BYTES;
+                let p_end = p_start + h.len_bytes as u64;
+                let a = p_start.max(offset);
+                let b = p_end.min(end);
+                if a < b {
+                    self.scratch.read_at(
+                        &mut buf[(a - offset) as usize..(b - offset) as usize],
+                        slot_offset(h.scratch_slot) + (a - p_start),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands `chunk_index`'s pieces (in piece order) to `apply`, which writes them to the
+    /// origin, then drops them. The lock is held meanwhile, so no reader sees neither the
+    /// pieces nor the written origin. If `apply` fails the pieces stay held.
+    pub fn drain_chunk(
+        &self,
+        chunk_index: u64,
+        apply: impl FnOnce(&[(u32, &[u8])]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let Some(pieces) = st.chunks.get(&chunk_index) else {
+            return Ok(());
+        };
+        let total: usize = pieces.values().map(|h| h.len_bytes as usize).sum();
+        let mut data = vec![0u8; total];
+        let mut at = 0usize;
+        for h in pieces.values() {
+            let n = h.len_bytes as usize;
+            self.scratch
+                .read_at(&mut data[at..at + n], slot_offset(h.scratch_slot))?;
+            at += n;
+        }
+        let mut views = Vec::with_capacity(pieces.len());
+        let mut at = 0usize;
+        for (&piece_index, h) in pieces {
+            let n = h.len_bytes as usize;
+            views.push((piece_index, &data[at..at + n]));
+            at += n;
+        }
+        apply(&views)?;
+        let pieces = st.chunks.remove(&chunk_index).expect("held above");
+        st.piece_count -= pieces.len() as u64;
+        st.free_slots
+            .extend(pieces.values().map(|h| h.scratch_slot));
+        if st.chunks.is_empty() && st.slot_count > 0 {
+            // All drained: start the scratch file over and drop its pages (best effort;
+            // they are garbage, and writing them back would only cost the disk).
+            let _ = self.scratch.discard(0, slot_offset(st.slot_count));
+            st.slot_count = 0;
+            st.free_slots.clear();
+        }
+        self.chunk_count
+            .store(st.chunks.len() as u64, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{Disk, MemDisk};
+
+    fn deferred() -> Deferred {
+        Deferred::new(
+            MemDisk::default()
+                .scratch(std::path::Path::new("/"))
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn reads_see_held_pieces_over_the_origin() {
+        let d = deferred();
+        let cs = 4 * PIECE_BYTES;
+        let seven = vec![7u8; PIECE_BYTES as usize];
+        d.put(1, [(2, &seven[..])]).unwrap();
+        assert!(d.contains(1) && !d.contains(0));
+        // Window straddling chunk 0's end and chunk 1's pieces 0..=2, ending mid-piece 2.
+        let offset = cs - 100;
+        let mut buf = vec![9u8; (100 + 2 * PIECE_BYTES + 10) as usize];
+        d.read_with(cs, offset, &mut buf, |b| {
+            b.fill(0);
+            Ok(())
+        })
+        .unwrap();
+        let at = (100 + 2 * PIECE_BYTES) as usize;
+        assert!(buf[..at].iter().all(|&b| b == 0));
+        assert!(buf[at..].iter().all(|&b| b == 7));
+        let mut out = vec![0u8; PIECE_BYTES as usize];
+        assert!(d.read_piece(1, 2, &mut out).unwrap() && out[0] == 7);
+        assert!(!d.read_piece(1, 1, &mut out).unwrap());
+        let mut seen = Vec::new();
+        d.drain_chunk(1, |p| {
+            seen = p.iter().map(|(i, b)| (*i, b[0], b.len())).collect();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(2, 7, PIECE_BYTES as usize)]);
+        assert!(d.is_empty() && d.piece_count() == 0);
+    }
+
+    #[test]
+    fn rewriting_a_held_piece_reuses_its_slot_and_failed_apply_keeps_pieces() {
+        let d = deferred();
+        d.put(3, [(0, &[1u8; 4096][..]), (1, &[2u8; 100][..])])
+            .unwrap();
+        d.put(3, [(0, &[5u8; 4096][..])]).unwrap();
+        assert_eq!(d.piece_count(), 2);
+        assert!(d.drain_chunk(3, |_| Err(io::Error::other("disk"))).is_err());
+        assert_eq!(d.piece_count(), 2);
+        let mut lens = Vec::new();
+        d.drain_chunk(3, |p| {
+            lens = p.iter().map(|(i, b)| (*i, b[0], b.len())).collect();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(lens, vec![(0, 5, 4096), (1, 2, 100)]);
+    }
+}
