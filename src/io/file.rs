@@ -93,6 +93,22 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(()); // a hint only
+        };
+        // SAFETY: sync_file_range takes a valid open descriptor and plain integers; it does
+        // not touch memory we own.
+        let rc = unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), off, l, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());

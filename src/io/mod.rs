@@ -36,6 +36,11 @@ pub trait Storage: Send + Sync + Debug {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Starts writing `[offset, offset + len)` back to the device without waiting for it
+    /// (a hint: a later `sync` has less to do). Engines without a device do nothing.
+    fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Whether this is a block device (fixed size, never truncated).
     fn is_block_device(&self) -> bool {
         false

@@ -221,8 +221,11 @@ pub struct Volume {
     group: GroupCommit,
     /// New data of chunks whose preserved copy waits for the next group commit.
     deferred: deferred::Deferred,
-    /// Set after every write to the origin, cleared by the flush that syncs it.
-    origin_unsynced: AtomicBool,
+    /// Counts writes to the origin (incremented after each).
+    origin_writes: AtomicU64,
+    /// The `origin_writes` value the last successful origin sync covered; the mutex makes
+    /// concurrent flushes wait for the sync in progress.
+    origin_synced_writes: Mutex<u64>,
     /// Serialises the prune-oldest decision, so concurrent writers that found the stores
     /// full prune one snapshot at a time and retry before pruning another.
     prune: Mutex<()>,
@@ -353,18 +356,26 @@ impl Volume {
 
     /// Makes every completed write durable: commits the queued preserved copies, writes the
     /// data held for them to the origin, syncs the origin.
-    /// The origin is synced only if something was written to it since the last sync.
+    /// The origin is synced only if something was written to it since the last sync
+    /// began; concurrent flushes wait for the sync in progress rather than trust it.
     pub fn flush(&self) -> Result<()> {
         self.ensure_ok()?;
         self.commit_queued()?;
-        if !self.origin_unsynced.swap(false, Ordering::AcqRel) {
+        let target = self.origin_writes.load(Ordering::Acquire);
+        let mut synced = self.origin_synced_writes.lock();
+        // A sync that failed while this flush waited failed the volume.
+        self.ensure_ok()?;
+        if *synced >= target {
             return Ok(());
         }
+        let covered = self.origin_writes.load(Ordering::Acquire);
         self.origin.sync().map_err(|e| {
             self.fail(format!(
                 "syncing the origin failed ({e}); unsynced writes may be lost"
             ))
-        })
+        })?;
+        *synced = covered;
+        Ok(())
     }
 
     /// Writes `dirty` and the volume state to the metadata file and empties the journal.

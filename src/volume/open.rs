@@ -13,7 +13,7 @@ use crate::io::{Disk, OpenMode, Storage, fs};
 use crate::journal::{Journal, JournalError, RecoveryMode};
 use parking_lot::{Mutex, RwLock};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
 pub const CONFIG_FILE: &str = "volume.toml";
@@ -503,7 +503,8 @@ impl Volume {
             group: GroupCommit::default(),
             deferred: Deferred::new(scratch),
             // Whatever an earlier process left unsynced is synced by the first flush.
-            origin_unsynced: AtomicBool::new(true),
+            origin_writes: AtomicU64::new(1),
+            origin_synced_writes: Mutex::new(0),
             prune: Mutex::new(()),
             counters,
             failed: OnceLock::new(),

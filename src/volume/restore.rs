@@ -10,6 +10,8 @@ use crate::journal::Record;
 /// Journal restore progress every this many chunks (progress only saves work on resume:
 /// redoing a chunk is harmless, since its compare finds it already equal).
 const RESTORE_PROGRESS_CHUNKS: u64 = 1024;
+/// Target contents read ahead per batch (copied out, committed, then written together).
+const RESTORE_BATCH_BYTES: u64 = 16 << 20;
 
 impl Volume {
     /// Makes the live volume equal snapshot `name`; returns the name of the automatic
@@ -72,24 +74,45 @@ impl Volume {
             .read()
             .map
             .changed_chunks(target_snapshot_id, u64::MAX);
-        let mut content = vec![0u8; cs as usize];
+        // Batches: read the target's contents of a batch of chunks, copy the differing
+        // chunks' current contents out for the safety snapshot, commit all copies at once,
+        // then overwrite the origin; the disk starts writing each part back at once.
+        let batch_chunks = (RESTORE_BATCH_BYTES / cs).max(1) as usize;
+        let mut content = vec![0u8; batch_chunks * cs as usize];
+        let chunks: Vec<u64> = chunks
+            .into_iter()
+            .filter(|&c| c >= next_chunk_index)
+            .collect();
         let mut since_progress = 0u64;
-        for chunk_index in chunks.into_iter().filter(|&c| c >= next_chunk_index) {
-            let start = chunk_index * cs;
-            let len = cs.min(size - start);
-            let buf = &mut content[..len as usize];
-            self.read_snapshot_id(target_snapshot_id, start, buf)?;
-            self.write_range_locked(start, len, Source::Data(buf))?;
-            since_progress += 1;
-            // Also when the deferred data is at its limit: the flush commits it.
-            if since_progress == RESTORE_PROGRESS_CHUNKS || self.deferred_full() {
+        for batch in chunks.chunks(batch_chunks) {
+            let mut differing = Vec::with_capacity(batch.len());
+            for (i, &chunk_index) in batch.iter().enumerate() {
+                let start = chunk_index * cs;
+                let len = cs.min(size - start) as usize;
+                let buf = &mut content[i * cs as usize..i * cs as usize + len];
+                self.read_snapshot_id(target_snapshot_id, start, buf)?;
+                if self.queue_copy(chunk_index, buf)? {
+                    differing.push(i);
+                }
+            }
+            self.start_store_writeback();
+            self.commit_queued()?;
+            for i in differing {
+                let start = batch[i] * cs;
+                let len = cs.min(size - start) as usize;
+                let buf = &content[i * cs as usize..i * cs as usize + len];
+                self.write_range_locked(start, len as u64, Source::Data(buf))?;
+            }
+            let _ = self.origin.start_writeback(0, 0);
+            since_progress += batch.len() as u64;
+            if since_progress >= RESTORE_PROGRESS_CHUNKS {
                 since_progress = 0;
                 // Progress may only name chunks whose restored data is durable, or a power
                 // cut could lose their writes and the resume would skip them.
                 self.flush()?;
                 self.commit_restore_record(Record::RestoreProgress {
                     target_snapshot_id,
-                    next_chunk_index: chunk_index + 1,
+                    next_chunk_index: batch[batch.len() - 1] + 1,
                 })?;
             }
         }

@@ -212,13 +212,54 @@ impl Volume {
             for (a, b) in diffs {
                 self.write_origin(a, b, offset, src, chunk_index)?;
             }
-            // After the writes: a flush that sees the flag clear saw them synced.
-            self.origin_unsynced.store(true, Ordering::Release);
+            // After the writes, so a flush that reads the count covers them.
+            self.origin_writes.fetch_add(1, Ordering::Release);
             self.counters
                 .origin_bytes_written
                 .fetch_add(differing, Ordering::Relaxed);
             Ok(())
         })
+    }
+
+    /// For restore, which holds the barrier exclusively: if `data` (the chunk's new
+    /// contents, from its start to its end or the volume's) differs from the origin and the
+    /// chunk needs a copy, copies the old contents into a store slot and queues the entry,
+    /// without touching the origin; the caller commits, then writes. Returns whether the
+    /// chunk differs at all.
+    pub(super) fn queue_copy(&self, chunk_index: u64, data: &[u8]) -> Result<bool> {
+        let cs = self.chunk_bytes();
+        let chunk_start = chunk_index * cs;
+        let len = ((chunk_start + cs).min(self.config.size_bytes) - chunk_start) as usize;
+        assert_eq!(data.len(), len);
+        let _chunk = self.chunk_lock(chunk_index).write();
+        debug_assert!(!self.deferred.contains(chunk_index));
+        OLD_CHUNK.with(|cell| {
+            let mut old = cell.borrow_mut();
+            if old.len() < cs as usize {
+                old.resize(cs as usize, 0);
+            }
+            self.origin
+                .read_at(&mut old[..len], chunk_start)
+                .map_err(self.io_err(|| format!("reading chunk {chunk_index} of the origin")))?;
+            if old[..len] == *data {
+                return Ok(false);
+            }
+            let Some(until) = self.tables.read().preserve_target(chunk_index) else {
+                return Ok(true);
+            };
+            old[len..cs as usize].fill(0);
+            if let Some(entry) = self.copy_out(chunk_index, until, &old[..cs as usize])? {
+                self.queue(entry);
+            }
+            Ok(true)
+        })
+    }
+
+    /// Starts writing the stores' dirty pages back (a hint before a commit syncs them).
+    pub(super) fn start_store_writeback(&self) {
+        for f in self.stores.files() {
+            let _ = f.storage.start_writeback(0, 0);
+        }
     }
 
     /// A write into a chunk whose new contents are held in `deferred` (its preserved copy is
@@ -441,12 +482,6 @@ impl Volume {
         }
     }
 
-    /// Whether the deferred work has reached one of its limits.
-    pub(super) fn deferred_full(&self) -> bool {
-        self.group.state.lock().pending.len() as u64 >= self.deferred_entries_max()
-            || self.deferred.piece_count() >= DEFERRED_PIECES_MAX
-    }
-
     /// Most mapping entries queued at once: `DEFERRED_PRESERVE_BYTES_MAX` of copies, and no
     /// more than one journal frame holds.
     fn deferred_entries_max(&self) -> u64 {
@@ -544,7 +579,7 @@ impl Volume {
                         "writing the deferred data of chunk {chunk_index} to the origin failed ({e}); acknowledged writes may be lost"
                     ))
                 })?;
-            self.origin_unsynced.store(true, Ordering::Release);
+            self.origin_writes.fetch_add(1, Ordering::Release);
         }
         Ok(())
     }
