@@ -109,6 +109,22 @@ impl Storage for FileStorage {
         }
     }
 
+    fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(()); // a hint only
+        };
+        // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does
+        // not touch memory we own.
+        let rc = unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());

@@ -41,6 +41,11 @@ pub trait Storage: Send + Sync + Debug {
     fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Starts reading `[offset, offset + len)` into the cache without waiting for it (a
+    /// hint: reads of it soon after find it there). Engines without a device do nothing.
+    fn will_need(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Whether this is a block device (fixed size, never truncated).
     fn is_block_device(&self) -> bool {
         false
