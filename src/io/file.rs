@@ -28,14 +28,7 @@ impl Disk for FileDisk {
         }
         let file = opts.open(path)?;
         let block_device = file.metadata()?.file_type().is_block_device();
-        Ok(Arc::new(FileStorage {
-            file,
-            block_device,
-            // Counted as changed until the first sync: an earlier process may have left
-            // unsynced writes in the page cache.
-            changes: AtomicU64::new(1),
-            synced_changes: AtomicU64::new(0),
-        }))
+        Ok(Arc::new(FileStorage::new(file, block_device)))
     }
 
     fn exists(&self, path: &Path) -> bool {
@@ -50,10 +43,7 @@ impl Disk for FileDisk {
             .custom_flags(libc::O_TMPFILE)
             .mode(0o600)
             .open(dir)?;
-        Ok(Arc::new(FileStorage {
-            file,
-            block_device: false,
-        }))
+        Ok(Arc::new(FileStorage::new(file, false)))
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
@@ -77,6 +67,17 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
+    fn new(file: File, block_device: bool) -> FileStorage {
+        FileStorage {
+            file,
+            block_device,
+            // Counted as changed until the first sync: an earlier process may have left
+            // unsynced writes in the page cache.
+            changes: AtomicU64::new(1),
+            synced_changes: AtomicU64::new(0),
+        }
+    }
+
     fn changed<T>(&self, result: io::Result<T>) -> io::Result<T> {
         self.changes.fetch_add(1, Ordering::SeqCst);
         result
