@@ -28,11 +28,20 @@ pub fn main() -> ExitCode {
         init_tracing(cli.verbose, true);
         return exit_code(serve::serve(&cli.data_dir, args));
     }
-    init_tracing(cli.verbose, false);
+    // A command forwarded to a daemon logs nothing here at the default level (warnings;
+    // `forward` only logs at debug), so the subscriber is set up after forwarding unless
+    // more is asked for: this keeps it off the path of every command sent to the daemon.
+    let log_early = cli.verbose > 0 || std::env::var_os("RUST_LOG").is_some();
+    if log_early {
+        init_tracing(cli.verbose, false);
+    }
     match remote::forward(&cli.data_dir) {
         Ok(Some(code)) => return code,
         Ok(None) => {}
         Err(e) => return exit_code(Err(e)),
+    }
+    if !log_early {
+        init_tracing(cli.verbose, false);
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

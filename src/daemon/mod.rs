@@ -4,7 +4,8 @@
 //!
 //! One thread waits in `poll(2)` on every listening socket and on a wake-up pipe that the
 //! signal handlers (and [`Stopper`]) write to; each accepted NBD connection and each control
-//! request gets its own thread. Volumes live in the shared [`Registry`]. What a control
+//! request gets its own thread (a control thread then waits a few seconds for the next
+//! request before it ends). Volumes live in the shared [`Registry`]. What a control
 //! request runs is up to the [`Handler`] the caller supplies (the CLI runs its own command
 //! functions), so this module knows nothing of the command line.
 //!
@@ -178,6 +179,70 @@ impl Drop for Leave {
     }
 }
 
+/// How long a control thread waits for the next request before it ends.
+const CONTROL_IDLE: Duration = Duration::from_secs(10);
+
+/// Control threads waiting for a request, and the requests handed to them. A thread that
+/// finished a request waits here for [`CONTROL_IDLE`] before it ends, so that a burst of
+/// commands (a script taking snapshots) does not start a thread, and fault in its stack,
+/// per command.
+#[derive(Default)]
+struct ControlPool {
+    state: Mutex<PoolState>,
+    ready: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Threads waiting in [`ControlPool::next`]; always at least `jobs.len()`.
+    idle: usize,
+    jobs: std::collections::VecDeque<(UnixStream, Leave)>,
+    closed: bool,
+}
+
+impl ControlPool {
+    /// Hands `job` to a waiting thread, or gives it back when none waits.
+    fn hand_over(&self, job: (UnixStream, Leave)) -> Option<(UnixStream, Leave)> {
+        let mut st = self.state.lock();
+        if st.closed || st.idle <= st.jobs.len() {
+            return Some(job);
+        }
+        st.jobs.push_back(job);
+        drop(st);
+        self.ready.notify_one();
+        None
+    }
+
+    /// Waits for the next request; `None` after [`CONTROL_IDLE`] without one, or once
+    /// the pool is closed.
+    fn next(&self) -> Option<(UnixStream, Leave)> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return None;
+        }
+        st.idle += 1;
+        let deadline = Instant::now() + CONTROL_IDLE;
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                st.idle -= 1;
+                return Some(job);
+            }
+            if st.closed || self.ready.wait_until(&mut st, deadline).timed_out() {
+                // A job handed over while this thread was counted is still taken.
+                let job = st.jobs.pop_front();
+                st.idle -= 1;
+                return job;
+            }
+        }
+    }
+
+    /// Ends the waiting threads; from now on every request gets its own thread.
+    fn close(&self) {
+        self.state.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
 /// A daemon whose sockets are bound; [`Daemon::run`] serves until a signal or [`Stopper`].
 pub struct Daemon {
     registry: Arc<Registry>,
@@ -186,6 +251,7 @@ pub struct Daemon {
     /// Dropping a listener removes its socket file.
     listeners: Vec<Listener>,
     control: Option<(UnixListener, SocketFile)>,
+    control_pool: Arc<ControlPool>,
     wake_rx: UnixStream,
     wake_tx: UnixStream,
     stop_requested: Arc<AtomicBool>,
@@ -270,6 +336,7 @@ impl Daemon {
             handler,
             listeners,
             control: Some(control),
+            control_pool: Arc::default(),
             wake_rx,
             wake_tx,
             stop_requested: Arc::new(AtomicBool::new(false)),
@@ -474,14 +541,22 @@ impl Daemon {
                 tracker: ctl.clone(),
                 id,
             };
+            let Some(job) = self.control_pool.hand_over((stream, leave)) else {
+                continue;
+            };
             let registry = self.registry.clone();
             let handler = self.handler.clone();
             let shutdown = shutdown.clone();
+            let pool = self.control_pool.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("control-{id}"))
                 .spawn(move || {
-                    let _leave = leave;
-                    serve_control(stream, &handler, &registry, &shutdown);
+                    let mut job = Some(job);
+                    while let Some((stream, leave)) = job.take() {
+                        serve_control(stream, &handler, &registry, &shutdown);
+                        drop(leave);
+                        job = pool.next();
+                    }
                 });
             match spawned {
                 Ok(thread) => ctl.push_thread(thread),
@@ -499,6 +574,7 @@ impl Daemon {
         // Stop accepting: close the listeners and remove their socket files.
         self.listeners.clear();
         self.control = None;
+        self.control_pool.close();
         shutdown.store(true, Ordering::SeqCst);
         nbd.shutdown_all(Shutdown::Read);
         let grace = self.options.shutdown_grace;
@@ -712,5 +788,57 @@ mod tests {
         // The data directory is free again.
         let again = Arc::new(Registry::new(DataDir::open(&data).unwrap()));
         drop(Daemon::bind(again, options(tmp.path()), echo()).unwrap());
+    }
+
+    #[test]
+    fn control_pool_hands_requests_to_waiting_threads_only() {
+        let tracker = Arc::new(Tracker::default());
+        let job = || {
+            let id = tracker.add(None);
+            let (a, _) = UnixStream::pair().unwrap();
+            (
+                a,
+                Leave {
+                    tracker: tracker.clone(),
+                    id,
+                },
+            )
+        };
+        let pool = Arc::new(ControlPool::default());
+        // Nobody waits: the caller gets the request back (and starts a thread).
+        assert!(pool.hand_over(job()).is_some());
+        // A waiting thread gets the next ones, one at a time.
+        let waiter = {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let mut served = Vec::new();
+                while let Some((_, leave)) = pool.next() {
+                    served.push(leave.id);
+                }
+                served
+            })
+        };
+        let mut handed = Vec::new();
+        while handed.len() < 3 {
+            let j = job();
+            let id = j.1.id;
+            match pool.hand_over(j) {
+                None => handed.push(id),
+                Some(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        // Closing ends the waiting thread after what it was handed, and refuses more.
+        let waiting = || {
+            let st = pool.state.lock();
+            st.idle == 1 && st.jobs.is_empty()
+        };
+        while !waiting() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        pool.close();
+        assert_eq!(waiter.join().unwrap(), handed);
+        assert!(pool.hand_over(job()).is_some());
+        assert!(pool.next().is_none());
+        assert_eq!(tracker.live(), 0);
     }
 }

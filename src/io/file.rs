@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Opens files and block devices with `pread`/`pwrite`/`fdatasync`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -27,7 +28,7 @@ impl Disk for FileDisk {
         }
         let file = opts.open(path)?;
         let block_device = file.metadata()?.file_type().is_block_device();
-        Ok(Arc::new(FileStorage { file, block_device }))
+        Ok(Arc::new(FileStorage::new(file, block_device)))
     }
 
     fn exists(&self, path: &Path) -> bool {
@@ -42,10 +43,7 @@ impl Disk for FileDisk {
             .custom_flags(libc::O_TMPFILE)
             .mode(0o600)
             .open(dir)?;
-        Ok(Arc::new(FileStorage {
-            file,
-            block_device: false,
-        }))
+        Ok(Arc::new(FileStorage::new(file, false)))
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
@@ -60,72 +58,32 @@ impl Disk for FileDisk {
 pub struct FileStorage {
     file: File,
     block_device: bool,
+    /// Bumped after every call that may change the file (`write_at`, `discard`,
+    /// `set_len`), whether or not it succeeded.
+    changes: AtomicU64,
+    /// The value of `changes` read before the last successful `fdatasync` began: every
+    /// change counted up to it is durable.
+    synced_changes: AtomicU64,
 }
 
-/// Largest single zero-fill write when a device cannot punch holes.
-const ZERO_FILL_BYTES_MAX: usize = 1 << 20;
-
-impl Storage for FileStorage {
-    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-        while !buf.is_empty() {
-            match self.file.read_at(buf, offset) {
-                Ok(0) => {
-                    // Past the end: the contract says zeros.
-                    buf.fill(0);
-                    return Ok(());
-                }
-                Ok(n) => {
-                    buf = &mut buf[n..];
-                    offset += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
-
-    fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-
-    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Ok(()); // a hint only
-        };
-        // SAFETY: sync_file_range takes a valid open descriptor and plain integers; it does
-        // not touch memory we own.
-        let rc = unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), off, l, libc::SYNC_FILE_RANGE_WRITE)
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
+impl FileStorage {
+    fn new(file: File, block_device: bool) -> FileStorage {
+        FileStorage {
+            file,
+            block_device,
+            // Counted as changed until the first sync: an earlier process may have left
+            // unsynced writes in the page cache.
+            changes: AtomicU64::new(1),
+            synced_changes: AtomicU64::new(0),
         }
     }
 
-    fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Ok(()); // a hint only
-        };
-        // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does
-        // not touch memory we own.
-        let rc = unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED)
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(rc))
-        }
+    fn changed<T>(&self, result: io::Result<T>) -> io::Result<T> {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        result
     }
 
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn discard_inner(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -169,6 +127,84 @@ impl Storage for FileStorage {
             _ => Err(err),
         }
     }
+}
+
+/// Largest single zero-fill write when a device cannot punch holes.
+const ZERO_FILL_BYTES_MAX: usize = 1 << 20;
+
+impl Storage for FileStorage {
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.file.read_at(buf, offset) {
+                Ok(0) => {
+                    // Past the end: the contract says zeros.
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.changed(self.file.write_all_at(buf, offset))
+    }
+
+    /// `fdatasync`, skipped when nothing changed through this handle since the last
+    /// successful one: on ext4 and others a sync of a clean file still flushes the
+    /// device's write cache, which costs as much as a small write. (Only this handle's
+    /// changes are tracked: snapvol opens each file once and syncs the handle it wrote.)
+    fn sync(&self) -> io::Result<()> {
+        let changes = self.changes.load(Ordering::SeqCst);
+        if self.synced_changes.load(Ordering::SeqCst) == changes {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        self.synced_changes.fetch_max(changes, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.changed(self.discard_inner(offset, len))
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(()); // a hint only
+        };
+        // SAFETY: sync_file_range takes a valid open descriptor and plain integers; it does
+        // not touch memory we own.
+        let rc = unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), off, l, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(()); // a hint only
+        };
+        // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does
+        // not touch memory we own.
+        let rc = unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
 
     fn len(&self) -> io::Result<u64> {
         if self.block_device {
@@ -188,7 +224,7 @@ impl Storage for FileStorage {
                 "cannot change the size of a block device",
             ));
         }
-        self.file.set_len(len)
+        self.changed(self.file.set_len(len))
     }
 
     fn is_block_device(&self) -> bool {

@@ -31,6 +31,12 @@
 //!     zero padding to the next multiple of 8 (not covered by the checksum)
 //! ```
 //!
+//! Zero bytes may follow the last frame up to the end of the file: `append` writes them
+//! ahead of the frames (tens of KiB to 1 MiB at a time) so that a sync after an append
+//! overwrites blocks already allocated within the file's size and need not commit file
+//! system metadata. Zeros from the end of the last valid frame to the end of the file are
+//! the clean end of the journal, not damage.
+//!
 //! # Durability contract for callers
 //!
 //! `append` does not sync. A frame is committed once a later [`Journal::sync`] returns.
@@ -132,6 +138,9 @@ pub struct Journal {
     storage: Arc<dyn Storage>,
     /// Offset where the next frame is written (end of the last valid frame).
     end: u64,
+    /// Length of the file as this journal left it; bytes from `end` up to it are zeros
+    /// written ahead (see [`Journal::append`]).
+    file_len: u64,
     /// Sequence number of the next frame.
     next_seq: u64,
     /// Encode buffer reused across appends.

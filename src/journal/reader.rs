@@ -154,7 +154,8 @@ pub(crate) struct Parsed {
     pub skipped_frame_count: u64,
     /// Seq of the last valid frame, skipped or not.
     pub last_seq: Option<u64>,
-    /// Offset after the last valid frame.
+    /// Offset after the last valid frame (any bytes after it up to the end of the file are
+    /// zeros, unless `torn` is set).
     pub end: u64,
     /// A torn tail starting at `end`.
     pub torn: Option<Damage>,
@@ -162,7 +163,10 @@ pub(crate) struct Parsed {
 
 /// Parses every frame of `file` (the whole journal, header included, already checked).
 ///
-/// At the first invalid frame, at offset `o`, looks for a valid frame at any 8-byte-aligned
+/// Zero bytes from the end of the last valid frame to the end of the file are the clean
+/// end of the journal (space written ahead), not damage.
+///
+/// At other damage, at the first invalid frame, at offset `o`, looks for a valid frame at any 8-byte-aligned
 /// offset from `o` on whose seq is greater than the last good seq (than `checkpoint_seq` if
 /// no frame is good). If there is one, committed records lie after the damage: `Corrupt`.
 /// Otherwise the damage is a torn tail; lower seqs after it are stale frames, e.g. left by
@@ -218,8 +222,13 @@ pub(crate) fn parse(file: &[u8], checkpoint_seq: u64) -> Result<Parsed, JournalE
     };
 
     let end = pos as u64;
+    // Zeros up to the end of the file are space written ahead by `append`: a clean end.
+    let clean_zeros = file
+        .get(pos..)
+        .is_some_and(|rest| rest.iter().all(|&b| b == 0));
     let torn = match damage_reason {
         None => None,
+        Some(_) if clean_zeros => None,
         Some(reason) => {
             if let Some((found_at, found_seq)) =
                 find_later_frame(file, pos, last_seq.unwrap_or(checkpoint_seq))

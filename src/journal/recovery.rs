@@ -38,8 +38,10 @@ impl Journal {
     /// `seq <= checkpoint_seq + 1` ([`JournalError::Gap`] otherwise) and seqs must be
     /// consecutive.
     ///
-    /// A torn tail (damage after the last valid frame with no valid, higher-seq frame
-    /// after it, including zero bytes) is truncated and synced in [`RecoveryMode::Repair`]
+    /// Zero bytes from the end of the last valid frame to the end of the file are the
+    /// clean end of the journal (space `append` wrote ahead): not reported, kept. A torn
+    /// tail (other damage after the last valid frame with no valid, higher-seq frame
+    /// after it) is truncated and synced in [`RecoveryMode::Repair`]
     /// and only reported in [`RecoveryMode::ReadOnly`]. Damage followed by a valid frame
     /// with a higher seq is [`JournalError::Corrupt`]; the file is never modified then.
     ///
@@ -86,19 +88,24 @@ impl Journal {
             );
             torn
         });
+        // Zeros after the last frame (written ahead by `append`) stay in place.
+        let mut file_len = len;
         if mode == RecoveryMode::Repair {
+            let mut cut = None;
             if drop_all {
                 tracing::info!(
                     frames = parsed.skipped_frame_count,
                     checkpoint_seq,
                     "journal: dropping frames all older than the checkpoint"
                 );
-                end = JOURNAL_HEADER_BYTES;
+                cut = Some(JOURNAL_HEADER_BYTES);
             } else if let Some(torn) = torn_tail {
-                end = torn.offset;
+                cut = Some(torn.offset);
             }
-            if end < len {
-                storage.set_len(end)?;
+            if let Some(cut) = cut {
+                end = cut;
+                file_len = cut;
+                storage.set_len(cut)?;
                 storage.sync()?;
             }
         }
@@ -107,6 +114,7 @@ impl Journal {
         let journal = Journal {
             storage,
             end,
+            file_len,
             next_seq: last_seq.saturating_add(1),
             buf: Vec::new(),
             read_only: mode == RecoveryMode::ReadOnly,

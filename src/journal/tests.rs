@@ -156,9 +156,11 @@ fn build(frames: &[Vec<Record>]) -> Built {
         });
     }
     j.sync().unwrap();
-    assert_eq!(j.size_bytes(), s.len().unwrap());
+    // Without the zeros `append` writes ahead: the cases below damage the frames' end.
+    let file = contents(&*s);
+    assert!(file[j.size_bytes() as usize..].iter().all(|&b| b == 0));
     Built {
-        file: contents(&*s),
+        file: file[..j.size_bytes() as usize].to_vec(),
         offsets,
         frames: out,
     }
@@ -244,10 +246,22 @@ fn check(case: &Case) {
                 assert_eq!(rec.skipped_frame_count, *skipped, "{ctx}: skipped");
                 assert_eq!(rec.torn_tail, *torn, "{ctx}: torn tail");
                 assert_eq!(j.next_seq(), *next_seq, "{ctx}: next_seq");
-                let mut end = torn.map_or(case.file.len() as u64, |t| t.offset);
-                if *dropped && mode == RecoveryMode::Repair {
-                    end = JOURNAL_HEADER_BYTES;
-                }
+                let repair_dropped = *dropped && mode == RecoveryMode::Repair;
+                let cut = torn.is_some() || repair_dropped;
+                let end = match torn {
+                    _ if repair_dropped => JOURNAL_HEADER_BYTES,
+                    Some(t) => t.offset,
+                    // Without damage, the file may end in zeros after the last frame.
+                    None => {
+                        let end = j.size_bytes();
+                        assert!(end <= case.file.len() as u64, "{ctx}: size_bytes");
+                        assert!(
+                            case.file[end as usize..].iter().all(|&b| b == 0),
+                            "{ctx}: non-zero bytes after the end"
+                        );
+                        end
+                    }
+                };
                 assert_eq!(j.size_bytes(), end, "{ctx}: size_bytes");
                 match mode {
                     RecoveryMode::ReadOnly => {
@@ -260,7 +274,12 @@ fn check(case: &Case) {
                         assert_eq!(contents(&*s), case.file, "{ctx}: file modified");
                     }
                     RecoveryMode::Repair => {
-                        assert_eq!(contents(&*s), case.file[..end as usize], "{ctx}: file");
+                        let want = if cut {
+                            &case.file[..end as usize]
+                        } else {
+                            &case.file[..]
+                        };
+                        assert_eq!(contents(&*s), want, "{ctx}: file");
                         let new = vec![Record::SnapshotDelete { snapshot_id: 4242 }];
                         assert_eq!(j.append(&new).unwrap(), *next_seq, "{ctx}: appended seq");
                         j.sync().unwrap();
@@ -276,7 +295,11 @@ fn check(case: &Case) {
                         let skipped2 = if *dropped { 0 } else { *skipped };
                         assert_eq!(rec2.skipped_frame_count, skipped2, "{ctx}");
                         assert_eq!(j2.next_seq(), next_seq + 1, "{ctx}");
-                        assert_eq!(j2.size_bytes(), s.len().unwrap(), "{ctx}");
+                        let after = contents(&*s);
+                        assert!(
+                            after[j2.size_bytes() as usize..].iter().all(|&b| b == 0),
+                            "{ctx}: non-zero bytes after the end"
+                        );
                     }
                 }
             }
@@ -539,7 +562,8 @@ fn garbage_in_the_last_frame_is_a_torn_tail() {
 }
 
 #[test]
-fn zero_filled_extension_is_a_torn_tail() {
+fn zeros_up_to_the_end_are_a_clean_end() {
+    // What `append` writes ahead of the frames, or an extension that was never written.
     let b = build(&small(3));
     let empty = build(&[]);
     let end = b.file.len() as u64;
@@ -551,7 +575,7 @@ fn zero_filled_extension_is_a_torn_tail() {
             name: format!("{extra} zero bytes"),
             file,
             checkpoint_seq: 0,
-            expect: Expect::torn(&b.frames, end, extra, 4),
+            expect: Expect::clean(&b.frames, 4),
         });
         let mut file = empty.file.clone();
         file.resize(32 + extra as usize, 0);
@@ -559,19 +583,109 @@ fn zero_filled_extension_is_a_torn_tail() {
             name: format!("empty journal + {extra} zero bytes"),
             file,
             checkpoint_seq: 6,
-            expect: Expect::torn(&[], 32, extra, 7),
+            expect: Expect::clean(&[], 7),
         });
     }
-    // The last frame zeroed (extended, never written).
+    // The last frame zeroed (written ahead, or its write never reached the disk).
     let mut file = b.file.clone();
     file[b.offsets[2] as usize..].fill(0);
     cases.push(Case {
         name: "last frame zeroed".into(),
         file,
         checkpoint_seq: 0,
-        expect: Expect::torn(&b.frames[..2], b.offsets[2], end - b.offsets[2], 3),
+        expect: Expect::clean(&b.frames[..2], 3),
     });
     check_all(&cases);
+    for extra in [1u64, 4096] {
+        let mut file = b.file.clone();
+        file.resize((end + extra) as usize, 0);
+        let (j, _) = Journal::open(storage_with(&file), 0, RecoveryMode::ReadOnly).unwrap();
+        assert_eq!(j.size_bytes(), end);
+    }
+}
+
+#[test]
+fn damage_then_zeros_is_a_torn_tail() {
+    let b = build(&small(3));
+    let end = b.file.len() as u64;
+    let mut cases = Vec::new();
+    for (at, extra) in [(0u64, 8u64), (0, 4096), (100, 4096), (4095, 4096)] {
+        let mut file = b.file.clone();
+        file.resize((end + extra) as usize, 0);
+        file[(end + at) as usize] = 0x5a;
+        cases.push(Case {
+            name: format!("a non-zero byte {at} bytes into {extra} zeros"),
+            file,
+            checkpoint_seq: 0,
+            expect: Expect::torn(&b.frames, end, extra, 4),
+        });
+    }
+    // Half of the last frame, then the zeros written ahead with it.
+    let mut file = b.file[..(b.offsets[2] + 10) as usize].to_vec();
+    file.resize((end + 4096) as usize, 0);
+    cases.push(Case {
+        name: "half a frame, then zeros".into(),
+        expect: Expect::torn(
+            &b.frames[..2],
+            b.offsets[2],
+            file.len() as u64 - b.offsets[2],
+            3,
+        ),
+        file,
+        checkpoint_seq: 0,
+    });
+    check_all(&cases);
+}
+
+#[test]
+fn append_writes_zeros_ahead_and_then_stays_inside_the_file() {
+    let s = new_storage();
+    let mut j = Journal::create(s.clone()).unwrap();
+    assert_eq!(s.len().unwrap(), JOURNAL_HEADER_BYTES);
+    let frames = small(3);
+    j.append(&frames[0]).unwrap();
+    let len = s.len().unwrap();
+    assert_eq!(len, super::writer::preallocated_end(j.size_bytes()));
+    assert!(len >= j.size_bytes() + super::writer::PREALLOC_MIN_BYTES);
+    assert_eq!(len % 4096, 0);
+    j.append(&frames[1]).unwrap();
+    j.append(&frames[2]).unwrap();
+    assert_eq!(
+        s.len().unwrap(),
+        len,
+        "appends inside the zeros keep the length"
+    );
+    j.sync().unwrap();
+    let (j2, rec) = Journal::open(s.clone(), 0, RecoveryMode::Repair).unwrap();
+    assert_eq!(rec.frames.len(), 3);
+    assert_eq!(rec.torn_tail, None);
+    assert_eq!(j2.size_bytes(), j.size_bytes());
+    assert_eq!(s.len().unwrap(), len, "a clean open keeps the zeros");
+    drop(j2);
+
+    // Filling the zeros grows the file again, by about its size, up to 1 MiB at a time.
+    let mut j = j;
+    let big = vec![Record::Preserve((0..4000).map(entry).collect())];
+    while s.len().unwrap() == len {
+        j.append(&big).unwrap();
+    }
+    assert_eq!(
+        s.len().unwrap(),
+        super::writer::preallocated_end(j.size_bytes())
+    );
+    for _ in 0..40 {
+        j.append(&big).unwrap();
+    }
+    let grown = s.len().unwrap();
+    assert!(grown - j.size_bytes() <= super::writer::PREALLOC_MAX_BYTES + 4096);
+    j.sync().unwrap();
+    let (_, rec) = Journal::open(s.clone(), 0, RecoveryMode::ReadOnly).unwrap();
+    assert_eq!(rec.torn_tail, None);
+    assert_eq!(rec.frames.len() as u64, j.next_seq() - 1);
+
+    // A reset gives the zeros back.
+    j.reset().unwrap();
+    assert_eq!(s.len().unwrap(), JOURNAL_HEADER_BYTES);
 }
 
 #[test]
@@ -591,7 +705,8 @@ fn stale_frames_after_the_damage_are_a_torn_tail() {
         })
         .collect();
     assert_eq!(new_frames[0].seq, 9);
-    let new_file = contents(&*fresh);
+    // Without the zeros written ahead (those would overwrite the stale frames).
+    let new_file = contents(&*fresh)[..j.size_bytes() as usize].to_vec();
     let mut file = old.file.clone();
     file[..new_file.len()].copy_from_slice(&new_file);
     let end = new_file.len() as u64;
@@ -1197,12 +1312,19 @@ proptest! {
                 prop_assert_eq!(first.seq, checkpoint_seq + 1);
             }
             prop_assert!(j.next_seq() > checkpoint_seq);
-            let end = rec.torn_tail.map_or(file.len() as u64, |t| t.offset);
+            // Without damage, only zeros may follow the last frame.
+            let end = rec.torn_tail.map_or(j.size_bytes(), |t| t.offset);
             match mode {
-                RecoveryMode::ReadOnly => prop_assert_eq!(j.size_bytes(), end),
+                RecoveryMode::ReadOnly => {
+                    prop_assert_eq!(j.size_bytes(), end);
+                    prop_assert!(
+                        rec.torn_tail.is_some() || file[end as usize..].iter().all(|&b| b == 0)
+                    );
+                }
                 // Repair may also drop frames all older than the checkpoint.
                 RecoveryMode::Repair => {
-                    prop_assert_eq!(j.size_bytes(), s.len().unwrap());
+                    let after = contents(&*s);
+                    prop_assert!(after[j.size_bytes() as usize..].iter().all(|&b| b == 0));
                     prop_assert!(j.size_bytes() == end || j.size_bytes() == JOURNAL_HEADER_BYTES);
                 }
             }

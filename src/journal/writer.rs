@@ -14,7 +14,21 @@ pub(crate) const JOURNAL_VERSION: u32 = 1;
 pub(crate) const HEADER_CRC_OFFSET: usize = 28;
 
 /// Largest encode buffer kept between appends; a bigger one is released after use.
-const ENCODE_BUF_KEEP_BYTES: usize = 1 << 20;
+const ENCODE_BUF_KEEP_BYTES: usize = 2 << 20;
+
+/// Zero bytes written ahead of the last frame when an append reaches the end of the
+/// file: at least this many...
+pub(crate) const PREALLOC_MIN_BYTES: u64 = 64 << 10;
+/// ...and at most this many; in between, as many as the journal already holds.
+pub(crate) const PREALLOC_MAX_BYTES: u64 = 1 << 20;
+
+/// Where the file should end once a frame ending at `frame_end` grows it: `frame_end`
+/// plus the zeros written ahead (about the journal's size, within
+/// [`PREALLOC_MIN_BYTES`]..=[`PREALLOC_MAX_BYTES`]), rounded up to 4 KiB.
+pub(crate) fn preallocated_end(frame_end: u64) -> u64 {
+    let ahead = frame_end.clamp(PREALLOC_MIN_BYTES, PREALLOC_MAX_BYTES);
+    frame_end.saturating_add(ahead).saturating_add(4095) & !4095
+}
 
 /// The 32-byte file header.
 pub(crate) fn encode_header() -> [u8; JOURNAL_HEADER_BYTES as usize] {
@@ -98,6 +112,7 @@ impl Journal {
         Ok(Journal {
             storage,
             end: JOURNAL_HEADER_BYTES,
+            file_len: JOURNAL_HEADER_BYTES,
             next_seq: 1,
             buf: Vec::new(),
             read_only: false,
@@ -107,6 +122,12 @@ impl Journal {
     /// Appends `records` as one frame with one `write_at` at the end of the journal and
     /// returns the frame's seq. Does not sync: the frame is committed once a later
     /// [`Journal::sync`] returns.
+    ///
+    /// When the frame reaches past the end of the file, the same write also puts zeros
+    /// after it (see [`preallocated_end`]), so that the following appends overwrite
+    /// blocks the file system has already allocated inside the file's size, and their
+    /// sync need not commit a new file size or allocation. Zeros after the last frame
+    /// read back as the clean end of the journal.
     ///
     /// Rejects an empty slice, more than [`super::JOURNAL_FRAME_RECORDS_MAX`] records or an
     /// unencodable record with `InvalidAppend`, and a payload over
@@ -124,8 +145,21 @@ impl Journal {
             });
         };
         let result = encode_frame(seq, records, &mut self.buf).and_then(|()| {
-            self.storage.write_at(&self.buf, self.end)?;
-            Ok(self.buf.len() as u64)
+            let frame_len = self.buf.len() as u64;
+            let frame_end = self.end + frame_len;
+            if frame_end > self.file_len {
+                let zeros = preallocated_end(frame_end) - frame_end;
+                self.buf.resize(self.buf.len() + zeros as usize, 0);
+            }
+            let written_end = self.end + self.buf.len() as u64;
+            if let Err(e) = self.storage.write_at(&self.buf, self.end) {
+                // Part of the write may have landed after `end`: the next append writes
+                // its zeros again, over whatever this one left.
+                self.file_len = self.end;
+                return Err(e.into());
+            }
+            self.file_len = self.file_len.max(written_end);
+            Ok(frame_len)
         });
         if self.buf.capacity() > ENCODE_BUF_KEEP_BYTES {
             self.buf = Vec::new();
@@ -148,15 +182,18 @@ impl Journal {
         if self.read_only {
             return Err(JournalError::ReadOnly);
         }
+        // Whatever happens below, the next append writes its zeros after it again.
+        self.file_len = JOURNAL_HEADER_BYTES;
         self.storage.set_len(JOURNAL_HEADER_BYTES)?;
         // The file now ends at the header whether or not the sync below succeeds; appending
-        // at the old end would leave a hole of zeros that recovery reads as damage.
+        // at the old end would leave stale bytes before it.
         self.end = JOURNAL_HEADER_BYTES;
         self.storage.sync()?;
         Ok(())
     }
 
-    /// Offset where the next frame goes: the end of the last valid frame.
+    /// Offset where the next frame goes: the end of the last valid frame. The file may be
+    /// longer: zeros written ahead.
     pub fn size_bytes(&self) -> u64 {
         self.end
     }
