@@ -31,12 +31,11 @@ pub struct Loc {
     pub data_crc32c: u32,
 }
 
-/// Records per segment at most (24 B each: 1.5 MiB). Tiny in unit tests, to exercise
-/// merges and splits.
-const SEGMENT_MAX_RECORDS: usize = if cfg!(test) { 8 } else { 1 << 16 };
-/// The delta is merged once it holds this many packable entries, or 1/32 of the table.
-const DELTA_MIN_LIMIT: u64 = if cfg!(test) { 3 } else { 4096 };
-const DELTA_LIMIT_SHIFT: u32 = 5;
+/// Records per segment at most (24 B each: 1.5 MiB).
+const SEGMENT_MAX_RECORDS: usize = 1 << 16;
+/// The delta is merged once it holds this many packable entries, or 1/64 of the table.
+const DELTA_MIN_LIMIT: u64 = 4096;
+const DELTA_LIMIT_SHIFT: u32 = 6;
 
 /// Chunk indexes and snapshot ids below this fit a packed record.
 const KEY_PART_LIMIT: u64 = 1 << 48;
@@ -124,16 +123,63 @@ fn ord_key(key: Key) -> (u64, u32) {
     (key.0 << 16 | key.1 >> 32, key.1 as u32)
 }
 
-/// A delta entry: `loc` `None` is a removal not yet checkpointed.
+/// A delta entry (16 bytes): `loc()` `None` is a removal not yet checkpointed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
-    loc: Option<Loc>,
+    slot_index: u64,
+    data_crc32c: u32,
+    store_index: u16,
+    live: bool,
     dirty: bool,
 }
 
+const _: () = assert!(std::mem::size_of::<Entry>() == 16);
+
 impl Entry {
+    fn new(loc: Option<Loc>, dirty: bool) -> Entry {
+        let l = loc.unwrap_or(Loc {
+            store_index: 0,
+            slot_index: 0,
+            data_crc32c: 0,
+        });
+        Entry {
+            slot_index: l.slot_index,
+            data_crc32c: l.data_crc32c,
+            store_index: l.store_index,
+            live: loc.is_some(),
+            dirty,
+        }
+    }
+
+    fn loc(&self) -> Option<Loc> {
+        self.live.then_some(Loc {
+            store_index: self.store_index,
+            slot_index: self.slot_index,
+            data_crc32c: self.data_crc32c,
+        })
+    }
+
     fn packable(&self, key: Key) -> bool {
-        key_packable(key) && self.loc.is_none_or(|l| loc_packable(&l))
+        key_packable(key) && self.loc().is_none_or(|l| loc_packable(&l))
+    }
+}
+
+/// Size limits of the structure (small ones in tests, to exercise merges and splits).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Records per segment at most.
+    segment_max_records: usize,
+    /// The delta is merged once it holds this many packable entries, or
+    /// `live >> DELTA_LIMIT_SHIFT` if more.
+    delta_min: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            segment_max_records: SEGMENT_MAX_RECORDS,
+            delta_min: DELTA_MIN_LIMIT,
+        }
     }
 }
 
@@ -148,6 +194,7 @@ pub struct PreserveMap {
     delta_unpackable: u64,
     /// Live records (segments and delta).
     live: u64,
+    limits: Limits,
 }
 
 /// A raw record: `loc` `None` is dead (removed, not yet checkpointed).
@@ -193,7 +240,7 @@ impl Iterator for RawIter<'_> {
             return Some(Raw {
                 chunk_index,
                 until,
-                loc: e.loc,
+                loc: e.loc(),
                 dirty: e.dirty,
             });
         }
@@ -290,13 +337,7 @@ impl PreserveMap {
                 if self.segments[s].is_empty() {
                     self.segments.remove(s);
                 }
-                let replaced = self.set_delta(
-                    key,
-                    Entry {
-                        loc: Some(loc),
-                        dirty: true,
-                    },
-                );
+                let replaced = self.set_delta(key, Entry::new(Some(loc), true));
                 debug_assert!(replaced.is_none());
             }
             if old.is_none() {
@@ -304,13 +345,7 @@ impl PreserveMap {
             }
             return old;
         }
-        let old = self.set_delta(
-            key,
-            Entry {
-                loc: Some(loc),
-                dirty: true,
-            },
-        );
+        let old = self.set_delta(key, Entry::new(Some(loc), true));
         if old.is_none() {
             self.live += 1;
         }
@@ -327,7 +362,7 @@ impl PreserveMap {
         if !entry.packable(key) {
             self.delta_unpackable += 1;
         }
-        old.and_then(|e| e.loc)
+        old.and_then(|e| e.loc())
     }
 
     pub fn remove(&mut self, chunk_index: u64, until: u64) -> Option<Loc> {
@@ -341,21 +376,15 @@ impl PreserveMap {
             return old;
         }
         // Only a live delta entry changes (an absent or dead one stays as it is).
-        self.delta.get(&key)?.loc?;
-        let old = self.set_delta(
-            key,
-            Entry {
-                loc: None,
-                dirty: true,
-            },
-        );
+        self.delta.get(&key)?.loc()?;
+        let old = self.set_delta(key, Entry::new(None, true));
         debug_assert!(old.is_some());
         self.live -= 1;
         old
     }
 
     fn delta_limit(&self) -> u64 {
-        DELTA_MIN_LIMIT.max(self.live >> DELTA_LIMIT_SHIFT)
+        self.limits.delta_min.max(self.live >> DELTA_LIMIT_SHIFT)
     }
 
     fn maybe_merge(&mut self) {
@@ -367,22 +396,24 @@ impl PreserveMap {
 
     /// Moves every packable delta entry into the segments.
     fn merge_delta(&mut self) {
-        let mut incoming: Vec<Packed> = Vec::new();
+        let packable = self.delta.len() - self.delta_unpackable as usize;
+        let mut incoming: Vec<Packed> = Vec::with_capacity(packable);
         self.delta.retain(|&key, e| {
             if e.packable(key) {
-                incoming.push(Packed::new(key, e.loc, e.dirty));
+                incoming.push(Packed::new(key, e.loc(), e.dirty));
                 false
             } else {
                 true
             }
         });
+        debug_assert_eq!(incoming.len(), packable);
         debug_assert!(incoming.is_sorted_by_key(|p| p.ord_key()));
         let mut rest: &[Packed] = &incoming;
         let mut s = 0;
         while !rest.is_empty() {
             if s == self.segments.len() {
                 // Past the last segment (or no segments yet): new segments.
-                for piece in rest.chunks(SEGMENT_MAX_RECORDS) {
+                for piece in rest.chunks(self.limits.segment_max_records) {
                     self.segments.push(piece.to_vec());
                 }
                 break;
@@ -399,7 +430,7 @@ impl PreserveMap {
             rest = later;
             if !mine.is_empty() {
                 merge_into(&mut self.segments[s], mine);
-                let pieces = split_segment(&mut self.segments[s]);
+                let pieces = split_segment(&mut self.segments[s], self.limits.segment_max_records);
                 let n = pieces.len();
                 self.segments.splice(s + 1..s + 1, pieces);
                 s += n;
@@ -422,7 +453,7 @@ impl PreserveMap {
             .delta
             .range((chunk_index, 0)..(chunk_index, until))
             .rev()
-            .find(|(_, e)| e.loc.is_some())
+            .find(|(_, e)| e.live)
             .map(|(&(_, u), _)| u);
         // Walk the segments back from the first record at or after the key.
         let (mut s, mut i) = self.seek((chunk_index, until));
@@ -531,7 +562,7 @@ impl PreserveMap {
     pub fn mark_clean(&mut self) {
         self.delta.retain(|_, e| {
             e.dirty = false;
-            e.loc.is_some()
+            e.live
         });
         // Dead delta entries were packable or not; recount.
         self.delta_unpackable = self.delta.iter().filter(|(k, e)| !e.packable(**k)).count() as u64;
@@ -548,7 +579,7 @@ impl PreserveMap {
             match kept.last_mut() {
                 _ if segment.is_empty() => {}
                 // Coalesce small neighbours (left behind by removals).
-                Some(last) if last.len() + segment.len() <= SEGMENT_MAX_RECORDS / 2 => {
+                Some(last) if last.len() + segment.len() <= self.limits.segment_max_records / 2 => {
                     last.reserve_exact(segment.len());
                     last.extend_from_slice(&segment);
                 }
@@ -574,23 +605,17 @@ impl PreserveMap {
         self.live += 1;
         if key_packable(key) && loc_packable(&loc) {
             match self.segments.last_mut() {
-                Some(s) if s.len() < SEGMENT_MAX_RECORDS => {
+                Some(s) if s.len() < self.limits.segment_max_records => {
                     s.push(Packed::new(key, Some(loc), false))
                 }
                 _ => {
-                    let mut s = Vec::with_capacity(SEGMENT_MAX_RECORDS);
+                    let mut s = Vec::with_capacity(self.limits.segment_max_records);
                     s.push(Packed::new(key, Some(loc), false));
                     self.segments.push(s);
                 }
             }
         } else {
-            self.set_delta(
-                key,
-                Entry {
-                    loc: Some(loc),
-                    dirty: false,
-                },
-            );
+            self.set_delta(key, Entry::new(Some(loc), false));
         }
     }
 
@@ -598,6 +623,18 @@ impl PreserveMap {
     pub fn finish_load(&mut self) {
         if let Some(s) = self.segments.last_mut() {
             s.shrink_to_fit();
+        }
+    }
+
+    /// A map with tiny limits, to exercise merges and splits.
+    #[cfg(test)]
+    fn with_small_limits() -> PreserveMap {
+        PreserveMap {
+            limits: Limits {
+                segment_max_records: 8,
+                delta_min: 3,
+            },
+            ..PreserveMap::default()
         }
     }
 
@@ -641,13 +678,13 @@ fn merge_into(segment: &mut Vec<Packed>, incoming: &[Packed]) {
     debug_assert_eq!(w, i);
 }
 
-/// Cuts an oversized segment into pieces of at most `SEGMENT_MAX_RECORDS`; returns the
-/// pieces after the first (the first stays in `segment`).
-fn split_segment(segment: &mut Vec<Packed>) -> Vec<Vec<Packed>> {
-    if segment.len() <= SEGMENT_MAX_RECORDS {
+/// Cuts a segment longer than `max` into pieces of about 3/4 `max`; returns the pieces
+/// after the first (the first stays in `segment`).
+fn split_segment(segment: &mut Vec<Packed>, max: usize) -> Vec<Vec<Packed>> {
+    if segment.len() <= max {
         return Vec::new();
     }
-    let pieces = segment.len().div_ceil(SEGMENT_MAX_RECORDS / 4 * 3);
+    let pieces = segment.len().div_ceil(max / 4 * 3);
     let per = segment.len().div_ceil(pieces);
     let rest: Vec<Vec<Packed>> = segment[per..].chunks(per).map(|c| c.to_vec()).collect();
     segment.truncate(per);
@@ -692,7 +729,7 @@ mod tests {
 
     #[test]
     fn lookup_picks_smallest_until_at_or_after() {
-        let mut m = PreserveMap::default();
+        let mut m = PreserveMap::with_small_limits();
         m.insert(7, 3, loc(1));
         m.insert(7, 9, loc(2));
         assert_eq!(m.lookup(7, 1).unwrap().0, 3);
@@ -707,7 +744,7 @@ mod tests {
 
     #[test]
     fn garbage_is_exactly_the_unshared_ranges() {
-        let mut m = PreserveMap::default();
+        let mut m = PreserveMap::with_small_limits();
         // Snapshots 1, 2, 3 live; chunk 0 preserved for 1 and for 3; chunk 1 for 3 only.
         m.insert(0, 1, loc(1));
         m.insert(0, 3, loc(2));
@@ -842,7 +879,7 @@ mod tests {
 
         #[test]
         fn packed_map_matches_a_btreemap(ops in proptest::collection::vec(arb_op(), 0..120)) {
-            let mut m = PreserveMap::default();
+            let mut m = PreserveMap::with_small_limits();
             let mut model: BTreeMap<(u64, u64), Loc> = BTreeMap::new();
             // What the checkpoints wrote, as redb would hold it.
             let mut disk: BTreeMap<(u64, u64), Loc> = BTreeMap::new();
@@ -874,7 +911,7 @@ mod tests {
                 };
             }
             prop_assert_eq!(&disk, &model);
-            let mut loaded = PreserveMap::default();
+            let mut loaded = PreserveMap::with_small_limits();
             for (&(c, u), &l) in &disk {
                 loaded.push_loaded(c, u, l);
             }
@@ -898,7 +935,7 @@ mod tests {
 
     #[test]
     fn records_cost_24_bytes_each() {
-        let mut m = PreserveMap::default();
+        let mut m = PreserveMap::with_small_limits();
         for c in 0..100_000u64 {
             m.insert(c * 7 % 100_003, 1, loc(c));
         }
@@ -908,6 +945,52 @@ mod tests {
             m.segment_bytes() <= 100_000 * 24 * 11 / 10,
             "{}",
             m.segment_bytes()
+        );
+    }
+
+    fn proc_status_kib(field: &str) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// A measurement, not a check: `cargo test --release --lib map_memory -- --ignored
+    /// --nocapture`. One million distinct chunks preserved in random order (as the memory
+    /// benchmark does), then the scans by snapshot id.
+    #[test]
+    #[ignore]
+    fn map_memory_and_scan_times_for_a_million_records() {
+        let n: u64 = 1_000_000;
+        let rss0 = proc_status_kib("VmRSS");
+        let mut m = PreserveMap::default();
+        // A multiplicative permutation of 0..2^22: distinct, scattered chunk indexes.
+        let mut x: u64 = 1;
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            x = (x * 1_103_515_245 + 12345) % (1 << 22);
+            m.insert(x, 1, loc(i));
+            let _ = m.record_needed(x, 1, &BTreeMap::from([(1u64, ())]));
+        }
+        let insert_time = started.elapsed();
+        let (rss1, hwm1) = (proc_status_kib("VmRSS"), proc_status_kib("VmHWM"));
+        let dirty = m.dirty_records().count();
+        m.mark_clean();
+        let started = std::time::Instant::now();
+        let changed = m.changed_chunks(1, u64::MAX).len();
+        let changed_time = started.elapsed();
+        let started = std::time::Instant::now();
+        let garbage = m.garbage_after_delete(1, &BTreeMap::<u64, ()>::new()).len();
+        let garbage_time = started.elapsed();
+        println!(
+            "{n} records: {} live, {dirty} dirty; RSS {rss0} -> {rss1} KiB (peak {hwm1} KiB): \
+             {:.1} B/record ({:.1} at peak), segments {:.1} B/record, delta {} entries; \
+             inserts {insert_time:?}, changed_chunks {changed_time:?} ({changed}), \
+             garbage_after_delete {garbage_time:?} ({garbage})",
+            m.len(),
+            (rss1 - rss0) as f64 * 1024.0 / n as f64,
+            (hwm1 - rss0) as f64 * 1024.0 / n as f64,
+            m.segment_bytes() as f64 / n as f64,
+            m.delta.len(),
         );
     }
 }
