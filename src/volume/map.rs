@@ -13,8 +13,11 @@
 //! 24-byte records, each segment at most `SEGMENT_MAX_RECORDS` long, disjoint and in key
 //! order, plus a small `BTreeMap` delta of recent inserts that is merged into the segments
 //! once it grows past `delta_limit` (so an insert costs O(log n) and the merge is amortised
-//! over many inserts; growing one segment never copies the whole table). A record whose key
-//! or slot does not fit the packed fields (ids of 2^48 and up) stays in the delta for good.
+//! over many inserts; growing one segment never copies the whole table). A record that does
+//! not fit the packed fields (a chunk index or snapshot id of 2^48 or more, a slot index of
+//! 2^47 - 1 or more) stays in the delta for good, so no id is ever refused. Queries by
+//! snapshot id (snapshot delete, diff) scan the table in chunk order: about 20-40 ms per
+//! million records.
 //!
 //! Each record also carries a dirty flag: changed since the last checkpoint. A removed record
 //! stays as a dead dirty record until the checkpoint has written the removal
