@@ -19,6 +19,11 @@ const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots")
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const STATE_KEY: &str = "volume";
 const STATE_BYTES: usize = 4 + 8 + 8 + 4 * 8 + 1 + 3 * 8 + 4;
+/// redb's page cache (reads and the write buffer of a transaction; its default is 1 GiB).
+/// The mapping table is loaded once and then lives in the [`PreserveMap`], and a checkpoint
+/// writes its records in key order, so a small cache costs little and bounds the memory a
+/// checkpoint of millions of records takes.
+const META_CACHE_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -60,10 +65,10 @@ pub struct SnapMeta {
     pub created_unix_ns: u64,
 }
 
-/// What a checkpoint must write: the records and snapshots changed since the last one.
+/// The snapshots a checkpoint must write: those changed since the last one. (The mapping
+/// records keep their own dirty flags in the [`PreserveMap`].)
 #[derive(Debug, Default)]
 pub struct Dirty {
-    pub mapping: HashMap<(u64, u64), Option<Loc>>,
     pub snapshots: HashMap<u64, Option<SnapMeta>>,
 }
 
@@ -222,6 +227,7 @@ impl Meta {
     /// Initialises an empty metadata file.
     pub fn create(storage: Arc<dyn Storage>) -> Result<Meta, MetaError> {
         let db = redb::Database::builder()
+            .set_cache_size(META_CACHE_BYTES)
             .create_with_backend(RedbBackend(storage))
             .map_err(db_err)?;
         let meta = Meta { db };
@@ -231,7 +237,7 @@ impl Meta {
             counters: Counters::default(),
             restore: None,
         };
-        meta.checkpoint(&state, &Dirty::default())?;
+        meta.checkpoint(&state, &PreserveMap::default(), &Dirty::default())?;
         Ok(meta)
     }
 
@@ -246,6 +252,7 @@ impl Meta {
         }
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             redb::Database::builder()
+                .set_cache_size(META_CACHE_BYTES)
                 .set_check_integrity_on_open(true)
                 .create_with_backend(RedbBackend(storage))
         }));
@@ -291,12 +298,13 @@ impl Meta {
         {
             let (k, v) = row.map_err(db_err)?;
             let (chunk_index, until) = k.value();
-            map.insert(
+            map.push_loaded(
                 chunk_index,
                 until,
                 decode_loc(chunk_index, until, &v.value())?,
             );
         }
+        map.finish_load();
         let mut snapshots = BTreeMap::new();
         for row in txn
             .open_table(SNAPSHOTS)
@@ -315,16 +323,22 @@ impl Meta {
         })
     }
 
-    /// Writes `dirty` and `state` in one durable transaction.
-    pub fn checkpoint(&self, state: &VolumeState, dirty: &Dirty) -> Result<(), MetaError> {
+    /// Writes the dirty records of `map`, `dirty` and `state` in one durable transaction.
+    /// The caller then calls `map.mark_clean()`.
+    pub fn checkpoint(
+        &self,
+        state: &VolumeState,
+        map: &PreserveMap,
+        dirty: &Dirty,
+    ) -> Result<(), MetaError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut mapping = txn.open_table(MAPPING).map_err(db_err)?;
-            for (&(chunk_index, until), loc) in &dirty.mapping {
+            for ((chunk_index, until), loc) in map.dirty_records() {
                 match loc {
                     Some(loc) => {
                         mapping
-                            .insert((chunk_index, until), encode_loc(chunk_index, until, *loc))
+                            .insert((chunk_index, until), encode_loc(chunk_index, until, loc))
                             .map_err(db_err)?;
                     }
                     None => {
@@ -371,7 +385,10 @@ mod tests {
             slot_index: 5,
             data_crc32c: 77,
         };
-        dirty.mapping.insert((3, 2), Some(loc));
+        let mut map = PreserveMap::default();
+        map.insert(3, 2, loc);
+        map.insert(4, 2, loc);
+        map.remove(4, 2);
         dirty.snapshots.insert(
             2,
             Some(SnapMeta {
@@ -394,11 +411,19 @@ mod tests {
                 next_chunk_index: 8,
             }),
         };
-        meta.checkpoint(&state, &dirty).unwrap();
+        meta.checkpoint(&state, &map, &dirty).unwrap();
+        map.mark_clean();
+        map.remove(3, 2);
+        map.insert(5, 1, loc);
+        meta.checkpoint(&state, &map, &Dirty::default()).unwrap();
         drop(meta);
         let l = Meta::open(st).unwrap().load().unwrap();
         assert_eq!(l.state, state);
-        assert_eq!(l.map.lookup(3, 1), Some((2, loc)));
+        assert_eq!(
+            l.map.iter().collect::<Vec<_>>(),
+            vec![(5, 1, loc)],
+            "the second checkpoint removed (3, 2) and added (5, 1)"
+        );
         assert_eq!(l.snapshots[&2].name, "s");
     }
 

@@ -378,8 +378,10 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes `dirty` and the volume state to the metadata file and empties the journal.
-    /// Caller holds the journal lock.
+    /// Writes the changed records and snapshots and the volume state to the metadata file
+    /// and empties the journal. Caller holds the journal lock, so the tables cannot change
+    /// meanwhile: the map's dirty records are read under the tables' read lock (readers go
+    /// on) and flagged clean once written.
     fn checkpoint(&self, js: &mut JournalState) -> Result<()> {
         let (dirty, state) = {
             let mut t = self.tables.write();
@@ -392,9 +394,12 @@ impl Volume {
             };
             (dirty, state)
         };
-        self.meta
-            .checkpoint(&state, &dirty)
-            .map_err(|e| self.fail(format!("metadata checkpoint to meta.redb failed: {e}")))?;
+        let written = {
+            let t = self.tables.read();
+            self.meta.checkpoint(&state, &t.map, &dirty)
+        };
+        written.map_err(|e| self.fail(format!("metadata checkpoint to meta.redb failed: {e}")))?;
+        self.tables.write().map.mark_clean();
         js.journal.reset().map_err(|e| {
             self.fail(format!(
                 "emptying the journal after a checkpoint failed: {e}"

@@ -83,12 +83,10 @@ impl Tables {
                         slot_index: e.slot_index,
                         data_crc32c: e.data_crc32c,
                     };
+                    // The map flags the change for the next checkpoint.
                     if let Some(old) = self.map.insert(e.chunk_index, e.until_snapshot_id, loc) {
                         freed.push((old.store_index, old.slot_index));
                     }
-                    self.dirty
-                        .mapping
-                        .insert((e.chunk_index, e.until_snapshot_id), Some(loc));
                 }
             }
             Record::SnapshotCreate {
@@ -113,7 +111,6 @@ impl Tables {
                         self.map.garbage_after_delete(*snapshot_id, &self.snapshots)
                     {
                         self.map.remove(chunk_index, until);
-                        self.dirty.mapping.insert((chunk_index, until), None);
                         freed.push((loc.store_index, loc.slot_index));
                     }
                 }

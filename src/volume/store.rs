@@ -44,21 +44,29 @@ impl Stores {
         used: impl Iterator<Item = (u16, u64)>,
     ) -> Stores {
         assert_eq!(files.len(), capacity_slots.len());
+        // One bit per slot below each store's high-water mark (not a set of every used
+        // slot: that cost ~40 bytes per preserved chunk at open).
+        let mut used_bits: Vec<Vec<u64>> = vec![Vec::new(); files.len()];
         let mut high_water_slots = vec![0u64; files.len()];
-        let mut used_set = BTreeSet::new();
         for (store, slot) in used {
             let hw = &mut high_water_slots[store as usize];
             *hw = (*hw).max(slot + 1);
-            used_set.insert((store, slot));
+            let bits = &mut used_bits[store as usize];
+            let word = usize::try_from(slot / 64).expect("slot index fits in memory");
+            if bits.len() <= word {
+                bits.resize(word + 1, 0);
+            }
+            bits[word] |= 1 << (slot % 64);
         }
         let mut free = BTreeSet::new();
-        for (store, &hw) in high_water_slots.iter().enumerate() {
-            for slot in 0..hw {
-                if !used_set.contains(&(store as u16, slot)) {
+        for (store, bits) in used_bits.iter().enumerate() {
+            for slot in 0..high_water_slots[store] {
+                if bits[(slot / 64) as usize] & (1 << (slot % 64)) == 0 {
                     free.insert((store as u16, slot));
                 }
             }
         }
+        drop(used_bits);
         Stores {
             files,
             chunk_size_bytes,
