@@ -24,6 +24,10 @@ thread_local! {
 /// Most bytes of preserved copies queued for a group commit at once (written to the stores'
 /// page cache, not yet synced): a flush waits for at most this much to reach the disk.
 pub(super) const DEFERRED_PRESERVE_BYTES_MAX: u64 = 1 << 30;
+/// Most mapping entries queued at once, whatever the chunk size (1 GiB of 64 KiB chunks):
+/// each costs about 200 bytes of memory until its commit (entry, held-piece index).
+pub(super) const DEFERRED_ENTRIES_MAX: u64 = 16_384;
+const _: () = assert!(DEFERRED_ENTRIES_MAX <= JOURNAL_FRAME_RECORDS_MAX as u64);
 /// Most 4 KiB pieces of new data held (in the scratch file) for chunks whose copy is queued.
 pub(super) const DEFERRED_PIECES_MAX: u64 = 65_536;
 
@@ -483,10 +487,9 @@ impl Volume {
     }
 
     /// Most mapping entries queued at once: `DEFERRED_PRESERVE_BYTES_MAX` of copies, and no
-    /// more than one journal frame holds.
+    /// more than `DEFERRED_ENTRIES_MAX` (their index costs memory per entry).
     fn deferred_entries_max(&self) -> u64 {
-        (DEFERRED_PRESERVE_BYTES_MAX / self.chunk_bytes())
-            .clamp(1, JOURNAL_FRAME_RECORDS_MAX as u64)
+        (DEFERRED_PRESERVE_BYTES_MAX / self.chunk_bytes()).clamp(1, DEFERRED_ENTRIES_MAX)
     }
 
     /// Commits every entry queued so far and writes the pieces they held to the origin.
