@@ -8,7 +8,8 @@
 //! writes, larger requests, and everything while the engine is slow (an inline request
 //! took much longer than a page-cache hit: a group commit, a disk read) go to a pool of
 //! worker threads, started as needed up to `inflight_requests_max`, so they do not stall
-//! the requests pipelined behind them.
+//! the requests pipelined behind them; a FLUSH or FUA request with nothing else in flight
+//! or received runs inline too (queue depth 1: a handover would only add latency).
 //!
 //! Replies of inline requests collect in an output buffer, written in one system call
 //! when no complete request is left in the input buffer (before the thread blocks in
@@ -38,7 +39,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A reply write that makes no progress for this long drops the connection (a client that
@@ -53,9 +54,13 @@ const OUT_FLUSH_BYTES: usize = 256 << 10;
 const INLINE_BYTES_MAX: u64 = 1 << 20;
 /// An output buffer larger than this goes back to the pool after its replies are written.
 const OUT_RETAIN_BYTES: usize = OUT_FLUSH_BYTES + INLINE_BYTES_MAX as usize + (64 << 10);
-/// A request is slow when the engine took longer than this plus 1 ns per 2 bytes of data;
-/// after a slow request, requests go to the workers for `SLOW_WINDOW`.
+/// A request is slow when the engine took longer than this plus 1 ns per 2 bytes of data.
+/// When `SLOW_COUNT` of `SLOW_OF` requests in a row were slow, the engine is waiting for
+/// something (a group commit, the disk), not just preempted now and then on a busy
+/// machine: requests go to the workers for `SLOW_WINDOW`.
 const SLOW_BASE: Duration = Duration::from_micros(200);
+const SLOW_COUNT: u32 = 8;
+const SLOW_OF: u32 = 64;
 const SLOW_WINDOW: Duration = Duration::from_millis(100);
 /// The pool keeps idle buffers up to this many bytes in all.
 const POOL_RETAIN_BYTES: usize = 64 << 20;
@@ -188,6 +193,11 @@ impl Gate {
         }
         s.0 += 1;
         s.1 = s.1.saturating_add(bytes);
+    }
+
+    /// Requests in flight.
+    fn in_flight(&self) -> usize {
+        self.state.lock().0
     }
 
     fn release(&self, bytes: u64) {
@@ -416,6 +426,10 @@ struct Shared<'a> {
     epoch: Instant,
     /// Until this many nanoseconds after `epoch`, requests go to the workers.
     slow_until: AtomicU64,
+    /// Requests timed, and how many of them were slow, since the last reset (updated
+    /// without a lock; an occasional lost count does not matter).
+    timed: AtomicU32,
+    timed_slow: AtomicU32,
 }
 
 /// Runs the transmission phase until the client disconnects, a protocol error, a kick, or
@@ -461,6 +475,8 @@ pub fn serve(
         written: AtomicBool::new(false),
         epoch: Instant::now(),
         slow_until: AtomicU64::new(0),
+        timed: AtomicU32::new(0),
+        timed_slow: AtomicU32::new(0),
     };
     let result = std::thread::scope(|scope| {
         let mut reader = Reader {
@@ -697,7 +713,10 @@ impl<'env> Reader<'_, 'env> {
                 shared.flush_out(&mut self.out);
                 shared.gate.acquire(budget);
             }
-            let inline = shared.inline(&request);
+            // Nothing else is in flight or received: a FLUSH or FUA request stalls no one.
+            let alone =
+                || (!buffered || self.hi - self.lo == total) && shared.gate.in_flight() == 1;
+            let inline = shared.inline(&request, alone);
             if inline && buffered {
                 let start = self.lo + header_len;
                 self.lo += total;
@@ -870,15 +889,20 @@ impl Shared<'_> {
     }
 
     /// Whether the reader runs `r` itself (it is checked and cannot block for long).
-    fn inline(&self, r: &Request) -> bool {
+    /// FLUSH and FUA requests run inline only when the connection has nothing else to do
+    /// (`alone`: no request in flight or buffered behind them), as at queue depth 1, where
+    /// handing them over would only add a thread switch to their latency.
+    fn inline(&self, r: &Request, alone: impl FnOnce() -> bool) -> bool {
         let small = r.length <= INLINE_BYTES_MAX;
         match r.kind {
             CMD_CACHE => true,
             CMD_READ => small && !self.slow(),
             CMD_BLOCK_STATUS => !self.slow(),
-            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => {
-                small && r.flags & CMD_FLAG_FUA == 0 && !self.slow()
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if r.flags & CMD_FLAG_FUA == 0 => {
+                small && !self.slow()
             }
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => small && alone(),
+            CMD_FLUSH => alone(),
             _ => false,
         }
     }
@@ -927,10 +951,25 @@ impl Shared<'_> {
                 _ => r.length,
             };
             let limit = SLOW_BASE.saturating_add(Duration::from_nanos(bytes / 2));
-            if started.elapsed() > limit {
-                let until = self.now_ns().saturating_add(SLOW_WINDOW.as_nanos() as u64);
-                self.slow_until.store(until, Ordering::Relaxed);
-            }
+            self.timed(started.elapsed() > limit);
+        }
+    }
+
+    /// Counts a timed request; enough slow ones among the last few start a slow window.
+    fn timed(&self, slow: bool) {
+        let n = self.timed.fetch_add(1, Ordering::Relaxed) + 1;
+        let s = if slow {
+            self.timed_slow.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.timed_slow.load(Ordering::Relaxed)
+        };
+        if s >= SLOW_COUNT {
+            let until = self.now_ns().saturating_add(SLOW_WINDOW.as_nanos() as u64);
+            self.slow_until.store(until, Ordering::Relaxed);
+        }
+        if s >= SLOW_COUNT || n >= SLOW_OF {
+            self.timed.store(0, Ordering::Relaxed);
+            self.timed_slow.store(0, Ordering::Relaxed);
         }
     }
 
