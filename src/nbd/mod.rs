@@ -2,9 +2,11 @@
 //!
 //! A connection goes through the fixed-newstyle handshake (`handshake`), then, once the
 //! client has chosen an export with `NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`, the transmission
-//! phase (`transmission`): the calling thread reads requests, a small per-connection pool of
-//! worker threads runs them against the engine, and replies (possibly out of order) are
-//! written whole under a per-connection writer lock.
+//! phase (`transmission`): the calling thread reads requests through a large buffer and runs
+//! the quick ones itself (reads, writes without FUA, block status), batching their replies;
+//! a small per-connection pool of worker threads runs the rest (FLUSH, FUA, large requests,
+//! and everything while the engine is slow). Replies (possibly out of order) are written
+//! whole under a per-connection writer lock.
 //!
 //! Exports: every volume by name (read-write), every snapshot as `VOL@SNAP` (read-only); the
 //! empty name means `default`. Metadata contexts: `base:allocation` on every export, and
@@ -45,7 +47,8 @@ pub struct ServerConfig {
     /// A WRITE whose payload exceeds `payload_bytes_max` is read, discarded and answered
     /// `NBD_EINVAL` if it is at most this long; a longer one disconnects.
     pub write_drain_bytes_max: u64,
-    /// Requests of one connection being served at once (also its worker thread count).
+    /// Requests of one connection being served at once, inline ones included (also its
+    /// worker thread count).
     pub inflight_requests_max: usize,
 }
 
