@@ -11,7 +11,7 @@ use crate::journal::Record;
 /// redoing a chunk is harmless, since its compare finds it already equal).
 const RESTORE_PROGRESS_CHUNKS: u64 = 1024;
 /// Target contents read ahead per batch (copied out, committed, then written together).
-const RESTORE_BATCH_BYTES: u64 = 16 << 20;
+const RESTORE_BATCH_BYTES: u64 = 64 << 20;
 
 impl Volume {
     /// Makes the live volume equal snapshot `name`; returns the name of the automatic
@@ -77,12 +77,12 @@ impl Volume {
         // Batches: read the target's contents of a batch of chunks, copy the differing
         // chunks' current contents out for the safety snapshot, commit all copies at once,
         // then overwrite the origin; the disk starts writing each part back at once.
-        let batch_chunks = (RESTORE_BATCH_BYTES / cs).max(1) as usize;
-        let mut content = vec![0u8; batch_chunks * cs as usize];
         let chunks: Vec<u64> = chunks
             .into_iter()
             .filter(|&c| c >= next_chunk_index)
             .collect();
+        let batch_chunks = ((RESTORE_BATCH_BYTES / cs).max(1) as usize).min(chunks.len().max(1));
+        let mut content = vec![0u8; batch_chunks * cs as usize];
         let mut since_progress = 0u64;
         for batch in chunks.chunks(batch_chunks) {
             self.read_ahead(target_snapshot_id, batch);
