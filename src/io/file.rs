@@ -129,6 +129,11 @@ impl FileStorage {
     }
 }
 
+/// `(offset, len)` as the `off_t` pair the kernel's range hints take; `None` if too large.
+fn hint_range(offset: u64, len: u64) -> Option<(i64, i64)> {
+    Some((i64::try_from(offset).ok()?, i64::try_from(len).ok()?))
+}
+
 /// Largest single zero-fill write when a device cannot punch holes.
 const ZERO_FILL_BYTES_MAX: usize = 1 << 20;
 
@@ -175,7 +180,7 @@ impl Storage for FileStorage {
     }
 
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+        let Some((off, l)) = hint_range(offset, len) else {
             return Ok(()); // a hint only
         };
         // SAFETY: sync_file_range takes a valid open descriptor and plain integers; it does
@@ -191,7 +196,7 @@ impl Storage for FileStorage {
     }
 
     fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+        let Some((off, l)) = hint_range(offset, len) else {
             return Ok(()); // a hint only
         };
         // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does

@@ -55,6 +55,8 @@ pub(super) struct Deferred {
     state: Mutex<State>,
     /// Chunks held; lets readers skip the lock when nothing is deferred.
     chunk_count: AtomicU64,
+    /// Pieces held; lets every writer check the limit without the lock.
+    piece_count: AtomicU64,
     scratch: Arc<dyn Storage>,
 }
 
@@ -67,6 +69,7 @@ impl Deferred {
         Deferred {
             state: Mutex::default(),
             chunk_count: AtomicU64::new(0),
+            piece_count: AtomicU64::new(0),
             scratch,
         }
     }
@@ -76,7 +79,7 @@ impl Deferred {
     }
 
     pub fn piece_count(&self) -> u64 {
-        self.state.lock().piece_count
+        self.piece_count.load(Ordering::Acquire)
     }
 
     pub fn contains(&self, chunk_index: u64) -> bool {
@@ -151,6 +154,7 @@ impl Deferred {
         })();
         self.chunk_count
             .store(st.chunks.len() as u64, Ordering::Release);
+        self.piece_count.store(st.piece_count, Ordering::Release);
         result
     }
 
@@ -241,6 +245,7 @@ impl Deferred {
         }
         self.chunk_count
             .store(st.chunks.len() as u64, Ordering::Release);
+        self.piece_count.store(st.piece_count, Ordering::Release);
         Ok(())
     }
 }

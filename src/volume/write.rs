@@ -93,6 +93,15 @@ impl Volume {
         Ok(())
     }
 
+    /// `[start, end)` of a chunk on the volume (the last chunk may end early).
+    fn chunk_range(&self, chunk_index: u64) -> (u64, u64) {
+        let start = chunk_index * self.chunk_bytes();
+        (
+            start,
+            (start + self.chunk_bytes()).min(self.config.size_bytes),
+        )
+    }
+
     // INVARIANT (the write path, the one place that changes the origin):
     // no origin byte is overwritten before its chunk's preserved copy and mapping entry are
     // durable, whenever a live snapshot still needs that content. Steps, per chunk:
@@ -115,9 +124,7 @@ impl Volume {
         src: Source<'_>,
     ) -> Result<()> {
         let cs = self.chunk_bytes();
-        let size = self.config.size_bytes;
-        let chunk_start = chunk_index * cs;
-        let chunk_end = (chunk_start + cs).min(size);
+        let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
         let end = offset + length;
         debug_assert!(chunk_start <= offset && end <= chunk_end);
 
@@ -232,8 +239,8 @@ impl Volume {
     /// chunk differs at all.
     pub(super) fn queue_copy(&self, chunk_index: u64, data: &[u8]) -> Result<bool> {
         let cs = self.chunk_bytes();
-        let chunk_start = chunk_index * cs;
-        let len = ((chunk_start + cs).min(self.config.size_bytes) - chunk_start) as usize;
+        let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
+        let len = (chunk_end - chunk_start) as usize;
         assert_eq!(data.len(), len);
         let _chunk = self.chunk_lock(chunk_index).write();
         debug_assert!(!self.deferred.contains(chunk_index));
@@ -275,9 +282,7 @@ impl Volume {
         length: u64,
         src: Source<'_>,
     ) -> Result<()> {
-        let cs = self.chunk_bytes();
-        let chunk_start = chunk_index * cs;
-        let chunk_end = (chunk_start + cs).min(self.config.size_bytes);
+        let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
         let end = offset + length;
         let mut pieces = Vec::new();
         let mut differing = 0u64;
