@@ -39,3 +39,65 @@ fn write_snapshot_overwrite_read_restore() {
     let r = dd.check_volume("v").unwrap();
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
+
+/// The steady write path compares in place on a memory map of the origin (real files
+/// only): identical writes are skipped, different ones land, and an origin truncated by
+/// someone else under the running volume turns into reads of zeros (the `read_at`
+/// contract past the end), never a SIGBUS that kills the process.
+#[test]
+fn in_place_compare_skips_identical_writes_and_survives_a_truncated_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let dd = DataDir::open(dir.path()).unwrap();
+    dd.create_volume(
+        "v",
+        &CreateOptions {
+            size_bytes: Some(1 << 20),
+            chunk_size_bytes: Some(16384),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = dd.open_volume("v").unwrap();
+    v.create_snapshot("s1").unwrap();
+    // Every chunk preserved for s1: from here on every write is a steady one.
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    v.write(0, &data).unwrap();
+    let before = v.info().counters;
+    v.write(16384, &data[16384..65536]).unwrap();
+    v.write(20480, &[7u8; 4096]).unwrap();
+    v.write(0, &data[..16384]).unwrap();
+    let after = v.info().counters;
+    assert_eq!(after.bytes_preserved, before.bytes_preserved);
+    assert_eq!(
+        after.bytes_skipped_identical - before.bytes_skipped_identical,
+        49152 + 16384
+    );
+    assert_eq!(
+        after.origin_bytes_written - before.origin_bytes_written,
+        4096
+    );
+    let mut b = vec![0u8; 65536];
+    v.read(0, &mut b).unwrap();
+    assert!(b[20480..24576].iter().all(|&x| x == 7));
+    assert_eq!(b[..20480], data[..20480]);
+    assert_eq!(b[24576..], data[24576..65536]);
+
+    // Someone truncates the origin under the open volume: the next compare past the new
+    // end faults on the map; the write goes on from a read (zeros past the end).
+    let origin = dir.path().join("volumes/v/origin.raw");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&origin)
+        .unwrap()
+        .set_len(32768)
+        .unwrap();
+    v.write(512 * 1024, &[5u8; 4096]).unwrap();
+    v.write(8192, &[6u8; 4096]).unwrap();
+    v.read(512 * 1024, &mut b[..4096]).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 5));
+    v.read(8192, &mut b[..4096]).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 6));
+    let mut s = vec![1u8; 16384];
+    v.read_snapshot("s1", 0, &mut s).unwrap();
+    assert!(s.iter().all(|&x| x == 0));
+}

@@ -1,13 +1,14 @@
 //! The plain engine: positioned reads and writes on a `std::fs::File`.
 
+use super::map::Map;
 use super::{Disk, OpenMode, Storage};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// Opens files and block devices with `pread`/`pwrite`/`fdatasync`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -64,6 +65,9 @@ pub struct FileStorage {
     /// The value of `changes` read before the last successful `fdatasync` began: every
     /// change counted up to it is durable.
     synced_changes: AtomicU64,
+    /// A read-only map of the whole file for [`Storage::view_at`], made on first use
+    /// (`None`: no map here, or it failed).
+    map: OnceLock<Option<Map>>,
 }
 
 impl FileStorage {
@@ -75,6 +79,7 @@ impl FileStorage {
             // unsynced writes in the page cache.
             changes: AtomicU64::new(1),
             synced_changes: AtomicU64::new(0),
+            map: OnceLock::new(),
         }
     }
 
@@ -159,6 +164,21 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.changed(self.file.write_all_at(buf, offset))
+    }
+
+    fn view_at(&self, offset: u64, len: usize, f: &mut dyn FnMut(&[u8])) -> bool {
+        let map = self.map.get_or_init(|| {
+            // The size now: a file that grows later is viewed up to this size only.
+            let len = self.len().ok()?;
+            match Map::new(self.file.as_raw_fd(), len) {
+                Ok(map) => map,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot map the file; reading it instead");
+                    None
+                }
+            }
+        });
+        map.as_ref().is_some_and(|m| m.view(offset, len, f))
     }
 
     /// `fdatasync`, skipped when nothing changed through this handle since the last

@@ -7,6 +7,7 @@
 mod counting;
 mod file;
 pub mod fs;
+mod map;
 mod mem;
 pub mod sim;
 
@@ -45,6 +46,15 @@ pub trait Storage: Send + Sync + Debug {
     /// hint: reads of it soon after find it there). Engines without a device do nothing.
     fn will_need(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
+    }
+    /// Runs `f` over the stored bytes of `[offset, offset + len)` in place, without copying
+    /// them out, where the engine can (a read-only memory map); `false` when it cannot or
+    /// when what `f` saw may not be the stored bytes (an I/O error or a truncated file
+    /// under the map): the caller then discards `f`'s work and uses `read_at`, which
+    /// reports any error. The caller holds off its own writers of the range meanwhile.
+    /// Engines without a map return `false` without calling `f`.
+    fn view_at(&self, _offset: u64, _len: usize, _f: &mut dyn FnMut(&[u8])) -> bool {
+        false
     }
     /// Whether this is a block device (fixed size, never truncated).
     fn is_block_device(&self) -> bool {

@@ -148,29 +148,23 @@ impl Volume {
             if old.len() < cs as usize {
                 old.resize(cs as usize, 0);
             }
-            let old_span = &mut old[..(span_end - span_start) as usize];
-            self.origin
-                .read_at(old_span, span_start)
-                .map_err(self.io_err(|| format!("reading chunk {chunk_index} of the origin")))?;
-
-            // Compare per piece; collect differing ranges (absolute, coalesced).
+            // Compare per piece; collect differing ranges (absolute, coalesced). Where no
+            // copy is due, in place on the origin's map (no pread); else (or if the map
+            // cannot serve) from a read, which the copy needs anyway.
+            let span_len = (span_end - span_start) as usize;
             let mut diffs: Vec<(u64, u64)> = Vec::new();
-            let mut piece = align_down(offset, PIECE_BYTES);
-            while piece < end {
-                let a = piece.max(offset);
-                let b = (piece + PIECE_BYTES).min(end);
-                let old_part = &old_span[(a - span_start) as usize..(b - span_start) as usize];
-                let differs = match src {
-                    Source::Data(d) => old_part != &d[(a - offset) as usize..(b - offset) as usize],
-                    Source::Zeroes => old_part.iter().any(|&x| x != 0),
-                };
-                if differs {
-                    match diffs.last_mut() {
-                        Some(last) if last.1 == a => last.1 = b,
-                        _ => diffs.push((a, b)),
-                    }
-                }
-                piece += PIECE_BYTES;
+            let in_place = preserve_for.is_none()
+                && self.origin.view_at(span_start, span_len, &mut |old_span| {
+                    diffs.clear();
+                    collect_diffs(old_span, span_start, offset, end, src, &mut diffs);
+                });
+            if !in_place {
+                let old_span = &mut old[..span_len];
+                self.origin.read_at(old_span, span_start).map_err(
+                    self.io_err(|| format!("reading chunk {chunk_index} of the origin")),
+                )?;
+                diffs.clear();
+                collect_diffs(old_span, span_start, offset, end, src, &mut diffs);
             }
             let differing: u64 = diffs.iter().map(|(a, b)| b - a).sum();
             self.counters
@@ -621,6 +615,35 @@ impl Volume {
             run_end = at + bytes.len() as u64;
         }
         flush_run(&mut run, run_start)
+    }
+}
+
+/// Appends to `diffs` the ranges of `[offset, end)` (absolute, coalesced, split at 4 KiB
+/// piece bounds) where `src` differs from `old_span`, the old bytes from `span_start`.
+fn collect_diffs(
+    old_span: &[u8],
+    span_start: u64,
+    offset: u64,
+    end: u64,
+    src: Source<'_>,
+    diffs: &mut Vec<(u64, u64)>,
+) {
+    let mut piece = align_down(offset, PIECE_BYTES);
+    while piece < end {
+        let a = piece.max(offset);
+        let b = (piece + PIECE_BYTES).min(end);
+        let old_part = &old_span[(a - span_start) as usize..(b - span_start) as usize];
+        let differs = match src {
+            Source::Data(d) => old_part != &d[(a - offset) as usize..(b - offset) as usize],
+            Source::Zeroes => old_part.iter().any(|&x| x != 0),
+        };
+        if differs {
+            match diffs.last_mut() {
+                Some(last) if last.1 == a => last.1 = b,
+                _ => diffs.push((a, b)),
+            }
+        }
+        piece += PIECE_BYTES;
     }
 }
 
