@@ -3,15 +3,19 @@
 
 use super::Volume;
 use super::meta::RestoreState;
-use super::write::Source;
+use super::write::DiffRuns;
 use crate::error::{Error, Result};
 use crate::journal::Record;
+use parking_lot::Mutex;
 
 /// Journal restore progress every this many chunks (progress only saves work on resume:
 /// redoing a chunk is harmless, since its compare finds it already equal).
 const RESTORE_PROGRESS_CHUNKS: u64 = 1024;
 /// Target contents read ahead per batch (copied out, committed, then written together).
 const RESTORE_BATCH_BYTES: u64 = 64 << 20;
+/// Most threads a batch is split over (contiguous parts; each thread reads, compares and
+/// copies out its part, then, after the batch's commit, writes it): the available cores.
+const RESTORE_THREADS_MAX: usize = 4;
 
 impl Volume {
     /// Makes the live volume equal snapshot `name`; returns the name of the automatic
@@ -82,29 +86,44 @@ impl Volume {
             .filter(|&c| c >= next_chunk_index)
             .collect();
         let batch_chunks = ((RESTORE_BATCH_BYTES / cs).max(1) as usize).min(chunks.len().max(1));
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .clamp(1, RESTORE_THREADS_MAX);
         let mut content = vec![0u8; batch_chunks * cs as usize];
         let mut since_progress = 0u64;
         for batch in chunks.chunks(batch_chunks) {
             self.read_ahead(target_snapshot_id, batch);
-            let mut differing = Vec::with_capacity(batch.len());
-            for (i, &chunk_index) in batch.iter().enumerate() {
-                let start = chunk_index * cs;
-                let len = cs.min(size - start) as usize;
-                let buf = &mut content[i * cs as usize..i * cs as usize + len];
-                self.read_snapshot_id(target_snapshot_id, start, buf)?;
-                if self.queue_copy(chunk_index, buf)? {
-                    differing.push(i);
-                }
-            }
+            let content = &mut content[..batch.len() * cs as usize];
+            let chunk_len = |chunk_index: u64| cs.min(size - chunk_index * cs) as usize;
+            // Read the target's contents and copy out what differs.
+            let runs: Vec<Option<DiffRuns>> =
+                in_parts(batch, content, cs, threads, |_, part, buf| {
+                    let mut runs = Vec::with_capacity(part.len());
+                    for (i, &chunk_index) in part.iter().enumerate() {
+                        let data = &mut buf[i * cs as usize..][..chunk_len(chunk_index)];
+                        self.read_snapshot_id(target_snapshot_id, chunk_index * cs, data)?;
+                        runs.push(self.queue_copy(chunk_index, data)?);
+                    }
+                    Ok(runs)
+                })?
+                .into_iter()
+                .flatten()
+                .collect();
             self.start_store_writeback();
             self.commit_queued()?;
-            for i in differing {
-                let start = batch[i] * cs;
-                let len = cs.min(size - start) as usize;
-                let buf = &content[i * cs as usize..i * cs as usize + len];
-                self.write_range_locked(start, len as u64, Source::Data(buf))?;
-            }
-            let _ = self.origin.start_writeback(0, 0);
+            // The copies are durable: overwrite the origin, and start writing it back.
+            in_parts(batch, content, cs, threads, |first, part, buf| {
+                for (i, &chunk_index) in part.iter().enumerate() {
+                    if let Some(r) = &runs[first + i] {
+                        let data = &buf[i * cs as usize..][..chunk_len(chunk_index)];
+                        self.write_restored(chunk_index, data, r)?;
+                    }
+                }
+                let start = part[0] * cs;
+                let end = part[part.len() - 1] * cs + chunk_len(part[part.len() - 1]) as u64;
+                let _ = self.origin.start_writeback(start, end - start);
+                Ok(())
+            })?;
             since_progress += batch.len() as u64;
             if since_progress >= RESTORE_PROGRESS_CHUNKS {
                 since_progress = 0;
@@ -154,4 +173,57 @@ impl Volume {
         js.restore = restore;
         Ok(())
     }
+}
+
+/// Runs `f(first, part, buf)` over `batch` split into up to `threads` contiguous parts, on
+/// up to `threads` threads (this one included, which carries on alone if no other thread
+/// can be had): `part` is `batch[first..]`'s share and `buf` its share of `content`
+/// (`chunk_bytes` per chunk). Returns the parts' results in order, or the first error.
+fn in_parts<T: Send>(
+    batch: &[u64],
+    content: &mut [u8],
+    chunk_bytes: u64,
+    threads: usize,
+    f: impl Fn(usize, &[u64], &mut [u8]) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let per_part = batch.len().div_ceil(threads.max(1)).max(1);
+    let part_count = batch.len().div_ceil(per_part);
+    let parts = Mutex::new(
+        batch
+            .chunks(per_part)
+            .zip(content.chunks_mut(per_part * chunk_bytes as usize))
+            .enumerate(),
+    );
+    let results: Mutex<Vec<Option<Result<T>>>> =
+        Mutex::new((0..part_count).map(|_| None).collect());
+    let work = || {
+        loop {
+            let Some((k, (part, buf))) = parts.lock().next() else {
+                return;
+            };
+            let result = f(k * per_part, part, buf);
+            results.lock()[k] = Some(result);
+        }
+    };
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..part_count)
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .name("restore".into())
+                    .spawn_scoped(s, work)
+                    .ok()
+            })
+            .collect();
+        work();
+        for helper in helpers {
+            if let Err(panic) = helper.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+    results
+        .into_inner()
+        .into_iter()
+        .map(|r| r.expect("every part ran"))
+        .collect()
 }
