@@ -16,6 +16,9 @@ const RESTORE_BATCH_BYTES: u64 = 64 << 20;
 /// Most threads a batch is split over (contiguous parts; each thread reads, compares and
 /// copies out its part, then, after the batch's commit, writes it): the available cores.
 const RESTORE_THREADS_MAX: usize = 4;
+/// A thread copying out starts the stores' writeback every this many chunks (so the
+/// commit's sync finds little left to write).
+const RESTORE_WRITEBACK_CHUNKS: usize = 128;
 
 impl Volume {
     /// Makes the live volume equal snapshot `name`; returns the name of the automatic
@@ -95,21 +98,30 @@ impl Volume {
             self.read_ahead(target_snapshot_id, batch);
             let content = &mut content[..batch.len() * cs as usize];
             let chunk_len = |chunk_index: u64| cs.min(size - chunk_index * cs) as usize;
-            // Read the target's contents and copy out what differs.
-            let runs: Vec<Option<DiffRuns>> =
+            // Read the target's contents and copy out what differs; the copies are queued
+            // together, so the batch commits at once.
+            let mut copies = Vec::new();
+            let mut runs: Vec<Option<DiffRuns>> = Vec::with_capacity(batch.len());
+            for (part_runs, part_copies) in
                 in_parts(batch, content, cs, threads, |_, part, buf| {
                     let mut runs = Vec::with_capacity(part.len());
+                    let mut copies = Vec::new();
                     for (i, &chunk_index) in part.iter().enumerate() {
                         let data = &mut buf[i * cs as usize..][..chunk_len(chunk_index)];
                         self.read_snapshot_id(target_snapshot_id, chunk_index * cs, data)?;
-                        runs.push(self.queue_copy(chunk_index, data)?);
+                        runs.push(self.copy_for_restore(chunk_index, data, &mut copies)?);
+                        if (i + 1) % RESTORE_WRITEBACK_CHUNKS == 0 {
+                            self.start_store_writeback();
+                        }
                     }
-                    Ok(runs)
+                    self.start_store_writeback();
+                    Ok((runs, copies))
                 })?
-                .into_iter()
-                .flatten()
-                .collect();
-            self.start_store_writeback();
+            {
+                runs.extend(part_runs);
+                copies.extend(part_copies);
+            }
+            self.queue_all(copies);
             self.commit_queued()?;
             // The copies are durable: overwrite the origin, and start writing it back.
             in_parts(batch, content, cs, threads, |first, part, buf| {

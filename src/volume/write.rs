@@ -257,9 +257,15 @@ impl Volume {
     /// For restore, which holds the barrier exclusively: compares `data` (the chunk's new
     /// contents, from its start to its end or the volume's) with the origin per 4 KiB
     /// piece; if they differ and the chunk needs a copy, copies the old contents into a
-    /// store slot and queues the entry, without touching the origin. Returns the differing
-    /// runs (`None`: the chunk is equal); the caller commits, then `write_restored`.
-    pub(super) fn queue_copy(&self, chunk_index: u64, data: &[u8]) -> Result<Option<DiffRuns>> {
+    /// store slot and adds the entry to `copies`, without touching the origin. Returns the
+    /// differing runs (`None`: the chunk is equal); the caller queues the copies
+    /// (`queue_all`), commits, then calls `write_restored`.
+    pub(super) fn copy_for_restore(
+        &self,
+        chunk_index: u64,
+        data: &[u8],
+        copies: &mut Vec<PreserveEntry>,
+    ) -> Result<Option<DiffRuns>> {
         let cs = self.chunk_bytes();
         let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
         let len = (chunk_end - chunk_start) as usize;
@@ -283,13 +289,13 @@ impl Volume {
             };
             old[len..cs as usize].fill(0);
             if let Some(entry) = self.copy_out(chunk_index, until, &old[..cs as usize])? {
-                self.queue(entry);
+                copies.push(entry);
             }
             Ok(Some(runs))
         })
     }
 
-    /// For restore, after the commit of the copies `queue_copy` queued: writes the runs of
+    /// For restore, after the commit of the copies `copy_for_restore` made: writes the runs of
     /// `data` (the chunk's new contents) it found differing. The origin has not changed
     /// since the compare: restore holds the barrier exclusively.
     pub(super) fn write_restored(
@@ -523,6 +529,19 @@ impl Volume {
                 self.chunk_bytes()
             ),
         }
+    }
+
+    /// Queues mapping entries for the next group commit at once (one wake-up of the
+    /// committer, so one commit rather than one per entry as they come).
+    pub(super) fn queue_all(&self, entries: Vec<PreserveEntry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut st = self.group.state.lock();
+        st.queued_count += entries.len() as u64;
+        st.pending.extend(entries);
+        drop(st);
+        self.group.wake.notify_all();
     }
 
     /// Queues a mapping entry for the next group commit and wakes the committer.
