@@ -5,17 +5,21 @@ use super::Volume;
 use super::meta::RestoreState;
 use super::write::DiffRuns;
 use crate::error::{Error, Result};
-use crate::journal::Record;
+use crate::journal::{PreserveEntry, Record};
 use parking_lot::Mutex;
 
 /// Journal restore progress every this many chunks (progress only saves work on resume:
 /// redoing a chunk is harmless, since its compare finds it already equal).
 const RESTORE_PROGRESS_CHUNKS: u64 = 1024;
-/// Target contents read ahead per batch (copied out, committed, then written together).
-const RESTORE_BATCH_BYTES: u64 = 64 << 20;
-/// Most threads a batch is split over (contiguous parts; each thread reads, compares and
-/// copies out its part, then, after the batch's commit, writes it): the available cores.
-const RESTORE_THREADS_MAX: usize = 4;
+/// Target contents read ahead per batch (copied out, committed, then written together); two
+/// batches are in flight, so their buffers take twice this.
+const RESTORE_BATCH_BYTES: u64 = 16 << 20;
+/// Most threads a restore runs on (`RESTORE_THREADS_PER_CORE` per available core, up to
+/// this): each batch is split in as many contiguous parts, to copy out and later to write.
+const RESTORE_THREADS_MAX: usize = 8;
+/// Threads per available core: a thread often waits (for the disk to take its writeback,
+/// for a core on a busy machine), and another one then keeps the core busy.
+const RESTORE_THREADS_PER_CORE: usize = 2;
 /// A thread copying out starts the stores' writeback every this many chunks (so the
 /// commit's sync finds little left to write).
 const RESTORE_WRITEBACK_CHUNKS: usize = 128;
@@ -74,7 +78,6 @@ impl Volume {
             return Ok(());
         };
         let cs = self.chunk_bytes();
-        let size = self.config.size_bytes;
         // Chunks changed since the target: exactly those with a record at or after it.
         let chunks = self
             .tables
@@ -83,7 +86,9 @@ impl Volume {
             .changed_chunks(target_snapshot_id, u64::MAX);
         // Batches: read the target's contents of a batch of chunks, copy the differing
         // chunks' current contents out for the safety snapshot, commit all copies at once,
-        // then overwrite the origin; the disk starts writing each part back at once.
+        // then overwrite the origin, starting its writeback at once. Two batches are in
+        // flight: batch k is copied out while batch k - 1, whose copies are committed, is
+        // written; each step's parts share the threads.
         let chunks: Vec<u64> = chunks
             .into_iter()
             .filter(|&c| c >= next_chunk_index)
@@ -91,61 +96,79 @@ impl Volume {
         let batch_chunks = ((RESTORE_BATCH_BYTES / cs).max(1) as usize).min(chunks.len().max(1));
         let threads = std::thread::available_parallelism()
             .map_or(1, std::num::NonZeroUsize::get)
+            .saturating_mul(RESTORE_THREADS_PER_CORE)
             .clamp(1, RESTORE_THREADS_MAX);
-        let mut content = vec![0u8; batch_chunks * cs as usize];
+        let batches: Vec<&[u64]> = chunks.chunks(batch_chunks).collect();
+        let buffer_bytes = batch_chunks * cs as usize;
+        let mut buffers = [
+            vec![0u8; buffer_bytes],
+            vec![0u8; if batches.len() > 1 { buffer_bytes } else { 0 }],
+        ];
+        // The batch whose copies are committed and whose origin writes are due, with the
+        // runs of each of its chunks that differ.
+        let mut due: Option<(usize, Vec<Option<DiffRuns>>)> = None;
         let mut since_progress = 0u64;
-        for batch in chunks.chunks(batch_chunks) {
-            self.read_ahead(target_snapshot_id, batch);
-            let content = &mut content[..batch.len() * cs as usize];
-            let chunk_len = |chunk_index: u64| cs.min(size - chunk_index * cs) as usize;
-            // Read the target's contents and copy out what differs; the copies are queued
-            // together, so the batch commits at once.
-            let mut copies = Vec::new();
-            let mut runs: Vec<Option<DiffRuns>> = Vec::with_capacity(batch.len());
-            for (part_runs, part_copies) in
-                in_parts(batch, content, cs, threads, |_, part, buf| {
-                    let mut runs = Vec::with_capacity(part.len());
-                    let mut copies = Vec::new();
-                    for (i, &chunk_index) in part.iter().enumerate() {
-                        let data = &mut buf[i * cs as usize..][..chunk_len(chunk_index)];
-                        self.read_snapshot_id(target_snapshot_id, chunk_index * cs, data)?;
-                        runs.push(self.copy_for_restore(chunk_index, data, &mut copies)?);
-                        if (i + 1) % RESTORE_WRITEBACK_CHUNKS == 0 {
-                            self.start_store_writeback();
-                        }
-                    }
-                    self.start_store_writeback();
-                    Ok((runs, copies))
-                })?
-            {
-                runs.extend(part_runs);
-                copies.extend(part_copies);
+        for k in 0..=batches.len() {
+            let next = batches.get(k).copied();
+            if let Some(batch) = next {
+                self.read_ahead(target_snapshot_id, batch);
             }
-            self.queue_all(copies);
-            self.commit_queued()?;
-            // The copies are durable: overwrite the origin, and start writing it back.
-            in_parts(batch, content, cs, threads, |first, part, buf| {
-                for (i, &chunk_index) in part.iter().enumerate() {
-                    if let Some(r) = &runs[first + i] {
-                        let data = &buf[i * cs as usize..][..chunk_len(chunk_index)];
-                        self.write_restored(chunk_index, data, r)?;
-                    }
+            let [even, odd] = &mut buffers;
+            let (copy_buf, write_buf) = if k % 2 == 0 { (even, odd) } else { (odd, even) };
+            let mut tasks = Vec::new();
+            if let Some((j, runs)) = &due {
+                let batch = batches[*j];
+                let per_part = batch.len().div_ceil(threads);
+                let buf = &write_buf[..batch.len() * cs as usize];
+                for ((chunks, buf), runs) in batch
+                    .chunks(per_part)
+                    .zip(buf.chunks(per_part * cs as usize))
+                    .zip(runs.chunks(per_part))
+                {
+                    tasks.push(Task::Overwrite { chunks, buf, runs });
                 }
-                let start = part[0] * cs;
-                let end = part[part.len() - 1] * cs + chunk_len(part[part.len() - 1]) as u64;
-                let _ = self.origin.start_writeback(start, end - start);
-                Ok(())
-            })?;
-            since_progress += batch.len() as u64;
-            if since_progress >= RESTORE_PROGRESS_CHUNKS {
-                since_progress = 0;
-                // Progress may only name chunks whose restored data is durable, or a power
-                // cut could lose their writes and the resume would skip them.
-                self.flush()?;
-                self.commit_restore_record(Record::RestoreProgress {
-                    target_snapshot_id,
-                    next_chunk_index: batch[batch.len() - 1] + 1,
-                })?;
+            }
+            if let Some(batch) = next {
+                let per_part = batch.len().div_ceil(threads);
+                let buf = &mut copy_buf[..batch.len() * cs as usize];
+                for (chunks, buf) in batch
+                    .chunks(per_part)
+                    .zip(buf.chunks_mut(per_part * cs as usize))
+                {
+                    tasks.push(Task::CopyOut { chunks, buf });
+                }
+            }
+            let mut runs = Vec::with_capacity(next.map_or(0, <[u64]>::len));
+            let mut copies = Vec::new();
+            for done in self.run_tasks(target_snapshot_id, tasks, threads)? {
+                if let Done::CopiedOut {
+                    runs: part_runs,
+                    copies: part_copies,
+                } = done
+                {
+                    runs.extend(part_runs);
+                    copies.extend(part_copies);
+                }
+            }
+            let written = due.take().map(|(j, _)| batches[j]);
+            if next.is_some() {
+                // Batch k's copies durable; its origin writes are due next step.
+                self.queue_all(copies);
+                self.commit_queued()?;
+                due = Some((k, runs));
+            }
+            if let Some(batch) = written {
+                since_progress += batch.len() as u64;
+                if since_progress >= RESTORE_PROGRESS_CHUNKS {
+                    since_progress = 0;
+                    // Progress may only name chunks whose restored data is durable, or a
+                    // power cut could lose their writes and the resume would skip them.
+                    self.flush()?;
+                    self.commit_restore_record(Record::RestoreProgress {
+                        target_snapshot_id,
+                        next_chunk_index: batch[batch.len() - 1] + 1,
+                    })?;
+                }
             }
         }
         // The restored data must be durable before the restore is recorded as finished.
@@ -187,55 +210,113 @@ impl Volume {
     }
 }
 
-/// Runs `f(first, part, buf)` over `batch` split into up to `threads` contiguous parts, on
-/// up to `threads` threads (this one included, which carries on alone if no other thread
-/// can be had): `part` is `batch[first..]`'s share and `buf` its share of `content`
-/// (`chunk_bytes` per chunk). Returns the parts' results in order, or the first error.
-fn in_parts<T: Send>(
-    batch: &[u64],
-    content: &mut [u8],
-    chunk_bytes: u64,
-    threads: usize,
-    f: impl Fn(usize, &[u64], &mut [u8]) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
-    let per_part = batch.len().div_ceil(threads.max(1)).max(1);
-    let part_count = batch.len().div_ceil(per_part);
-    let parts = Mutex::new(
-        batch
-            .chunks(per_part)
-            .zip(content.chunks_mut(per_part * chunk_bytes as usize))
-            .enumerate(),
-    );
-    let results: Mutex<Vec<Option<Result<T>>>> =
-        Mutex::new((0..part_count).map(|_| None).collect());
-    let work = || {
-        loop {
-            let Some((k, (part, buf))) = parts.lock().next() else {
-                return;
-            };
-            let result = f(k * per_part, part, buf);
-            results.lock()[k] = Some(result);
-        }
-    };
-    std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..part_count)
-            .filter_map(|_| {
-                std::thread::Builder::new()
-                    .name("restore".into())
-                    .spawn_scoped(s, work)
-                    .ok()
-            })
-            .collect();
-        work();
-        for helper in helpers {
-            if let Err(panic) = helper.join() {
-                std::panic::resume_unwind(panic);
+/// A share of a restore batch, for one thread.
+enum Task<'a> {
+    /// Read the target's contents of `chunks` into `buf` (a chunk's worth each) and copy
+    /// out the current contents of the chunks that differ.
+    CopyOut {
+        chunks: &'a [u64],
+        buf: &'a mut [u8],
+    },
+    /// Write the runs of `chunks` that differ from `buf` to the origin (their copies are
+    /// committed) and start the origin's writeback of their range.
+    Overwrite {
+        chunks: &'a [u64],
+        buf: &'a [u8],
+        runs: &'a [Option<DiffRuns>],
+    },
+}
+
+/// What a task did.
+enum Done {
+    CopiedOut {
+        /// Per chunk, the runs that differ (`None`: equal).
+        runs: Vec<Option<DiffRuns>>,
+        /// The copies made, to be queued for the commit.
+        copies: Vec<PreserveEntry>,
+    },
+    Overwritten,
+}
+
+impl Volume {
+    /// Runs `tasks` on up to `threads` threads, this one included (it carries on alone if no
+    /// other thread can be had); every task runs, even after one failed. Returns what they
+    /// did, in order, or the first task's error.
+    fn run_tasks(
+        &self,
+        target_snapshot_id: u64,
+        tasks: Vec<Task<'_>>,
+        threads: usize,
+    ) -> Result<Vec<Done>> {
+        let task_count = tasks.len();
+        let queue = Mutex::new(tasks.into_iter().enumerate());
+        let results: Mutex<Vec<Option<Result<Done>>>> =
+            Mutex::new((0..task_count).map(|_| None).collect());
+        let work = || {
+            loop {
+                let Some((k, task)) = queue.lock().next() else {
+                    return;
+                };
+                let result = self.run_task(target_snapshot_id, task);
+                results.lock()[k] = Some(result);
+            }
+        };
+        std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..threads.min(task_count))
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .name("restore".into())
+                        .spawn_scoped(s, work)
+                        .ok()
+                })
+                .collect();
+            work();
+            for helper in helpers {
+                if let Err(panic) = helper.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        });
+        results
+            .into_inner()
+            .into_iter()
+            .map(|r| r.expect("every task ran"))
+            .collect()
+    }
+
+    fn run_task(&self, target_snapshot_id: u64, task: Task<'_>) -> Result<Done> {
+        let cs = self.chunk_bytes();
+        let chunk_len = |chunk_index: u64| cs.min(self.config.size_bytes - chunk_index * cs);
+        match task {
+            Task::CopyOut { chunks, buf } => {
+                let mut runs = Vec::with_capacity(chunks.len());
+                let mut copies = Vec::new();
+                for (i, &chunk_index) in chunks.iter().enumerate() {
+                    let data = &mut buf[i * cs as usize..][..chunk_len(chunk_index) as usize];
+                    self.read_snapshot_id(target_snapshot_id, chunk_index * cs, data)?;
+                    runs.push(self.copy_for_restore(chunk_index, data, &mut copies)?);
+                    if (i + 1) % RESTORE_WRITEBACK_CHUNKS == 0 {
+                        self.start_store_writeback();
+                    }
+                }
+                self.start_store_writeback();
+                Ok(Done::CopiedOut { runs, copies })
+            }
+            Task::Overwrite { chunks, buf, runs } => {
+                for (i, (&chunk_index, runs)) in chunks.iter().zip(runs).enumerate() {
+                    if let Some(runs) = runs {
+                        let data = &buf[i * cs as usize..][..chunk_len(chunk_index) as usize];
+                        self.write_restored(chunk_index, data, runs)?;
+                    }
+                }
+                if let (Some(&first), Some(&last)) = (chunks.first(), chunks.last()) {
+                    let start = first * cs;
+                    let _ = self
+                        .origin
+                        .start_writeback(start, last * cs + chunk_len(last) - start);
+                }
+                Ok(Done::Overwritten)
             }
         }
-    });
-    results
-        .into_inner()
-        .into_iter()
-        .map(|r| r.expect("every part ran"))
-        .collect()
+    }
 }

@@ -138,6 +138,8 @@ impl Volume {
     //    the stores, then the journal frame, and only then writes the held pieces to the
     //    origin (`commit_batch`). A chunk with held pieces takes later writes into them;
     // 4. otherwise overwrite only the differing pieces in place.
+    // Restore does steps 1-3 for a batch of chunks at once (`copy_for_restore`, the copies
+    // queued together and committed), and only then step 4 (`write_restored`).
     fn write_chunk(
         &self,
         chunk_index: u64,
