@@ -6,7 +6,7 @@ use super::meta::RestoreState;
 use super::write::DiffRuns;
 use crate::error::{Error, Result};
 use crate::journal::{PreserveEntry, Record};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 /// Journal restore progress every this many chunks (progress only saves work on resume:
 /// redoing a chunk is harmless, since its compare finds it already equal).
@@ -87,8 +87,9 @@ impl Volume {
         // Batches: read the target's contents of a batch of chunks, copy the differing
         // chunks' current contents out for the safety snapshot, commit all copies at once,
         // then overwrite the origin, starting its writeback at once. Two batches are in
-        // flight: batch k is copied out while batch k - 1, whose copies are committed, is
-        // written; each step's parts share the threads.
+        // flight: batch k is copied out while batch k - 1's copies are committed and then
+        // its chunks written (never before that commit succeeded); the parts of both share
+        // the threads.
         let chunks: Vec<u64> = chunks
             .into_iter()
             .filter(|&c| c >= next_chunk_index)
@@ -104,9 +105,9 @@ impl Volume {
             vec![0u8; buffer_bytes],
             vec![0u8; if batches.len() > 1 { buffer_bytes } else { 0 }],
         ];
-        // The batch whose copies are committed and whose origin writes are due, with the
-        // runs of each of its chunks that differ.
-        let mut due: Option<(usize, Vec<Option<DiffRuns>>)> = None;
+        // The batch copied out last step: its copies, to be committed this step, then the
+        // runs of each of its chunks that differ, to be written.
+        let mut due: Option<(usize, Vec<Option<DiffRuns>>, Vec<PreserveEntry>)> = None;
         let mut since_progress = 0u64;
         for k in 0..=batches.len() {
             let next = batches.get(k).copied();
@@ -115,8 +116,10 @@ impl Volume {
             }
             let [even, odd] = &mut buffers;
             let (copy_buf, write_buf) = if k % 2 == 0 { (even, odd) } else { (odd, even) };
-            let mut tasks = Vec::new();
-            if let Some((j, runs)) = &due {
+            let due_copies = due.as_mut().map(|(_, _, copies)| std::mem::take(copies));
+            let mut overwrites = Vec::new();
+            let mut copy_outs = Vec::new();
+            if let Some((j, runs, _)) = &due {
                 let batch = batches[*j];
                 let per_part = batch.len().div_ceil(threads);
                 let buf = &write_buf[..batch.len() * cs as usize];
@@ -125,7 +128,7 @@ impl Volume {
                     .zip(buf.chunks(per_part * cs as usize))
                     .zip(runs.chunks(per_part))
                 {
-                    tasks.push(Task::Overwrite { chunks, buf, runs });
+                    overwrites.push(Task::Overwrite { chunks, buf, runs });
                 }
             }
             if let Some(batch) = next {
@@ -135,12 +138,22 @@ impl Volume {
                     .chunks(per_part)
                     .zip(buf.chunks_mut(per_part * cs as usize))
                 {
-                    tasks.push(Task::CopyOut { chunks, buf });
+                    copy_outs.push(Task::CopyOut { chunks, buf });
                 }
             }
+            // Batch k - 1's copies are committed while batch k is copied out; its writes
+            // wait for that commit.
+            let commit = due_copies.map(|copies| {
+                move || {
+                    self.queue_all(copies);
+                    self.commit_queued()
+                }
+            });
             let mut runs = Vec::with_capacity(next.map_or(0, <[u64]>::len));
             let mut copies = Vec::new();
-            for done in self.run_tasks(target_snapshot_id, tasks, threads)? {
+            for done in
+                self.run_tasks(target_snapshot_id, copy_outs, commit, overwrites, threads)?
+            {
                 if let Done::CopiedOut {
                     runs: part_runs,
                     copies: part_copies,
@@ -150,12 +163,9 @@ impl Volume {
                     copies.extend(part_copies);
                 }
             }
-            let written = due.take().map(|(j, _)| batches[j]);
+            let written = due.take().map(|(j, _, _)| batches[j]);
             if next.is_some() {
-                // Batch k's copies durable; its origin writes are due next step.
-                self.queue_all(copies);
-                self.commit_queued()?;
-                due = Some((k, runs));
+                due = Some((k, runs, copies));
             }
             if let Some(batch) = written {
                 since_progress += batch.len() as u64;
@@ -227,6 +237,40 @@ enum Task<'a> {
     },
 }
 
+/// The tasks of a step not yet taken, and whether the gated ones may be.
+struct Queues<'a> {
+    tasks: std::iter::Enumerate<std::vec::IntoIter<Task<'a>>>,
+    gated: std::iter::Enumerate<std::vec::IntoIter<Task<'a>>>,
+    gate: GateState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateState {
+    /// The gate has not finished: gated tasks wait.
+    Shut,
+    /// The gate succeeded (or there is none): gated tasks may run.
+    Open,
+    /// The gate failed: gated tasks never run.
+    Failed,
+}
+
+/// Fails a gate still shut when dropped (an unwinding gate), waking the threads waiting.
+struct GiveUpOnDrop<'q, 'a> {
+    queues: &'q Mutex<Queues<'a>>,
+    opened: &'q Condvar,
+}
+
+impl Drop for GiveUpOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        let mut q = self.queues.lock();
+        if q.gate == GateState::Shut {
+            q.gate = GateState::Failed;
+        }
+        drop(q);
+        self.opened.notify_all();
+    }
+}
+
 /// What a task did.
 enum Done {
     CopiedOut {
@@ -239,28 +283,58 @@ enum Done {
 }
 
 impl Volume {
-    /// Runs `tasks` on up to `threads` threads, this one included (it carries on alone if no
-    /// other thread can be had); every task runs, even after one failed. Returns what they
-    /// did, in order, or the first task's error.
-    fn run_tasks(
+    /// Runs `tasks`, then `gated` once `gate` (if any) succeeded, on up to `threads`
+    /// threads, this one included (it runs `gate` first, and carries on alone if no other
+    /// thread can be had); every task runs, even after one failed, but no gated task runs
+    /// unless `gate` succeeded. Returns what the tasks did, in order (`tasks`, then
+    /// `gated`), or the gate's error, or the first task's.
+    fn run_tasks<'a>(
         &self,
         target_snapshot_id: u64,
-        tasks: Vec<Task<'_>>,
+        tasks: Vec<Task<'a>>,
+        gate: Option<impl FnOnce() -> Result<()>>,
+        gated: Vec<Task<'a>>,
         threads: usize,
     ) -> Result<Vec<Done>> {
-        let task_count = tasks.len();
-        let queue = Mutex::new(tasks.into_iter().enumerate());
+        let task_count = tasks.len() + gated.len();
+        let first_gated = tasks.len();
+        let queues = Mutex::new(Queues {
+            tasks: tasks.into_iter().enumerate(),
+            gated: gated.into_iter().enumerate(),
+            gate: if gate.is_some() {
+                GateState::Shut
+            } else {
+                GateState::Open
+            },
+        });
+        let opened = Condvar::new();
         let results: Mutex<Vec<Option<Result<Done>>>> =
             Mutex::new((0..task_count).map(|_| None).collect());
         let work = || {
             loop {
-                let Some((k, task)) = queue.lock().next() else {
-                    return;
+                let (k, task) = {
+                    let mut q = queues.lock();
+                    loop {
+                        if q.gate == GateState::Open
+                            && let Some((k, task)) = q.gated.next()
+                        {
+                            break (first_gated + k, task);
+                        }
+                        if let Some(next) = q.tasks.next() {
+                            break next;
+                        }
+                        if q.gate == GateState::Shut && q.gated.len() > 0 {
+                            opened.wait(&mut q);
+                            continue;
+                        }
+                        return;
+                    }
                 };
                 let result = self.run_task(target_snapshot_id, task);
                 results.lock()[k] = Some(result);
             }
         };
+        let mut gate_result = Ok(());
         std::thread::scope(|s| {
             let helpers: Vec<_> = (1..threads.min(task_count))
                 .filter_map(|_| {
@@ -270,6 +344,20 @@ impl Volume {
                         .ok()
                 })
                 .collect();
+            // Should the gate panic, the helpers waiting for it give up.
+            let _give_up = GiveUpOnDrop {
+                queues: &queues,
+                opened: &opened,
+            };
+            if let Some(gate) = gate {
+                gate_result = gate();
+                queues.lock().gate = if gate_result.is_ok() {
+                    GateState::Open
+                } else {
+                    GateState::Failed
+                };
+                opened.notify_all();
+            }
             work();
             for helper in helpers {
                 if let Err(panic) = helper.join() {
@@ -277,6 +365,7 @@ impl Volume {
                 }
             }
         });
+        gate_result?;
         results
             .into_inner()
             .into_iter()
