@@ -3,15 +3,26 @@
 
 use super::Volume;
 use super::meta::RestoreState;
-use super::write::Source;
+use super::write::DiffRuns;
 use crate::error::{Error, Result};
-use crate::journal::Record;
+use crate::journal::{PreserveEntry, Record};
+use parking_lot::{Condvar, Mutex};
 
 /// Journal restore progress every this many chunks (progress only saves work on resume:
 /// redoing a chunk is harmless, since its compare finds it already equal).
 const RESTORE_PROGRESS_CHUNKS: u64 = 1024;
-/// Target contents read ahead per batch (copied out, committed, then written together).
-const RESTORE_BATCH_BYTES: u64 = 64 << 20;
+/// Target contents read ahead per batch (copied out, committed, then written together); two
+/// batches are in flight, so their buffers take twice this.
+const RESTORE_BATCH_BYTES: u64 = 16 << 20;
+/// Most threads a restore runs on (`RESTORE_THREADS_PER_CORE` per available core, up to
+/// this): each batch is split in as many contiguous parts, to copy out and later to write.
+const RESTORE_THREADS_MAX: usize = 8;
+/// Threads per available core: a thread often waits (for the disk to take its writeback,
+/// for a core on a busy machine), and another one then keeps the core busy.
+const RESTORE_THREADS_PER_CORE: usize = 2;
+/// A thread copying out starts the stores' writeback every this many chunks (so the
+/// commit's sync finds little left to write).
+const RESTORE_WRITEBACK_CHUNKS: usize = 128;
 
 impl Volume {
     /// Makes the live volume equal snapshot `name`; returns the name of the automatic
@@ -67,7 +78,6 @@ impl Volume {
             return Ok(());
         };
         let cs = self.chunk_bytes();
-        let size = self.config.size_bytes;
         // Chunks changed since the target: exactly those with a record at or after it.
         let chunks = self
             .tables
@@ -76,45 +86,99 @@ impl Volume {
             .changed_chunks(target_snapshot_id, u64::MAX);
         // Batches: read the target's contents of a batch of chunks, copy the differing
         // chunks' current contents out for the safety snapshot, commit all copies at once,
-        // then overwrite the origin; the disk starts writing each part back at once.
+        // then overwrite the origin, starting its writeback at once. Two batches are in
+        // flight: batch k is copied out while batch k - 1's copies are committed and then
+        // its chunks written (never before that commit succeeded); the parts of both share
+        // the threads.
         let chunks: Vec<u64> = chunks
             .into_iter()
             .filter(|&c| c >= next_chunk_index)
             .collect();
         let batch_chunks = ((RESTORE_BATCH_BYTES / cs).max(1) as usize).min(chunks.len().max(1));
-        let mut content = vec![0u8; batch_chunks * cs as usize];
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .saturating_mul(RESTORE_THREADS_PER_CORE)
+            .clamp(1, RESTORE_THREADS_MAX);
+        let batches: Vec<&[u64]> = chunks.chunks(batch_chunks).collect();
+        let buffer_bytes = batch_chunks * cs as usize;
+        let mut buffers = [
+            vec![0u8; buffer_bytes],
+            vec![0u8; if batches.len() > 1 { buffer_bytes } else { 0 }],
+        ];
+        // The batch copied out last step: its copies, to be committed this step, then the
+        // runs of each of its chunks that differ, to be written.
+        let mut due: Option<(usize, Vec<Option<DiffRuns>>, Vec<PreserveEntry>)> = None;
         let mut since_progress = 0u64;
-        for batch in chunks.chunks(batch_chunks) {
-            self.read_ahead(target_snapshot_id, batch);
-            let mut differing = Vec::with_capacity(batch.len());
-            for (i, &chunk_index) in batch.iter().enumerate() {
-                let start = chunk_index * cs;
-                let len = cs.min(size - start) as usize;
-                let buf = &mut content[i * cs as usize..i * cs as usize + len];
-                self.read_snapshot_id(target_snapshot_id, start, buf)?;
-                if self.queue_copy(chunk_index, buf)? {
-                    differing.push(i);
+        for k in 0..=batches.len() {
+            let next = batches.get(k).copied();
+            if let Some(batch) = next {
+                self.read_ahead(target_snapshot_id, batch);
+            }
+            let [even, odd] = &mut buffers;
+            let (copy_buf, write_buf) = if k % 2 == 0 { (even, odd) } else { (odd, even) };
+            let due_copies = due.as_mut().map(|(_, _, copies)| std::mem::take(copies));
+            let mut overwrites = Vec::new();
+            let mut copy_outs = Vec::new();
+            if let Some((j, runs, _)) = &due {
+                let batch = batches[*j];
+                let per_part = batch.len().div_ceil(threads);
+                let buf = &write_buf[..batch.len() * cs as usize];
+                for ((chunks, buf), runs) in batch
+                    .chunks(per_part)
+                    .zip(buf.chunks(per_part * cs as usize))
+                    .zip(runs.chunks(per_part))
+                {
+                    overwrites.push(Task::Overwrite { chunks, buf, runs });
                 }
             }
-            self.start_store_writeback();
-            self.commit_queued()?;
-            for i in differing {
-                let start = batch[i] * cs;
-                let len = cs.min(size - start) as usize;
-                let buf = &content[i * cs as usize..i * cs as usize + len];
-                self.write_range_locked(start, len as u64, Source::Data(buf))?;
+            if let Some(batch) = next {
+                let per_part = batch.len().div_ceil(threads);
+                let buf = &mut copy_buf[..batch.len() * cs as usize];
+                for (chunks, buf) in batch
+                    .chunks(per_part)
+                    .zip(buf.chunks_mut(per_part * cs as usize))
+                {
+                    copy_outs.push(Task::CopyOut { chunks, buf });
+                }
             }
-            let _ = self.origin.start_writeback(0, 0);
-            since_progress += batch.len() as u64;
-            if since_progress >= RESTORE_PROGRESS_CHUNKS {
-                since_progress = 0;
-                // Progress may only name chunks whose restored data is durable, or a power
-                // cut could lose their writes and the resume would skip them.
-                self.flush()?;
-                self.commit_restore_record(Record::RestoreProgress {
-                    target_snapshot_id,
-                    next_chunk_index: batch[batch.len() - 1] + 1,
-                })?;
+            // Batch k - 1's copies are committed while batch k is copied out; its writes
+            // wait for that commit.
+            let commit = due_copies.map(|copies| {
+                move || {
+                    self.queue_all(copies);
+                    self.commit_queued()
+                }
+            });
+            let mut runs = Vec::with_capacity(next.map_or(0, <[u64]>::len));
+            let mut copies = Vec::new();
+            for done in
+                self.run_tasks(target_snapshot_id, copy_outs, commit, overwrites, threads)?
+            {
+                if let Done::CopiedOut {
+                    runs: part_runs,
+                    copies: part_copies,
+                } = done
+                {
+                    runs.extend(part_runs);
+                    copies.extend(part_copies);
+                }
+            }
+            let written = due.take().map(|(j, _, _)| batches[j]);
+            if next.is_some() {
+                due = Some((k, runs, copies));
+            }
+            if let Some(batch) = written {
+                since_progress += batch.len() as u64;
+                if since_progress >= RESTORE_PROGRESS_CHUNKS {
+                    since_progress = 0;
+                    // Progress may only name chunks whose restored data is durable, or a
+                    // power cut could lose their writes and the resume would skip them.
+                    self.flush()?;
+                    self.commit_restore_record(Record::RestoreProgress {
+                        target_snapshot_id,
+                        next_chunk_index: batch[batch.len() - 1] + 1,
+                    })?;
+                }
             }
         }
         // The restored data must be durable before the restore is recorded as finished.
@@ -153,5 +217,195 @@ impl Volume {
             .apply_with_restore(&record, &mut restore);
         js.restore = restore;
         Ok(())
+    }
+}
+
+/// A share of a restore batch, for one thread.
+enum Task<'a> {
+    /// Read the target's contents of `chunks` into `buf` (a chunk's worth each) and copy
+    /// out the current contents of the chunks that differ.
+    CopyOut {
+        chunks: &'a [u64],
+        buf: &'a mut [u8],
+    },
+    /// Write the runs of `chunks` that differ from `buf` to the origin (their copies are
+    /// committed) and start the origin's writeback of their range.
+    Overwrite {
+        chunks: &'a [u64],
+        buf: &'a [u8],
+        runs: &'a [Option<DiffRuns>],
+    },
+}
+
+/// The tasks of a step not yet taken, and whether the gated ones may be.
+struct Queues<'a> {
+    tasks: std::iter::Enumerate<std::vec::IntoIter<Task<'a>>>,
+    gated: std::iter::Enumerate<std::vec::IntoIter<Task<'a>>>,
+    gate: GateState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateState {
+    /// The gate has not finished: gated tasks wait.
+    Shut,
+    /// The gate succeeded (or there is none): gated tasks may run.
+    Open,
+    /// The gate failed: gated tasks never run.
+    Failed,
+}
+
+/// Fails a gate still shut when dropped (an unwinding gate), waking the threads waiting.
+struct GiveUpOnDrop<'q, 'a> {
+    queues: &'q Mutex<Queues<'a>>,
+    opened: &'q Condvar,
+}
+
+impl Drop for GiveUpOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        let mut q = self.queues.lock();
+        if q.gate == GateState::Shut {
+            q.gate = GateState::Failed;
+        }
+        drop(q);
+        self.opened.notify_all();
+    }
+}
+
+/// What a task did.
+enum Done {
+    CopiedOut {
+        /// Per chunk, the runs that differ (`None`: equal).
+        runs: Vec<Option<DiffRuns>>,
+        /// The copies made, to be queued for the commit.
+        copies: Vec<PreserveEntry>,
+    },
+    Overwritten,
+}
+
+impl Volume {
+    /// Runs `tasks`, then `gated` once `gate` (if any) succeeded, on up to `threads`
+    /// threads, this one included (it runs `gate` first, and carries on alone if no other
+    /// thread can be had); every task runs, even after one failed, but no gated task runs
+    /// unless `gate` succeeded. Returns what the tasks did, in order (`tasks`, then
+    /// `gated`), or the gate's error, or the first task's.
+    fn run_tasks<'a>(
+        &self,
+        target_snapshot_id: u64,
+        tasks: Vec<Task<'a>>,
+        gate: Option<impl FnOnce() -> Result<()>>,
+        gated: Vec<Task<'a>>,
+        threads: usize,
+    ) -> Result<Vec<Done>> {
+        let task_count = tasks.len() + gated.len();
+        let first_gated = tasks.len();
+        let queues = Mutex::new(Queues {
+            tasks: tasks.into_iter().enumerate(),
+            gated: gated.into_iter().enumerate(),
+            gate: if gate.is_some() {
+                GateState::Shut
+            } else {
+                GateState::Open
+            },
+        });
+        let opened = Condvar::new();
+        let results: Mutex<Vec<Option<Result<Done>>>> =
+            Mutex::new((0..task_count).map(|_| None).collect());
+        let work = || {
+            loop {
+                let (k, task) = {
+                    let mut q = queues.lock();
+                    loop {
+                        if q.gate == GateState::Open
+                            && let Some((k, task)) = q.gated.next()
+                        {
+                            break (first_gated + k, task);
+                        }
+                        if let Some(next) = q.tasks.next() {
+                            break next;
+                        }
+                        if q.gate == GateState::Shut && q.gated.len() > 0 {
+                            opened.wait(&mut q);
+                            continue;
+                        }
+                        return;
+                    }
+                };
+                let result = self.run_task(target_snapshot_id, task);
+                results.lock()[k] = Some(result);
+            }
+        };
+        let mut gate_result = Ok(());
+        std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..threads.min(task_count))
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .name("restore".into())
+                        .spawn_scoped(s, work)
+                        .ok()
+                })
+                .collect();
+            // Should the gate panic, the helpers waiting for it give up.
+            let _give_up = GiveUpOnDrop {
+                queues: &queues,
+                opened: &opened,
+            };
+            if let Some(gate) = gate {
+                gate_result = gate();
+                queues.lock().gate = if gate_result.is_ok() {
+                    GateState::Open
+                } else {
+                    GateState::Failed
+                };
+                opened.notify_all();
+            }
+            work();
+            for helper in helpers {
+                if let Err(panic) = helper.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        });
+        gate_result?;
+        results
+            .into_inner()
+            .into_iter()
+            .map(|r| r.expect("every task ran"))
+            .collect()
+    }
+
+    fn run_task(&self, target_snapshot_id: u64, task: Task<'_>) -> Result<Done> {
+        let cs = self.chunk_bytes();
+        let chunk_len = |chunk_index: u64| cs.min(self.config.size_bytes - chunk_index * cs);
+        match task {
+            Task::CopyOut { chunks, buf } => {
+                let mut runs = Vec::with_capacity(chunks.len());
+                let mut copies = Vec::new();
+                for (i, &chunk_index) in chunks.iter().enumerate() {
+                    let data = &mut buf[i * cs as usize..][..chunk_len(chunk_index) as usize];
+                    self.read_snapshot_id(target_snapshot_id, chunk_index * cs, data)?;
+                    runs.push(self.copy_for_restore(chunk_index, data, &mut copies)?);
+                    if (i + 1) % RESTORE_WRITEBACK_CHUNKS == 0 {
+                        self.start_store_writeback();
+                    }
+                }
+                self.start_store_writeback();
+                Ok(Done::CopiedOut { runs, copies })
+            }
+            Task::Overwrite { chunks, buf, runs } => {
+                for (i, (&chunk_index, runs)) in chunks.iter().zip(runs).enumerate() {
+                    if let Some(runs) = runs {
+                        let data = &buf[i * cs as usize..][..chunk_len(chunk_index) as usize];
+                        self.write_restored(chunk_index, data, runs)?;
+                    }
+                }
+                if let (Some(&first), Some(&last)) = (chunks.first(), chunks.last()) {
+                    let start = first * cs;
+                    let _ = self
+                        .origin
+                        .start_writeback(start, last * cs + chunk_len(last) - start);
+                }
+                Ok(Done::Overwritten)
+            }
+        }
     }
 }

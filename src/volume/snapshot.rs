@@ -284,28 +284,47 @@ impl Volume {
                 t.map.lookup(chunk_index, snapshot_id)
             };
             match found {
-                None => self.origin.read_at(out, at).map_err(self.io_err(|| "reading the origin"))?,
-                Some((until, loc)) => SLOT_BUF.with(|cell| -> Result<()> {
-                    let mut slot = cell.borrow_mut();
-                    slot.resize(cs as usize, 0);
-                    self.stores
-                        .read_slot(loc.store_index, loc.slot_index, &mut slot)
-                        .map_err(self.io_err(|| format!("reading store {} slot {}", loc.store_index, loc.slot_index)))?;
-                    let crc = crc32c::crc32c(&slot);
-                    if crc != loc.data_crc32c {
-                        return Err(Error::Corrupt {
-                            volume: self.config.name.clone(),
-                            what: format!(
-                                "preserved chunk {chunk_index} (until snapshot {until}) in store {} slot {}",
-                                loc.store_index, loc.slot_index
-                            ),
-                            detail: format!("checksum {crc:08x}, expected {:08x}", loc.data_crc32c),
-                        });
+                None => self
+                    .origin
+                    .read_at(out, at)
+                    .map_err(self.io_err(|| "reading the origin"))?,
+                Some((until, loc)) => {
+                    let read = |slot: &mut [u8]| -> Result<()> {
+                        self.stores
+                            .read_slot(loc.store_index, loc.slot_index, slot)
+                            .map_err(self.io_err(|| {
+                                format!("reading store {} slot {}", loc.store_index, loc.slot_index)
+                            }))?;
+                        let crc = crc32c::crc32c(slot);
+                        if crc != loc.data_crc32c {
+                            return Err(Error::Corrupt {
+                                volume: self.config.name.clone(),
+                                what: format!(
+                                    "preserved chunk {chunk_index} (until snapshot {until}) in store {} slot {}",
+                                    loc.store_index, loc.slot_index
+                                ),
+                                detail: format!(
+                                    "checksum {crc:08x}, expected {:08x}",
+                                    loc.data_crc32c
+                                ),
+                            });
+                        }
+                        Ok(())
+                    };
+                    if out.len() as u64 == cs {
+                        // A whole chunk: straight into the caller's buffer.
+                        read(out)?;
+                    } else {
+                        SLOT_BUF.with(|cell| -> Result<()> {
+                            let mut slot = cell.borrow_mut();
+                            slot.resize(cs as usize, 0);
+                            read(&mut slot)?;
+                            let within = (at - chunk_index * cs) as usize;
+                            out.copy_from_slice(&slot[within..within + out.len()]);
+                            Ok(())
+                        })?;
                     }
-                    let within = (at - chunk_index * cs) as usize;
-                    out.copy_from_slice(&slot[within..within + out.len()]);
-                    Ok(())
-                })?,
+                }
             }
             at = part_end;
         }

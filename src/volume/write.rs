@@ -31,6 +31,28 @@ const _: () = assert!(DEFERRED_ENTRIES_MAX <= JOURNAL_FRAME_RECORDS_MAX as u64);
 /// Most 4 KiB pieces of new data held (in the scratch file) for chunks whose copy is queued.
 pub(super) const DEFERRED_PIECES_MAX: u64 = 65_536;
 
+/// Runs of a chunk whose new contents differ from the origin: `[start, end)` in bytes from
+/// the chunk's start, on 4 KiB piece boundaries (the last may end at the volume's end).
+pub(super) type DiffRuns = Vec<(u32, u32)>;
+
+/// The runs of 4 KiB pieces in which `old` and `new` (one chunk, or its part inside the
+/// volume) differ.
+fn diff_runs(old: &[u8], new: &[u8]) -> DiffRuns {
+    let piece = PIECE_BYTES as usize;
+    let mut runs = DiffRuns::new();
+    for (i, (o, n)) in old.chunks(piece).zip(new.chunks(piece)).enumerate() {
+        if o == n {
+            continue;
+        }
+        let (a, b) = ((i * piece) as u32, (i * piece + o.len()) as u32);
+        match runs.last_mut() {
+            Some(last) if last.1 == a => last.1 = b,
+            _ => runs.push((a, b)),
+        }
+    }
+    runs
+}
+
 static ZERO_PIECE: [u8; PIECE_BYTES as usize] = [0u8; PIECE_BYTES as usize];
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -116,6 +138,8 @@ impl Volume {
     //    the stores, then the journal frame, and only then writes the held pieces to the
     //    origin (`commit_batch`). A chunk with held pieces takes later writes into them;
     // 4. otherwise overwrite only the differing pieces in place.
+    // Restore does steps 1-3 for a batch of chunks at once (`copy_for_restore`, the copies
+    // queued together and committed), and only then step 4 (`write_restored`).
     fn write_chunk(
         &self,
         chunk_index: u64,
@@ -226,12 +250,18 @@ impl Volume {
         })
     }
 
-    /// For restore, which holds the barrier exclusively: if `data` (the chunk's new
-    /// contents, from its start to its end or the volume's) differs from the origin and the
-    /// chunk needs a copy, copies the old contents into a store slot and queues the entry,
-    /// without touching the origin; the caller commits, then writes. Returns whether the
-    /// chunk differs at all.
-    pub(super) fn queue_copy(&self, chunk_index: u64, data: &[u8]) -> Result<bool> {
+    /// For restore, which holds the barrier exclusively: compares `data` (the chunk's new
+    /// contents, from its start to its end or the volume's) with the origin per 4 KiB
+    /// piece; if they differ and the chunk needs a copy, copies the old contents into a
+    /// store slot and adds the entry to `copies`, without touching the origin. Returns the
+    /// differing runs (`None`: the chunk is equal); the caller queues the copies
+    /// (`queue_all`), commits, then calls `write_restored`.
+    pub(super) fn copy_for_restore(
+        &self,
+        chunk_index: u64,
+        data: &[u8],
+        copies: &mut Vec<PreserveEntry>,
+    ) -> Result<Option<DiffRuns>> {
         let cs = self.chunk_bytes();
         let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
         let len = (chunk_end - chunk_start) as usize;
@@ -246,18 +276,56 @@ impl Volume {
             self.origin
                 .read_at(&mut old[..len], chunk_start)
                 .map_err(self.io_err(|| format!("reading chunk {chunk_index} of the origin")))?;
-            if old[..len] == *data {
-                return Ok(false);
+            let runs = diff_runs(&old[..len], data);
+            if runs.is_empty() {
+                return Ok(None);
             }
             let Some(until) = self.tables.read().preserve_target(chunk_index) else {
-                return Ok(true);
+                return Ok(Some(runs));
             };
             old[len..cs as usize].fill(0);
             if let Some(entry) = self.copy_out(chunk_index, until, &old[..cs as usize])? {
-                self.queue(entry);
+                copies.push(entry);
             }
-            Ok(true)
+            Ok(Some(runs))
         })
+    }
+
+    /// For restore, after the commit of the copies `copy_for_restore` made: writes the runs of
+    /// `data` (the chunk's new contents) it found differing. The origin has not changed
+    /// since the compare: restore holds the barrier exclusively.
+    pub(super) fn write_restored(
+        &self,
+        chunk_index: u64,
+        data: &[u8],
+        runs: &[(u32, u32)],
+    ) -> Result<()> {
+        let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
+        let len = chunk_end - chunk_start;
+        assert_eq!(data.len() as u64, len);
+        let chunk = self.chunk_lock(chunk_index).write();
+        if self.tables.read().preserve_target(chunk_index).is_some() {
+            // No durable copy serves the newest snapshot (the commit should have made one):
+            // the write path preserves the chunk before it changes the origin.
+            drop(chunk);
+            return self.write_range_locked(chunk_start, len, Source::Data(data));
+        }
+        let mut written = 0u64;
+        for &(a, b) in runs {
+            self.origin
+                .write_at(&data[a as usize..b as usize], chunk_start + a as u64)
+                .map_err(self.io_err(|| format!("writing chunk {chunk_index} of the origin")))?;
+            written += (b - a) as u64;
+        }
+        // After the writes, so a flush that reads the count covers them.
+        self.origin_writes.fetch_add(1, Ordering::Release);
+        self.counters
+            .origin_bytes_written
+            .fetch_add(written, Ordering::Relaxed);
+        self.counters
+            .bytes_skipped_identical
+            .fetch_add(len - written, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Starts writing the stores' dirty pages back (a hint before a commit syncs them).
@@ -457,6 +525,19 @@ impl Volume {
                 self.chunk_bytes()
             ),
         }
+    }
+
+    /// Queues mapping entries for the next group commit at once (one wake-up of the
+    /// committer, so one commit rather than one per entry as they come).
+    pub(super) fn queue_all(&self, entries: Vec<PreserveEntry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut st = self.group.state.lock();
+        st.queued_count += entries.len() as u64;
+        st.pending.extend(entries);
+        drop(st);
+        self.group.wake.notify_all();
     }
 
     /// Queues a mapping entry for the next group commit and wakes the committer.
