@@ -14,7 +14,8 @@
 //!
 //! Replies of inline requests collect in an output buffer, written in one system call
 //! when no complete request is left in the input buffer (before the thread blocks in
-//! `recv`), before it waits for anything else, and whenever `OUT_FLUSH_BYTES` are pending.
+//! `recv`), before it waits for anything else, whenever `OUT_FLUSH_BYTES` are pending, and
+//! after `INLINE_REPLIES_MAX` replies (so the client refills its queue meanwhile).
 //! Workers write their replies themselves. Every write of replies is whole under the
 //! writer lock, so replies never interleave mid-message but may go out in any order.
 //!
@@ -51,8 +52,15 @@ pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const IN_BUFFER_BYTES: usize = 256 << 10;
 /// Pending inline replies are written once they reach this many bytes.
 const OUT_FLUSH_BYTES: usize = 256 << 10;
-/// Largest READ run on the reader's thread.
-const INLINE_BYTES_MAX: u64 = 1 << 20;
+/// Largest READ run on the reader's thread. Larger ones go to the workers, so that two of
+/// them copy out of the page cache at once (sequential 1 MiB reads at QD8, by hand on 2
+/// cores: 1,650 MiB/s inline to 1 MiB, 2,300 MiB/s inline to 128 KiB, nbdkit 2,330).
+const INLINE_BYTES_MAX: u64 = 128 << 10;
+/// The reader writes its pending replies after this many inline requests even when more
+/// are buffered: the client then refills its queue while the reader goes on, instead of
+/// both taking turns (random 4 KiB writes at QD16, by hand: 123k IOPS writing once per
+/// drained buffer, 152k every 4 replies; nbdkit 167k).
+const INLINE_REPLIES_MAX: u32 = 4;
 /// Largest WRITE, TRIM or WRITE_ZEROES run on the reader's thread. Larger ones go to the
 /// workers, where the engine's compare and write of one request overlap with reading the
 /// next payload (sequential 1 MiB writes at QD8 ran at about 0.6x nbdkit inline, against
@@ -492,6 +500,7 @@ pub fn serve(
             lo: 0,
             hi: 0,
             out: OutBuf::new(&shared.pool),
+            replies: 0,
         };
         let r = reader.run(&stop, config, scope);
         // Whatever was answered goes out, also before a protocol-error disconnect.
@@ -556,13 +565,21 @@ struct Reader<'s, 'env> {
     lo: usize,
     hi: usize,
     out: OutBuf<'env>,
+    /// Inline replies in `out` since it was last written.
+    replies: u32,
 }
 
 impl<'env> Reader<'_, 'env> {
     /// Writes the pending replies, then reads more input (after moving what is left to the
     /// front of the buffer); `Ok(false)` at the end of the stream.
-    fn fill(&mut self) -> io::Result<bool> {
+    /// Writes the pending inline replies.
+    fn flush_replies(&mut self) {
         self.shared.flush_out(&mut self.out);
+        self.replies = 0;
+    }
+
+    fn fill(&mut self) -> io::Result<bool> {
+        self.flush_replies();
         if self.lo > 0 {
             self.input.copy_within(self.lo..self.hi, 0);
             self.hi -= self.lo;
@@ -621,7 +638,7 @@ impl<'env> Reader<'_, 'env> {
         }
         self.lo += have;
         if have < len {
-            self.shared.flush_out(&mut self.out);
+            self.flush_replies();
             if let Err(e) = (&mut &*self.stream).read_exact(dst.get_mut(have..).unwrap_or_default())
             {
                 self.shared.pool.put(buf);
@@ -716,7 +733,7 @@ impl<'env> Reader<'_, 'env> {
                 _ => payload,
             };
             if !shared.gate.try_acquire(budget) {
-                shared.flush_out(&mut self.out);
+                self.flush_replies();
                 shared.gate.acquire(budget);
             }
             // Nothing else is in flight or received: a FLUSH or FUA request stalls no one.
@@ -729,8 +746,9 @@ impl<'env> Reader<'_, 'env> {
                 let data = self.input.get(start..self.lo).unwrap_or_default();
                 shared.run(&request, data, &mut self.out);
                 shared.gate.release(budget);
-                if self.out.len() >= OUT_FLUSH_BYTES {
-                    shared.flush_out(&mut self.out);
+                self.replies += 1;
+                if self.out.len() >= OUT_FLUSH_BYTES || self.replies >= INLINE_REPLIES_MAX {
+                    self.flush_replies();
                 }
                 continue;
             }
@@ -746,8 +764,9 @@ impl<'env> Reader<'_, 'env> {
                 shared.run(&request, data.as_slice(), &mut self.out);
                 shared.pool.put(data);
                 shared.gate.release(budget);
-                if self.out.len() >= OUT_FLUSH_BYTES {
-                    shared.flush_out(&mut self.out);
+                self.replies += 1;
+                if self.out.len() >= OUT_FLUSH_BYTES || self.replies >= INLINE_REPLIES_MAX {
+                    self.flush_replies();
                 }
                 continue;
             }
