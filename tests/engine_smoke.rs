@@ -1,9 +1,7 @@
 use snapvol::{CreateOptions, DataDir};
 
-#[test]
-fn write_snapshot_overwrite_read_restore() {
-    let dir = tempfile::tempdir().unwrap();
-    let dd = DataDir::open(dir.path()).unwrap();
+/// Volume "v": 1 MiB, 16 KiB chunks.
+fn create_1mib_volume(dd: &DataDir) {
     dd.create_volume(
         "v",
         &CreateOptions {
@@ -13,6 +11,13 @@ fn write_snapshot_overwrite_read_restore() {
         },
     )
     .unwrap();
+}
+
+#[test]
+fn write_snapshot_overwrite_read_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let dd = DataDir::open(dir.path()).unwrap();
+    create_1mib_volume(&dd);
     let v = dd.open_volume("v").unwrap();
     v.write(0, &[1u8; 8192]).unwrap();
     v.create_snapshot("s1").unwrap();
@@ -48,15 +53,7 @@ fn write_snapshot_overwrite_read_restore() {
 fn in_place_compare_skips_identical_writes_and_survives_a_truncated_origin() {
     let dir = tempfile::tempdir().unwrap();
     let dd = DataDir::open(dir.path()).unwrap();
-    dd.create_volume(
-        "v",
-        &CreateOptions {
-            size_bytes: Some(1 << 20),
-            chunk_size_bytes: Some(16384),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    create_1mib_volume(&dd);
     let v = dd.open_volume("v").unwrap();
     v.create_snapshot("s1").unwrap();
     // Every chunk preserved for s1: from here on every write is a steady one.
