@@ -1,7 +1,10 @@
-use snapvol::{CreateOptions, DataDir};
+use snapvol::{CreateOptions, DataDir, Volume};
 
-/// Volume "v": 1 MiB, 16 KiB chunks.
-fn create_1mib_volume(dd: &DataDir) {
+/// A data directory in a temporary directory holding volume "v" (1 MiB, 16 KiB chunks),
+/// opened.
+fn open_1mib_volume() -> (tempfile::TempDir, DataDir, Volume) {
+    let dir = tempfile::tempdir().unwrap();
+    let dd = DataDir::open(dir.path()).unwrap();
     dd.create_volume(
         "v",
         &CreateOptions {
@@ -11,14 +14,13 @@ fn create_1mib_volume(dd: &DataDir) {
         },
     )
     .unwrap();
+    let v = dd.open_volume("v").unwrap();
+    (dir, dd, v)
 }
 
 #[test]
 fn write_snapshot_overwrite_read_restore() {
-    let dir = tempfile::tempdir().unwrap();
-    let dd = DataDir::open(dir.path()).unwrap();
-    create_1mib_volume(&dd);
-    let v = dd.open_volume("v").unwrap();
+    let (_dir, dd, v) = open_1mib_volume();
     v.write(0, &[1u8; 8192]).unwrap();
     v.create_snapshot("s1").unwrap();
     v.write(4096, &[2u8; 100]).unwrap();
@@ -51,10 +53,7 @@ fn write_snapshot_overwrite_read_restore() {
 /// contract past the end), never a SIGBUS that kills the process.
 #[test]
 fn in_place_compare_skips_identical_writes_and_survives_a_truncated_origin() {
-    let dir = tempfile::tempdir().unwrap();
-    let dd = DataDir::open(dir.path()).unwrap();
-    create_1mib_volume(&dd);
-    let v = dd.open_volume("v").unwrap();
+    let (dir, _dd, v) = open_1mib_volume();
     v.create_snapshot("s1").unwrap();
     // Every chunk preserved for s1: from here on every write is a steady one.
     let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();

@@ -38,19 +38,13 @@ pub(super) type DiffRuns = Vec<(u32, u32)>;
 /// The runs of 4 KiB pieces in which `old` and `new` (one chunk, or its part inside the
 /// volume) differ.
 fn diff_runs(old: &[u8], new: &[u8]) -> DiffRuns {
-    let piece = PIECE_BYTES as usize;
-    let mut runs = DiffRuns::new();
-    for (i, (o, n)) in old.chunks(piece).zip(new.chunks(piece)).enumerate() {
-        if o == n {
-            continue;
-        }
-        let (a, b) = ((i * piece) as u32, (i * piece + o.len()) as u32);
-        match runs.last_mut() {
-            Some(last) if last.1 == a => last.1 = b,
-            _ => runs.push((a, b)),
-        }
-    }
-    runs
+    let mut diffs = Vec::new();
+    collect_diffs(old, 0, 0, new.len() as u64, Source::Data(new), &mut diffs);
+    // Within one chunk: offsets fit in u32.
+    diffs
+        .into_iter()
+        .map(|(a, b)| (a as u32, b as u32))
+        .collect()
 }
 
 static ZERO_PIECE: [u8; PIECE_BYTES as usize] = [0u8; PIECE_BYTES as usize];
