@@ -97,3 +97,91 @@ fn in_place_compare_skips_identical_writes_and_survives_a_truncated_origin() {
     v.read_snapshot("s1", 0, &mut s).unwrap();
     assert!(s.iter().all(|&x| x == 0));
 }
+
+/// Unmounts a test's file system when the test ends, however it ends.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A first write after a snapshot only reserves its store slot and is acknowledged; the
+/// copy is written by the group commit later. So a store on a file system that fills up
+/// must refuse the write at the reservation (store full, the volume healthy, nothing
+/// acknowledged lost), not fail the commit of writes already acknowledged.
+#[test]
+fn first_writes_into_a_full_store_file_system_are_refused_and_lose_nothing() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs for the store needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stores = dir.path().join("stores");
+    std::fs::create_dir(&stores).unwrap();
+    // Room for 16 slots of 64 KiB.
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&stores)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount -t tmpfs failed");
+    let _unmount = Unmount(stores.clone());
+
+    let chunk = 65536u64;
+    let chunks = 64u64;
+    let dd = DataDir::open(&dir.path().join("data")).unwrap();
+    dd.create_volume(
+        "v",
+        &CreateOptions {
+            size_bytes: Some(chunks * chunk),
+            chunk_size_bytes: Some(chunk as u32),
+            snapshot_stores: vec![stores.join("s0")],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = dd.open_volume("v").unwrap();
+    v.write(0, &vec![1u8; (chunks * chunk) as usize]).unwrap();
+    v.create_snapshot("s").unwrap();
+    let mut written = Vec::new();
+    for c in 0..chunks {
+        match v.write(c * chunk + 4096, &[2u8; 4096]) {
+            Ok(()) => written.push(c),
+            Err(e) => assert!(
+                matches!(e, snapvol::Error::StoreFull { .. }),
+                "chunk {c}: {e}"
+            ),
+        }
+    }
+    assert!(
+        !written.is_empty() && (written.len() as u64) < chunks,
+        "expected the 1 MiB store to fill part way: {} of {chunks} written",
+        written.len()
+    );
+    assert_eq!(v.failure(), None);
+    v.flush().unwrap();
+
+    let check = |v: &Volume| {
+        let mut live = vec![0u8; chunk as usize];
+        let mut snap = vec![0u8; chunk as usize];
+        for c in 0..chunks {
+            v.read(c * chunk, &mut live).unwrap();
+            v.read_snapshot("s", c * chunk, &mut snap).unwrap();
+            assert!(snap.iter().all(|&b| b == 1), "snapshot chunk {c} changed");
+            let want = if written.contains(&c) { 2 } else { 1 };
+            assert!(live[..4096].iter().all(|&b| b == 1), "chunk {c}");
+            assert!(live[4096..8192].iter().all(|&b| b == want), "chunk {c}");
+            assert!(live[8192..].iter().all(|&b| b == 1), "chunk {c}");
+        }
+    };
+    check(&v);
+    v.close().unwrap();
+    let v = dd.open_volume("v").unwrap();
+    check(&v);
+    v.close().unwrap();
+    let r = dd.check_volume("v").unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+}

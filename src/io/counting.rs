@@ -94,6 +94,9 @@ impl Storage for CountingStorage {
             .fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.reserve(offset, len)
+    }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }

@@ -215,6 +215,27 @@ impl Storage for FileStorage {
         }
     }
 
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block_device || len == 0 {
+            return Ok(());
+        }
+        let Some((off, l)) = hint_range(offset, len) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "reserve range too large",
+            ));
+        };
+        // SAFETY: fallocate takes a valid open descriptor and plain integers; it does not
+        // touch memory we own.
+        let rc =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, l) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
         let Some((off, l)) = hint_range(offset, len) else {
             return Ok(()); // a hint only

@@ -42,6 +42,12 @@ pub trait Storage: Send + Sync + Debug {
     fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Allocates space for `[offset, offset + len)` without changing the size or the bytes
+    /// (`fallocate` with KEEP_SIZE), so later writes there cannot fail for lack of space.
+    /// Engines without a file system, and devices, do nothing.
+    fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Starts reading `[offset, offset + len)` into the cache without waiting for it (a
     /// hint: reads of it soon after find it there). Engines without a device do nothing.
     fn will_need(&self, _offset: u64, _len: u64) -> io::Result<()> {

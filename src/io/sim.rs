@@ -747,6 +747,12 @@ impl Storage for FaultStorage {
         self.plan.check(IoKind::Discard, &self.path)?;
         self.inner.discard(offset, len)
     }
+    /// A reservation can fail like a write (ENOSPC above all); the engine below has no
+    /// space to reserve.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.plan.check(IoKind::Write, &self.path)?;
+        self.inner.reserve(offset, len)
+    }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }

@@ -183,10 +183,11 @@ struct JournalState {
     restore: Option<RestoreState>,
 }
 
-/// Group commit: writers that preserved a chunk queue their mapping entry and go on; a
-/// leader (a background committer, a flush, or a writer over the limits) syncs the stores,
-/// appends one journal frame for all, syncs it, writes the held pieces to the origin and
-/// wakes everyone waiting.
+/// Group commit: writers that must preserve a chunk reserve a store slot, queue its mapping
+/// entry and go on; a leader (a background committer, a flush, or a writer over the limits)
+/// copies the queued chunks' old contents into their slots, syncs the stores, appends one
+/// journal frame for all, syncs it, writes the held pieces to the origin and wakes everyone
+/// waiting.
 #[derive(Debug, Default)]
 struct GroupCommit {
     state: Mutex<GroupState>,
@@ -196,7 +197,7 @@ struct GroupCommit {
 #[derive(Debug, Default)]
 struct GroupState {
     /// Entries queued and not yet taken by a leader, oldest first.
-    pending: Vec<crate::journal::PreserveEntry>,
+    pending: Vec<write::Queued>,
     /// Entries ever queued.
     queued_count: u64,
     /// The first `applied_count` entries queued are committed and their pieces are on the

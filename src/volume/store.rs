@@ -5,6 +5,12 @@
 //! preserved data spreads over every store's disk. A store's capacity is `--store-size`,
 //! or the device size for a block device, or unbounded for a file (until the file system
 //! says ENOSPC, after which that store is capped where it failed).
+//!
+//! Space for new slots of a store file is reserved ahead (`Storage::reserve`, up to
+//! `RESERVE_AHEAD_BYTES` at a time) when they are handed out: a first write after a snapshot
+//! only reserves its slot, and the group commit writes the copy later, when the write has
+//! long been acknowledged, so a full file system must show at the reservation, where the
+//! write can still be refused or the store-full policy applied.
 
 use crate::io::Storage;
 use parking_lot::Mutex;
@@ -19,11 +25,16 @@ pub struct StoreFile {
     pub storage: Arc<dyn Storage>,
 }
 
+/// Most bytes of a store file reserved ahead of its highest slot in use.
+pub const RESERVE_AHEAD_BYTES: u64 = 32 << 20;
+
 #[derive(Debug)]
 struct Allocator {
     free: BTreeSet<(u16, u64)>,
     high_water_slots: Vec<u64>,
     capacity_slots: Vec<u64>,
+    /// Slots below this (per store) have space reserved (or were written before).
+    reserved_slots: Vec<u64>,
     next_store: usize,
 }
 
@@ -72,6 +83,7 @@ impl Stores {
             chunk_size_bytes,
             alloc: Mutex::new(Allocator {
                 free,
+                reserved_slots: high_water_slots.clone(),
                 high_water_slots,
                 capacity_slots,
                 next_store: 0,
@@ -83,7 +95,8 @@ impl Stores {
         &self.files
     }
 
-    /// A free slot, or `None` when every store is full.
+    /// A free slot, or `None` when every store is full. A new slot has its space reserved
+    /// first; a store whose file system has no space for it is capped there.
     pub fn allocate(&self) -> Option<(u16, u64)> {
         let mut a = self.alloc.lock();
         if let Some(slot) = a.free.pop_first() {
@@ -92,14 +105,55 @@ impl Stores {
         let n = self.files.len();
         for step in 0..n {
             let store = (a.next_store + step) % n;
-            if a.high_water_slots[store] < a.capacity_slots[store] {
+            while a.high_water_slots[store] < a.capacity_slots[store] {
                 let slot = a.high_water_slots[store];
+                if slot >= a.reserved_slots[store] && !self.reserve_from(&mut a, store, slot) {
+                    continue; // capped at `slot`
+                }
                 a.high_water_slots[store] += 1;
                 a.next_store = (store + 1) % n;
                 return Some((store as u16, slot));
             }
         }
         None
+    }
+
+    /// Reserves space from `slot` on (ahead, or just `slot` when the file system is short
+    /// of space). `false`: no space for `slot` itself; the store is capped there. Errors
+    /// other than ENOSPC (a file system that cannot reserve) leave the store as it is: a
+    /// write there reports any lack of space itself.
+    fn reserve_from(&self, a: &mut Allocator, store: usize, slot: u64) -> bool {
+        let ahead_slots = (RESERVE_AHEAD_BYTES / self.chunk_size_bytes).max(1);
+        let end = slot
+            .saturating_add(ahead_slots)
+            .min(a.capacity_slots[store]);
+        let storage = &self.files[store].storage;
+        let try_reserve = |slots: u64| -> io::Result<()> {
+            let offset = self.offset(slot)?;
+            let len = slots
+                .checked_mul(self.chunk_size_bytes)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "reserve overflows"))?;
+            storage.reserve(offset, len)
+        };
+        let is_enospc = |e: &io::Error| e.raw_os_error() == Some(libc::ENOSPC);
+        let reserved_end = match try_reserve(end - slot) {
+            Ok(()) => end,
+            Err(e) if is_enospc(&e) => match try_reserve(1) {
+                Ok(()) => slot + 1,
+                Err(e) if is_enospc(&e) => {
+                    tracing::warn!(path = %self.files[store].path.display(), slot, "snapshot store file system is full; capping the store here");
+                    Self::cap_locked(a, store as u16, slot);
+                    return false;
+                }
+                Err(_) => end,
+            },
+            Err(e) => {
+                tracing::debug!(path = %self.files[store].path.display(), error = %e, "cannot reserve space in the snapshot store");
+                end
+            }
+        };
+        a.reserved_slots[store] = reserved_end;
+        true
     }
 
     /// Returns a slot to the free list. Only call once no durable metadata references it.
@@ -110,7 +164,10 @@ impl Stores {
 
     /// The file system ran out of space at this slot: never hand out slots from here on.
     pub fn cap_at(&self, store_index: u16, slot_index: u64) {
-        let mut a = self.alloc.lock();
+        Self::cap_locked(&mut self.alloc.lock(), store_index, slot_index);
+    }
+
+    fn cap_locked(a: &mut Allocator, store_index: u16, slot_index: u64) {
         let s = store_index as usize;
         a.capacity_slots[s] = a.capacity_slots[s].min(slot_index);
         // Slots at or above the cap that were free are gone too.
@@ -193,6 +250,81 @@ mod tests {
         assert_eq!(s.allocate(), None);
         s.release(1, 0);
         assert_eq!(s.allocate(), Some((1, 0)));
+    }
+
+    /// A file system with room for `limit_bytes` of a store file only.
+    #[derive(Debug)]
+    struct RoomFor {
+        inner: Arc<dyn Storage>,
+        limit_bytes: u64,
+        reserves: std::sync::atomic::AtomicU64,
+    }
+
+    impl Storage for RoomFor {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.inner.sync()
+        }
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.inner.discard(offset, len)
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.reserves
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if offset + len > self.limit_bytes {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn new_slots_are_reserved_ahead_and_a_full_file_system_caps_the_store() {
+        let chunk = 64 << 10;
+        let ahead = RESERVE_AHEAD_BYTES / chunk;
+        let limit_slots = ahead + 3;
+        let room = Arc::new(RoomFor {
+            inner: MemDisk::default()
+                .open(Path::new("/s"), OpenMode::CreateNew)
+                .unwrap(),
+            limit_bytes: limit_slots * chunk,
+            reserves: Default::default(),
+        });
+        let files = vec![StoreFile {
+            path: "/s".into(),
+            storage: room.clone(),
+        }];
+        let s = Stores::new(files, chunk, vec![u64::MAX], std::iter::empty());
+        let reserves = || room.reserves.load(std::sync::atomic::Ordering::Relaxed);
+        for slot in 0..ahead {
+            assert_eq!(s.allocate(), Some((0, slot)));
+        }
+        // One reservation covered all of them.
+        assert_eq!(reserves(), 1);
+        // Past it: the whole step does not fit, one slot at a time does, until none does.
+        for slot in ahead..limit_slots {
+            assert_eq!(s.allocate(), Some((0, slot)));
+        }
+        assert_eq!(s.allocate(), None);
+        assert_eq!(s.allocate(), None, "capped: no further reservations tried");
+        let tried = reserves();
+        assert_eq!(s.allocate(), None);
+        assert_eq!(reserves(), tried);
+        // A freed slot is reused without a reservation.
+        s.release(0, 5);
+        assert_eq!(s.allocate(), Some((0, 5)));
+        assert_eq!(reserves(), tried);
     }
 
     #[test]

@@ -31,6 +31,16 @@ const _: () = assert!(DEFERRED_ENTRIES_MAX <= JOURNAL_FRAME_RECORDS_MAX as u64);
 /// Most 4 KiB pieces of new data held (in the scratch file) for chunks whose copy is queued.
 pub(super) const DEFERRED_PIECES_MAX: u64 = 65_536;
 
+/// A mapping entry waiting for its group commit.
+#[derive(Debug)]
+pub(super) struct Queued {
+    pub entry: PreserveEntry,
+    /// The chunk's old contents are still only on the origin (where `deferred` keeps them
+    /// by holding the chunk's new pieces): the commit copies them into the entry's slot
+    /// before it syncs the stores. `false`: the copy is in the slot already (restore).
+    pub copy_due: bool,
+}
+
 /// Runs of a chunk whose new contents differ from the origin: `[start, end)` in bytes from
 /// the chunk's start, on 4 KiB piece boundaries (the last may end at the volume's end).
 pub(super) type DiffRuns = Vec<(u32, u32)>;
@@ -123,17 +133,20 @@ impl Volume {
     // durable, whenever a live snapshot still needs that content. Steps, per chunk:
     // 1. under the chunk lock, decide whether the chunk must be preserved (a snapshot
     //    exists and no record serves the newest one);
-    // 2. read the old bytes once (the whole chunk if preserving, else the covering pieces)
-    //    and compare per 4 KiB piece; identical pieces cause no I/O, an identical write
-    //    none at all;
-    // 3. if something differs and preservation is due: copy the chunk once into a store
-    //    slot, queue its mapping entry for the next group commit and hold the new pieces
-    //    in `deferred` (readers of the live volume see them there); the group commit syncs
-    //    the stores, then the journal frame, and only then writes the held pieces to the
-    //    origin (`commit_batch`). A chunk with held pieces takes later writes into them;
+    // 2. compare the write with the old bytes of the 4 KiB pieces it covers (in place on
+    //    the origin's map where it can, else read once); identical pieces cause no I/O, an
+    //    identical write none at all;
+    // 3. if something differs and preservation is due: reserve a store slot, queue the
+    //    mapping entry for the next group commit and hold the new pieces in `deferred`
+    //    (readers of the live volume see them there; the origin keeps the old contents,
+    //    which snapshot readers see). The group commit copies the chunk from the origin
+    //    into the slot, syncs the stores, then the journal frame, and only then writes the
+    //    held pieces to the origin (`commit_batch`). A chunk with held pieces takes later
+    //    writes into them, so its origin bytes stay the old ones until that commit;
     // 4. otherwise overwrite only the differing pieces in place.
-    // Restore does steps 1-3 for a batch of chunks at once (`copy_for_restore`, the copies
-    // queued together and committed), and only then step 4 (`write_restored`).
+    // Restore does steps 1-3 for a batch of chunks at once (`copy_for_restore`, copying
+    // each chunk itself and queueing the copies together), and only then step 4
+    // (`write_restored`).
     fn write_chunk(
         &self,
         chunk_index: u64,
@@ -141,7 +154,6 @@ impl Volume {
         length: u64,
         src: Source<'_>,
     ) -> Result<()> {
-        let cs = self.chunk_bytes();
         let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
         let end = offset + length;
         debug_assert!(chunk_start <= offset && end <= chunk_end);
@@ -151,25 +163,21 @@ impl Volume {
             return self.write_deferred(chunk_index, offset, length, src);
         }
         let preserve_for = self.tables.read().preserve_target(chunk_index);
-
-        let (span_start, span_end) = if preserve_for.is_some() {
-            (chunk_start, chunk_end)
-        } else {
-            (
-                align_down(offset, PIECE_BYTES),
-                (align_down(end - 1, PIECE_BYTES) + PIECE_BYTES).min(chunk_end),
-            )
-        };
+        let span_start = align_down(offset, PIECE_BYTES);
+        let span_end = (align_down(end - 1, PIECE_BYTES) + PIECE_BYTES).min(chunk_end);
+        let span_len = (span_end - span_start) as usize;
 
         OLD_CHUNK.with(|cell| {
             let mut old = cell.borrow_mut();
-            if old.len() < cs as usize {
-                old.resize(cs as usize, 0);
+            if old.len() < span_len {
+                old.resize(span_len, 0);
             }
             // Compare per piece; collect differing ranges (absolute, coalesced). Where no
             // copy is due, in place on the origin's map (no pread); else (or if the map
-            // cannot serve) from a read, which the copy needs anyway.
-            let span_len = (span_end - span_start) as usize;
+            // cannot serve) from a read: a chunk to preserve keeps the old bytes of the
+            // span, as partly written pieces are held whole. (The map is not used for
+            // first writes: pages touched through it count as the daemon's resident memory,
+            // and a first write touches a chunk once.)
             let mut diffs: Vec<(u64, u64)> = Vec::new();
             let in_place = preserve_for.is_none()
                 && self.origin.view_at(span_start, span_len, &mut |old_span| {
@@ -192,44 +200,44 @@ impl Volume {
                 return Ok(());
             }
 
-            if let Some(until) = preserve_for {
-                // The slot holds a whole chunk; the tail past the volume's end is zeros.
-                old[(chunk_end - chunk_start) as usize..cs as usize].fill(0);
-                if let Some(entry) = self.copy_out(chunk_index, until, &old[..cs as usize])? {
-                    // Hold the new contents of every differing piece (old bytes plus the
-                    // write) until the entry's group commit.
-                    // `old` becomes the new contents of those pieces; the copy is out.
-                    let mut pieces: Vec<(u32, u64, u64)> = Vec::new();
-                    for &(a, b) in &diffs {
-                        let mut p = align_down(a, PIECE_BYTES);
-                        while p < b {
-                            let p_end = (p + PIECE_BYTES).min(chunk_end);
-                            let bytes = &mut old
-                                [(p - chunk_start) as usize..(p_end - chunk_start) as usize];
-                            apply_source(bytes, p, offset, end, src);
-                            pieces.push((((p - chunk_start) / PIECE_BYTES) as u32, p, p_end));
-                            p = p_end;
-                        }
+            if let Some(until) = preserve_for
+                && let Some(entry) = self.reserve_copy(chunk_index, until)?
+            {
+                // Hold the new contents of every differing piece (old bytes plus the
+                // write) until the entry's group commit; `old` becomes those contents.
+                let mut pieces: Vec<(u32, u64, u64)> = Vec::new();
+                for &(a, b) in &diffs {
+                    let mut p = align_down(a, PIECE_BYTES);
+                    while p < b {
+                        let p_end = (p + PIECE_BYTES).min(chunk_end);
+                        let bytes =
+                            &mut old[(p - span_start) as usize..(p_end - span_start) as usize];
+                        apply_source(bytes, p, offset, end, src);
+                        pieces.push((((p - chunk_start) / PIECE_BYTES) as u32, p, p_end));
+                        p = p_end;
                     }
-                    let held = pieces.iter().map(|&(i, p, p_end)| {
-                        (
-                            i,
-                            &old[(p - chunk_start) as usize..(p_end - chunk_start) as usize],
-                        )
-                    });
-                    if let Err(e) = self.deferred.put(chunk_index, held) {
-                        // The copy was written but is not queued: its slot is free again.
-                        self.stores.release(entry.store_index, entry.slot_index);
-                        return Err(self.io_err(|| "holding deferred data in the scratch file")(
-                            e,
-                        ));
-                    }
-                    self.queue(entry);
-                    self.counters
-                        .origin_bytes_written
-                        .fetch_add(differing, Ordering::Relaxed);
-                    return Ok(());
                 }
+                let held = pieces.iter().map(|&(i, p, p_end)| {
+                    (
+                        i,
+                        &old[(p - span_start) as usize..(p_end - span_start) as usize],
+                    )
+                });
+                if let Err(e) = self.deferred.put(chunk_index, held) {
+                    // Nothing is queued for the slot: it is free again.
+                    self.stores.release(entry.store_index, entry.slot_index);
+                    return Err(self.io_err(|| "holding deferred data in the scratch file")(
+                        e,
+                    ));
+                }
+                self.queue(Queued {
+                    entry,
+                    copy_due: true,
+                });
+                self.counters
+                    .origin_bytes_written
+                    .fetch_add(differing, Ordering::Relaxed);
+                return Ok(());
             }
 
             for (a, b) in diffs {
@@ -441,35 +449,56 @@ impl Volume {
     /// Copies `data` (one whole chunk) into a store slot, not yet synced. `Ok(None)`: the
     /// store-full policy pruned every snapshot that needed the copy, so none was made.
     fn copy_out(&self, chunk_index: u64, until: u64, data: &[u8]) -> Result<Option<PreserveEntry>> {
-        let data_crc32c = crc32c::crc32c(data);
-        let (store_index, slot_index) = loop {
-            let Some((store_index, slot_index)) = self.allocate_slot(chunk_index, until)? else {
+        loop {
+            let Some(mut entry) = self.reserve_copy(chunk_index, until)? else {
                 return Ok(None);
             };
-            match self.stores.write_slot(store_index, slot_index, data) {
-                Ok(()) => break (store_index, slot_index),
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    tracing::warn!(volume = %self.config.name, store_index, slot_index, "snapshot store file system is full; capping the store here");
-                    self.stores.cap_at(store_index, slot_index);
-                }
-                Err(e) => {
-                    self.stores.release(store_index, slot_index);
-                    return Err(self.io_err(|| {
-                        format!("writing store {store_index} slot {slot_index}")
-                    })(e));
-                }
+            if self.write_copy(&mut entry, data)? {
+                return Ok(Some(entry));
             }
+        }
+    }
+
+    /// Reserves a store slot for a copy of `chunk_index` serving snapshots up to `until`;
+    /// the entry's checksum is set when the copy is written (`write_copy`). `Ok(None)`: the
+    /// store-full policy pruned every snapshot that needed the copy.
+    fn reserve_copy(&self, chunk_index: u64, until: u64) -> Result<Option<PreserveEntry>> {
+        let Some((store_index, slot_index)) = self.allocate_slot(chunk_index, until)? else {
+            return Ok(None);
         };
-        self.counters
-            .bytes_preserved
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(Some(PreserveEntry {
             chunk_index,
             until_snapshot_id: until,
             store_index,
             slot_index,
-            data_crc32c,
+            data_crc32c: 0,
         }))
+    }
+
+    /// Writes `data` (one whole chunk) into `entry`'s slot, not yet synced, and sets its
+    /// checksum. `Ok(false)`: the file system was full at that slot; the store is capped
+    /// there and the entry needs another slot. On an error the slot is released.
+    fn write_copy(&self, entry: &mut PreserveEntry, data: &[u8]) -> Result<bool> {
+        let (store_index, slot_index) = (entry.store_index, entry.slot_index);
+        match self.stores.write_slot(store_index, slot_index, data) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                tracing::warn!(volume = %self.config.name, store_index, slot_index, "snapshot store file system is full; capping the store here");
+                self.stores.cap_at(store_index, slot_index);
+                return Ok(false);
+            }
+            Err(e) => {
+                self.stores.release(store_index, slot_index);
+                return Err(self.io_err(|| {
+                    format!("writing store {store_index} slot {slot_index}")
+                })(e));
+            }
+        }
+        entry.data_crc32c = crc32c::crc32c(data);
+        self.counters
+            .bytes_preserved
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// A free slot for the copy `(chunk_index, until)`; when the stores are full, applies
@@ -529,15 +558,18 @@ impl Volume {
         }
         let mut st = self.group.state.lock();
         st.queued_count += entries.len() as u64;
-        st.pending.extend(entries);
+        st.pending.extend(entries.into_iter().map(|entry| Queued {
+            entry,
+            copy_due: false,
+        }));
         drop(st);
         self.group.wake.notify_all();
     }
 
     /// Queues a mapping entry for the next group commit and wakes the committer.
-    fn queue(&self, entry: PreserveEntry) {
+    fn queue(&self, queued: Queued) {
         let mut st = self.group.state.lock();
-        st.pending.push(entry);
+        st.pending.push(queued);
         st.queued_count += 1;
         drop(st);
         self.group.wake.notify_all();
@@ -606,9 +638,9 @@ impl Volume {
                 debug_assert!(!st.pending.is_empty());
                 st.leader_active = true;
                 let n = st.pending.len().min(JOURNAL_FRAME_RECORDS_MAX as usize);
-                let batch: Vec<PreserveEntry> = st.pending.drain(..n).collect();
+                let batch: Vec<Queued> = st.pending.drain(..n).collect();
                 drop(st);
-                let result = self.commit_batch(&batch);
+                let result = self.commit_batch(batch);
                 st = self.group.state.lock();
                 st.leader_active = false;
                 if result.is_ok() {
@@ -626,17 +658,33 @@ impl Volume {
         }
     }
 
-    /// One group commit: stores durable, then the journal frame, then the tables; then the
-    /// held pieces of the batch's chunks go to the origin (each under its chunk lock).
-    fn commit_batch(&self, batch: &[PreserveEntry]) -> Result<()> {
+    /// One group commit: the due copies into their slots, stores durable, then the journal
+    /// frame, then the tables; then the held pieces of the batch's chunks go to the origin
+    /// (each under its chunk lock).
+    fn commit_batch(&self, batch: Vec<Queued>) -> Result<()> {
         debug_assert!(!batch.is_empty());
         self.ensure_ok()?;
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut buf = Vec::new();
+        for q in batch {
+            let mut entry = q.entry;
+            if q.copy_due {
+                self.copy_deferred_chunk(&mut entry, &mut buf).map_err(|e| {
+                    self.fail(format!(
+                        "copying chunk {} into the snapshot store failed ({e}); acknowledged writes may be lost",
+                        entry.chunk_index
+                    ))
+                })?;
+            }
+            entries.push(entry);
+        }
         self.stores
             .sync_all()
             .map_err(|e| self.fail(format!("syncing the snapshot stores failed ({e})")))?;
+        let batch = entries;
         {
             let mut js = self.journal.lock();
-            let record = [Record::Preserve(batch.to_vec())];
+            let record = [Record::Preserve(batch.clone())];
             self.journal_commit(&mut js, &record)?;
             let freed = self.tables.write().apply(&record[0]);
             for (store_index, slot_index) in freed {
@@ -657,6 +705,29 @@ impl Volume {
                     ))
                 })?;
             self.origin_writes.fetch_add(1, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Copies a queued chunk's old contents from the origin into its entry's slot (another
+    /// slot if the file system is full at that one). The chunk is held in `deferred`, so no
+    /// one writes its origin bytes before this commit ends: no chunk lock is needed.
+    fn copy_deferred_chunk(&self, entry: &mut PreserveEntry, buf: &mut Vec<u8>) -> Result<()> {
+        debug_assert!(self.deferred.contains(entry.chunk_index));
+        let cs = self.chunk_bytes() as usize;
+        let (chunk_start, chunk_end) = self.chunk_range(entry.chunk_index);
+        let len = (chunk_end - chunk_start) as usize;
+        buf.resize(cs, 0);
+        self.origin.read_at(&mut buf[..len], chunk_start).map_err(
+            self.io_err(|| format!("reading chunk {} of the origin", entry.chunk_index)),
+        )?;
+        // The slot holds a whole chunk; the tail past the volume's end is zeros.
+        buf[len..].fill(0);
+        while !self.write_copy(entry, buf)? {
+            let Some(slot) = self.stores.allocate() else {
+                return Err(self.store_full_error());
+            };
+            (entry.store_index, entry.slot_index) = slot;
         }
         Ok(())
     }
