@@ -166,6 +166,46 @@ impl Storage for FileStorage {
         self.changed(self.file.write_all_at(buf, offset))
     }
 
+    /// One `pwritev2(RWF_DSYNC)` per piece: the data and the metadata needed to read it
+    /// (a new size) reach the device before it returns. Other writes through this handle
+    /// are not covered, so the handle still counts as changed for `sync`.
+    fn write_at_durable(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        let result = (|| {
+            while !buf.is_empty() {
+                let off = i64::try_from(offset).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "write offset too large")
+                })?;
+                let iov = libc::iovec {
+                    iov_base: buf.as_ptr() as *mut libc::c_void,
+                    iov_len: buf.len(),
+                };
+                // SAFETY: `iov` points at `buf`, which lives across the call and is only
+                // read by the kernel; the descriptor is open.
+                let n =
+                    unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_DSYNC) };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => continue,
+                        Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
+                            // No per-write sync here: a write, then a sync of the file.
+                            self.file.write_all_at(buf, offset)?;
+                            return self.file.sync_data();
+                        }
+                        _ => return Err(e),
+                    }
+                }
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                buf = &buf[n as usize..];
+                offset += n as u64;
+            }
+            Ok(())
+        })();
+        self.changed(result)
+    }
+
     fn view_at(&self, offset: u64, len: usize, f: &mut dyn FnMut(&[u8])) -> bool {
         let map = self.map.get_or_init(|| {
             // The size now: a file that grows later is viewed up to this size only.

@@ -146,6 +146,10 @@ pub struct Journal {
     /// Encode buffer reused across appends.
     buf: Vec<u8>,
     read_only: bool,
+    /// Something written to the file may not be durable yet (an append not synced, a
+    /// failed write or sync, or a file opened as a previous process left it, whose page
+    /// cache may hold writes it never synced): `append_durable` then syncs the whole file.
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Journal {

@@ -7,6 +7,7 @@ use super::{
 };
 use crate::io::Storage;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 pub(crate) const HEADER_MAGIC: &[u8; 8] = b"SNAPVJNL";
 pub(crate) const JOURNAL_VERSION: u32 = 1;
@@ -115,6 +116,7 @@ impl Journal {
             file_len: JOURNAL_HEADER_BYTES,
             next_seq: 1,
             buf: Vec::new(),
+            unsynced: false.into(),
             read_only: false,
         })
     }
@@ -135,6 +137,34 @@ impl Journal {
     /// write fails, the end offset and next seq are unchanged (the next append overwrites
     /// whatever part was written).
     pub fn append(&mut self, records: &[Record]) -> Result<u64, JournalError> {
+        self.unsynced.store(true, Ordering::SeqCst);
+        self.append_frame(records, |s, buf, at| s.write_at(buf, at))
+    }
+
+    /// Appends `records` as one frame, like [`Journal::append`], and makes every appended
+    /// frame durable, like [`Journal::sync`]: in one write that syncs itself
+    /// (`Storage::write_at_durable`, one device round trip instead of a write and a sync)
+    /// when nothing written before may still be unsynced, else a write and a sync of the
+    /// file. On an error the frame may or may not be durable.
+    pub fn append_durable(&mut self, records: &[Record]) -> Result<u64, JournalError> {
+        if self.unsynced.load(Ordering::SeqCst) {
+            let seq = self.append(records)?;
+            self.sync()?;
+            return Ok(seq);
+        }
+        let result = self.append_frame(records, |s, buf, at| s.write_at_durable(buf, at));
+        if result.is_err() {
+            self.unsynced.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    /// Encodes and writes one frame (with zeros ahead where the file ends) through `write`.
+    fn append_frame(
+        &mut self,
+        records: &[Record],
+        write: impl FnOnce(&dyn Storage, &[u8], u64) -> std::io::Result<()>,
+    ) -> Result<u64, JournalError> {
         if self.read_only {
             return Err(JournalError::ReadOnly);
         }
@@ -152,7 +182,7 @@ impl Journal {
                 self.buf.resize(self.buf.len() + zeros as usize, 0);
             }
             let written_end = self.end + self.buf.len() as u64;
-            if let Err(e) = self.storage.write_at(&self.buf, self.end) {
+            if let Err(e) = write(self.storage.as_ref(), &self.buf, self.end) {
                 // Part of the write may have landed after `end`: the next append writes
                 // its zeros again, over whatever this one left.
                 self.file_len = self.end;
@@ -173,6 +203,7 @@ impl Journal {
     /// Makes every appended frame durable.
     pub fn sync(&self) -> Result<(), JournalError> {
         self.storage.sync()?;
+        self.unsynced.store(false, Ordering::SeqCst);
         Ok(())
     }
 

@@ -416,14 +416,12 @@ impl Volume {
         js: &mut JournalState,
         records: &[crate::journal::Record],
     ) -> Result<()> {
-        js.journal
-            .append(records)
-            .map_err(|e| self.fail(format!("appending to the journal failed: {e}")))?;
-        js.journal.sync().map_err(|e| {
+        js.journal.append_durable(records).map_err(|e| {
             self.fail(format!(
-                "syncing the journal failed ({e}); its last frame may be lost"
+                "appending to the journal and syncing it failed ({e}); its last frame may be lost"
             ))
-        })
+        })?;
+        Ok(())
     }
 
     /// Checkpoints if the journal has grown past its limit. Caller holds the journal lock.
