@@ -11,6 +11,7 @@ pub mod config;
 mod deferred;
 mod map;
 mod meta;
+mod newest;
 mod open;
 mod restore;
 mod snapshot;
@@ -174,6 +175,8 @@ struct Tables {
     next_snapshot_id: u64,
     /// Changes since the last checkpoint.
     dirty: Dirty,
+    /// Chunks known to have a record serving the newest snapshot (a cache of `map`).
+    newest_preserved: newest::NewestPreserved,
 }
 
 /// The journal and the state only the journal holder may change.

@@ -370,6 +370,7 @@ impl Volume {
             snapshots: loaded.snapshots,
             next_snapshot_id: loaded.state.next_snapshot_id,
             dirty: Default::default(),
+            newest_preserved: Default::default(),
         };
         if tables.by_name.len() != tables.snapshots.len() {
             return Err(Error::Corrupt {
@@ -469,6 +470,7 @@ impl Volume {
                 });
             }
         }
+        tables.fill_newest_preserved();
         let stores = Stores::new(
             files,
             cs,

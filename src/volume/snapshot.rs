@@ -18,9 +18,28 @@ impl Tables {
     /// newest snapshot, unless a record already serves it.
     pub(super) fn preserve_target(&self, chunk_index: u64) -> Option<u64> {
         let (&newest, _) = self.snapshots.last_key_value()?;
+        if self.newest_preserved.contains(chunk_index, newest) {
+            debug_assert!(self.map.lookup(chunk_index, newest).is_some());
+            return None;
+        }
         match self.map.lookup(chunk_index, newest) {
             Some(_) => None,
             None => Some(newest),
+        }
+    }
+
+    /// Fills the `newest_preserved` cache from the whole table (after loading it).
+    pub(super) fn fill_newest_preserved(&mut self) {
+        self.newest_preserved.clear();
+        let Some((&newest, _)) = self.snapshots.last_key_value() else {
+            return;
+        };
+        let record_count = self.map.len();
+        for (chunk_index, until, _) in self.map.iter() {
+            if until >= newest {
+                self.newest_preserved
+                    .insert(chunk_index, newest, record_count);
+            }
         }
     }
 
@@ -87,6 +106,13 @@ impl Tables {
                     if let Some(old) = self.map.insert(e.chunk_index, e.until_snapshot_id, loc) {
                         freed.push((old.store_index, old.slot_index));
                     }
+                    if let Some((&newest, _)) = self.snapshots.last_key_value()
+                        && e.until_snapshot_id >= newest
+                    {
+                        let record_count = self.map.len();
+                        self.newest_preserved
+                            .insert(e.chunk_index, newest, record_count);
+                    }
                 }
             }
             Record::SnapshotCreate {
@@ -104,6 +130,8 @@ impl Tables {
                 self.dirty.snapshots.insert(*snapshot_id, Some(meta));
             }
             Record::SnapshotDelete { snapshot_id } => {
+                // Records may go: the cache must not outlive them.
+                self.newest_preserved.clear();
                 if let Some(s) = self.snapshots.remove(snapshot_id) {
                     self.by_name.remove(&s.name);
                     self.dirty.snapshots.insert(*snapshot_id, None);
