@@ -22,9 +22,27 @@ use snapvol::DataDir;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
+/// Large allocations of the daemon always come from `mmap` and go back to the system when
+/// freed. The mapping table's segments (up to 1.5 MiB each) are reallocated as they grow,
+/// often by another thread than the one that allocated them (whichever leads a group
+/// commit); with glibc's default sliding mmap threshold they end up in the heaps of several
+/// threads' arenas, whose free space no one else can reuse: the daemon's peak memory
+/// doubled under fast first writes (65 instead of 28 bytes per preserved chunk).
+fn tune_malloc_for_serving() {
+    /// Allocations from this size on are mapped on their own (glibc's default start; fixing
+    /// it stops the threshold from sliding up to 32 MiB).
+    const MMAP_THRESHOLD_BYTES: libc::c_int = 128 << 10;
+    // SAFETY: mallopt only changes allocator parameters; it is called before any thread of
+    // the daemon starts.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) } != 1 {
+        tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused");
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Serve(args) = &cli.command {
+        tune_malloc_for_serving();
         init_tracing(cli.verbose, true);
         return exit_code(serve::serve(&cli.data_dir, args));
     }

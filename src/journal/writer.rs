@@ -14,8 +14,10 @@ pub(crate) const JOURNAL_VERSION: u32 = 1;
 /// Bytes of the header covered by its checksum.
 pub(crate) const HEADER_CRC_OFFSET: usize = 28;
 
-/// Largest encode buffer kept between appends; a bigger one is released after use.
-const ENCODE_BUF_KEEP_BYTES: usize = 2 << 20;
+/// Largest encode buffer kept between appends; a bigger one (a frame of thousands of
+/// entries, or one carrying up to 1 MiB of zeros ahead) is released after use rather than
+/// held for the life of the volume.
+const ENCODE_BUF_KEEP_BYTES: usize = 256 << 10;
 
 /// Zero bytes written ahead of the last frame when an append reaches the end of the
 /// file: at least this many...

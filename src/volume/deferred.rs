@@ -28,9 +28,67 @@ struct Held {
     len_bytes: u16,
 }
 
+/// The held pieces of one chunk. A first write usually holds one piece, and up to 16,384
+/// chunks wait for a commit at once: the single piece is kept inline (16 bytes beside the
+/// chunk index in the table), a map only from the second piece on.
+#[derive(Debug)]
+enum Pieces {
+    One(u32, Held),
+    // Boxed on purpose: an unboxed map (24 bytes) would make every entry of the table,
+    // one-piece ones included, 8 bytes larger.
+    #[allow(clippy::box_collection)]
+    Many(Box<BTreeMap<u32, Held>>),
+}
+
+impl Pieces {
+    fn get(&self, piece_index: u32) -> Option<Held> {
+        match self {
+            Pieces::One(i, h) => (*i == piece_index).then_some(*h),
+            Pieces::Many(m) => m.get(&piece_index).copied(),
+        }
+    }
+
+    /// Sets a piece; returns the one it replaced.
+    fn insert(&mut self, piece_index: u32, held: Held) -> Option<Held> {
+        match self {
+            Pieces::One(i, h) if *i == piece_index => Some(std::mem::replace(h, held)),
+            Pieces::One(i, h) => {
+                let mut m = BTreeMap::new();
+                m.insert(*i, *h);
+                m.insert(piece_index, held);
+                *self = Pieces::Many(Box::new(m));
+                None
+            }
+            Pieces::Many(m) => m.insert(piece_index, held),
+        }
+    }
+
+    /// The pieces `lo..=hi`, in piece order.
+    fn range(&self, lo: u32, hi: u32) -> impl Iterator<Item = (u32, Held)> + '_ {
+        let (one, many) = match self {
+            Pieces::One(i, h) => ((lo..=hi).contains(i).then_some((*i, *h)), None),
+            Pieces::Many(m) => (None, Some(m.range(lo..=hi).map(|(&i, &h)| (i, h)))),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, Held)> + '_ {
+        self.range(0, u32::MAX)
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Pieces::One(..) => 1,
+            Pieces::Many(m) => m.len(),
+        }
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<Pieces>() <= 16);
+
 #[derive(Debug, Default)]
 struct State {
-    chunks: HashMap<u64, BTreeMap<u32, Held>>,
+    chunks: HashMap<u64, Pieces>,
     piece_count: u64,
     free_slots: Vec<u32>,
     /// Slots `0..slot_count` of the scratch file have been handed out at some point.
@@ -95,11 +153,7 @@ impl Deferred {
         out: &mut [u8],
     ) -> io::Result<bool> {
         let st = self.state.lock();
-        match st
-            .chunks
-            .get(&chunk_index)
-            .and_then(|c| c.get(&piece_index))
-        {
+        match st.chunks.get(&chunk_index).and_then(|c| c.get(piece_index)) {
             Some(h) => {
                 assert_eq!(h.len_bytes as usize, out.len());
                 self.scratch.read_at(out, slot_offset(h.scratch_slot))?;
@@ -121,11 +175,7 @@ impl Deferred {
         let result = (|| {
             for (piece_index, bytes) in pieces {
                 assert!(!bytes.is_empty() && bytes.len() as u64 <= PIECE_BYTES);
-                let existing = st
-                    .chunks
-                    .get(&chunk_index)
-                    .and_then(|c| c.get(&piece_index))
-                    .copied();
+                let existing = st.chunks.get(&chunk_index).and_then(|c| c.get(piece_index));
                 let scratch_slot = match existing {
                     Some(h) => h.scratch_slot,
                     None => st.allocate()?,
@@ -140,13 +190,16 @@ impl Deferred {
                     scratch_slot,
                     len_bytes: bytes.len() as u16,
                 };
-                if st
-                    .chunks
-                    .entry(chunk_index)
-                    .or_default()
-                    .insert(piece_index, held)
-                    .is_none()
-                {
+                let replaced = match st.chunks.entry(chunk_index) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        e.get_mut().insert(piece_index, held)
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(Pieces::One(piece_index, held));
+                        None
+                    }
+                };
+                if replaced.is_none() {
                     st.piece_count += 1;
                 }
             }
@@ -186,7 +239,7 @@ impl Deferred {
             let chunk_start = chunk_index * chunk_bytes;
             let lo = (offset.max(chunk_start) - chunk_start) / PIECE_BYTES;
             let hi = (end.min(chunk_start + chunk_bytes) - 1 - chunk_start) / PIECE_BYTES;
-            for (&piece_index, h) in pieces.range(lo as u32..=hi as u32) {
+            for (piece_index, h) in pieces.range(lo as u32, hi as u32) {
                 let p_start = chunk_start + piece_index as u64 * PIECE_BYTES;
                 let p_end = p_start + h.len_bytes as u64;
                 let a = p_start.max(offset);
@@ -215,10 +268,10 @@ impl Deferred {
         let Some(pieces) = st.chunks.get(&chunk_index) else {
             return Ok(());
         };
-        let total: usize = pieces.values().map(|h| h.len_bytes as usize).sum();
+        let total: usize = pieces.iter().map(|(_, h)| h.len_bytes as usize).sum();
         let mut data = vec![0u8; total];
         let mut at = 0usize;
-        for h in pieces.values() {
+        for (_, h) in pieces.iter() {
             let n = h.len_bytes as usize;
             self.scratch
                 .read_at(&mut data[at..at + n], slot_offset(h.scratch_slot))?;
@@ -226,7 +279,7 @@ impl Deferred {
         }
         let mut views = Vec::with_capacity(pieces.len());
         let mut at = 0usize;
-        for (&piece_index, h) in pieces {
+        for (piece_index, h) in pieces.iter() {
             let n = h.len_bytes as usize;
             views.push((piece_index, &data[at..at + n]));
             at += n;
@@ -235,7 +288,7 @@ impl Deferred {
         let pieces = st.chunks.remove(&chunk_index).expect("held above");
         st.piece_count -= pieces.len() as u64;
         st.free_slots
-            .extend(pieces.values().map(|h| h.scratch_slot));
+            .extend(pieces.iter().map(|(_, h)| h.scratch_slot));
         if st.chunks.is_empty() && st.slot_count > 0 {
             // All drained: start the scratch file over and drop its pages (best effort;
             // they are garbage, and writing them back would only cost the disk).
@@ -292,6 +345,29 @@ mod tests {
         .unwrap();
         assert_eq!(seen, vec![(2, 7, PIECE_BYTES as usize)]);
         assert!(d.is_empty() && d.piece_count() == 0);
+    }
+
+    #[test]
+    fn one_inline_piece_becomes_a_map_from_the_second_on() {
+        let held = |scratch_slot| Held {
+            scratch_slot,
+            len_bytes: 4096,
+        };
+        let mut p = Pieces::One(5, held(1));
+        assert_eq!(p.insert(5, held(2)).map(|h| h.scratch_slot), Some(1));
+        assert!(matches!(p, Pieces::One(5, _)));
+        assert!(p.insert(2, held(3)).is_none());
+        assert!(p.insert(9, held(4)).is_none());
+        assert_eq!(p.len(), 3);
+        let order: Vec<(u32, u32)> = p.iter().map(|(i, h)| (i, h.scratch_slot)).collect();
+        assert_eq!(order, vec![(2, 3), (5, 2), (9, 4)]);
+        let mid: Vec<u32> = p.range(3, 9).map(|(i, _)| i).collect();
+        assert_eq!(mid, vec![5, 9]);
+        assert_eq!(p.get(9).map(|h| h.scratch_slot), Some(4));
+        assert!(p.get(4).is_none());
+        let one = Pieces::One(7, held(8));
+        assert_eq!(one.range(0, 6).count() + one.range(8, 20).count(), 0);
+        assert_eq!(one.range(7, 7).count(), 1);
     }
 
     #[test]

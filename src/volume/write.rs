@@ -31,6 +31,10 @@ const _: () = assert!(DEFERRED_ENTRIES_MAX <= JOURNAL_FRAME_RECORDS_MAX as u64);
 /// Most 4 KiB pieces of new data held (in the scratch file) for chunks whose copy is queued.
 pub(super) const DEFERRED_PIECES_MAX: u64 = 65_536;
 
+/// Growth steps of the pending list (entries, 40 bytes each).
+const PENDING_GROW_MIN: usize = 64;
+const PENDING_GROW_MAX: usize = 4096;
+
 /// A mapping entry waiting for its group commit.
 #[derive(Debug)]
 pub(super) struct Queued {
@@ -569,6 +573,12 @@ impl Volume {
     /// Queues a mapping entry for the next group commit and wakes the committer.
     fn queue(&self, queued: Queued) {
         let mut st = self.group.state.lock();
+        if st.pending.len() == st.pending.capacity() {
+            // Grow in steps, not by doubling: the list peaks at the entry limit (plus the
+            // writers racing past it), and doubling there would hold twice that.
+            let step = st.pending.len().clamp(PENDING_GROW_MIN, PENDING_GROW_MAX);
+            st.pending.reserve_exact(step);
+        }
         st.pending.push(queued);
         st.queued_count += 1;
         drop(st);
@@ -681,10 +691,10 @@ impl Volume {
         self.stores
             .sync_all()
             .map_err(|e| self.fail(format!("syncing the snapshot stores failed ({e})")))?;
-        let batch = entries;
+        let mut chunks: Vec<u64> = entries.iter().map(|e| e.chunk_index).collect();
         {
             let mut js = self.journal.lock();
-            let record = [Record::Preserve(batch.clone())];
+            let record = [Record::Preserve(entries)];
             self.journal_commit(&mut js, &record)?;
             let freed = self.tables.write().apply(&record[0]);
             for (store_index, slot_index) in freed {
@@ -692,7 +702,6 @@ impl Volume {
             }
             self.maybe_checkpoint(&mut js)?;
         }
-        let mut chunks: Vec<u64> = batch.iter().map(|e| e.chunk_index).collect();
         chunks.sort_unstable();
         chunks.dedup();
         for chunk_index in chunks {
