@@ -149,7 +149,7 @@ pub struct Journal {
     /// Something written to the file may not be durable yet (an append not synced, a
     /// failed write or sync, or a file opened as a previous process left it, whose page
     /// cache may hold writes it never synced): `append_durable` then syncs the whole file.
-    unsynced: std::sync::atomic::AtomicBool,
+    unsynced: bool,
 }
 
 impl fmt::Debug for Journal {

@@ -118,7 +118,7 @@ impl Journal {
             next_seq: last_seq.saturating_add(1),
             buf: Vec::new(),
             read_only: mode == RecoveryMode::ReadOnly,
-            unsynced: true.into(),
+            unsynced: true,
         };
         tracing::debug!(
             frames = parsed.frames.len(),

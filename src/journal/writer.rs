@@ -7,7 +7,6 @@ use super::{
 };
 use crate::io::Storage;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 pub(crate) const HEADER_MAGIC: &[u8; 8] = b"SNAPVJNL";
 pub(crate) const JOURNAL_VERSION: u32 = 1;
@@ -118,7 +117,7 @@ impl Journal {
             file_len: JOURNAL_HEADER_BYTES,
             next_seq: 1,
             buf: Vec::new(),
-            unsynced: false.into(),
+            unsynced: false,
             read_only: false,
         })
     }
@@ -139,7 +138,7 @@ impl Journal {
     /// write fails, the end offset and next seq are unchanged (the next append overwrites
     /// whatever part was written).
     pub fn append(&mut self, records: &[Record]) -> Result<u64, JournalError> {
-        self.unsynced.store(true, Ordering::SeqCst);
+        self.unsynced = true;
         self.append_frame(records, |s, buf, at| s.write_at(buf, at))
     }
 
@@ -149,14 +148,14 @@ impl Journal {
     /// when nothing written before may still be unsynced, else a write and a sync of the
     /// file. On an error the frame may or may not be durable.
     pub fn append_durable(&mut self, records: &[Record]) -> Result<u64, JournalError> {
-        if self.unsynced.load(Ordering::SeqCst) {
+        if self.unsynced {
             let seq = self.append(records)?;
             self.sync()?;
             return Ok(seq);
         }
         let result = self.append_frame(records, |s, buf, at| s.write_at_durable(buf, at));
         if result.is_err() {
-            self.unsynced.store(true, Ordering::SeqCst);
+            self.unsynced = true;
         }
         result
     }
@@ -203,9 +202,9 @@ impl Journal {
     }
 
     /// Makes every appended frame durable.
-    pub fn sync(&self) -> Result<(), JournalError> {
+    pub fn sync(&mut self) -> Result<(), JournalError> {
         self.storage.sync()?;
-        self.unsynced.store(false, Ordering::SeqCst);
+        self.unsynced = false;
         Ok(())
     }
 
@@ -217,12 +216,12 @@ impl Journal {
         }
         // Whatever happens below, the next append writes its zeros after it again.
         self.file_len = JOURNAL_HEADER_BYTES;
+        self.unsynced = true;
         self.storage.set_len(JOURNAL_HEADER_BYTES)?;
         // The file now ends at the header whether or not the sync below succeeds; appending
         // at the old end would leave stale bytes before it.
         self.end = JOURNAL_HEADER_BYTES;
-        self.storage.sync()?;
-        Ok(())
+        self.sync()
     }
 
     /// Offset where the next frame goes: the end of the last valid frame. The file may be

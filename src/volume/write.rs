@@ -268,20 +268,12 @@ impl Volume {
         data: &[u8],
         copies: &mut Vec<PreserveEntry>,
     ) -> Result<Option<DiffRuns>> {
-        let cs = self.chunk_bytes();
-        let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
-        let len = (chunk_end - chunk_start) as usize;
-        assert_eq!(data.len(), len);
         let _chunk = self.chunk_lock(chunk_index).write();
         debug_assert!(!self.deferred.contains(chunk_index));
         OLD_CHUNK.with(|cell| {
             let mut old = cell.borrow_mut();
-            if old.len() < cs as usize {
-                old.resize(cs as usize, 0);
-            }
-            self.origin
-                .read_at(&mut old[..len], chunk_start)
-                .map_err(self.io_err(|| format!("reading chunk {chunk_index} of the origin")))?;
+            let len = self.read_old_chunk(chunk_index, &mut old)?;
+            assert_eq!(data.len(), len);
             let runs = diff_runs(&old[..len], data);
             if runs.is_empty() {
                 return Ok(None);
@@ -289,8 +281,7 @@ impl Volume {
             let Some(until) = self.tables.read().preserve_target(chunk_index) else {
                 return Ok(Some(runs));
             };
-            old[len..cs as usize].fill(0);
-            if let Some(entry) = self.copy_out(chunk_index, until, &old[..cs as usize])? {
+            if let Some(entry) = self.copy_out(chunk_index, until, &old)? {
                 copies.push(entry);
             }
             Ok(Some(runs))
@@ -461,6 +452,20 @@ impl Volume {
                 return Ok(Some(entry));
             }
         }
+    }
+
+    /// Reads a chunk from the origin into `buf`, made exactly one slot long: the chunk's
+    /// bytes, then zeros past the volume's end (the last chunk may be short). Returns the
+    /// chunk's length inside the volume.
+    fn read_old_chunk(&self, chunk_index: u64, buf: &mut Vec<u8>) -> Result<usize> {
+        let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
+        let len = (chunk_end - chunk_start) as usize;
+        buf.resize(self.chunk_bytes() as usize, 0);
+        self.origin
+            .read_at(&mut buf[..len], chunk_start)
+            .map_err(self.io_err(|| format!("reading chunk {chunk_index} of the origin")))?;
+        buf[len..].fill(0);
+        Ok(len)
     }
 
     /// Reserves a store slot for a copy of `chunk_index` serving snapshots up to `until`;
@@ -723,15 +728,7 @@ impl Volume {
     /// one writes its origin bytes before this commit ends: no chunk lock is needed.
     fn copy_deferred_chunk(&self, entry: &mut PreserveEntry, buf: &mut Vec<u8>) -> Result<()> {
         debug_assert!(self.deferred.contains(entry.chunk_index));
-        let cs = self.chunk_bytes() as usize;
-        let (chunk_start, chunk_end) = self.chunk_range(entry.chunk_index);
-        let len = (chunk_end - chunk_start) as usize;
-        buf.resize(cs, 0);
-        self.origin.read_at(&mut buf[..len], chunk_start).map_err(
-            self.io_err(|| format!("reading chunk {} of the origin", entry.chunk_index)),
-        )?;
-        // The slot holds a whole chunk; the tail past the volume's end is zeros.
-        buf[len..].fill(0);
+        self.read_old_chunk(entry.chunk_index, buf)?;
         while !self.write_copy(entry, buf)? {
             let Some(slot) = self.stores.allocate() else {
                 return Err(self.store_full_error());
