@@ -1137,6 +1137,50 @@ fn structured_reads_send_holes_and_cover_the_request() {
 }
 
 #[test]
+fn large_reads_of_the_live_volume_see_every_acknowledged_write() {
+    // Reads above the inline limit go from the origin's memory map straight to the socket,
+    // except where a write is held for the group commit (a first write after a snapshot).
+    for mode in [Mode::Simple, Mode::Structured, Mode::Extended] {
+        let fx = fixture();
+        let mut conn = open(&fx, "default", mode);
+        let c = &mut conn.c;
+        let flag = if mode == Mode::Extended {
+            FLAG_PAYLOAD_LEN
+        } else {
+            0
+        };
+        let mut want = pattern(SIZE as usize, 7); // no zero byte anywhere
+        assert_eq!(c.errno(req(CMD_WRITE, flag, 0, SIZE), &want), 0);
+        let r = c.run(req(CMD_READ, 0, 0, SIZE), &[]);
+        assert_eq!(r.error, 0);
+        assert!(r.data == want, "{mode:?}: whole read differs");
+        if mode != Mode::Simple {
+            assert_eq!(r.chunks.len(), 1, "one data chunk");
+        }
+        assert_eq!(c.read(1000, 300_001), want[1000..301_001]);
+        fx.registry
+            .volume("default")
+            .unwrap()
+            .create_snapshot("s2")
+            .unwrap();
+        for (seed, offset) in [(20u8, 300_000usize), (21, 700_001)] {
+            let data = pattern(5000, seed);
+            assert_eq!(c.errno(req(CMD_WRITE, flag, offset as u64, 5000), &data), 0);
+            want[offset..offset + 5000].copy_from_slice(&data);
+        }
+        assert!(c.read(0, SIZE) == want, "{mode:?}: held writes not seen");
+        assert_eq!(c.read(290_000, 200_000), want[290_000..490_000]);
+        assert_eq!(c.errno(req(CMD_FLUSH, 0, 0, 0), &[]), 0);
+        assert!(c.read(0, SIZE) == want, "{mode:?}: after the commit");
+        conn.disconnect();
+        // The snapshot still reads what was there when it was taken.
+        let mut conn = open(&fx, "default@s2", mode);
+        assert!(conn.c.read(0, SIZE) == pattern(SIZE as usize, 7));
+        conn.disconnect();
+    }
+}
+
+#[test]
 fn df_sends_exactly_one_content_chunk() {
     let fx = fixture();
     let want = expected(&fx, None);

@@ -1,7 +1,7 @@
 //! The plain engine: positioned reads and writes on a `std::fs::File`.
 
 use super::map::Map;
-use super::{Disk, OpenMode, Storage};
+use super::{Disk, OpenMode, RawBytes, Storage};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -65,7 +65,7 @@ pub struct FileStorage {
     /// The value of `changes` read before the last successful `fdatasync` began: every
     /// change counted up to it is durable.
     synced_changes: AtomicU64,
-    /// A read-only map of the whole file for [`Storage::view_at`], made on first use
+    /// A read-only map of the whole file for [`Storage::view_at`] and [`Storage::raw_at`], made on first use
     /// (`None`: no map here, or it failed).
     map: OnceLock<Option<Map>>,
 }
@@ -81,6 +81,24 @@ impl FileStorage {
             synced_changes: AtomicU64::new(0),
             map: OnceLock::new(),
         }
+    }
+
+    /// The read-only map of the whole file, made on first use; `None` when no map can be
+    /// made here (then callers read instead).
+    fn map(&self) -> Option<&Map> {
+        self.map
+            .get_or_init(|| {
+                // The size now: a file that grows later is viewed up to this size only.
+                let len = self.len().ok()?;
+                match Map::new(self.file.as_raw_fd(), len) {
+                    Ok(map) => map,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot map the file; reading it instead");
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 
     fn changed<T>(&self, result: io::Result<T>) -> io::Result<T> {
@@ -207,18 +225,11 @@ impl Storage for FileStorage {
     }
 
     fn view_at(&self, offset: u64, len: usize, f: &mut dyn FnMut(&[u8])) -> bool {
-        let map = self.map.get_or_init(|| {
-            // The size now: a file that grows later is viewed up to this size only.
-            let len = self.len().ok()?;
-            match Map::new(self.file.as_raw_fd(), len) {
-                Ok(map) => map,
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot map the file; reading it instead");
-                    None
-                }
-            }
-        });
-        map.as_ref().is_some_and(|m| m.view(offset, len, f))
+        self.map().is_some_and(|m| m.view(offset, len, f))
+    }
+
+    fn raw_at(&self, offset: u64, len: usize, f: &mut dyn FnMut(&RawBytes<'_>) -> bool) -> bool {
+        self.map().is_some_and(|m| m.raw(offset, len, f))
     }
 
     /// `fdatasync`, skipped when nothing changed through this handle since the last

@@ -232,6 +232,131 @@ impl Map {
     }
 }
 
+impl Map {
+    /// Hands `f` the mapped range `[offset, offset + len)` as [`RawBytes`], for sending it on
+    /// without copying it into a buffer first. Unlike [`Map::view`] the caller does not hold
+    /// off writers: other threads may change the bytes through the file meanwhile, so no
+    /// `&[u8]` is ever made over them (only volatile reads and the kernel touch them).
+    /// `false` without calling `f` when the range is past the map or the map is poisoned;
+    /// otherwise what `f` returns.
+    pub fn raw(&self, offset: u64, len: usize, f: &mut dyn FnMut(&RawBytes<'_>) -> bool) -> bool {
+        let Ok(start) = usize::try_from(offset) else {
+            return false;
+        };
+        if start
+            .checked_add(len)
+            .is_none_or(|end| end > self.len_bytes)
+            || self.poisoned()
+        {
+            return false;
+        }
+        // The pointer stays inside the live map (checked above) for as long as `self` lives,
+        // which outlives the `RawBytes` handed to `f`.
+        let ptr = self.ptr.cast::<u8>().wrapping_add(start).cast_const();
+        f(&RawBytes {
+            ptr,
+            len,
+            slot: &SLOTS[self.slot],
+        })
+    }
+}
+
+/// Bytes of a [`Map`] that may change while they are looked at (see [`Map::raw`]).
+pub struct RawBytes<'m> {
+    ptr: *const u8,
+    len: usize,
+    slot: &'m Slot,
+}
+
+impl RawBytes<'_> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether `range` (relative to these bytes) reads as zeros now: volatile reads, eight
+    /// bytes at a time, stopping at the first non-zero word. A fault while reading (an I/O
+    /// error under the map) reads as zeros and poisons the map: check [`RawBytes::intact`]
+    /// before trusting the answer.
+    pub fn is_zero(&self, range: std::ops::Range<usize>) -> bool {
+        assert!(range.start <= range.end && range.end <= self.len);
+        let mut at = range.start;
+        while at < range.end {
+            let p = self.ptr.wrapping_add(at);
+            let (nonzero, step) = if range.end - at >= 8 && (p as usize).is_multiple_of(8) {
+                // SAFETY: `[at, at + 8)` lies inside `range`, so inside the live map (see
+                // `Map::raw`), and `p` is 8-aligned. Volatile: the bytes may be changed by
+                // writes through the file at any moment; the compiler must not assume
+                // they stay put.
+                (unsafe { p.cast::<u64>().read_volatile() } != 0, 8)
+            } else {
+                // SAFETY: `at < range.end`: inside the live map; volatile as above.
+                (unsafe { p.read_volatile() } != 0, 1)
+            };
+            if nonzero {
+                return false;
+            }
+            at += step;
+        }
+        true
+    }
+
+    /// Whether the map is still intact: no fault has turned a page of it into zeros. Check
+    /// after reading through [`RawBytes::is_zero`], before acting on what it said.
+    pub fn intact(&self) -> bool {
+        !self.slot.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// Writes `header`, then these bytes, whole to `out` (a socket): the kernel copies the
+    /// bytes straight out of the page cache. A fault in that copy (an I/O error under the
+    /// map) fails the write with `EFAULT`, and the peer has then seen part of it: callers
+    /// give up the connection on any error. A send timeout on `out` is an error too.
+    pub fn write_after(&self, header: &[u8], out: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let total = header.len() + self.len;
+        let mut done = 0usize;
+        while done < total {
+            let (h_rest, b_from) = if done < header.len() {
+                (&header[done..], 0)
+            } else {
+                (&header[header.len()..], done - header.len())
+            };
+            let iov = [
+                libc::iovec {
+                    iov_base: h_rest.as_ptr().cast_mut().cast(),
+                    iov_len: h_rest.len(),
+                },
+                libc::iovec {
+                    // `b_from <= self.len`: inside the live map, or its end.
+                    iov_base: self.ptr.wrapping_add(b_from).cast_mut().cast(),
+                    iov_len: self.len - b_from,
+                },
+            ];
+            // SAFETY: both iovecs describe live memory: the caller's header and a range of
+            // the live map (read-only: writev only reads from them).
+            let n = unsafe { libc::writev(out.as_raw_fd(), iov.as_ptr(), 2) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "send timed out"));
+                    }
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Map {
     fn drop(&mut self) {
         let s = &SLOTS[self.slot];
@@ -251,6 +376,57 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::io::AsRawFd;
+
+    #[test]
+    fn raw_bytes_scan_send_and_report_poisoning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 | 1).collect();
+        data[8192..12288].fill(0);
+        data[20_000] = 0;
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let map = Map::new(file.as_raw_fd(), data.len() as u64)
+            .unwrap()
+            .unwrap();
+        // Past the end: refused without calling f.
+        assert!(!map.raw(60 * 1024, 8192, &mut |_| panic!("must not run")));
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(map.raw(4096, 32 * 1024, &mut |raw| {
+            assert_eq!(raw.len(), 32 * 1024);
+            assert!(raw.is_zero(4096..8192)); // file bytes 8192..12288
+            assert!(!raw.is_zero(0..4096));
+            assert!(raw.is_zero(15_904..15_905)); // the single zero byte at 20,000
+            assert!(!raw.is_zero(15_903..15_905)); // unaligned, crossing it
+            assert!(raw.is_zero(10..10));
+            assert!(raw.intact());
+            use std::os::fd::AsFd;
+            raw.write_after(b"HDR", a.as_fd()).unwrap();
+            true
+        }));
+        drop(a);
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut b, &mut got).unwrap();
+        assert_eq!(&got[..3], b"HDR");
+        assert_eq!(got[3..], data[4096..4096 + 32 * 1024]);
+        // A write through the file shows (the bytes are the page cache's, not a copy).
+        std::os::unix::fs::FileExt::write_at(&file, &[0; 8], 40_000).unwrap();
+        assert!(map.raw(40_000, 8, &mut |raw| raw.is_zero(0..8)));
+        // A truncated file under the map: the scan faults, reads zeros, and the map says so.
+        file.set_len(16 * 1024).unwrap();
+        let mut intact = true;
+        assert!(map.raw(32 * 1024, 4096, &mut |raw| {
+            let zero = raw.is_zero(0..4096);
+            intact = raw.intact();
+            zero
+        }));
+        assert!(!intact);
+        assert!(!map.raw(0, 4096, &mut |_| panic!("poisoned: must not run")));
+    }
 
     #[test]
     fn views_match_the_file_and_truncation_poisons_instead_of_killing() {

@@ -13,6 +13,7 @@ pub mod sim;
 
 pub use counting::{CountingDisk, IoCounts};
 pub use file::FileDisk;
+pub use map::RawBytes;
 pub use mem::{MemDisk, MemStorage};
 pub use sim::{FaultDisk, SimDisk};
 
@@ -67,6 +68,13 @@ pub trait Storage: Send + Sync + Debug {
     /// reports any error. The caller holds off its own writers of the range meanwhile.
     /// Engines without a map return `false` without calling `f`.
     fn view_at(&self, _offset: u64, _len: usize, _f: &mut dyn FnMut(&[u8])) -> bool {
+        false
+    }
+    /// Hands `f` the stored bytes of `[offset, offset + len)` in place, as [`RawBytes`] that
+    /// may change under it (writers are not held off), for sending them on without copying
+    /// them into a buffer first; `false` without calling `f` where the engine cannot (no
+    /// memory map, or the map met an I/O error), and otherwise what `f` returns.
+    fn raw_at(&self, _offset: u64, _len: usize, _f: &mut dyn FnMut(&RawBytes<'_>) -> bool) -> bool {
         false
     }
     /// Whether this is a block device (fixed size, never truncated).

@@ -128,6 +128,15 @@ impl NbdStream {
     }
 }
 
+impl std::os::fd::AsFd for NbdStream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            NbdStream::Tcp(s) => s.as_fd(),
+            NbdStream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
 impl From<TcpStream> for NbdStream {
     fn from(s: TcpStream) -> Self {
         NbdStream::Tcp(s)

@@ -144,6 +144,29 @@ impl Deferred {
         !self.is_empty() && self.state.lock().chunks.contains_key(&chunk_index)
     }
 
+    /// Whether any held piece overlaps `[offset, offset + len)`. A `false` holds for what was
+    /// acknowledged before the call: pieces leave only once they are on the origin (under
+    /// the lock, see `drain_chunk`), and a piece held later belongs to a concurrent write.
+    pub fn holds_any(&self, chunk_bytes: u64, offset: u64, len: u64) -> bool {
+        if self.is_empty() || len == 0 {
+            return false;
+        }
+        let st = self.state.lock();
+        let end = offset + len;
+        (offset / chunk_bytes..=(end - 1) / chunk_bytes).any(|chunk_index| {
+            let Some(pieces) = st.chunks.get(&chunk_index) else {
+                return false;
+            };
+            let chunk_start = chunk_index * chunk_bytes;
+            let lo = (offset.max(chunk_start) - chunk_start) / PIECE_BYTES;
+            let hi = (end.min(chunk_start + chunk_bytes) - 1 - chunk_start) / PIECE_BYTES;
+            pieces.range(lo as u32, hi as u32).any(|(piece_index, h)| {
+                let p_start = chunk_start + piece_index as u64 * PIECE_BYTES;
+                p_start.max(offset) < (p_start + h.len_bytes as u64).min(end)
+            })
+        })
+    }
+
     /// The held bytes of `piece_index` of `chunk_index`, read into `out` (the piece's
     /// length). `Ok(false)` if the piece is not held.
     pub fn read_piece(
@@ -323,6 +346,15 @@ mod tests {
         let seven = vec![7u8; PIECE_BYTES as usize];
         d.put(1, [(2, &seven[..])]).unwrap();
         assert!(d.contains(1) && !d.contains(0));
+        // Overlap with held bytes, to the byte.
+        let p = PIECE_BYTES;
+        assert!(!d.holds_any(cs, 0, cs)); // chunk 0
+        assert!(!d.holds_any(cs, cs, 2 * p)); // ends where the piece starts
+        assert!(d.holds_any(cs, cs + 2 * p, 1));
+        assert!(d.holds_any(cs, cs + 3 * p - 1, 1)); // its last byte
+        assert!(d.holds_any(cs, 0, 3 * cs)); // spanning chunks
+        assert!(!d.holds_any(cs, cs + 3 * p, p)); // just after it
+        assert!(!d.holds_any(cs, cs + 2 * p, 0));
         // Window straddling chunk 0's end and chunk 1's pieces 0..=2, ending mid-piece 2.
         let offset = cs - 100;
         let mut buf = vec![9u8; (100 + 2 * PIECE_BYTES + 10) as usize];
@@ -345,6 +377,7 @@ mod tests {
         .unwrap();
         assert_eq!(seen, vec![(2, 7, PIECE_BYTES as usize)]);
         assert!(d.is_empty() && d.piece_count() == 0);
+        assert!(!d.holds_any(cs, cs + 2 * p, 1));
     }
 
     #[test]

@@ -20,7 +20,7 @@ mod store;
 mod write;
 
 use crate::error::{Error, Result};
-use crate::io::Storage;
+use crate::io::{RawBytes, Storage};
 use crate::journal::Journal;
 use config::VolumeConfig;
 use map::PreserveMap;
@@ -356,6 +356,30 @@ impl Volume {
                 self.origin.read_at(b, offset)
             })
             .map_err(self.io_err(|| "reading the origin"))
+    }
+
+    /// Reads the live volume without copying it out: hands `f` the origin's bytes of
+    /// `[offset, offset + len)` in place (see [`RawBytes`]), for a caller that sends them
+    /// straight on. `false` without calling `f` when they cannot be had that way (the volume
+    /// failed, the range is invalid, a write held for the group commit covers part of it,
+    /// no memory map of the origin); the caller then uses [`Volume::read`]. Otherwise what
+    /// `f` returns. What `f` sees includes every write acknowledged before this call;
+    /// writes running meanwhile may show in it, in part (as they may in `read`).
+    pub fn read_raw(
+        &self,
+        offset: u64,
+        len: usize,
+        f: &mut dyn FnMut(&RawBytes<'_>) -> bool,
+    ) -> bool {
+        if self.ensure_ok().is_err()
+            || self.check_range(offset, len as u64).is_err()
+            || self
+                .deferred
+                .holds_any(self.chunk_bytes(), offset, len as u64)
+        {
+            return false;
+        }
+        self.origin.raw_at(offset, len, f)
     }
 
     /// Makes every completed write durable: commits the queued preserved copies, writes the
