@@ -712,6 +712,22 @@ class Harness:
             res["server_read_bytes"] = after[1]["read_bytes"] - before[1]["read_bytes"]
         return res
 
+    def quiesce(self):
+        """Waits, after the setup has written several GiB of images, until the machine is
+        quiet again: dirty pages written back, then the 1-minute load below 1.5 (at most
+        2 minutes in all; 10 s with --quick), so that the writeback of the setup does not
+        run into the first phase's first repetition."""
+        t0 = time.monotonic()
+        limit = 10 if self.quick else 120
+        os.sync()
+        while time.monotonic() - t0 < limit:
+            with open("/proc/meminfo") as f:
+                mem = {l.split(":")[0]: int(l.split()[1]) for l in f}
+            if mem.get("Dirty", 0) + mem.get("Writeback", 0) < 32 << 10 and loadavg()[0] < 1.5:
+                break
+            time.sleep(2)
+        log(f"quiesced in {time.monotonic() - t0:.0f} s (load {loadavg()[0]:.2f})")
+
     def settle(self, peer=None, paths=(), drop=False):
         """Puts the backing files of a peer (or the given files) into the same page-cache
         state before a run, whatever happened to them before: written back (fdatasync), then
@@ -1174,6 +1190,7 @@ class Harness:
             if any(p in phases for p in ("firstwrite", "matrix", "rewrite")):
                 self.phase("setup")
                 self.setup_peers()
+                self.quiesce()
                 if "firstwrite" in phases:
                     self.phase_firstwrite()
                 elif "matrix" in phases:
