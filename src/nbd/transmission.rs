@@ -832,10 +832,14 @@ fn split_zeros(pieces: &mut Vec<Piece>, data: &[u8], base: u64, start: usize, en
     }
 }
 
+/// Bytes from export offset `base` to the first 4 KiB boundary at or after it.
+fn to_zero_block_bytes(base: u64) -> usize {
+    ((ZERO_BLOCK_BYTES - base % ZERO_BLOCK_BYTES) % ZERO_BLOCK_BYTES) as usize
+}
+
 /// Whether `data` (at export offset `base`) holds a whole aligned all-zero 4 KiB block.
 fn has_zero_block(data: &[u8], base: u64) -> bool {
-    let skip = ((ZERO_BLOCK_BYTES - base % ZERO_BLOCK_BYTES) % ZERO_BLOCK_BYTES) as usize;
-    data.get(skip..)
+    data.get(to_zero_block_bytes(base)..)
         .unwrap_or_default()
         .chunks_exact(ZERO_BLOCK_BYTES as usize)
         .any(is_zero)
@@ -1213,10 +1217,8 @@ impl Shared<'_> {
         self.volume()
             .read_raw(r.offset, r.length as usize, &mut |raw| {
                 if scan {
-                    let skip = ((ZERO_BLOCK_BYTES - r.offset % ZERO_BLOCK_BYTES) % ZERO_BLOCK_BYTES)
-                        as usize;
                     let block = ZERO_BLOCK_BYTES as usize;
-                    let mut at = skip;
+                    let mut at = to_zero_block_bytes(r.offset);
                     while at + block <= raw.len() {
                         if raw.is_zero(at..at + block) {
                             return false;
