@@ -211,28 +211,29 @@ impl Map {
     /// The caller must hold off writers of this range in this process while `f` runs (the
     /// volume's chunk lock does), so `f` sees a stable view.
     pub fn view(&self, offset: u64, len: usize, f: &mut dyn FnMut(&[u8])) -> bool {
-        let Ok(start) = usize::try_from(offset) else {
+        let Some(ptr) = self.range(offset, len) else {
             return false;
         };
-        if start
-            .checked_add(len)
-            .is_none_or(|end| end > self.len_bytes)
-            || self.poisoned()
-        {
-            return false;
-        }
-        // SAFETY: `[start, start + len)` lies inside the live map (checked above), which
-        // stays mapped while `self` lives. Writers of the range in this process are held
-        // off by the caller; a fault while reading (I/O error, truncated file) is turned
-        // into a page of zeros by the SIGBUS handler and reported through `poisoned`,
-        // checked below before the result is trusted.
-        let bytes = unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>().add(start), len) };
+        // SAFETY: `[ptr, ptr + len)` lies inside the live map (`range`), which stays
+        // mapped while `self` lives. Writers of the range in this process are held off by
+        // the caller; a fault while reading (I/O error, truncated file) is turned into a
+        // page of zeros by the SIGBUS handler and reported through `poisoned`, checked
+        // below before the result is trusted.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
         f(bytes);
         !self.poisoned()
     }
-}
 
-impl Map {
+    /// The start of `[offset, offset + len)` in the map; `None` when the range is past the
+    /// map or the map is poisoned.
+    fn range(&self, offset: u64, len: usize) -> Option<*const u8> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(len)?;
+        if end > self.len_bytes || self.poisoned() {
+            return None;
+        }
+        Some(self.ptr.cast::<u8>().wrapping_add(start).cast_const())
+    }
     /// Hands `f` the mapped range `[offset, offset + len)` as [`RawBytes`], for sending it on
     /// without copying it into a buffer first. Unlike [`Map::view`] the caller does not hold
     /// off writers: other threads may change the bytes through the file meanwhile, so no
@@ -240,19 +241,11 @@ impl Map {
     /// `false` without calling `f` when the range is past the map or the map is poisoned;
     /// otherwise what `f` returns.
     pub fn raw(&self, offset: u64, len: usize, f: &mut dyn FnMut(&RawBytes<'_>) -> bool) -> bool {
-        let Ok(start) = usize::try_from(offset) else {
+        // The range stays inside the live map for as long as `self` lives, which outlives
+        // the `RawBytes` handed to `f`.
+        let Some(ptr) = self.range(offset, len) else {
             return false;
         };
-        if start
-            .checked_add(len)
-            .is_none_or(|end| end > self.len_bytes)
-            || self.poisoned()
-        {
-            return false;
-        }
-        // The pointer stays inside the live map (checked above) for as long as `self` lives,
-        // which outlives the `RawBytes` handed to `f`.
-        let ptr = self.ptr.cast::<u8>().wrapping_add(start).cast_const();
         f(&RawBytes {
             ptr,
             len,
