@@ -1143,14 +1143,9 @@ fn large_reads_of_the_live_volume_see_every_acknowledged_write() {
     for mode in [Mode::Simple, Mode::Structured, Mode::Extended] {
         let fx = fixture();
         let mut conn = open(&fx, "default", mode);
-        let c = &mut conn.c;
-        let flag = if mode == Mode::Extended {
-            FLAG_PAYLOAD_LEN
-        } else {
-            0
-        };
+        let c = &mut conn.c; // sets PAYLOAD_LEN on writes in extended mode itself
         let mut want = pattern(SIZE as usize, 7); // no zero byte anywhere
-        assert_eq!(c.errno(req(CMD_WRITE, flag, 0, SIZE), &want), 0);
+        assert_eq!(c.errno(req(CMD_WRITE, 0, 0, SIZE), &want), 0);
         let r = c.run(req(CMD_READ, 0, 0, SIZE), &[]);
         assert_eq!(r.error, 0);
         assert!(r.data == want, "{mode:?}: whole read differs");
@@ -1165,7 +1160,7 @@ fn large_reads_of_the_live_volume_see_every_acknowledged_write() {
             .unwrap();
         for (seed, offset) in [(20u8, 300_000usize), (21, 700_001)] {
             let data = pattern(5000, seed);
-            assert_eq!(c.errno(req(CMD_WRITE, flag, offset as u64, 5000), &data), 0);
+            assert_eq!(c.errno(req(CMD_WRITE, 0, offset as u64, 5000), &data), 0);
             want[offset..offset + 5000].copy_from_slice(&data);
         }
         assert!(c.read(0, SIZE) == want, "{mode:?}: held writes not seen");

@@ -234,6 +234,7 @@ impl Map {
         }
         Some(self.ptr.cast::<u8>().wrapping_add(start).cast_const())
     }
+
     /// Hands `f` the mapped range `[offset, offset + len)` as [`RawBytes`], for sending it on
     /// without copying it into a buffer first. Unlike [`Map::view`] the caller does not hold
     /// off writers: other threads may change the bytes through the file meanwhile, so no
@@ -367,17 +368,13 @@ impl Drop for Map {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
     use std::os::unix::io::AsRawFd;
 
-    #[test]
-    fn raw_bytes_scan_send_and_report_poisoning() {
+    /// A file holding `data`, open read-write, and a map of it.
+    fn mapped(data: &[u8]) -> (tempfile::TempDir, std::fs::File, Map) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let mut data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 | 1).collect();
-        data[8192..12288].fill(0);
-        data[20_000] = 0;
-        std::fs::write(&path, &data).unwrap();
+        std::fs::write(&path, data).unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -386,6 +383,15 @@ mod tests {
         let map = Map::new(file.as_raw_fd(), data.len() as u64)
             .unwrap()
             .unwrap();
+        (dir, file, map)
+    }
+
+    #[test]
+    fn raw_bytes_scan_send_and_report_poisoning() {
+        let mut data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 | 1).collect();
+        data[8192..12288].fill(0);
+        data[20_000] = 0;
+        let (_dir, file, map) = mapped(&data);
         // Past the end: refused without calling f.
         assert!(!map.raw(60 * 1024, 8192, &mut |_| panic!("must not run")));
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -423,19 +429,8 @@ mod tests {
 
     #[test]
     fn views_match_the_file_and_truncation_poisons_instead_of_killing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let mut file = std::fs::File::create(&path).unwrap();
         let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
-        file.write_all(&data).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let map = Map::new(file.as_raw_fd(), data.len() as u64)
-            .unwrap()
-            .unwrap();
+        let (_dir, file, map) = mapped(&data);
         let mut seen = Vec::new();
         assert!(map.view(4096, 8192, &mut |b| seen = b.to_vec()));
         assert_eq!(seen, &data[4096..12288]);

@@ -96,6 +96,34 @@ struct State {
 }
 
 impl State {
+    /// The held bytes overlapping `[offset, end)` (`offset < end`): each as `(a, b, at)`,
+    /// the absolute range `[a, b)` (non-empty, clipped to the window) and the scratch file
+    /// offset holding byte `a`.
+    fn overlapping(
+        &self,
+        chunk_bytes: u64,
+        offset: u64,
+        end: u64,
+    ) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        (offset / chunk_bytes..=(end - 1) / chunk_bytes).flat_map(move |chunk_index| {
+            let chunk_start = chunk_index * chunk_bytes;
+            let lo = (offset.max(chunk_start) - chunk_start) / PIECE_BYTES;
+            let hi = (end.min(chunk_start + chunk_bytes) - 1 - chunk_start) / PIECE_BYTES;
+            self.chunks
+                .get(&chunk_index)
+                .into_iter()
+                .flat_map(move |pieces| pieces.range(lo as u32, hi as u32))
+                .filter_map(move |(piece_index, h)| {
+                    let p_start = chunk_start + piece_index as u64 * PIECE_BYTES;
+                    let a = p_start.max(offset);
+                    let b = (p_start + h.len_bytes as u64).min(end);
+                    (a < b).then(|| (a, b, slot_offset(h.scratch_slot) + (a - p_start)))
+                })
+        })
+    }
+}
+
+impl State {
     fn allocate(&mut self) -> io::Result<u32> {
         if let Some(slot) = self.free_slots.pop() {
             return Ok(slot);
@@ -152,19 +180,9 @@ impl Deferred {
             return false;
         }
         let st = self.state.lock();
-        let end = offset + len;
-        (offset / chunk_bytes..=(end - 1) / chunk_bytes).any(|chunk_index| {
-            let Some(pieces) = st.chunks.get(&chunk_index) else {
-                return false;
-            };
-            let chunk_start = chunk_index * chunk_bytes;
-            let lo = (offset.max(chunk_start) - chunk_start) / PIECE_BYTES;
-            let hi = (end.min(chunk_start + chunk_bytes) - 1 - chunk_start) / PIECE_BYTES;
-            pieces.range(lo as u32, hi as u32).any(|(piece_index, h)| {
-                let p_start = chunk_start + piece_index as u64 * PIECE_BYTES;
-                p_start.max(offset) < (p_start + h.len_bytes as u64).min(end)
-            })
-        })
+        st.overlapping(chunk_bytes, offset, offset + len)
+            .next()
+            .is_some()
     }
 
     /// The held bytes of `piece_index` of `chunk_index`, read into `out` (the piece's
@@ -252,28 +270,11 @@ impl Deferred {
         }
         let st = self.state.lock();
         read_origin(buf)?;
-        let end = offset + buf.len() as u64;
-        let first_chunk = offset / chunk_bytes;
-        let last_chunk = (end - 1) / chunk_bytes;
-        for chunk_index in first_chunk..=last_chunk {
-            let Some(pieces) = st.chunks.get(&chunk_index) else {
-                continue;
-            };
-            let chunk_start = chunk_index * chunk_bytes;
-            let lo = (offset.max(chunk_start) - chunk_start) / PIECE_BYTES;
-            let hi = (end.min(chunk_start + chunk_bytes) - 1 - chunk_start) / PIECE_BYTES;
-            for (piece_index, h) in pieces.range(lo as u32, hi as u32) {
-                let p_start = chunk_start + piece_index as u64 * PIECE_BYTES;
-                let p_end = p_start + h.len_bytes as u64;
-                let a = p_start.max(offset);
-                let b = p_end.min(end);
-                if a < b {
-                    self.scratch.read_at(
-                        &mut buf[(a - offset) as usize..(b - offset) as usize],
-                        slot_offset(h.scratch_slot) + (a - p_start),
-                    )?;
-                }
-            }
+        for (a, b, at_in_slot) in st.overlapping(chunk_bytes, offset, offset + buf.len() as u64) {
+            self.scratch.read_at(
+                &mut buf[(a - offset) as usize..(b - offset) as usize],
+                at_in_slot,
+            )?;
         }
         Ok(())
     }
