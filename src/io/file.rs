@@ -303,6 +303,18 @@ impl Storage for FileStorage {
         }
     }
 
+    fn read_randomly(&self) -> io::Result<()> {
+        // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does
+        // not touch memory we own.
+        let rc =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
+
     fn len(&self) -> io::Result<u64> {
         if self.block_device {
             (&self.file).seek(SeekFrom::End(0))

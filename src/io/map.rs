@@ -13,6 +13,13 @@ use std::io;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+/// The longest range [`Map::view`] serves; longer ones are better read (`pread`). A view
+/// saves a system call and a copy, which matters for small compares; but every page it
+/// touches is mapped into the process, and under memory pressure the kernel must unmap
+/// such pages (reverse-map walks, TLB shootdowns on every core) before it can reclaim
+/// them: a large write compared through the map costs far more than the copy it saves.
+const VIEW_BYTES_MAX: usize = 16 << 10;
+
 /// Maps registered at once (open origins in this process); more are simply not mapped.
 const MAPS_MAX: usize = 256;
 
@@ -189,6 +196,17 @@ impl Map {
             SLOTS[slot].taken.store(false, Ordering::SeqCst);
             return Err(err);
         }
+        // Faults read only the page they need: no read-around. The compares through the
+        // map touch one 4 KiB piece here and there, and on a volume larger than memory the
+        // default read-around (the device's read-ahead, often megabytes) would read that
+        // much per compare and evict the pages the next ones need. Large reads ask for
+        // their range ahead instead (`Map::raw`). A hint: without it the map still works.
+        // SAFETY: `ptr`/`len_bytes` are exactly the map made above; madvise changes only
+        // the kernel's paging policy for it.
+        let rc = unsafe { libc::madvise(ptr, len_bytes, libc::MADV_RANDOM) };
+        if rc != 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "madvise(MADV_RANDOM) failed");
+        }
         let s = &SLOTS[slot];
         s.poisoned.store(false, Ordering::SeqCst);
         s.len_bytes.store(len_bytes, Ordering::SeqCst);
@@ -205,12 +223,15 @@ impl Map {
     }
 
     /// Runs `f` over the mapped bytes `[offset, offset + len)`. `false` (and whatever `f`
-    /// computed is not the stored data) when the range is past the map or the map is or
-    /// became poisoned.
+    /// computed is not the stored data) when the range is past the map, longer than
+    /// `VIEW_BYTES_MAX` (without calling `f`), or the map is or became poisoned.
     ///
     /// The caller must hold off writers of this range in this process while `f` runs (the
     /// volume's chunk lock does), so `f` sees a stable view.
     pub fn view(&self, offset: u64, len: usize, f: &mut dyn FnMut(&[u8])) -> bool {
+        if len > VIEW_BYTES_MAX {
+            return false;
+        }
         let Some(ptr) = self.range(offset, len) else {
             return false;
         };
@@ -235,6 +256,21 @@ impl Map {
         Some(self.ptr.cast::<u8>().wrapping_add(start).cast_const())
     }
 
+    /// Starts reading `[ptr, ptr + len)` of the map into the page cache in large requests
+    /// (the map faults one page at a time otherwise, see `Map::new`). A hint only.
+    fn will_need(&self, ptr: *const u8, len: usize) {
+        let page_bytes = install().map_or(4096, |i| i.page_bytes);
+        let start = (ptr as usize) & !(page_bytes - 1);
+        let end = ptr as usize + len;
+        // SAFETY: `[start, end)` lies inside the live map (`range` checked `ptr + len`, and
+        // the map starts page-aligned); WILLNEED only starts reads into the page cache.
+        let rc =
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_WILLNEED) };
+        if rc != 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "madvise(MADV_WILLNEED) failed");
+        }
+    }
+
     /// Hands `f` the mapped range `[offset, offset + len)` as [`RawBytes`], for sending it on
     /// without copying it into a buffer first. Unlike [`Map::view`] the caller does not hold
     /// off writers: other threads may change the bytes through the file meanwhile, so no
@@ -247,6 +283,7 @@ impl Map {
         let Some(ptr) = self.range(offset, len) else {
             return false;
         };
+        self.will_need(ptr, len);
         f(&RawBytes {
             ptr,
             len,

@@ -61,6 +61,13 @@ pub trait Storage: Send + Sync + Debug {
     fn will_need(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Declares that reads of this handle come in no order (store slots): the engine reads
+    /// only what is asked, with no read-ahead around it (a hint; a volume larger than
+    /// memory would otherwise read megabytes around each chunk and evict what it needs).
+    /// Engines without a device do nothing.
+    fn read_randomly(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Runs `f` over the stored bytes of `[offset, offset + len)` in place, without copying
     /// them out, where the engine can (a read-only memory map); `false` when it cannot or
     /// when what `f` saw may not be the stored bytes (an I/O error or a truncated file

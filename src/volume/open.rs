@@ -337,6 +337,10 @@ impl Volume {
             let storage: Arc<dyn Storage> = disk
                 .open(&path, file_mode)
                 .map_err(io(format!("opening snapshot store {}", path.display())))?;
+            // Slots are read one chunk at a time in no order: no read-ahead around them.
+            if let Err(e) = storage.read_randomly() {
+                tracing::debug!(error = %e, store = %path.display(), "no random-access hint");
+            }
             let mut cap = config.store_size_bytes.map_or(u64::MAX, |b| b / cs);
             if storage.is_block_device() {
                 cap = cap.min(

@@ -33,6 +33,9 @@ pub(super) const DEFERRED_PIECES_MAX: u64 = 65_536;
 
 /// Growth steps of the pending list (entries, 40 bytes each).
 const PENDING_GROW_MIN: usize = 64;
+/// How many chunks ahead of the one it copies a group commit asks the origin to read (so
+/// that many device reads are in flight for chunks not in memory: 2 MiB at 64 KiB chunks).
+const COPY_READ_AHEAD_CHUNKS: usize = 32;
 const PENDING_GROW_MAX: usize = 4096;
 
 /// A mapping entry waiting for its group commit.
@@ -681,9 +684,28 @@ impl Volume {
         self.ensure_ok()?;
         let mut entries = Vec::with_capacity(batch.len());
         let mut buf = Vec::new();
+        // The copies read chunks of the origin one by one; ask for the next few ahead, so
+        // chunks not in memory are read from the device in parallel, not one at a time.
+        let due: Vec<u64> = batch
+            .iter()
+            .filter(|q| q.copy_due)
+            .map(|q| q.entry.chunk_index)
+            .collect();
+        let read_ahead = |chunk_index: u64| {
+            let (start, end) = self.chunk_range(chunk_index);
+            let _ = self.origin.will_need(start, end - start); // a hint only
+        };
+        due.iter()
+            .take(COPY_READ_AHEAD_CHUNKS)
+            .for_each(|&c| read_ahead(c));
+        let mut copied = 0usize;
         for q in batch {
             let mut entry = q.entry;
             if q.copy_due {
+                if let Some(&ahead) = due.get(copied + COPY_READ_AHEAD_CHUNKS) {
+                    read_ahead(ahead);
+                }
+                copied += 1;
                 self.copy_deferred_chunk(&mut entry, &mut buf).map_err(|e| {
                     self.fail(format!(
                         "copying chunk {} into the snapshot store failed ({e}); acknowledged writes may be lost",
