@@ -319,6 +319,14 @@ impl Volume {
         let origin_len = origin
             .len()
             .map_err(io(format!("sizing origin {}", origin_path.display())))?;
+        // The engine reads the origin in pieces and chunks in no order (compares, copies,
+        // client reads), and read-ahead both reads what no one asked for on a volume
+        // larger than memory and, on ext4, makes large page-cache folios, into which every
+        // later 4 KiB write costs in proportion to the folio. Large client reads ask for
+        // their own range ahead (`Storage::raw_at`).
+        if let Err(e) = origin.read_randomly() {
+            tracing::debug!(error = %e, origin = %origin_path.display(), "no random-access hint");
+        }
         if origin_len < config.size_bytes {
             return Err(Error::Corrupt {
                 volume: name.into(),
