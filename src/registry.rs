@@ -80,10 +80,9 @@ impl Committer {
             .spawn(move || {
                 while !stop_seen.load(Ordering::Acquire) {
                     let Some(v) = weak.upgrade() else { break };
-                    if v.wait_for_queued(Self::IDLE_WAIT)
-                        && !stop_seen.load(Ordering::Acquire)
-                        && v.commit_queued().is_err()
-                    {
+                    let queued = v.wait_for_queued(Self::IDLE_WAIT);
+                    v.start_writeback_if_due();
+                    if queued && !stop_seen.load(Ordering::Acquire) && v.commit_queued().is_err() {
                         break; // the volume failed; every later request says so
                     }
                 }

@@ -185,3 +185,42 @@ fn first_writes_into_a_full_store_file_system_are_refused_and_lose_nothing() {
     let r = dd.check_volume("v").unwrap();
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
+
+#[test]
+fn origin_writeback_starts_after_every_32_mib_written_and_not_for_identical_data() {
+    use snapvol::io::{CountingDisk, MemDisk};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let counting = Arc::new(CountingDisk::new(Arc::new(MemDisk::default())));
+    let dd = DataDir::open_with_disk(dir.path(), counting.clone()).unwrap();
+    dd.create_volume(
+        "v",
+        &CreateOptions {
+            size_bytes: Some(96 << 20),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = dd.open_volume("v").unwrap();
+    let started = || counting.counts().writebacks_started;
+    let mib = |n: u64, byte: u8| vec![byte; (n << 20) as usize];
+
+    v.write(0, &mib(20, 1)).unwrap();
+    v.start_writeback_if_due();
+    assert_eq!(started(), 0, "20 MiB written: under the mark");
+    v.write(20 << 20, &mib(20, 1)).unwrap();
+    v.start_writeback_if_due();
+    assert_eq!(started(), 1, "40 MiB written: past the mark");
+    v.start_writeback_if_due();
+    assert_eq!(started(), 1, "nothing written since the last start");
+    // Identical data is not written, so it does not count.
+    v.write(0, &mib(40, 1)).unwrap();
+    v.start_writeback_if_due();
+    assert_eq!(started(), 1, "identical rewrite");
+    // First writes after a snapshot count once held (they reach the origin at the commit).
+    v.create_snapshot("s").unwrap();
+    v.write(0, &mib(33, 2)).unwrap();
+    v.start_writeback_if_due();
+    assert_eq!(started(), 2, "33 MiB of first writes");
+    v.close().unwrap();
+}

@@ -13,6 +13,8 @@ pub struct IoCounts {
     pub bytes_discarded: u64,
     pub write_calls: u64,
     pub syncs: u64,
+    /// `start_writeback` calls (hints to start writing dirty data back).
+    pub writebacks_started: u64,
 }
 
 #[derive(Debug, Default)]
@@ -21,6 +23,7 @@ struct Counters {
     bytes_discarded: AtomicU64,
     write_calls: AtomicU64,
     syncs: AtomicU64,
+    writebacks_started: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -45,6 +48,7 @@ impl CountingDisk {
             bytes_discarded: c.bytes_discarded.load(Ordering::Relaxed),
             write_calls: c.write_calls.load(Ordering::Relaxed),
             syncs: c.syncs.load(Ordering::Relaxed),
+            writebacks_started: c.writebacks_started.load(Ordering::Relaxed),
         }
     }
 }
@@ -96,6 +100,12 @@ impl Storage for CountingStorage {
     }
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
         self.inner.reserve(offset, len)
+    }
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.counters
+            .writebacks_started
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner.start_writeback(offset, len)
     }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()

@@ -136,6 +136,10 @@ pub struct CheckReport {
 const CHUNK_LOCK_COUNT: usize = 4096;
 /// Most live snapshots per volume.
 pub const SNAPSHOT_COUNT_MAX: u64 = 100_000;
+/// Dirty origin data a volume lets build up before it starts writing it back (see
+/// `Volume::start_writeback_if_due`): what a snapshot create or flush may have to wait for
+/// is about this much plus what the device has not finished yet.
+const WRITEBACK_AHEAD_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, Default)]
 struct AtomicCounters {
@@ -230,6 +234,10 @@ pub struct Volume {
     /// The `origin_writes` value the last successful origin sync covered; the mutex makes
     /// concurrent flushes wait for the sync in progress.
     origin_synced_writes: Mutex<u64>,
+    /// `counters.origin_bytes_written` when the origin's writeback was last started: once
+    /// `WRITEBACK_AHEAD_BYTES` more are written, the committer starts it again, so the
+    /// dirty data a snapshot create (or a flush) must sync stays bounded.
+    writeback_started_bytes: AtomicU64,
     /// Serialises the prune-oldest decision, so concurrent writers that found the stores
     /// full prune one snapshot at a time and retry before pruning another.
     prune: Mutex<()>,
@@ -380,6 +388,42 @@ impl Volume {
             return false;
         }
         self.origin.raw_at(offset, len, f)
+    }
+
+    /// Starts writing the origin's dirty pages back (without waiting) once
+    /// `WRITEBACK_AHEAD_BYTES` were written to it since the last start. For the background
+    /// committer, which writers wake when they cross the mark (`count_origin_written`).
+    pub fn start_writeback_if_due(&self) {
+        let written = self.counters.origin_bytes_written.load(Ordering::Relaxed);
+        let started = self.writeback_started_bytes.load(Ordering::Relaxed);
+        if written.saturating_sub(started) < WRITEBACK_AHEAD_BYTES
+            || self
+                .writeback_started_bytes
+                .compare_exchange(started, written, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        if let Err(e) = self.origin.start_writeback(0, self.config.size_bytes) {
+            // A hint: the next flush or snapshot create syncs, and reports any error.
+            tracing::debug!(volume = %self.name(), error = %e, "starting the origin's writeback failed");
+        }
+    }
+
+    /// Counts `bytes` written to the origin (or held for it); the write that crosses the
+    /// next writeback mark wakes the committer to start the writeback.
+    fn count_origin_written(&self, bytes: u64) {
+        let before = self
+            .counters
+            .origin_bytes_written
+            .fetch_add(bytes, Ordering::Relaxed);
+        let mark = self
+            .writeback_started_bytes
+            .load(Ordering::Relaxed)
+            .saturating_add(WRITEBACK_AHEAD_BYTES);
+        if before < mark && before.saturating_add(bytes) >= mark {
+            self.wake_committer();
+        }
     }
 
     /// Makes every completed write durable: commits the queued preserved copies, writes the

@@ -519,6 +519,11 @@ impl Volume {
             // Whatever an earlier process left unsynced is synced by the first flush.
             origin_writes: AtomicU64::new(1),
             origin_synced_writes: Mutex::new(0),
+            writeback_started_bytes: AtomicU64::new(
+                counters
+                    .origin_bytes_written
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
             prune: Mutex::new(()),
             counters,
             failed: OnceLock::new(),

@@ -21,9 +21,11 @@ thread_local! {
     static OLD_CHUNK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Most bytes of preserved copies queued for a group commit at once (written to the stores'
-/// page cache, not yet synced): a flush waits for at most this much to reach the disk.
-pub(super) const DEFERRED_PRESERVE_BYTES_MAX: u64 = 1 << 30;
+/// Most bytes of preserved copies queued for a group commit at once (to be copied into the
+/// stores and synced): a flush or snapshot create waits for at most this much to reach the
+/// disk (with the origin's dirty data, bounded by `WRITEBACK_AHEAD_BYTES`). Writers past
+/// it lead a commit themselves, so first writes run at the rate copies become durable.
+pub(super) const DEFERRED_PRESERVE_BYTES_MAX: u64 = 32 << 20;
 /// Most mapping entries queued at once, whatever the chunk size (1 GiB of 64 KiB chunks):
 /// each costs about 200 bytes of memory until its commit (entry, held-piece index).
 pub(super) const DEFERRED_ENTRIES_MAX: u64 = 16_384;
@@ -33,10 +35,11 @@ pub(super) const DEFERRED_PIECES_MAX: u64 = 65_536;
 
 /// Growth steps of the pending list (entries, 40 bytes each).
 const PENDING_GROW_MIN: usize = 64;
+const PENDING_GROW_MAX: usize = 4096;
+
 /// How many chunks ahead of the one it copies a group commit asks the origin to read (so
 /// that many device reads are in flight for chunks not in memory: 2 MiB at 64 KiB chunks).
 const COPY_READ_AHEAD_CHUNKS: usize = 32;
-const PENDING_GROW_MAX: usize = 4096;
 
 /// A mapping entry waiting for its group commit.
 #[derive(Debug)]
@@ -241,9 +244,7 @@ impl Volume {
                     entry,
                     copy_due: true,
                 });
-                self.counters
-                    .origin_bytes_written
-                    .fetch_add(differing, Ordering::Relaxed);
+                self.count_origin_written(differing);
                 return Ok(());
             }
 
@@ -252,9 +253,7 @@ impl Volume {
             }
             // After the writes, so a flush that reads the count covers them.
             self.origin_writes.fetch_add(1, Ordering::Release);
-            self.counters
-                .origin_bytes_written
-                .fetch_add(differing, Ordering::Relaxed);
+            self.count_origin_written(differing);
             Ok(())
         })
     }
