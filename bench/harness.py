@@ -7,6 +7,13 @@ the harness only measures. Needs /usr/bin/python3 with python3-libnbd (for the f
 between snapshots), fio, qemu-nbd/qemu-img, nbdkit, nbdcopy and nbdinfo.
 
 Phases, in order (each can be picked with --only):
+  asfilled    tier "as filled" (the headline): 1 GiB exports filled through each server by
+              nbdcopy (snapvol also by import), measured as they are (bench/tiers.py)
+  bigger      tier "larger than memory": 4 GiB exports, servers in memory cgroups of 1/8 of
+              the export, caches dropped before each measurement (bench/tiers.py)
+  createload  snapshot create latency on a 4 GiB volume, idle and under random 64 KiB writes
+The "settled" tier (an extra: every backing file re-read into 4 KiB page-cache folios
+before each run, a state the harness makes and users never have):
   firstwrite  first write after a fresh snapshot (all peers, interleaved)
   matrix      steady workloads from bench/fio/*.fio (all peers, interleaved)
   rewrite     identical rewrite with nbdcopy (NBD peers)
@@ -39,7 +46,8 @@ GIB = 1 << 30
 MIB = 1 << 20
 CHUNK = 64 << 10  # snapvol's default chunk size and qcow2's default cluster size
 
-PHASES = ["firstwrite", "matrix", "rewrite", "scaling", "snapcreate", "restore", "memory"]
+PHASES = ["asfilled", "bigger", "createload",
+          "firstwrite", "matrix", "rewrite", "scaling", "snapcreate", "restore", "memory"]
 
 # The steady workloads: fio job file (bench/fio/NAME.fio) and what it measures.
 MATRIX_WORKLOADS = [
@@ -1187,6 +1195,13 @@ class Harness:
             f"runtime {self.runtime}s, phases {','.join(phases)}; workdir {self.work}")
         self.meta["phases"] = phases
         try:
+            import tiers
+
+            for tier in ("asfilled", "bigger"):
+                if tier in phases:
+                    tiers.phase_tier(self, tier)
+            if "createload" in phases:
+                tiers.phase_createload(self)
             if any(p in phases for p in ("firstwrite", "matrix", "rewrite")):
                 self.phase("setup")
                 self.setup_peers()
@@ -1259,6 +1274,8 @@ def main():
     ap.add_argument("--reps", type=int)
     ap.add_argument("--runtime", type=int, help="seconds per time-based fio run")
     ap.add_argument("--size", help="export size (default 1G; 256M with --quick)")
+    ap.add_argument("--bigger-size", help="export size of the larger-than-memory tier and createload "
+                    "(default 4G; 1G with --quick); servers get a memory cgroup of 1/8 of it")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (seed images) afterwards")
     ap.add_argument("--perf", metavar="DIR", help="profile snapvol and nbdkit (perf record -g) during the first "
                     "repetition of the first-write and matrix runs; DIR gets PEER-WORKLOAD.data and a .txt summary. "
@@ -1268,6 +1285,9 @@ def main():
     a.reps = a.reps or (1 if q else 3)
     a.runtime = a.runtime or (2 if q else 8)
     a.size = a.size or ("256M" if q else "1G")
+    a.bigger_size = parse_size(a.bigger_size or ("1G" if q else "4G"))
+    a.bigger_runtime = 2 if q else 10
+    a.createload_count = 5 if q else 20
     a.out = a.out or os.path.join(BENCH_DIR, "results", "quick.json" if q else "latest.json")
     a.only = [p.strip() for p in a.only.split(",")] if a.only else None
     for p in a.only or []:
@@ -1301,4 +1321,6 @@ def main():
 
 
 if __name__ == "__main__":
+    # bench/tiers.py imports this module as `harness`: the same module, not a second copy.
+    sys.modules.setdefault("harness", sys.modules[__name__])
     main()

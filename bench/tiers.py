@@ -1,0 +1,378 @@
+"""The benchmark tiers that measure the states users have (bench/harness.py runs them):
+
+  asfilled   1 GiB exports, each peer filled through its own server by the same client
+             (nbdcopy of one random image; snapvol also after `snapvol import`, its own
+             row), then measured as they are: no settling, no cache dropping. The headline.
+  bigger     "larger than memory": 4 GiB exports, every server in a memory cgroup of 1/8
+             of the export (v1 or v2, whichever the machine has), filled by nbdcopy, then
+             the page cache dropped before each measurement (as after a reboot). Disk bytes
+             read and written per client operation come from /proc/PID/io.
+  createload snapshot create latency on a 4 GiB volume while a client writes random 64 KiB
+             blocks at QD16, beside the same creates while idle.
+
+Each repetition starts from a fresh export (filled again), so no repetition inherits the
+page-cache state of the one before. Peers run one after the other in an order rotated per
+repetition. Per peer and repetition, in order: fill, identical rewrite (a second nbdcopy of
+the same image, timed), snapshot (COW peers), first writes in order (one 4 KiB write per
+64 KiB), steady random 4 KiB writes QD16, random 4 KiB reads QD16, and in the as-filled
+tier sequential 1 MiB writes and reads QD8.
+"""
+
+import os
+import shutil
+import subprocess
+import time
+
+import harness as hn
+
+TIER_WORKLOADS = {
+    "asfilled": ["firstwrite-seq-4k-qd16", "randwrite-4k-qd16", "randread-4k-qd16",
+                 "seqwrite-1m-qd8", "seqread-1m-qd8"],
+    "bigger": ["firstwrite-seq-4k-qd16", "randwrite-4k-qd16", "randread-4k-qd16"],
+}
+
+
+# ----------------------------------------------------------------------------- cgroups
+
+
+class MemoryCgroup:
+    """A memory cgroup of our own (v2 where the unified hierarchy has the memory
+    controller, else v1 at /sys/fs/cgroup/memory) that servers are moved into."""
+
+    def __init__(self, name, limit_bytes):
+        self.limit_bytes = limit_bytes
+        v2 = "/sys/fs/cgroup/cgroup.controllers"
+        if os.path.exists(v2) and "memory" in open(v2).read().split():
+            self.path = os.path.join("/sys/fs/cgroup", name)
+            self.version = 2
+            limit_file = "memory.max"
+        elif os.path.isdir("/sys/fs/cgroup/memory"):
+            self.path = os.path.join("/sys/fs/cgroup/memory", name)
+            self.version = 1
+            limit_file = "memory.limit_in_bytes"
+        else:
+            raise RuntimeError("no memory cgroup controller (v1 or v2) on this machine")
+        os.makedirs(self.path, exist_ok=True)
+        with open(os.path.join(self.path, limit_file), "w") as f:
+            f.write(str(limit_bytes))
+
+    def add(self, pid):
+        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+
+    def remove(self):
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass  # a process still in it; removed next time
+
+
+def drop_caches():
+    """Writes dirty pages back and drops the page cache (as after a reboot)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+class TierPeer:
+    """One server under test in a tier, on a fresh backing file/volume per repetition."""
+
+    id = ""
+    label = ""
+    cow = False
+
+    def __init__(self, h, tier, size):
+        self.h = h
+        self.size = size
+        self.dir = os.path.join(h.work, f"{tier}-{self.id}")
+        self.sock = os.path.join(self.dir, "nbd.sock")
+        self.server = None
+        self.cgroup = None
+        self.command = ""
+        self.setup_commands = []
+
+    def uri(self):
+        return f"nbd+unix:///?socket={self.sock}"
+
+    @property
+    def pid(self):
+        return self.server.pid if self.server else None
+
+    def create(self):
+        """Makes the empty backing store (before the first start)."""
+        raise NotImplementedError
+
+    def server_cmd(self):
+        raise NotImplementedError
+
+    def start(self):
+        self.command = " ".join(self.server_cmd())
+        self.server = hn.Server(self.id, self.server_cmd(), os.path.join(self.dir, "server.log"))
+        self.server.start(ready_uri=self.uri(), ready_path=self.sock)
+        if self.cgroup:
+            self.cgroup.add(self.server.pid)
+
+    def stop(self):
+        if self.server:
+            self.server.stop()
+            self.server = None
+
+    def fill(self, image):
+        hn.run(["nbdcopy", "--flush", image, self.uri()])
+
+    def snapshot(self, name):
+        raise NotImplementedError
+
+    def fio_env(self):
+        return {"BENCH_IOENGINE": "nbd", "BENCH_TARGET": f"uri={self.uri()}",
+                "BENCH_SIZE": str(self.size)}
+
+    def remove(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SnapvolTierPeer(TierPeer):
+    id = "snapvol"
+    label = "snapvol, filled by nbdcopy"
+    cow = True
+
+    def create(self):
+        os.makedirs(self.dir, exist_ok=True)
+        self.data = os.path.join(self.dir, "data")
+        hn.run([self.h.snapvol, "--data-dir", self.data, "volume", "create", "v",
+                "--size", hn.fmt_size(self.size)])
+        self.setup_commands = [f"snapvol volume create v --size {hn.fmt_size(self.size)}",
+                               "nbdcopy --flush SEED nbd+unix:///v?socket=S"]
+
+    def server_cmd(self):
+        return [self.h.snapvol, "--data-dir", self.data, "serve", "--socket", self.sock]
+
+    def uri(self):
+        return f"nbd+unix:///v?socket={self.sock}"
+
+    def snapshot(self, name):
+        hn.ctl(self.data, ["snapshot", "create", f"v@{name}"])
+
+
+class SnapvolImportPeer(SnapvolTierPeer):
+    """snapvol filled by `snapvol import` (before the daemon starts) instead of nbdcopy."""
+
+    id = "snapvol-import"
+    label = "snapvol, filled by snapvol import"
+
+    def fill(self, image):
+        self.stop()
+        hn.run([self.h.snapvol, "--data-dir", self.data, "import", "v", image])
+        self.start()
+
+    def create(self):
+        super().create()
+        self.setup_commands = [f"snapvol volume create v --size {hn.fmt_size(self.size)}",
+                               "snapvol import v SEED"]
+
+
+class NbdkitTierPeer(TierPeer):
+    def __init__(self, h, tier, size, cache_none=False):
+        self.cache_none = cache_none
+        self.id = "nbdkit-file-nocache" if cache_none else "nbdkit-file"
+        self.label = "nbdkit file, cache=none" if cache_none else "nbdkit file"
+        super().__init__(h, tier, size)
+
+    def create(self):
+        os.makedirs(self.dir, exist_ok=True)
+        self.path = os.path.join(self.dir, "disk.raw")
+        with open(self.path, "wb") as f:
+            f.truncate(self.size)
+        self.setup_commands = ["truncate -s SIZE F.raw", "nbdcopy --flush SEED nbd+unix:///?socket=S"]
+
+    def server_cmd(self):
+        extra = ["cache=none"] if self.cache_none else []
+        return ["nbdkit", "-f", "-U", self.sock, "file", f"file={self.path}", *extra]
+
+
+class QemuTierPeer(TierPeer):
+    def __init__(self, h, tier, size, fmt, cache_args, id, label):
+        self.id = id
+        self.label = label
+        self.fmt = fmt
+        self.cache_args = cache_args
+        self.cow = fmt == "qcow2"
+        super().__init__(h, tier, size)
+
+    def create(self):
+        os.makedirs(self.dir, exist_ok=True)
+        self.path = os.path.join(self.dir, "disk." + self.fmt)
+        hn.run(["qemu-img", "create", "-q", "-f", self.fmt, self.path, str(self.size)])
+        self.setup_commands = [f"qemu-img create -f {self.fmt} F SIZE",
+                               "nbdcopy --flush SEED nbd+unix:///?socket=S"]
+
+    def server_cmd(self):
+        return ["qemu-nbd", "-f", self.fmt, "-t", "-e", "0", *self.cache_args, "-k", self.sock, self.path]
+
+    def snapshot(self, name):
+        # qemu-nbd cannot take an internal snapshot while it serves the image (not timed).
+        self.stop()
+        hn.run(["qemu-img", "snapshot", "-c", name, self.path])
+        self.start()
+
+
+def tier_peers(h, tier, size):
+    if tier == "asfilled":
+        return [
+            SnapvolTierPeer(h, tier, size),
+            SnapvolImportPeer(h, tier, size),
+            NbdkitTierPeer(h, tier, size),
+            QemuTierPeer(h, tier, size, "raw", ["--cache=writeback"], "qemu-raw-wb", "qemu-nbd raw, cache=writeback"),
+            QemuTierPeer(h, tier, size, "qcow2", ["--cache=writeback"], "qemu-qcow2-snap",
+                         "qemu-nbd qcow2 + internal snapshot, cache=writeback"),
+        ]
+    return [
+        SnapvolTierPeer(h, tier, size),
+        NbdkitTierPeer(h, tier, size),
+        NbdkitTierPeer(h, tier, size, cache_none=True),
+        QemuTierPeer(h, tier, size, "raw", ["--cache=none", "--aio=io_uring"], "qemu-raw-direct",
+                     "qemu-nbd raw, cache=none aio=io_uring"),
+    ]
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def seed(h, size, name):
+    """A random image of `size` bytes in the workdir (reused when it exists)."""
+    path = os.path.join(h.work, f"seed-{name}-{size}.img")
+    if not (os.path.exists(path) and os.path.getsize(path) == size):
+        hn.log(f"writing {hn.fmt_size(size)} of random data to {path}")
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 16 * hn.MIB)
+                f.write(os.urandom(n))
+                left -= n
+    return path
+
+
+def timed_copy(p, image):
+    """nbdcopy of `image` into the peer, with the server's disk and CPU use over it."""
+    cpu0, io0 = hn.proc_cpu_s(p.pid), hn.proc_io(p.pid)
+    t = time.monotonic()
+    hn.run(["nbdcopy", "--flush", image, p.uri()])
+    dt = time.monotonic() - t
+    cpu1, io1 = hn.proc_cpu_s(p.pid), hn.proc_io(p.pid)
+    return {
+        "seconds": round(dt, 3),
+        "bw_bytes": round(p.size / dt),
+        "server_write_bytes": io1["write_bytes"] - io0["write_bytes"],
+        "server_read_bytes": io1["read_bytes"] - io0["read_bytes"],
+        "server_cpu_s": round(cpu1 - cpu0, 3),
+    }
+
+
+OP_BYTES = {"firstwrite-seq-4k-qd16": 4096, "randwrite-4k-qd16": 4096, "randread-4k-qd16": 4096,
+            "seqwrite-1m-qd8": hn.MIB, "seqread-1m-qd8": hn.MIB}
+
+
+def phase_tier(h, tier):
+    """One tier: every peer through fill, rewrite, snapshot and the workloads, per rep."""
+    big = tier == "bigger"
+    size = h.args.bigger_size if big else h.size
+    h.phase(tier)
+    image = seed(h, size, tier)
+    peers = tier_peers(h, tier, size)
+    cg_limit = size // 8
+    for p in peers:
+        h.peer_info[f"{tier}:{p.id}"] = {"label": p.label, "tier": tier, "size": size,
+                                         "cgroup_bytes": cg_limit if big else None}
+    for rep in range(h.reps):
+        for p in h.rotated(peers, rep):
+            if big:
+                p.cgroup = MemoryCgroup(f"snapvol-bench-{p.id}", cg_limit)
+            h.peers.append(p)  # stopped by main's finally if anything fails
+            try:
+                run_peer(h, tier, p, rep, image, big)
+            finally:
+                h.peer_info[f"{tier}:{p.id}"].update(command=p.command, setup=p.setup_commands)
+                p.remove()
+                h.peers.remove(p)
+                if p.cgroup:
+                    p.cgroup.remove()
+            h.save(False)
+
+
+def run_peer(h, tier, p, rep, image, big):
+    p.create()
+    p.start()
+    t = time.monotonic()
+    p.fill(image)
+    fill_s = time.monotonic() - t
+    if big:
+        drop_caches()
+    r = timed_copy(p, image)
+    h.record(phase=tier, workload="identical-rewrite", peer=p.id, rep=rep, fill_s=round(fill_s, 3), **r)
+    hn.log(f"{tier} rep {rep} {p.id}: fill {fill_s:.1f}s, identical rewrite {r['seconds']:.2f}s, "
+           f"server wrote {r['server_write_bytes'] / hn.MIB:.1f} MiB")
+    if p.cow:
+        p.snapshot(f"t{rep}")
+    for wl in TIER_WORKLOADS[tier]:
+        if big:
+            drop_caches()
+        extra = {"BENCH_SIZE": str(p.size)}
+        if big:
+            extra["BENCH_RUNTIME"] = str(h.args.bigger_runtime)
+        r = h.fio(wl, p.fio_env(), p.pid, extra_env=extra, tag=f"{tier}:{p.id}")
+        n = r["io_bytes"] / OP_BYTES[wl]
+        if n:
+            r["disk_read_per_op_bytes"] = round(r["server_read_bytes"] / n)
+            r["disk_write_per_op_bytes"] = round(r["server_write_bytes"] / n)
+        h.record(phase=tier, workload=wl, peer=p.id, rep=rep, **r)
+        hn.log(f"{tier} rep {rep} {wl} {p.id}: {r['iops']:.0f} IOPS, {r['bw_bytes'] / hn.MIB:.1f} MiB/s, "
+               f"disk read/op {r.get('disk_read_per_op_bytes', 0) / 1024:.1f} KiB")
+
+
+def phase_createload(h):
+    """Snapshot create latency (control socket, request to durable reply) on a 4 GiB
+    snapvol volume filled by nbdcopy: idle, then while fio writes random 64 KiB blocks at
+    QD16 (a create every 0.8 s)."""
+    h.phase("createload")
+    size = h.args.bigger_size
+    image = seed(h, size, "bigger")
+    p = SnapvolTierPeer(h, "createload", size)
+    count = h.args.createload_count
+    h.peers.append(p)
+    try:
+        p.create()
+        p.start()
+        p.fill(image)
+        for rep in range(h.reps):
+            for mode in ("idle", "load"):
+                fio = None
+                if mode == "load":
+                    fio = subprocess.Popen(
+                        ["fio", "--name=createload", "--ioengine=nbd", f"--uri={p.uri()}", f"--size={size}",
+                         "--rw=randwrite", "--bs=64k", "--iodepth=16", "--time_based",
+                         f"--runtime={int(count * 0.8 + 10)}", "--randrepeat=0"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(3)  # the load is running before the first create
+                lat = []
+                for i in range(count):
+                    time.sleep(0.8)
+                    t = time.monotonic()
+                    hn.ctl(p.data, ["snapshot", "create", f"v@{mode}{rep}-{i}"])
+                    lat.append((time.monotonic() - t) * 1000)
+                if fio:
+                    fio.terminate()
+                    fio.wait()
+                for i in range(count):
+                    hn.ctl(p.data, ["snapshot", "delete", f"v@{mode}{rep}-{i}"])
+                h.record(phase="createload", workload=f"snapshot-create-{mode}", peer="snapvol", rep=rep,
+                         samples_ms=[round(x, 3) for x in lat], p50_ms=round(hn.pct(lat, 50), 3),
+                         p99_ms=round(hn.pct(lat, 99), 3), max_ms=round(max(lat), 3))
+                hn.log(f"createload rep {rep} {mode}: p50 {hn.pct(lat, 50):.1f} ms, p99 {hn.pct(lat, 99):.1f} ms")
+            h.save(False)
+    finally:
+        p.remove()
+        h.peers.remove(p)
