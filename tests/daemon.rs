@@ -927,3 +927,62 @@ fn connections_beyond_the_limit_are_closed() {
     let log = daemon.stop();
     assert!(log.contains("connection limit reached"), "{log}");
 }
+
+#[test]
+fn slow_control_clients_are_cut_off_and_others_told_busy() {
+    const REQUEST_TIMEOUT_MS: u64 = 3000;
+    const CONTROL_REQUESTS_MAX: usize = 16;
+    let sb = Sandbox::new();
+    sb.ok(&["volume", "create", "v", "--size", "1M"]);
+    let timeout = REQUEST_TIMEOUT_MS.to_string();
+    let daemon = sb.serve(&[
+        "--socket",
+        sb.path("nbd.sock").to_str().expect("utf-8"),
+        "--control-request-timeout-ms",
+        &timeout,
+    ]);
+    let control = sb.data().join("control.sock");
+    let started = Instant::now();
+    // Every control thread held by a client that sends its request a byte at a time.
+    let slow: Vec<std::thread::JoinHandle<String>> = (0..CONTROL_REQUESTS_MAX)
+        .map(|_| {
+            let mut s = UnixStream::connect(&control).expect("connect");
+            s.write_all(b"{").expect("first byte");
+            std::thread::spawn(move || {
+                let mut reply = String::new();
+                for _ in 0..100 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if s.write_all(b" ").is_err() {
+                        break;
+                    }
+                }
+                let _ = s.read_to_string(&mut reply);
+                reply
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // One more: answered at once, and the CLI says so in one error line.
+    let err = sb.fails(
+        &["volume", "list"],
+        &format!("busy: {CONTROL_REQUESTS_MAX} control requests in flight"),
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(REQUEST_TIMEOUT_MS),
+        "{err}"
+    );
+    // The slow clients are cut off at the deadline of their whole request (not one per
+    // read, which a byte every 200 ms would renew forever), with a reply saying why.
+    for client in slow {
+        let reply = client.join().expect("client");
+        assert!(reply.contains("timed out reading the request"), "{reply:?}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(REQUEST_TIMEOUT_MS) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    assert!(sb.ok(&["volume", "list"]).contains("origin.raw"));
+    let log = daemon.stop();
+    assert!(log.contains("too many in flight"), "{log}");
+}

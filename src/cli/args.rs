@@ -142,6 +142,10 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub max_connections: u32,
+    /// Milliseconds a control client has to send its whole request (default 10000). For
+    /// tests, which need not wait 10 s to see a slow client cut off.
+    #[arg(long, value_name = "MS", hide = true)]
+    pub control_request_timeout_ms: Option<u64>,
     /// Create volume `default` with this size if it does not exist (without this option
     /// it is created, 1 GiB, only when there are no volumes at all).
     #[arg(long, value_name = "SIZE")]

@@ -87,6 +87,9 @@ fn options(args: &ServeArgs) -> Result<Options> {
         max_connections: args.max_connections as usize,
         ..Options::default()
     };
+    if let Some(ms) = args.control_request_timeout_ms {
+        options.control_request_timeout = std::time::Duration::from_millis(ms);
+    }
     for text in &args.listen {
         let addrs: Vec<SocketAddr> = text
             .to_socket_addrs()
