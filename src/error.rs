@@ -54,6 +54,10 @@ pub enum Error {
         context: String,
         source: std::io::Error,
     },
+    /// A file the user named cannot be used for what was asked: it is one of the data
+    /// directory's own files (`the origin of volume "v3"`), or a FIFO, ...
+    #[error("refusing to {what}: it is {reason}")]
+    Refused { what: String, reason: String },
     #[error("{context}: {source}")]
     Path {
         context: String,

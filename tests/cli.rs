@@ -978,3 +978,144 @@ fn full_snapshot_store_refuses_or_prunes() {
     assert_eq!(list, serde_json::json!({"snapshots": []}));
     sb.ok(&["check", "prune-oldest"]);
 }
+
+#[test]
+fn the_data_directorys_own_files_are_never_a_users_file() {
+    let (sb, img) = sandbox_with_volume();
+    sb.ok(&["snapshot", "create", "v@keep"]);
+    sb.ok(&["volume", "create", "w", "--size", "1M"]);
+    let v_dir = sb.volume_dir("v");
+    let origin = v_dir.join("origin.raw").to_str().unwrap().to_string();
+    // Every file of a volume directory, under its own name, a symbolic link or a hard link.
+    std::os::unix::fs::symlink(&origin, sb.path("link-to-origin")).unwrap();
+    std::fs::hard_link(v_dir.join("store-0.snap"), sb.path("hard-to-store")).unwrap();
+    let before: Vec<(String, Vec<u8>)> = listing(&v_dir)
+        .into_iter()
+        .map(|name| {
+            let bytes = std::fs::read(v_dir.join(&name)).unwrap();
+            (name, bytes)
+        })
+        .collect();
+    let role = |file: &str| match file {
+        "origin.raw" => "the origin of volume \"v\"",
+        "store-0.snap" => "snapshot store 0 of volume \"v\"",
+        "journal" => "the journal of volume \"v\"",
+        "meta.redb" => "the metadata file of volume \"v\"",
+        "volume.toml" => "the configuration file of volume \"v\"",
+        "lock" => "the lock file of volume \"v\"",
+        other => panic!("unexpected file {other} in the volume directory"),
+    };
+    for (file, _) in &before {
+        let path = v_dir.join(file);
+        let path = path.to_str().unwrap();
+        let why = role(file);
+        sb.fails(
+            &["export", "w", path],
+            1,
+            &format!("refusing to export into {path}: it is {why}"),
+        );
+        sb.fails(
+            &["import", "w", path],
+            1,
+            &format!("refusing to import from {path}: it is {why}"),
+        );
+        sb.fails(
+            &["volume", "create", "x", "--origin", path],
+            1,
+            &format!("refusing to use {path} as the origin of volume \"x\": it is {why}"),
+        );
+        sb.fails(
+            &[
+                "volume",
+                "create",
+                "x",
+                "--size",
+                "1M",
+                "--snapshot-store",
+                path,
+            ],
+            1,
+            &format!("refusing to use {path} as a snapshot store of volume \"x\": it is {why}"),
+        );
+    }
+    let link = sb.arg("link-to-origin");
+    sb.fails(
+        &["export", "w", &link],
+        1,
+        "it is the origin of volume \"v\"",
+    );
+    sb.fails(
+        &["volume", "create", "x", "--origin", &link],
+        1,
+        "it is the origin of volume \"v\"",
+    );
+    let hard = sb.arg("hard-to-store");
+    sb.fails(
+        &["export", "w", &hard],
+        1,
+        "snapshot store 0 of volume \"v\"",
+    );
+    sb.fails(
+        &[
+            "volume",
+            "create",
+            "x",
+            "--size",
+            "1M",
+            "--snapshot-store",
+            &hard,
+        ],
+        1,
+        "snapshot store 0 of volume \"v\"",
+    );
+    // Two volumes never share an origin: a second adoption of an adopted origin is refused.
+    let adopted = sb.write_file("adopted.img", &vec![7u8; MIB]);
+    sb.ok(&["volume", "create", "a", "--origin", &adopted]);
+    sb.fails(
+        &["volume", "create", "b", "--origin", &adopted],
+        1,
+        "it is the origin of volume \"a\"",
+    );
+    // Origin and store of one new volume are not one file under two names.
+    let other = sb.write_file("other.img", &vec![0u8; MIB]);
+    std::os::unix::fs::symlink(&other, sb.path("other-link")).unwrap();
+    sb.fails(
+        &[
+            "volume",
+            "create",
+            "c",
+            "--origin",
+            &other,
+            "--snapshot-store",
+            &sb.arg("other-link"),
+        ],
+        1,
+        "are the same file",
+    );
+    // A FIFO or socket is never opened (the open of a FIFO would wait for a peer).
+    let fifo = sb.path("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let fifo = sb.arg("fifo");
+    sb.fails(&["export", "w", &fifo], 1, "it is a FIFO");
+    sb.fails(&["import", "w", &fifo], 1, "it is a FIFO");
+    sb.fails(&["volume", "create", "x", "--origin", &fifo], 1, "a FIFO");
+    let _listener = std::os::unix::net::UnixListener::bind(sb.path("sock")).unwrap();
+    sb.fails(&["export", "w", &sb.arg("sock")], 1, "it is a socket");
+
+    // Nothing changed (v was not opened since): every file of v is as it was, and every
+    // volume still opens.
+    for (name, bytes) in &before {
+        let now = std::fs::read(v_dir.join(name)).unwrap();
+        assert!(now == *bytes, "{name} changed");
+    }
+    assert!(!sb.volume_dir("x").exists());
+    assert_same(&sb.export("v"), &img, "v");
+    assert_same(&sb.export("v@keep"), &img, "v@keep");
+    assert!(sb.ok(&["volume", "list"]).contains("adopted.img"));
+    let check = sb.ok(&["check"]);
+    for vol in ["a", "v", "w"] {
+        assert!(check.contains(&format!("{vol}: ok")), "{check}");
+    }
+}

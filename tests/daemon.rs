@@ -986,3 +986,121 @@ fn slow_control_clients_are_cut_off_and_others_told_busy() {
     let log = daemon.stop();
     assert!(log.contains("too many in flight"), "{log}");
 }
+
+/// Runs `snapvol --data-dir data ARGS...` in the sandbox; fails the test if it has not
+/// ended within 20 s (a command blocked in the daemon).
+fn snapvol_within_20s(sb: &Sandbox, args: &[&str]) -> Output {
+    let mut child = snapvol_command(sb.root())
+        .args(["--data-dir", "data"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run snapvol");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("snapvol {} still running after 20 s", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn the_data_directorys_own_files_are_refused_through_the_daemon_too() {
+    let (_direct, served, daemon) = run_both_ways(
+        &[
+            &["volume", "create", "v2", "--size", "1M"],
+            &["volume", "create", "v3", "--size", "1M"],
+            &["snapshot", "create", "v3@keep"],
+            &["volume", "create", "v4", "--size", "1M"],
+        ],
+        &[("data.img", &image(MIB, 5))],
+        &[
+            (&["import", "v4", "data.img"], 0),
+            (&["export", "v4", "data/volumes/v3/origin.raw"], 1),
+            (&["export", "v4@keep", "data/volumes/v3/store-0.snap"], 1),
+            (&["import", "v4", "data/volumes/v3/journal"], 1),
+            (&["import", "v4", "data/volumes/v2/meta.redb"], 1),
+            (
+                &[
+                    "volume",
+                    "create",
+                    "v5",
+                    "--origin",
+                    "data/volumes/v2/origin.raw",
+                ],
+                1,
+            ),
+            (
+                &[
+                    "volume",
+                    "create",
+                    "v5",
+                    "--size",
+                    "1M",
+                    "--snapshot-store",
+                    "data/volumes/v3/store-0.snap",
+                ],
+                1,
+            ),
+            (&["volume", "create", "v6", "--origin", "data.img"], 0),
+            (&["volume", "create", "v7", "--origin", "data.img"], 1),
+            (&["volume", "list"], 0),
+            (&["export", "v3@keep", "keep.img"], 0),
+        ],
+    );
+    let err = served.fails(
+        &["export", "v4", "data/volumes/v3/origin.raw"],
+        "refusing to export into data/volumes/v3/origin.raw: it is the origin of volume \"v3\"",
+    );
+    assert!(!err.contains("v4@"), "{err}");
+    served.fails(
+        &[
+            "volume",
+            "create",
+            "v5",
+            "--origin",
+            "data/volumes/v2/origin.raw",
+        ],
+        "it is the origin of volume \"v2\"",
+    );
+    served.fails(
+        &["volume", "create", "v7", "--origin", "data.img"],
+        "it is the origin of volume \"v6\"",
+    );
+    assert_same(&served.read_file("keep.img"), &vec![0u8; MIB], "v3@keep");
+    daemon.stop();
+}
+
+#[test]
+fn exports_to_a_fifo_or_socket_are_refused_without_blocking() {
+    let (sb, daemon, _img) = served_volume();
+    let fifo = sb.path("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    for args in [["export", "v", "fifo"], ["import", "v", "fifo"]] {
+        let out = snapvol_within_20s(&sb, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && stderr.contains(": it is a FIFO"),
+            "{}",
+            describe(&args, &out)
+        );
+    }
+    let _listener = std::os::unix::net::UnixListener::bind(sb.path("sock")).expect("bind");
+    let args = ["export", "v@s", "sock"];
+    let out = snapvol_within_20s(&sb, &args);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("refusing to export into sock: it is a socket"),
+        "{}",
+        describe(&args, &out)
+    );
+    // The daemon is still free: the next command runs at once.
+    sb.ok(&["export", "v@s", "s.img"]);
+    daemon.stop();
+}

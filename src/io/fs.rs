@@ -3,6 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync the directory.
@@ -42,6 +43,71 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 pub fn create_dir_all(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)
+}
+
+/// Which file a path or an open file is, for telling whether two names are one file:
+/// the device and inode, or for a block device the device it gives access to (two device
+/// nodes of one disk are one file here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileId {
+    Inode { dev: u64, ino: u64 },
+    BlockDevice { rdev: u64 },
+}
+
+impl FileId {
+    pub fn of(meta: &fs::Metadata) -> FileId {
+        if meta.file_type().is_block_device() {
+            FileId::BlockDevice { rdev: meta.rdev() }
+        } else {
+            FileId::Inode {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        }
+    }
+
+    /// The file `path` names (following symbolic links); `None` if there is none.
+    pub fn of_path(path: &Path) -> io::Result<Option<FileId>> {
+        match fs::metadata(path) {
+            Ok(meta) => Ok(Some(FileId::of(&meta))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What kind of file `meta` describes, for messages: `None` for a regular file or a block
+/// device (what snapvol reads and writes), else e.g. `"a FIFO"`.
+pub fn unusable_kind(meta: &fs::Metadata) -> Option<&'static str> {
+    let t = meta.file_type();
+    if t.is_file() || t.is_block_device() {
+        None
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else {
+        Some("not a regular file or block device")
+    }
+}
+
+/// Names of the entries of `dir` that are not directories (files, sockets, links, ...).
+pub fn list_files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_dir()
+            && let Some(n) = entry.file_name().to_str()
+        {
+            names.push(n.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 pub fn remove_dir_all(dir: &Path) -> io::Result<()> {
