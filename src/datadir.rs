@@ -8,6 +8,22 @@ use crate::volume::{CheckReport, CreateOptions, OpenConfig, Volume};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Checks that `path` (the data directory, a volume directory, `volume.toml`) can only
+/// have been written by this user or root, as ssh checks a key file.
+pub(crate) fn check_trusted(path: &Path) -> Result<()> {
+    match fs::untrusted(path) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(Error::Untrusted {
+            path: path.to_path_buf(),
+            why,
+        }),
+        Err(source) => Err(Error::Path {
+            context: format!("cannot inspect {}", path.display()),
+            source,
+        }),
+    }
+}
+
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "snapvol-data";
 const VOLUMES_DIR: &str = "volumes";
@@ -30,10 +46,12 @@ impl DataDir {
     /// Opens a data directory whose volumes do their I/O through `disk`.
     pub fn open_with_disk(root: &Path, disk: Arc<dyn Disk>) -> Result<DataDir> {
         let volumes = root.join(VOLUMES_DIR);
-        fs::create_dir_all(&volumes).map_err(|source| Error::Path {
+        fs::create_private_dir_all(&volumes).map_err(|source| Error::Path {
             context: format!("creating data directory {}", volumes.display()),
             source,
         })?;
+        check_trusted(root)?;
+        check_trusted(&volumes)?;
         Ok(DataDir {
             root: root.to_path_buf(),
             disk,
@@ -82,7 +100,8 @@ impl DataDir {
                 dir.display()
             )));
         }
-        fs::create_dir_all(&dir).map_err(path_err(format!("creating {}", dir.display())))?;
+        fs::create_private_dir_all(&dir)
+            .map_err(path_err(format!("creating {}", dir.display())))?;
         if let Err(e) = crate::volume::create_volume_files(&dir, &config, self.disk.as_ref()) {
             crate::volume::remove_volume_files(&dir, &config, self.disk.as_ref());
             let _ = fs::remove_dir_all(&dir);
@@ -162,7 +181,7 @@ impl DataDir {
         let volumes = self.root.join(VOLUMES_DIR);
         for name in fs::list_dirs(&volumes).unwrap_or_default() {
             let dir = volumes.join(&name);
-            if let Ok(config) = crate::volume::read_config(&dir, &name) {
+            if let Ok(config) = crate::volume::read_config_unchecked(&dir, &name) {
                 if is(&crate::volume::resolve_path(&dir, &config.origin)) {
                     return Some(format!("the origin of volume {name:?}"));
                 }

@@ -979,6 +979,26 @@ fn full_snapshot_store_refuses_or_prunes() {
     sb.ok(&["check", "prune-oldest"]);
 }
 
+/// Runs `cmd`'s child under umask 000, so that any mode the binary leaves to the umask
+/// shows as world-writable.
+fn umask_000(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        })
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
 #[test]
 fn the_data_directorys_own_files_are_never_a_users_file() {
     let (sb, img) = sandbox_with_volume();
@@ -1118,4 +1138,99 @@ fn the_data_directorys_own_files_are_never_a_users_file() {
     for vol in ["a", "v", "w"] {
         assert!(check.contains(&format!("{vol}: ok")), "{check}");
     }
+}
+
+#[test]
+fn files_are_private_whatever_the_umask() {
+    let sb = Sandbox::new();
+    let run = |args: &[&str]| {
+        let out = umask_000(
+            snapvol_command(sb.tmp.path())
+                .arg("--data-dir")
+                .arg(&sb.data)
+                .args(args),
+        )
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{}", describe(args, &out));
+    };
+    run(&["volume", "create", "v", "--size", "1M"]);
+    let new_origin = sb.arg("new-origin.img");
+    let new_store = sb.arg("new-store.snap");
+    run(&[
+        "volume",
+        "create",
+        "w",
+        "--size",
+        "1M",
+        "--origin",
+        &new_origin,
+        "--snapshot-store",
+        &new_store,
+    ]);
+    run(&["snapshot", "create", "v@s"]);
+    run(&["export", "v@s", &sb.arg("exported.img")]);
+    for dir in [sb.data.clone(), sb.data.join("volumes"), sb.volume_dir("v")] {
+        assert_eq!(mode_of(&dir), 0o700, "{}", dir.display());
+    }
+    let mut files: Vec<PathBuf> = ["v", "w"]
+        .iter()
+        .flat_map(|v| {
+            listing(&sb.volume_dir(v))
+                .into_iter()
+                .map(|f| sb.volume_dir(v).join(f))
+        })
+        .collect();
+    files.extend(["new-origin.img", "new-store.snap", "exported.img"].map(|f| sb.path(f)));
+    assert!(files.len() >= 12, "{files:?}");
+    for file in files {
+        assert_eq!(mode_of(&file), 0o600, "{}", file.display());
+    }
+}
+
+#[test]
+fn loose_permissions_on_what_the_daemon_trusts_are_refused() {
+    let sb = Sandbox::new();
+    sb.ok(&["volume", "create", "v", "--size", "1M"]);
+    let toml = sb.volume_dir("v").join("volume.toml");
+    let shown = toml.display().to_string();
+    let chmod = |path: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    chmod(&toml, 0o666);
+    sb.fails(
+        &["volume", "info", "v"],
+        1,
+        &format!("refusing to use {shown}: writable by others (mode 0666); chmod 600 it"),
+    );
+    chmod(&toml, 0o620);
+    sb.fails(
+        &["snapshot", "create", "v@s"],
+        1,
+        "writable by its group (mode 0620)",
+    );
+    chmod(&toml, 0o644);
+    sb.ok(&["volume", "info", "v"]);
+    // Owned by another user (not root); only root can give a file away.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(&toml, Some(1000), None).unwrap();
+        sb.fails(&["volume", "info", "v"], 1, "owned by uid 1000");
+        std::os::unix::fs::chown(&toml, Some(0), None).unwrap();
+    }
+    chmod(&sb.volume_dir("v"), 0o777);
+    sb.fails(
+        &["volume", "list"],
+        1,
+        &format!(
+            "refusing to use {}: writable by others (mode 0777); chmod 700 it",
+            sb.volume_dir("v").display()
+        ),
+    );
+    chmod(&sb.volume_dir("v"), 0o700);
+    chmod(&sb.data, 0o775);
+    sb.fails(&["volume", "list"], 1, "writable by its group (mode 0775)");
+    chmod(&sb.data, 0o755);
+    sb.ok(&["volume", "info", "v"]);
 }

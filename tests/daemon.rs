@@ -1104,3 +1104,82 @@ fn exports_to_a_fifo_or_socket_are_refused_without_blocking() {
     sb.ok(&["export", "v@s", "s.img"]);
     daemon.stop();
 }
+
+/// Runs `cmd`'s child under umask 000, so that any mode the binary leaves to the umask
+/// shows as world-writable.
+fn umask_000(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        })
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn sockets_and_files_are_private_whatever_the_umask() {
+    let sb = Sandbox::new();
+    let start = |extra: &[&str]| {
+        let mut cmd = snapvol_command(sb.root());
+        cmd.args(["--data-dir", "data", "serve", "--socket", "nbd.sock"])
+            .args(extra);
+        umask_000(&mut cmd);
+        Daemon::start(cmd, sb.path(&format!("serve-{}.log", unique())))
+    };
+    let daemon = start(&[]);
+    sb.ok(&["volume", "create", "v", "--size", "1M"]);
+    sb.ok(&["export", "v", "out.img"]);
+    for dir in [
+        "data",
+        "data/volumes",
+        "data/volumes/default",
+        "data/volumes/v",
+    ] {
+        assert_eq!(mode_of(&sb.path(dir)), 0o700, "{dir}");
+    }
+    for file in [
+        "nbd.sock",
+        "data/control.sock",
+        "data/daemon.lock",
+        "out.img",
+    ] {
+        assert_eq!(mode_of(&sb.path(file)), 0o600, "{file}");
+    }
+    for vol in ["default", "v"] {
+        let dir = sb.path(&format!("data/volumes/{vol}"));
+        for entry in std::fs::read_dir(&dir).expect("list") {
+            let path = entry.expect("entry").path();
+            assert_eq!(mode_of(&path), 0o600, "{}", path.display());
+        }
+    }
+    daemon.stop();
+    // Wider access only when asked for, to a group.
+    let daemon = start(&["--socket-mode", "660", "--socket-group", "daemon"]);
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(sb.path("nbd.sock")).expect("stat");
+    assert_eq!(meta.mode() & 0o7777, 0o660);
+    assert_eq!(meta.gid(), 1, "group daemon");
+    assert_eq!(mode_of(&sb.path("data/control.sock")), 0o600);
+    daemon.stop();
+    for (args, needle) in [
+        (["--socket-mode", "999"], "invalid --socket-mode"),
+        (
+            ["--socket-group", "no-such-group"],
+            "invalid --socket-group",
+        ),
+    ] {
+        let mut all = vec!["serve", "--socket", "nbd.sock"];
+        all.extend(args);
+        sb.fails(&all, needle);
+    }
+}

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use snapvol::io::fs::{FileId, unusable_kind};
+use snapvol::io::fs::{FileId, make_private, unusable_kind};
 use snapvol::{DataDir, Volume};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -154,13 +154,26 @@ pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, how: &How) -> R
         .into());
     }
     let what = format!("export into {shown}");
-    // Truncated only once it is known not to be one of the data directory's files.
-    let mut f = open_checked(
-        file,
-        OpenOptions::new().write(true).create(true),
-        &what,
-        how,
-    )?;
+    // A new file is the daemon's: private whatever the umask. An existing one keeps its
+    // mode, and is truncated only once it is known not to be one of the data directory's.
+    let created = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(snapvol::io::fs::PRIVATE_FILE_MODE)
+        .open(file);
+    let mut f = match created {
+        Ok(f) => {
+            make_private(&f).with_context(|| format!("cannot create {shown}"))?;
+            f
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open_checked(
+            file,
+            OpenOptions::new().write(true).create(true),
+            &what,
+            how,
+        )?,
+        Err(e) => return Err(e).with_context(|| format!("cannot create {shown}")),
+    };
     // A block device keeps its size and old contents: write every block, never truncate.
     let is_device = f
         .metadata()

@@ -20,7 +20,7 @@
 pub mod control;
 mod listen;
 
-pub use listen::{Probe, probe};
+pub use listen::{Probe, group_id, probe};
 
 use crate::registry::Registry;
 use listen::{Listener, Socket, SocketFile};
@@ -64,6 +64,25 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
 /// Control requests in flight at once by default; more are answered "busy".
 pub const CONTROL_REQUESTS_MAX: usize = 16;
 
+/// Who may connect to a unix socket: its file's mode and group, set whatever the umask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits (at most 0o777).
+    pub mode: u32,
+    /// Group id to give the file; `None` keeps the daemon's.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    /// Only the daemon's user (and root).
+    fn default() -> SocketAccess {
+        SocketAccess {
+            mode: 0o600,
+            group: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     /// TCP addresses to listen on for NBD.
@@ -78,6 +97,8 @@ pub struct Options {
     pub control_request_timeout: Duration,
     /// How long a control client has to take its whole reply.
     pub control_reply_timeout: Duration,
+    /// Mode and group of the NBD unix sockets ([`Options::unix`]).
+    pub unix_access: SocketAccess,
     /// How long shutdown waits for connections and running commands to finish.
     pub shutdown_grace: Duration,
     /// Limits of each NBD connection.
@@ -93,6 +114,7 @@ impl Default for Options {
             control_requests_max: CONTROL_REQUESTS_MAX,
             control_request_timeout: control::REQUEST_TIMEOUT,
             control_reply_timeout: control::REPLY_TIMEOUT,
+            unix_access: SocketAccess::default(),
             shutdown_grace: Duration::from_secs(30),
             nbd: crate::nbd::ServerConfig::default(),
         }
@@ -326,14 +348,15 @@ impl Daemon {
             );
         }
         for path in &options.unix {
-            let (l, f) = listen::bind_unix(path, None)
+            let (l, f) = listen::bind_unix(path, options.unix_access)
                 .map_err(io_err(format!("cannot listen on {}", path.display())))?;
             listeners.push(Listener::Unix(l, f));
         }
-        let control = listen::bind_unix(&control_path, Some(0o600)).map_err(io_err(format!(
-            "cannot create the control socket {}",
-            control_path.display()
-        )))?;
+        let control =
+            listen::bind_unix(&control_path, SocketAccess::default()).map_err(io_err(format!(
+                "cannot create the control socket {}",
+                control_path.display()
+            )))?;
         let (wake_rx, wake_tx) = UnixStream::pair().map_err(io_err("creating a socket pair"))?;
         for s in [&wake_rx, &wake_tx] {
             s.set_nonblocking(true)

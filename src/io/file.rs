@@ -20,7 +20,9 @@ impl Disk for FileDisk {
         opts.read(true);
         match mode {
             OpenMode::CreateNew => {
-                opts.write(true).create_new(true).mode(0o600);
+                opts.write(true)
+                    .create_new(true)
+                    .mode(super::fs::PRIVATE_FILE_MODE);
             }
             OpenMode::Existing => {
                 opts.write(true);
@@ -42,6 +44,9 @@ impl Disk for FileDisk {
             ));
         }
         clear_nonblocking(&file)?;
+        if mode == OpenMode::CreateNew {
+            super::fs::make_private(&file)?;
+        }
         let block_device = meta.file_type().is_block_device();
         Ok(Arc::new(FileStorage::new(file, block_device)))
     }
@@ -56,8 +61,9 @@ impl Disk for FileDisk {
             .read(true)
             .write(true)
             .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
+            .mode(super::fs::PRIVATE_FILE_MODE)
             .open(dir)?;
+        super::fs::make_private(&file)?;
         Ok(Arc::new(FileStorage::new(file, false)))
     }
 

@@ -3,10 +3,23 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+/// Mode of every directory snapvol creates (the data directory, volume directories),
+/// whatever the umask.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every file snapvol creates, whatever the umask.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Sets `file`'s mode to [`PRIVATE_FILE_MODE`] (`fchmod`): a file is created with that
+/// mode, but the umask may have taken bits away, and the mode must not depend on it.
+pub fn make_private(file: &File) -> io::Result<()> {
+    file.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+}
+
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync the directory.
+/// The file ends up with mode [`PRIVATE_FILE_MODE`].
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
@@ -14,7 +27,9 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(PRIVATE_FILE_MODE)
             .open(&tmp)?;
+        make_private(&f)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -41,8 +56,53 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-pub fn create_dir_all(dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(dir)
+/// Creates `dir` and its missing parents with mode [`PRIVATE_DIR_MODE`] (set explicitly,
+/// whatever the umask); directories that exist already are left as they are.
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        create_private_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir) {
+        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(PRIVATE_DIR_MODE)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why `path` (a directory or file snapvol trusts: the data directory, a volume directory,
+/// `volume.toml`) must not be used: it is writable by its group or others, or owned by
+/// another user than this process's and root. `None` when it is fine. The path is
+/// followed if it is a symbolic link.
+pub fn untrusted(path: &Path) -> io::Result<Option<String>> {
+    let meta = fs::metadata(path)?;
+    let mode = meta.mode() & 0o7777;
+    let fix = if meta.is_dir() {
+        "chmod 700 it"
+    } else {
+        "chmod 600 it"
+    };
+    if mode & 0o002 != 0 {
+        return Ok(Some(format!("writable by others (mode {mode:04o}); {fix}")));
+    }
+    if mode & 0o020 != 0 {
+        return Ok(Some(format!(
+            "writable by its group (mode {mode:04o}); {fix}"
+        )));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Ok(Some(format!(
+            "owned by uid {}, neither this user (uid {me}) nor root; chown it",
+            meta.uid()
+        )));
+    }
+    Ok(None)
 }
 
 /// Which file a path or an open file is, for telling whether two names are one file:
@@ -148,7 +208,11 @@ pub fn try_lock(path: &Path) -> io::Result<Option<File>> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(PRIVATE_FILE_MODE)
         .open(path)?;
+    if f.metadata()?.mode() & 0o777 != PRIVATE_FILE_MODE {
+        make_private(&f)?;
+    }
     match f.try_lock() {
         Ok(()) => Ok(Some(f)),
         Err(fs::TryLockError::WouldBlock) => Ok(None),
