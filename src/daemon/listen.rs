@@ -67,7 +67,7 @@ impl Drop for SocketFile {
 /// Binds a unix socket at `path`, replacing a stale socket file; refuses when a server
 /// answers there or the path is something else. The file gets `access`'s mode and group
 /// before it appears at `path` (it is bound under a temporary name beside it, set up, then
-/// renamed), so no one else can connect in between, whatever the umask.
+/// linked to `path`), so no one else can connect in between, whatever the umask.
 pub fn bind_unix(
     path: &Path,
     access: super::SocketAccess,
@@ -95,11 +95,10 @@ pub fn bind_unix(
     let tmp = temporary_name(path);
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
-    let set_up = set_access(&tmp, access).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = set_up {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    // A link, not a rename: whatever appeared at `path` since the probe is not replaced.
+    let set_up = set_access(&tmp, access).and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    set_up?;
     let meta = std::fs::symlink_metadata(path)?;
     let file = SocketFile {
         path: path.to_path_buf(),
