@@ -8,6 +8,22 @@ use crate::volume::{CheckReport, CreateOptions, OpenConfig, Volume};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Checks that `path` (the data directory, a volume directory, `volume.toml`) can only
+/// have been written by this user or root, as ssh checks a key file.
+pub(crate) fn check_trusted(path: &Path) -> Result<()> {
+    match fs::untrusted(path) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(Error::Untrusted {
+            path: path.to_path_buf(),
+            why,
+        }),
+        Err(source) => Err(Error::Path {
+            context: format!("cannot inspect {}", path.display()),
+            source,
+        }),
+    }
+}
+
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "snapvol-data";
 const VOLUMES_DIR: &str = "volumes";
@@ -30,10 +46,12 @@ impl DataDir {
     /// Opens a data directory whose volumes do their I/O through `disk`.
     pub fn open_with_disk(root: &Path, disk: Arc<dyn Disk>) -> Result<DataDir> {
         let volumes = root.join(VOLUMES_DIR);
-        fs::create_dir_all(&volumes).map_err(|source| Error::Path {
+        fs::create_private_dir_all(&volumes).map_err(|source| Error::Path {
             context: format!("creating data directory {}", volumes.display()),
             source,
         })?;
+        check_trusted(root)?;
+        check_trusted(&volumes)?;
         Ok(DataDir {
             root: root.to_path_buf(),
             disk,
@@ -71,6 +89,7 @@ impl DataDir {
         if dir.join(CONFIG_FILE).exists() {
             return Err(Error::VolumeExists(name.to_string()));
         }
+        self.check_new_volume_files(name, opts)?;
         let config = crate::volume::plan_volume(name, opts, self.disk.as_ref())?;
         let path_err = |context: String| move |source| Error::Path { context, source };
         if dir.exists() {
@@ -81,7 +100,8 @@ impl DataDir {
                 dir.display()
             )));
         }
-        fs::create_dir_all(&dir).map_err(path_err(format!("creating {}", dir.display())))?;
+        fs::create_private_dir_all(&dir)
+            .map_err(path_err(format!("creating {}", dir.display())))?;
         if let Err(e) = crate::volume::create_volume_files(&dir, &config, self.disk.as_ref()) {
             crate::volume::remove_volume_files(&dir, &config, self.disk.as_ref());
             let _ = fs::remove_dir_all(&dir);
@@ -91,6 +111,109 @@ impl DataDir {
             .map_err(path_err("syncing the volumes directory".into()))?;
         tracing::info!(volume = %name, size = config.size_bytes, "volume created");
         Ok(())
+    }
+
+    /// Refuses an adopted origin or store that is a file of this data directory (another
+    /// volume's origin, store, journal, ...: two volumes never share a file), that is not a
+    /// regular file or block device (a FIFO's open would block), or that is named twice.
+    fn check_new_volume_files(&self, name: &str, opts: &CreateOptions) -> Result<()> {
+        let named = opts
+            .origin
+            .iter()
+            .map(|p| (p, "the origin".to_string()))
+            .chain(
+                opts.snapshot_stores
+                    .iter()
+                    .map(|p| (p, "a snapshot store".to_string())),
+            );
+        let mut seen: Vec<(fs::FileId, &Path)> = Vec::new();
+        for (path, role) in named {
+            let meta = match std::fs::metadata(path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(Error::Path {
+                        context: format!("cannot use {}", path.display()),
+                        source,
+                    });
+                }
+            };
+            let what = || format!("use {} as {role} of volume {name:?}", path.display());
+            if let Some(kind) = fs::unusable_kind(&meta) {
+                return Err(Error::Refused {
+                    what: what(),
+                    reason: format!("{kind}; use a regular file or a block device"),
+                });
+            }
+            let id = fs::FileId::of(&meta);
+            self.refuse_own_file(id, what)?;
+            if let Some((_, first)) = seen.iter().find(|(other, _)| *other == id) {
+                return Err(Error::InvalidArgument(format!(
+                    "{} and {} are the same file (stores and origin must differ)",
+                    first.display(),
+                    path.display()
+                )));
+            }
+            seen.push((id, path));
+        }
+        Ok(())
+    }
+
+    /// Fails with [`Error::Refused`] when `id` is one of this data directory's files: an
+    /// origin, snapshot store, journal, metadata, `volume.toml`, lock or any other file of
+    /// a volume, or a file of the data directory itself (its lock, its control socket).
+    /// `what` says what was asked, e.g. `export into /x/origin.raw`.
+    pub fn refuse_own_file(&self, id: fs::FileId, what: impl FnOnce() -> String) -> Result<()> {
+        match self.owner_of(id) {
+            Some(owner) => Err(Error::Refused {
+                what: what(),
+                reason: owner,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// What the file `id` is to this data directory (`the origin of volume "v3"`), if
+    /// anything. Every volume directory is looked at, complete or not, damaged or not;
+    /// what cannot be read is skipped.
+    pub fn owner_of(&self, id: fs::FileId) -> Option<String> {
+        let is = |path: &Path| matches!(fs::FileId::of_path(path), Ok(Some(other)) if other == id);
+        let volumes = self.root.join(VOLUMES_DIR);
+        for name in fs::list_dirs(&volumes).unwrap_or_default() {
+            let dir = volumes.join(&name);
+            if let Ok(config) = crate::volume::read_config_unchecked(&dir, &name) {
+                if is(&crate::volume::resolve_path(&dir, &config.origin)) {
+                    return Some(format!("the origin of volume {name:?}"));
+                }
+                for (i, store) in config.stores.iter().enumerate() {
+                    if is(&crate::volume::resolve_path(&dir, &store.path)) {
+                        return Some(format!("snapshot store {i} of volume {name:?}"));
+                    }
+                }
+            }
+            for file in fs::list_files(&dir).unwrap_or_default() {
+                if is(&dir.join(&file)) {
+                    let role = match file.as_str() {
+                        crate::volume::DEFAULT_ORIGIN_FILE => "the origin".to_string(),
+                        crate::volume::JOURNAL_FILE => "the journal".to_string(),
+                        crate::volume::META_FILE => "the metadata file".to_string(),
+                        crate::volume::CONFIG_FILE => "the configuration file".to_string(),
+                        crate::volume::LOCK_FILE => "the lock file".to_string(),
+                        other => format!("the file {other:?}"),
+                    };
+                    return Some(format!("{role} of volume {name:?}"));
+                }
+            }
+        }
+        for file in fs::list_files(&self.root).unwrap_or_default() {
+            if is(&self.root.join(&file)) {
+                return Some(format!(
+                    "the file {file:?} of data directory {}",
+                    self.root.display()
+                ));
+            }
+        }
+        None
     }
 
     /// Volume names, sorted.

@@ -54,6 +54,14 @@ pub enum Error {
         context: String,
         source: std::io::Error,
     },
+    /// A directory or file snapvol trusts (the data directory, a volume directory,
+    /// `volume.toml`) that someone else could have changed.
+    #[error("refusing to use {}: {why}", path.display())]
+    Untrusted { path: PathBuf, why: String },
+    /// A file the user named cannot be used for what was asked: it is one of the data
+    /// directory's own files (`the origin of volume "v3"`), or a FIFO, ...
+    #[error("refusing to {what}: it is {reason}")]
+    Refused { what: String, reason: String },
     #[error("{context}: {source}")]
     Path {
         context: String,

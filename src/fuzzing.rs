@@ -137,7 +137,7 @@ impl Scratch {
         let path = scratch_base().join(format!("{SCRATCH_PREFIX}{}-{n}", std::process::id()));
         // A directory of a dead process that had the same pid.
         let _ = crate::io::fs::remove_dir_all(&path);
-        crate::io::fs::create_dir_all(&path).expect("creating a scratch directory");
+        crate::io::fs::create_private_dir_all(&path).expect("creating a scratch directory");
         Scratch { path }
     }
 }
@@ -213,7 +213,7 @@ impl Instance {
         let disk = MemDisk::default();
         for image in images {
             let dir = volume_dir(&scratch.path, &image.name);
-            crate::io::fs::create_dir_all(&dir).expect("creating a volume directory");
+            crate::io::fs::create_private_dir_all(&dir).expect("creating a volume directory");
             std::fs::write(dir.join("volume.toml"), &image.config).expect("writing volume.toml");
             for (f, bytes) in &image.files {
                 let bytes = match replace {

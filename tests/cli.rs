@@ -978,3 +978,259 @@ fn full_snapshot_store_refuses_or_prunes() {
     assert_eq!(list, serde_json::json!({"snapshots": []}));
     sb.ok(&["check", "prune-oldest"]);
 }
+
+/// Runs `cmd`'s child under umask 000, so that any mode the binary leaves to the umask
+/// shows as world-writable.
+fn umask_000(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        })
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn the_data_directorys_own_files_are_never_a_users_file() {
+    let (sb, img) = sandbox_with_volume();
+    sb.ok(&["snapshot", "create", "v@keep"]);
+    sb.ok(&["volume", "create", "w", "--size", "1M"]);
+    let v_dir = sb.volume_dir("v");
+    let origin = v_dir.join("origin.raw").to_str().unwrap().to_string();
+    // Every file of a volume directory, under its own name, a symbolic link or a hard link.
+    std::os::unix::fs::symlink(&origin, sb.path("link-to-origin")).unwrap();
+    std::fs::hard_link(v_dir.join("store-0.snap"), sb.path("hard-to-store")).unwrap();
+    let before: Vec<(String, Vec<u8>)> = listing(&v_dir)
+        .into_iter()
+        .map(|name| {
+            let bytes = std::fs::read(v_dir.join(&name)).unwrap();
+            (name, bytes)
+        })
+        .collect();
+    let role = |file: &str| match file {
+        "origin.raw" => "the origin of volume \"v\"",
+        "store-0.snap" => "snapshot store 0 of volume \"v\"",
+        "journal" => "the journal of volume \"v\"",
+        "meta.redb" => "the metadata file of volume \"v\"",
+        "volume.toml" => "the configuration file of volume \"v\"",
+        "lock" => "the lock file of volume \"v\"",
+        other => panic!("unexpected file {other} in the volume directory"),
+    };
+    for (file, _) in &before {
+        let path = v_dir.join(file);
+        let path = path.to_str().unwrap();
+        let why = role(file);
+        sb.fails(
+            &["export", "w", path],
+            1,
+            &format!("refusing to export into {path}: it is {why}"),
+        );
+        sb.fails(
+            &["import", "w", path],
+            1,
+            &format!("refusing to import from {path}: it is {why}"),
+        );
+        sb.fails(
+            &["volume", "create", "x", "--origin", path],
+            1,
+            &format!("refusing to use {path} as the origin of volume \"x\": it is {why}"),
+        );
+        sb.fails(
+            &[
+                "volume",
+                "create",
+                "x",
+                "--size",
+                "1M",
+                "--snapshot-store",
+                path,
+            ],
+            1,
+            &format!("refusing to use {path} as a snapshot store of volume \"x\": it is {why}"),
+        );
+    }
+    let link = sb.arg("link-to-origin");
+    sb.fails(
+        &["export", "w", &link],
+        1,
+        "it is the origin of volume \"v\"",
+    );
+    sb.fails(
+        &["volume", "create", "x", "--origin", &link],
+        1,
+        "it is the origin of volume \"v\"",
+    );
+    let hard = sb.arg("hard-to-store");
+    sb.fails(
+        &["export", "w", &hard],
+        1,
+        "snapshot store 0 of volume \"v\"",
+    );
+    sb.fails(
+        &[
+            "volume",
+            "create",
+            "x",
+            "--size",
+            "1M",
+            "--snapshot-store",
+            &hard,
+        ],
+        1,
+        "snapshot store 0 of volume \"v\"",
+    );
+    // Two volumes never share an origin: a second adoption of an adopted origin is refused.
+    let adopted = sb.write_file("adopted.img", &vec![7u8; MIB]);
+    sb.ok(&["volume", "create", "a", "--origin", &adopted]);
+    sb.fails(
+        &["volume", "create", "b", "--origin", &adopted],
+        1,
+        "it is the origin of volume \"a\"",
+    );
+    // Origin and store of one new volume are not one file under two names.
+    let other = sb.write_file("other.img", &vec![0u8; MIB]);
+    std::os::unix::fs::symlink(&other, sb.path("other-link")).unwrap();
+    sb.fails(
+        &[
+            "volume",
+            "create",
+            "c",
+            "--origin",
+            &other,
+            "--snapshot-store",
+            &sb.arg("other-link"),
+        ],
+        1,
+        "are the same file",
+    );
+    // A FIFO or socket is never opened (the open of a FIFO would wait for a peer).
+    let fifo = sb.path("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let fifo = sb.arg("fifo");
+    sb.fails(&["export", "w", &fifo], 1, "it is a FIFO");
+    sb.fails(&["import", "w", &fifo], 1, "it is a FIFO");
+    sb.fails(&["volume", "create", "x", "--origin", &fifo], 1, "a FIFO");
+    let _listener = std::os::unix::net::UnixListener::bind(sb.path("sock")).unwrap();
+    sb.fails(&["export", "w", &sb.arg("sock")], 1, "it is a socket");
+
+    // Nothing changed (v was not opened since): every file of v is as it was, and every
+    // volume still opens.
+    for (name, bytes) in &before {
+        let now = std::fs::read(v_dir.join(name)).unwrap();
+        assert!(now == *bytes, "{name} changed");
+    }
+    assert!(!sb.volume_dir("x").exists());
+    assert_same(&sb.export("v"), &img, "v");
+    assert_same(&sb.export("v@keep"), &img, "v@keep");
+    assert!(sb.ok(&["volume", "list"]).contains("adopted.img"));
+    let check = sb.ok(&["check"]);
+    for vol in ["a", "v", "w"] {
+        assert!(check.contains(&format!("{vol}: ok")), "{check}");
+    }
+}
+
+#[test]
+fn files_are_private_whatever_the_umask() {
+    let sb = Sandbox::new();
+    let run = |args: &[&str]| {
+        let out = umask_000(
+            snapvol_command(sb.tmp.path())
+                .arg("--data-dir")
+                .arg(&sb.data)
+                .args(args),
+        )
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{}", describe(args, &out));
+    };
+    run(&["volume", "create", "v", "--size", "1M"]);
+    let new_origin = sb.arg("new-origin.img");
+    let new_store = sb.arg("new-store.snap");
+    run(&[
+        "volume",
+        "create",
+        "w",
+        "--size",
+        "1M",
+        "--origin",
+        &new_origin,
+        "--snapshot-store",
+        &new_store,
+    ]);
+    run(&["snapshot", "create", "v@s"]);
+    run(&["export", "v@s", &sb.arg("exported.img")]);
+    for dir in [sb.data.clone(), sb.data.join("volumes"), sb.volume_dir("v")] {
+        assert_eq!(mode_of(&dir), 0o700, "{}", dir.display());
+    }
+    let mut files: Vec<PathBuf> = ["v", "w"]
+        .iter()
+        .flat_map(|v| {
+            listing(&sb.volume_dir(v))
+                .into_iter()
+                .map(|f| sb.volume_dir(v).join(f))
+        })
+        .collect();
+    files.extend(["new-origin.img", "new-store.snap", "exported.img"].map(|f| sb.path(f)));
+    assert!(files.len() >= 12, "{files:?}");
+    for file in files {
+        assert_eq!(mode_of(&file), 0o600, "{}", file.display());
+    }
+}
+
+#[test]
+fn loose_permissions_on_what_the_daemon_trusts_are_refused() {
+    let sb = Sandbox::new();
+    sb.ok(&["volume", "create", "v", "--size", "1M"]);
+    let toml = sb.volume_dir("v").join("volume.toml");
+    let shown = toml.display().to_string();
+    let chmod = |path: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    chmod(&toml, 0o666);
+    sb.fails(
+        &["volume", "info", "v"],
+        1,
+        &format!("refusing to use {shown}: writable by others (mode 0666); chmod 600 it"),
+    );
+    chmod(&toml, 0o620);
+    sb.fails(
+        &["snapshot", "create", "v@s"],
+        1,
+        "writable by its group (mode 0620)",
+    );
+    chmod(&toml, 0o644);
+    sb.ok(&["volume", "info", "v"]);
+    // Owned by another user (not root); only root can give a file away.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(&toml, Some(1000), None).unwrap();
+        sb.fails(&["volume", "info", "v"], 1, "owned by uid 1000");
+        std::os::unix::fs::chown(&toml, Some(0), None).unwrap();
+    }
+    chmod(&sb.volume_dir("v"), 0o777);
+    sb.fails(
+        &["volume", "list"],
+        1,
+        &format!(
+            "refusing to use {}: writable by others (mode 0777); chmod 700 it",
+            sb.volume_dir("v").display()
+        ),
+    );
+    chmod(&sb.volume_dir("v"), 0o700);
+    chmod(&sb.data, 0o775);
+    sb.fails(&["volume", "list"], 1, "writable by its group (mode 0775)");
+    chmod(&sb.data, 0o755);
+    sb.ok(&["volume", "info", "v"]);
+}

@@ -927,3 +927,259 @@ fn connections_beyond_the_limit_are_closed() {
     let log = daemon.stop();
     assert!(log.contains("connection limit reached"), "{log}");
 }
+
+#[test]
+fn slow_control_clients_are_cut_off_and_others_told_busy() {
+    const REQUEST_TIMEOUT_MS: u64 = 3000;
+    const CONTROL_REQUESTS_MAX: usize = 16;
+    let sb = Sandbox::new();
+    sb.ok(&["volume", "create", "v", "--size", "1M"]);
+    let timeout = REQUEST_TIMEOUT_MS.to_string();
+    let daemon = sb.serve(&[
+        "--socket",
+        sb.path("nbd.sock").to_str().expect("utf-8"),
+        "--control-request-timeout-ms",
+        &timeout,
+    ]);
+    let control = sb.data().join("control.sock");
+    let started = Instant::now();
+    // Every control thread held by a client that sends its request a byte at a time.
+    let slow: Vec<std::thread::JoinHandle<String>> = (0..CONTROL_REQUESTS_MAX)
+        .map(|_| {
+            let mut s = UnixStream::connect(&control).expect("connect");
+            s.write_all(b"{").expect("first byte");
+            std::thread::spawn(move || {
+                let mut reply = String::new();
+                for _ in 0..100 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if s.write_all(b" ").is_err() {
+                        break;
+                    }
+                }
+                let _ = s.read_to_string(&mut reply);
+                reply
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // One more: answered at once, and the CLI says so in one error line.
+    let err = sb.fails(
+        &["volume", "list"],
+        &format!("busy: {CONTROL_REQUESTS_MAX} control requests in flight"),
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(REQUEST_TIMEOUT_MS),
+        "{err}"
+    );
+    // The slow clients are cut off at the deadline of their whole request (not one per
+    // read, which a byte every 200 ms would renew forever), with a reply saying why.
+    for client in slow {
+        let reply = client.join().expect("client");
+        assert!(reply.contains("timed out reading the request"), "{reply:?}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(REQUEST_TIMEOUT_MS) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    assert!(sb.ok(&["volume", "list"]).contains("origin.raw"));
+    let log = daemon.stop();
+    assert!(log.contains("too many in flight"), "{log}");
+}
+
+/// Runs `snapvol --data-dir data ARGS...` in the sandbox; fails the test if it has not
+/// ended within 20 s (a command blocked in the daemon).
+fn snapvol_within_20s(sb: &Sandbox, args: &[&str]) -> Output {
+    let mut child = snapvol_command(sb.root())
+        .args(["--data-dir", "data"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run snapvol");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("snapvol {} still running after 20 s", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn the_data_directorys_own_files_are_refused_through_the_daemon_too() {
+    let (_direct, served, daemon) = run_both_ways(
+        &[
+            &["volume", "create", "v2", "--size", "1M"],
+            &["volume", "create", "v3", "--size", "1M"],
+            &["snapshot", "create", "v3@keep"],
+            &["volume", "create", "v4", "--size", "1M"],
+        ],
+        &[("data.img", &image(MIB, 5))],
+        &[
+            (&["import", "v4", "data.img"], 0),
+            (&["export", "v4", "data/volumes/v3/origin.raw"], 1),
+            (&["export", "v4@keep", "data/volumes/v3/store-0.snap"], 1),
+            (&["import", "v4", "data/volumes/v3/journal"], 1),
+            (&["import", "v4", "data/volumes/v2/meta.redb"], 1),
+            (
+                &[
+                    "volume",
+                    "create",
+                    "v5",
+                    "--origin",
+                    "data/volumes/v2/origin.raw",
+                ],
+                1,
+            ),
+            (
+                &[
+                    "volume",
+                    "create",
+                    "v5",
+                    "--size",
+                    "1M",
+                    "--snapshot-store",
+                    "data/volumes/v3/store-0.snap",
+                ],
+                1,
+            ),
+            (&["volume", "create", "v6", "--origin", "data.img"], 0),
+            (&["volume", "create", "v7", "--origin", "data.img"], 1),
+            (&["volume", "list"], 0),
+            (&["export", "v3@keep", "keep.img"], 0),
+        ],
+    );
+    let err = served.fails(
+        &["export", "v4", "data/volumes/v3/origin.raw"],
+        "refusing to export into data/volumes/v3/origin.raw: it is the origin of volume \"v3\"",
+    );
+    assert!(!err.contains("v4@"), "{err}");
+    served.fails(
+        &[
+            "volume",
+            "create",
+            "v5",
+            "--origin",
+            "data/volumes/v2/origin.raw",
+        ],
+        "it is the origin of volume \"v2\"",
+    );
+    served.fails(
+        &["volume", "create", "v7", "--origin", "data.img"],
+        "it is the origin of volume \"v6\"",
+    );
+    assert_same(&served.read_file("keep.img"), &vec![0u8; MIB], "v3@keep");
+    daemon.stop();
+}
+
+#[test]
+fn exports_to_a_fifo_or_socket_are_refused_without_blocking() {
+    let (sb, daemon, _img) = served_volume();
+    let fifo = sb.path("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    for args in [["export", "v", "fifo"], ["import", "v", "fifo"]] {
+        let out = snapvol_within_20s(&sb, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && stderr.contains(": it is a FIFO"),
+            "{}",
+            describe(&args, &out)
+        );
+    }
+    let _listener = std::os::unix::net::UnixListener::bind(sb.path("sock")).expect("bind");
+    let args = ["export", "v@s", "sock"];
+    let out = snapvol_within_20s(&sb, &args);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("refusing to export into sock: it is a socket"),
+        "{}",
+        describe(&args, &out)
+    );
+    // The daemon is still free: the next command runs at once.
+    sb.ok(&["export", "v@s", "s.img"]);
+    daemon.stop();
+}
+
+/// Runs `cmd`'s child under umask 000, so that any mode the binary leaves to the umask
+/// shows as world-writable.
+fn umask_000(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        })
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn sockets_and_files_are_private_whatever_the_umask() {
+    let sb = Sandbox::new();
+    let start = |extra: &[&str]| {
+        let mut cmd = snapvol_command(sb.root());
+        cmd.args(["--data-dir", "data", "serve", "--socket", "nbd.sock"])
+            .args(extra);
+        umask_000(&mut cmd);
+        Daemon::start(cmd, sb.path(&format!("serve-{}.log", unique())))
+    };
+    let daemon = start(&[]);
+    sb.ok(&["volume", "create", "v", "--size", "1M"]);
+    sb.ok(&["export", "v", "out.img"]);
+    for dir in [
+        "data",
+        "data/volumes",
+        "data/volumes/default",
+        "data/volumes/v",
+    ] {
+        assert_eq!(mode_of(&sb.path(dir)), 0o700, "{dir}");
+    }
+    for file in [
+        "nbd.sock",
+        "data/control.sock",
+        "data/daemon.lock",
+        "out.img",
+    ] {
+        assert_eq!(mode_of(&sb.path(file)), 0o600, "{file}");
+    }
+    for vol in ["default", "v"] {
+        let dir = sb.path(&format!("data/volumes/{vol}"));
+        for entry in std::fs::read_dir(&dir).expect("list") {
+            let path = entry.expect("entry").path();
+            assert_eq!(mode_of(&path), 0o600, "{}", path.display());
+        }
+    }
+    daemon.stop();
+    // Wider access only when asked for, to a group.
+    let daemon = start(&["--socket-mode", "660", "--socket-group", "daemon"]);
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(sb.path("nbd.sock")).expect("stat");
+    assert_eq!(meta.mode() & 0o7777, 0o660);
+    assert_eq!(meta.gid(), 1, "group daemon");
+    assert_eq!(mode_of(&sb.path("data/control.sock")), 0o600);
+    daemon.stop();
+    for (args, needle) in [
+        (["--socket-mode", "999"], "invalid --socket-mode"),
+        (
+            ["--socket-group", "no-such-group"],
+            "invalid --socket-group",
+        ),
+    ] {
+        let mut all = vec!["serve", "--socket", "nbd.sock"];
+        all.extend(args);
+        sb.fails(&all, needle);
+    }
+}

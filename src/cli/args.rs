@@ -86,7 +86,8 @@ pub enum Command {
     Import {
         #[arg(value_name = "VOL")]
         volume: String,
-        /// Raw image; must not be larger than the volume.
+        /// Raw image; must not be larger than the volume. Never a FIFO, a socket or a file
+        /// of the data directory.
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
@@ -94,7 +95,8 @@ pub enum Command {
     Export {
         #[arg(value_name = "VOL[@SNAP]")]
         target: String,
-        /// Created or truncated.
+        /// Created (mode 0600) or truncated; a block device is written in place. Never a
+        /// FIFO, a socket or a file of the data directory.
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
@@ -142,6 +144,18 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub max_connections: u32,
+    /// Permissions of the --socket files, in octal (default 600: only the daemon's user
+    /// and root may connect). Set whatever the umask.
+    #[arg(long, value_name = "MODE", requires = "sockets")]
+    pub socket_mode: Option<String>,
+    /// Group (name or number) of the --socket files, e.g. with --socket-mode 660 to let
+    /// that group's members connect.
+    #[arg(long, value_name = "GROUP", requires = "sockets")]
+    pub socket_group: Option<String>,
+    /// Milliseconds a control client has to send its whole request (default 10000). For
+    /// tests, which need not wait 10 s to see a slow client cut off.
+    #[arg(long, value_name = "MS", hide = true)]
+    pub control_request_timeout_ms: Option<u64>,
     /// Create volume `default` with this size if it does not exist (without this option
     /// it is created, 1 GiB, only when there are no volumes at all).
     #[arg(long, value_name = "SIZE")]
@@ -187,7 +201,8 @@ pub struct VolumeCreateArgs {
     /// Chunk size: the unit of copy-on-write (power of two, 4K..1M).
     #[arg(long, value_name = "SIZE")]
     pub chunk_size: Option<String>,
-    /// Adopt this raw image or block device as the volume's data, in place.
+    /// Adopt this raw image or block device as the volume's data, in place (never one
+    /// another volume uses, nor any file of the data directory).
     #[arg(long, value_name = "PATH")]
     pub origin: Option<PathBuf>,
     /// Where preserved chunks go (repeat for several stores); default: one file in the

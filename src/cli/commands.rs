@@ -473,6 +473,7 @@ pub fn import(ctx: &mut Ctx, volume: &str, file: &Path) -> Result<()> {
         shown: file,
         progress: ctx.progress,
         cancelled: &cancelled,
+        data_dir: ctx.volumes.data_dir(),
     };
     let n = with_volume(ctx.volumes, &vol, |v| transfer::import(v, &path, &how))?;
     writeln!(
@@ -491,6 +492,7 @@ pub fn export(ctx: &mut Ctx, target: &str, file: &Path) -> Result<()> {
         shown: file,
         progress: ctx.progress,
         cancelled: &cancelled,
+        data_dir: ctx.volumes.data_dir(),
     };
     let n = with_volume(ctx.volumes, &vol, |v| {
         transfer::export(v, snap.as_deref(), &path, &how)

@@ -87,6 +87,20 @@ fn options(args: &ServeArgs) -> Result<Options> {
         max_connections: args.max_connections as usize,
         ..Options::default()
     };
+    if let Some(text) = &args.socket_mode {
+        options.unix_access.mode = match u32::from_str_radix(text, 8) {
+            Ok(mode) if mode <= 0o777 => mode,
+            _ => bail!("invalid --socket-mode {text:?}: expected octal permissions such as 660"),
+        };
+    }
+    if let Some(name) = &args.socket_group {
+        let gid = snapvol::daemon::group_id(name)
+            .with_context(|| format!("invalid --socket-group {name:?}"))?;
+        options.unix_access.group = Some(gid);
+    }
+    if let Some(ms) = args.control_request_timeout_ms {
+        options.control_request_timeout = std::time::Duration::from_millis(ms);
+    }
     for text in &args.listen {
         let addrs: Vec<SocketAddr> = text
             .to_socket_addrs()

@@ -2,10 +2,12 @@
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use snapvol::Volume;
+use snapvol::io::fs::{FileId, make_private, unusable_kind};
+use snapvol::{DataDir, Volume};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Transfer unit.
@@ -19,6 +21,9 @@ pub struct How<'a> {
     pub progress: bool,
     /// Checked before each block: true stops the transfer with an error.
     pub cancelled: &'a dyn Fn() -> bool,
+    /// The data directory whose own files (origins, stores, journals, ...) are never
+    /// read or written as the user's file.
+    pub data_dir: &'a DataDir,
 }
 
 impl How<'_> {
@@ -52,14 +57,62 @@ fn file_len(file: &mut File) -> std::io::Result<u64> {
     Ok(len)
 }
 
+/// Clears `O_NONBLOCK` again after an open that must not block (see [`open_checked`]).
+fn clear_nonblocking(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(F_GETFL) on a descriptor `file` keeps open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above; F_SETFL takes the flags as a plain integer.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Refuses what import and export never use: a FIFO or socket (whose open could block a
+/// daemon thread forever, or that is not a disk image), a directory, and any file of the
+/// data directory (a volume's origin, store, journal, ...). `what` is e.g.
+/// `export into x.img`.
+fn refuse(meta: &std::fs::Metadata, what: &str, how: &How) -> Result<()> {
+    let t = meta.file_type();
+    if t.is_fifo() || t.is_socket() || t.is_dir() {
+        let kind = unusable_kind(meta).unwrap_or("not a file");
+        bail!("refusing to {what}: it is {kind}");
+    }
+    how.data_dir
+        .refuse_own_file(FileId::of(meta), || what.to_string())?;
+    Ok(())
+}
+
+/// Opens the user's image file with `opts`, without blocking in the open (`O_NONBLOCK`,
+/// cleared again after) and checking the opened file itself (not only its path, which
+/// may change in between) with [`refuse`].
+fn open_checked(path: &Path, opts: &mut OpenOptions, what: &str, how: &How) -> Result<File> {
+    let shown = how.shown.display();
+    // The path first: a FIFO is refused before any open.
+    if let Ok(meta) = std::fs::metadata(path) {
+        refuse(&meta, what, how)?;
+    }
+    let f = opts
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot open {shown}"))?;
+    let meta = f
+        .metadata()
+        .with_context(|| format!("cannot inspect {shown}"))?;
+    refuse(&meta, what, how)?;
+    clear_nonblocking(&f).with_context(|| format!("cannot open {shown}"))?;
+    Ok(f)
+}
+
 /// Writes `file` into `vol` from offset 0; returns the number of bytes read from the file.
 pub fn import(vol: &Volume, file: &Path, how: &How) -> Result<u64> {
     let shown = how.shown.display();
-    let meta = std::fs::metadata(file).with_context(|| format!("cannot open {shown}"))?;
-    if meta.is_dir() {
-        bail!("cannot import {shown}: it is a directory");
-    }
-    let mut f = File::open(file).with_context(|| format!("cannot open {shown}"))?;
+    let what = format!("import from {shown}");
+    let mut f = open_checked(file, OpenOptions::new().read(true), &what, how)?;
     let len = file_len(&mut f).with_context(|| format!("cannot read the size of {shown}"))?;
     let vol_size = vol.size_bytes();
     if len > vol_size {
@@ -100,14 +153,37 @@ pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, how: &How) -> R
         }
         .into());
     }
-    // A block device keeps its size and old contents: write every block, never truncate.
-    let is_device = std::fs::metadata(file).is_ok_and(|m| m.file_type().is_block_device());
-    let mut f = OpenOptions::new()
+    let what = format!("export into {shown}");
+    // A new file is the daemon's: private whatever the umask. An existing one keeps its
+    // mode, and is truncated only once it is known not to be one of the data directory's.
+    let created = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(!is_device)
-        .open(file)
-        .with_context(|| format!("cannot create {shown}"))?;
+        .create_new(true)
+        .mode(snapvol::io::fs::PRIVATE_FILE_MODE)
+        .open(file);
+    let mut f = match created {
+        Ok(f) => {
+            make_private(&f).with_context(|| format!("cannot create {shown}"))?;
+            f
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open_checked(
+            file,
+            OpenOptions::new().write(true).create(true),
+            &what,
+            how,
+        )?,
+        Err(e) => return Err(e).with_context(|| format!("cannot create {shown}")),
+    };
+    // A block device keeps its size and old contents: write every block, never truncate.
+    let is_device = f
+        .metadata()
+        .with_context(|| format!("cannot inspect {shown}"))?
+        .file_type()
+        .is_block_device();
+    if !is_device {
+        f.set_len(0)
+            .with_context(|| format!("cannot truncate {shown}"))?;
+    }
     if is_device {
         let dev_len =
             file_len(&mut f).with_context(|| format!("cannot read the size of {shown}"))?;

@@ -15,16 +15,20 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The control socket's file name in the data directory.
 pub const SOCKET_NAME: &str = "control.sock";
 /// Largest request accepted.
 pub const REQUEST_BYTES_MAX: usize = 1 << 20;
-/// How long the daemon waits for a client to send its request.
+/// How long the daemon waits for a client's whole request, from its connection on (one
+/// deadline, not a timeout per read: a client sending a byte now and then is cut off too).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the daemon waits for a client to take its reply.
+/// How long the daemon waits for a client to take its whole reply.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most bytes of a refused request read (and dropped) before the refusal is sent, so that
+/// closing the connection does not reset it under the client.
+pub const REFUSED_DRAIN_BYTES_MAX: usize = 64 << 10;
 
 /// The control socket of the data directory `data_dir`.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -57,14 +61,23 @@ impl Reply {
 }
 
 /// Sends `request` over a connected control socket and waits (without a time limit: the
-/// command may be a long import) for the reply.
+/// command may be a long import) for the reply. A daemon that refuses the request (busy)
+/// may reply and close before reading it: a complete reply wins over a failed send.
 pub fn call(mut stream: UnixStream, request: &Request) -> io::Result<Reply> {
     let mut bytes = serde_json::to_vec(request)?;
     bytes.push(b'\n');
-    stream.write_all(&bytes)?;
-    stream.shutdown(std::net::Shutdown::Write)?;
+    let sent = stream
+        .write_all(&bytes)
+        .and_then(|()| stream.shutdown(std::net::Shutdown::Write));
     let mut reply = Vec::new();
-    stream.read_to_end(&mut reply)?;
+    let received = stream.read_to_end(&mut reply);
+    if !reply.is_empty()
+        && let Ok(reply) = serde_json::from_slice::<Reply>(&reply)
+    {
+        return Ok(reply);
+    }
+    sent?;
+    received?;
     if reply.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -79,13 +92,23 @@ pub fn call(mut stream: UnixStream, request: &Request) -> io::Result<Reply> {
     })
 }
 
-/// Reads one request: up to a newline or the end of the stream. `Ok(None)` for a probe
-/// (nothing sent).
-pub fn read_request(stream: &mut UnixStream) -> io::Result<Option<Request>> {
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+/// The time left until `deadline`, or a `TimedOut` error saying `what` took too long.
+fn time_left(deadline: Instant, what: &str) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, what.to_string()));
+    }
+    Ok(left)
+}
+
+/// Reads one request: up to a newline or the end of the stream, all of it before
+/// `deadline`. `Ok(None)` for a probe (nothing sent).
+pub fn read_request(stream: &mut UnixStream, deadline: Instant) -> io::Result<Option<Request>> {
+    const TIMED_OUT: &str = "timed out reading the request";
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
+        stream.set_read_timeout(Some(time_left(deadline, TIMED_OUT)?))?;
         let n = match stream.read(&mut chunk) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -95,10 +118,7 @@ pub fn read_request(stream: &mut UnixStream) -> io::Result<Option<Request>> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no complete request within {} s", REQUEST_TIMEOUT.as_secs()),
-                ));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, TIMED_OUT));
             }
             Err(e) => return Err(e),
         };
@@ -138,13 +158,50 @@ pub fn read_request(stream: &mut UnixStream) -> io::Result<Option<Request>> {
     Ok(Some(request))
 }
 
-/// Sends `reply` and closes the connection.
-pub fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
-    stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+/// Sends `reply`, all of it before `deadline`, and ends the connection's write side.
+pub fn write_reply(stream: &mut UnixStream, reply: &Reply, deadline: Instant) -> io::Result<()> {
+    const TIMED_OUT: &str = "timed out writing the reply";
     let mut bytes = serde_json::to_vec(reply)?;
     bytes.push(b'\n');
-    stream.write_all(&bytes)?;
-    stream.flush()
+    let mut done = 0;
+    while done < bytes.len() {
+        stream.set_write_timeout(Some(time_left(deadline, TIMED_OUT)?))?;
+        match stream.write(&bytes[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, TIMED_OUT));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    stream.shutdown(std::net::Shutdown::Write)
+}
+
+/// Answers a connection whose request will not run (the daemon is busy) without blocking:
+/// what the client has sent so far is read and dropped (at most
+/// [`REFUSED_DRAIN_BYTES_MAX`]), so that closing does not reset the connection under the
+/// reply, then the reply goes out. The reply is small: it fits the empty socket buffer.
+pub fn refuse(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+    stream.set_nonblocking(true)?;
+    let mut chunk = [0u8; 8192];
+    let mut drained = 0;
+    while drained < REFUSED_DRAIN_BYTES_MAX {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    // Non-blocking: a deadline of now would refuse to start, so allow a moment.
+    write_reply(stream, reply, Instant::now() + Duration::from_secs(1))
 }
 
 #[cfg(test)]
@@ -159,7 +216,7 @@ mod tests {
             let _ = b.shutdown(std::net::Shutdown::Write);
             b
         });
-        let r = read_request(&mut a);
+        let r = read_request(&mut a, Instant::now() + REQUEST_TIMEOUT);
         drop(t.join());
         r
     }
@@ -192,21 +249,64 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             drop(b);
         });
-        assert_eq!(read_request(&mut a).unwrap(), None);
+        assert_eq!(
+            read_request(&mut a, Instant::now() + REQUEST_TIMEOUT).unwrap(),
+            None
+        );
         t.join().unwrap();
+    }
+
+    #[test]
+    fn one_deadline_for_the_whole_request() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        // A byte every 20 ms would renew a timeout per read forever.
+        let t = std::thread::spawn(move || {
+            for _ in 0..100 {
+                if b.write_all(b" ").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let started = Instant::now();
+        let err = read_request(&mut a, started + Duration::from_millis(200)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            err.to_string().contains("timed out reading the request"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(a);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_refusal_reaches_a_client_whose_request_was_not_read() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        // The refusal goes out, and the connection closes, before the request is sent.
+        refuse(&mut b, &Reply::error("busy: 16 control requests in flight")).unwrap();
+        drop(b);
+        let request = Request {
+            argv: vec!["x".repeat(REFUSED_DRAIN_BYTES_MAX)],
+            cwd: "/".into(),
+        };
+        let reply = call(a, &request).unwrap();
+        assert_eq!(reply.exit, 1);
+        assert!(reply.stderr.contains("busy: 16"), "{reply:?}");
     }
 
     #[test]
     fn call_gets_the_reply() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || {
-            let req = read_request(&mut b).unwrap().unwrap();
+            let deadline = Instant::now() + REQUEST_TIMEOUT;
+            let req = read_request(&mut b, deadline).unwrap().unwrap();
             let reply = Reply {
                 exit: 3,
                 stdout: req.argv.join(" "),
                 stderr: String::new(),
             };
-            write_reply(&mut b, &reply).unwrap();
+            write_reply(&mut b, &reply, deadline).unwrap();
         });
         let reply = call(
             a,

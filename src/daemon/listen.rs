@@ -65,8 +65,13 @@ impl Drop for SocketFile {
 }
 
 /// Binds a unix socket at `path`, replacing a stale socket file; refuses when a server
-/// answers there or the path is something else. `mode` sets the file's permissions.
-pub fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<(UnixListener, SocketFile)> {
+/// answers there or the path is something else. The file gets `access`'s mode and group
+/// before it appears at `path` (it is bound under a temporary name beside it, set up, then
+/// linked to `path`), so no one else can connect in between, whatever the umask.
+pub fn bind_unix(
+    path: &Path,
+    access: super::SocketAccess,
+) -> io::Result<(UnixListener, SocketFile)> {
     match probe(path) {
         Probe::Absent => {}
         Probe::Stale => {
@@ -87,18 +92,68 @@ pub fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<(UnixListener, So
         }
         Probe::Unreachable(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
+    let tmp = temporary_name(path);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    // A link, not a rename: whatever appeared at `path` since the probe is not replaced.
+    let set_up = set_access(&tmp, access).and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    set_up?;
     let meta = std::fs::symlink_metadata(path)?;
     let file = SocketFile {
         path: path.to_path_buf(),
         dev: meta.dev(),
         ino: meta.ino(),
     };
-    if let Some(mode) = mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    }
     listener.set_nonblocking(true)?;
     Ok((listener, file))
+}
+
+/// A short name beside `path`, unique in this process, to bind a socket under before it
+/// is ready to be found (socket addresses are limited to 107 bytes).
+fn temporary_name(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".sv{}-{n}", std::process::id()))
+}
+
+fn set_access(path: &Path, access: super::SocketAccess) -> io::Result<()> {
+    if let Some(gid) = access.group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))
+}
+
+/// The id of group `name` (a name from the group database, or a number).
+pub fn group_id(name: &str) -> io::Result<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let not_found = || io::Error::new(io::ErrorKind::NotFound, format!("no group {name:?}"));
+    let c_name = std::ffi::CString::new(name).map_err(|_| not_found())?;
+    let mut buf = vec![0u8; 16 << 10];
+    // SAFETY: an all-zero `group` is a valid value of this plain C struct.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: `c_name` is NUL-terminated, `group`
+    // and `result` are writable, `buf` is writable for `buf.len()` bytes.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr().cast::<libc::c_char>(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if result.is_null() {
+        return Err(not_found());
+    }
+    Ok(group.gr_gid)
 }
 
 /// A listening NBD socket.
@@ -233,31 +288,39 @@ pub fn poll_readable(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> 
 
 #[cfg(test)]
 mod tests {
+    use super::super::SocketAccess;
     use super::*;
+
+    #[test]
+    fn group_names_and_numbers() {
+        assert_eq!(group_id("root").unwrap(), 0);
+        assert_eq!(group_id("4242").unwrap(), 4242);
+        assert!(group_id("no-such-group-here").is_err());
+    }
 
     #[test]
     fn stale_socket_is_replaced_live_one_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         assert!(matches!(probe(&path), Probe::Absent));
-        let (l, f) = bind_unix(&path, Some(0o600)).unwrap();
+        let (l, f) = bind_unix(&path, SocketAccess::default()).unwrap();
         assert!(matches!(probe(&path), Probe::Answers));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let err = bind_unix(&path, None).unwrap_err();
+        let err = bind_unix(&path, SocketAccess::default()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
         // Closing the listener without removing the file leaves a stale socket.
         drop(l);
         std::mem::forget(f);
         assert!(matches!(probe(&path), Probe::Stale));
-        let (l2, f2) = bind_unix(&path, None).unwrap();
+        let (l2, f2) = bind_unix(&path, SocketAccess::default()).unwrap();
         assert!(matches!(probe(&path), Probe::Answers));
         drop(l2);
         drop(f2);
         assert!(!path.exists(), "socket file removed on drop");
         std::fs::write(&path, b"x").unwrap();
         assert!(matches!(probe(&path), Probe::NotASocket));
-        assert!(bind_unix(&path, None).is_err());
+        assert!(bind_unix(&path, SocketAccess::default()).is_err());
         assert!(path.exists(), "a regular file is never removed");
     }
 
@@ -265,10 +328,10 @@ mod tests {
     fn replaced_socket_file_is_not_removed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
-        let (l, f) = bind_unix(&path, None).unwrap();
+        let (l, f) = bind_unix(&path, SocketAccess::default()).unwrap();
         drop(l);
         std::fs::remove_file(&path).unwrap();
-        let (l2, f2) = bind_unix(&path, None).unwrap();
+        let (l2, f2) = bind_unix(&path, SocketAccess::default()).unwrap();
         // Same inode number or not, a file another server answers on stays.
         drop(f);
         assert!(path.exists(), "someone else's socket file stays");

@@ -20,7 +20,7 @@
 pub mod control;
 mod listen;
 
-pub use listen::{Probe, probe};
+pub use listen::{Probe, group_id, probe};
 
 use crate::registry::Registry;
 use listen::{Listener, Socket, SocketFile};
@@ -61,6 +61,28 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
     move |source| DaemonError::Io { context, source }
 }
 
+/// Control requests in flight at once by default; more are answered "busy".
+pub const CONTROL_REQUESTS_MAX: usize = 16;
+
+/// Who may connect to a unix socket: its file's mode and group, set whatever the umask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits (at most 0o777).
+    pub mode: u32,
+    /// Group id to give the file; `None` keeps the daemon's.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    /// Only the daemon's user (and root).
+    fn default() -> SocketAccess {
+        SocketAccess {
+            mode: 0o600,
+            group: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     /// TCP addresses to listen on for NBD.
@@ -71,6 +93,12 @@ pub struct Options {
     pub max_connections: usize,
     /// Control requests run at once; more are answered "busy".
     pub control_requests_max: usize,
+    /// How long a control client has to send its whole request (from its connection on).
+    pub control_request_timeout: Duration,
+    /// How long a control client has to take its whole reply.
+    pub control_reply_timeout: Duration,
+    /// Mode and group of the NBD unix sockets ([`Options::unix`]).
+    pub unix_access: SocketAccess,
     /// How long shutdown waits for connections and running commands to finish.
     pub shutdown_grace: Duration,
     /// Limits of each NBD connection.
@@ -83,7 +111,10 @@ impl Default for Options {
             tcp: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT))],
             unix: Vec::new(),
             max_connections: 64,
-            control_requests_max: 16,
+            control_requests_max: CONTROL_REQUESTS_MAX,
+            control_request_timeout: control::REQUEST_TIMEOUT,
+            control_reply_timeout: control::REPLY_TIMEOUT,
+            unix_access: SocketAccess::default(),
             shutdown_grace: Duration::from_secs(30),
             nbd: crate::nbd::ServerConfig::default(),
         }
@@ -317,14 +348,15 @@ impl Daemon {
             );
         }
         for path in &options.unix {
-            let (l, f) = listen::bind_unix(path, None)
+            let (l, f) = listen::bind_unix(path, options.unix_access)
                 .map_err(io_err(format!("cannot listen on {}", path.display())))?;
             listeners.push(Listener::Unix(l, f));
         }
-        let control = listen::bind_unix(&control_path, Some(0o600)).map_err(io_err(format!(
-            "cannot create the control socket {}",
-            control_path.display()
-        )))?;
+        let control =
+            listen::bind_unix(&control_path, SocketAccess::default()).map_err(io_err(format!(
+                "cannot create the control socket {}",
+                control_path.display()
+            )))?;
         let (wake_rx, wake_tx) = UnixStream::pair().map_err(io_err("creating a socket pair"))?;
         for s in [&wake_rx, &wake_tx] {
             s.set_nonblocking(true)
@@ -516,20 +548,18 @@ impl Daemon {
                     return;
                 }
             };
-            if ctl.live() >= self.options.control_requests_max {
+            let in_flight = ctl.live();
+            if in_flight >= self.options.control_requests_max {
                 tracing::warn!(
                     limit = self.options.control_requests_max,
-                    "control request refused: too many running"
+                    "control request refused: too many in flight"
                 );
-                // The reply is small: it fits the empty socket buffer without blocking.
-                let _ = stream.set_nonblocking(true);
-                let _ = control::write_reply(
-                    &mut stream,
-                    &control::Reply::error(&format!(
-                        "the daemon is busy ({} commands running); try again",
-                        self.options.control_requests_max
-                    )),
-                );
+                let busy = control::Reply::error(&format!(
+                    "busy: {in_flight} control requests in flight (the limit); try again"
+                ));
+                if let Err(e) = control::refuse(&mut stream, &busy) {
+                    tracing::debug!(error = %e, "could not send the busy reply");
+                }
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(false) {
@@ -548,12 +578,16 @@ impl Daemon {
             let handler = self.handler.clone();
             let shutdown = shutdown.clone();
             let pool = self.control_pool.clone();
+            let timeouts = ControlTimeouts {
+                request: self.options.control_request_timeout,
+                reply: self.options.control_reply_timeout,
+            };
             let spawned = std::thread::Builder::new()
                 .name(format!("control-{id}"))
                 .spawn(move || {
                     let mut job = Some(job);
                     while let Some((stream, leave)) = job.take() {
-                        serve_control(stream, &handler, &registry, &shutdown);
+                        serve_control(stream, &handler, &registry, &shutdown, timeouts);
                         drop(leave);
                         job = pool.next();
                     }
@@ -638,17 +672,33 @@ fn accept_failed(what: &str, e: &io::Error) {
     }
 }
 
+/// The time limits of one control request.
+#[derive(Debug, Clone, Copy)]
+struct ControlTimeouts {
+    /// For the whole request, from when its thread takes it.
+    request: Duration,
+    /// For the whole reply, from when it is ready.
+    reply: Duration,
+}
+
+/// Serves one control connection: reads the request (all of it within
+/// `timeouts.request`), runs it, writes the reply (all of it within `timeouts.reply`).
+/// The command itself has no time limit (an import may take hours); nothing in it waits
+/// for the client (files are opened so that no open blocks), and it stops early at
+/// shutdown.
 fn serve_control(
     mut stream: UnixStream,
     handler: &Handler,
     registry: &Arc<Registry>,
     shutdown: &AtomicBool,
+    timeouts: ControlTimeouts,
 ) {
+    let request_deadline = Instant::now() + timeouts.request;
     match listen::peer_uid(&stream) {
         Ok(uid) if uid == listen::own_uid() || uid == 0 => {}
         Ok(uid) => {
             tracing::warn!(uid, "control request from another user refused");
-            let _ = control::write_reply(
+            let _ = control::refuse(
                 &mut stream,
                 &control::Reply::error("permission denied: only the daemon's user may use it"),
             );
@@ -659,7 +709,7 @@ fn serve_control(
             return;
         }
     }
-    let request = match control::read_request(&mut stream) {
+    let request = match control::read_request(&mut stream, request_deadline) {
         Ok(Some(r)) => r,
         Ok(None) => {
             tracing::debug!("control probe");
@@ -667,7 +717,7 @@ fn serve_control(
         }
         Err(e) => {
             tracing::warn!(error = %e, "bad control request");
-            let _ = control::write_reply(
+            let _ = control::refuse(
                 &mut stream,
                 &control::Reply::error(&format!("bad control request: {e}")),
             );
@@ -689,7 +739,8 @@ fn serve_control(
         secs = started.elapsed().as_secs_f64(),
         "control request"
     );
-    if let Err(e) = control::write_reply(&mut stream, &reply) {
+    let reply_deadline = Instant::now() + timeouts.reply;
+    if let Err(e) = control::write_reply(&mut stream, &reply, reply_deadline) {
         tracing::warn!(command = %argv, error = %e, "could not send the control reply");
     }
 }

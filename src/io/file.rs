@@ -20,15 +20,34 @@ impl Disk for FileDisk {
         opts.read(true);
         match mode {
             OpenMode::CreateNew => {
-                opts.write(true).create_new(true).mode(0o600);
+                opts.write(true)
+                    .create_new(true)
+                    .mode(super::fs::PRIVATE_FILE_MODE);
             }
             OpenMode::Existing => {
                 opts.write(true);
             }
             OpenMode::ReadOnly => {}
         }
+        // Non-blocking, so that a FIFO (or another file whose open waits for a peer) put
+        // where a volume file belongs cannot hang the open; refused just below.
+        opts.custom_flags(libc::O_NONBLOCK);
         let file = opts.open(path)?;
-        let block_device = file.metadata()?.file_type().is_block_device();
+        let meta = file.metadata()?;
+        if let Some(kind) = super::fs::unusable_kind(&meta) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is {kind}, not a regular file or block device",
+                    path.display()
+                ),
+            ));
+        }
+        clear_nonblocking(&file)?;
+        if mode == OpenMode::CreateNew {
+            super::fs::make_private(&file)?;
+        }
+        let block_device = meta.file_type().is_block_device();
         Ok(Arc::new(FileStorage::new(file, block_device)))
     }
 
@@ -42,8 +61,9 @@ impl Disk for FileDisk {
             .read(true)
             .write(true)
             .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
+            .mode(super::fs::PRIVATE_FILE_MODE)
             .open(dir)?;
+        super::fs::make_private(&file)?;
         Ok(Arc::new(FileStorage::new(file, false)))
     }
 
@@ -53,6 +73,23 @@ impl Disk for FileDisk {
             r => r,
         }
     }
+}
+
+/// Clears `O_NONBLOCK` on an open file.
+pub(crate) fn clear_nonblocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl(F_GETFL) on a descriptor this function's caller keeps open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        // SAFETY: as above; F_SETFL takes the flags as a plain integer.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug)]

@@ -3,9 +3,23 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+/// Mode of every directory snapvol creates (the data directory, volume directories),
+/// whatever the umask.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every file snapvol creates, whatever the umask.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Sets `file`'s mode to [`PRIVATE_FILE_MODE`] (`fchmod`): a file is created with that
+/// mode, but the umask may have taken bits away, and the mode must not depend on it.
+pub fn make_private(file: &File) -> io::Result<()> {
+    file.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+}
+
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync the directory.
+/// The file ends up with mode [`PRIVATE_FILE_MODE`].
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
@@ -13,7 +27,9 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(PRIVATE_FILE_MODE)
             .open(&tmp)?;
+        make_private(&f)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -40,8 +56,118 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-pub fn create_dir_all(dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(dir)
+/// Creates `dir` and its missing parents with mode [`PRIVATE_DIR_MODE`] (set explicitly,
+/// whatever the umask); directories that exist already are left as they are.
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        create_private_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir) {
+        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(PRIVATE_DIR_MODE)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why `path` (a directory or file snapvol trusts: the data directory, a volume directory,
+/// `volume.toml`) must not be used: it is writable by its group or others, or owned by
+/// another user than this process's and root. `None` when it is fine. The path is
+/// followed if it is a symbolic link.
+pub fn untrusted(path: &Path) -> io::Result<Option<String>> {
+    let meta = fs::metadata(path)?;
+    let mode = meta.mode() & 0o7777;
+    let fix = if meta.is_dir() {
+        "chmod 700 it"
+    } else {
+        "chmod 600 it"
+    };
+    if mode & 0o002 != 0 {
+        return Ok(Some(format!("writable by others (mode {mode:04o}); {fix}")));
+    }
+    if mode & 0o020 != 0 {
+        return Ok(Some(format!(
+            "writable by its group (mode {mode:04o}); {fix}"
+        )));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Ok(Some(format!(
+            "owned by uid {}, neither this user (uid {me}) nor root; chown it",
+            meta.uid()
+        )));
+    }
+    Ok(None)
+}
+
+/// Which file a path or an open file is, for telling whether two names are one file:
+/// the device and inode, or for a block device the device it gives access to (two device
+/// nodes of one disk are one file here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileId {
+    Inode { dev: u64, ino: u64 },
+    BlockDevice { rdev: u64 },
+}
+
+impl FileId {
+    pub fn of(meta: &fs::Metadata) -> FileId {
+        if meta.file_type().is_block_device() {
+            FileId::BlockDevice { rdev: meta.rdev() }
+        } else {
+            FileId::Inode {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        }
+    }
+
+    /// The file `path` names (following symbolic links); `None` if there is none.
+    pub fn of_path(path: &Path) -> io::Result<Option<FileId>> {
+        match fs::metadata(path) {
+            Ok(meta) => Ok(Some(FileId::of(&meta))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What kind of file `meta` describes, for messages: `None` for a regular file or a block
+/// device (what snapvol reads and writes), else e.g. `"a FIFO"`.
+pub fn unusable_kind(meta: &fs::Metadata) -> Option<&'static str> {
+    let t = meta.file_type();
+    if t.is_file() || t.is_block_device() {
+        None
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else {
+        Some("not a regular file or block device")
+    }
+}
+
+/// Names of the entries of `dir` that are not directories (files, sockets, links, ...).
+pub fn list_files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_dir()
+            && let Some(n) = entry.file_name().to_str()
+        {
+            names.push(n.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 pub fn remove_dir_all(dir: &Path) -> io::Result<()> {
@@ -82,7 +208,11 @@ pub fn try_lock(path: &Path) -> io::Result<Option<File>> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(PRIVATE_FILE_MODE)
         .open(path)?;
+    if f.metadata()?.mode() & 0o777 != PRIVATE_FILE_MODE {
+        make_private(&f)?;
+    }
     match f.try_lock() {
         Ok(()) => Ok(Some(f)),
         Err(fs::TryLockError::WouldBlock) => Ok(None),

@@ -243,6 +243,21 @@ mod tests {
     }
 
     #[test]
+    fn file_disk_refuses_a_fifo_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Without O_NONBLOCK either open would wait for a peer forever.
+        for mode in [OpenMode::Existing, OpenMode::ReadOnly] {
+            let err = FileDisk.open(&path, mode).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+            assert!(err.to_string().contains("is a FIFO"), "{err}");
+        }
+    }
+
+    #[test]
     fn mem_disk_honours_contract() {
         contract(&MemDisk::default(), Path::new("/mem"));
     }

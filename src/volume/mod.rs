@@ -545,6 +545,10 @@ impl Drop for Volume {
 }
 
 pub(crate) use open::Access;
+pub(crate) use open::{
+    CONFIG_FILE, DEFAULT_ORIGIN_FILE, JOURNAL_FILE, LOCK_FILE, META_FILE, read_config_unchecked,
+    resolve as resolve_path,
+};
 
 /// Checks options and paths for a new volume; creates nothing.
 pub(crate) fn plan_volume(

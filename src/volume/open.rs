@@ -258,7 +258,24 @@ pub(crate) fn plan(
     })
 }
 
+/// Reads `volume.toml` after checking that no one but this user (or root) can have written
+/// it or its directory: its paths decide which files the daemon opens and serves.
 pub(crate) fn read_config(dir: &Path, name: &str) -> Result<VolumeConfig> {
+    for path in [dir.to_path_buf(), dir.join(CONFIG_FILE)] {
+        crate::datadir::check_trusted(&path).map_err(|e| match e {
+            Error::Path { context, source } => Error::Io {
+                volume: name.to_string(),
+                context,
+                source,
+            },
+            e => e,
+        })?;
+    }
+    read_config_unchecked(dir, name)
+}
+
+/// Reads `volume.toml` without the permission check (to learn which files a volume uses).
+pub(crate) fn read_config_unchecked(dir: &Path, name: &str) -> Result<VolumeConfig> {
     let path = dir.join(CONFIG_FILE);
     let bytes = fs::read_small_file(&path, CONFIG_BYTES_MAX).map_err(|source| Error::Io {
         volume: name.to_string(),
