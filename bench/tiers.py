@@ -126,6 +126,10 @@ class TierPeer:
     def snapshot(self, name):
         raise NotImplementedError
 
+    def counters(self):
+        """snapvol's engine counters (None for other servers)."""
+        return None
+
     def fio_env(self):
         return {"BENCH_IOENGINE": "nbd", "BENCH_TARGET": f"uri={self.uri()}",
                 "BENCH_SIZE": str(self.size)}
@@ -156,6 +160,10 @@ class SnapvolTierPeer(TierPeer):
 
     def snapshot(self, name):
         hn.ctl(self.data, ["snapshot", "create", f"v@{name}"])
+
+    def counters(self):
+        import json
+        return json.loads(hn.ctl(self.data, ["volume", "info", "v", "--json"])["stdout"])["counters"]
 
 
 class SnapvolImportPeer(SnapvolTierPeer):
@@ -311,7 +319,11 @@ def run_peer(h, tier, p, rep, image, big):
     fill_s = time.monotonic() - t
     if big:
         drop_caches()
+    c0 = p.counters()
     r = timed_copy(p, image)
+    if c0 is not None:
+        c1 = p.counters()
+        r["snapvol_counters"] = {k: c1[k] - c0[k] for k in c1}
     h.record(phase=tier, workload="identical-rewrite", peer=p.id, rep=rep, fill_s=round(fill_s, 3), **r)
     hn.log(f"{tier} rep {rep} {p.id}: fill {fill_s:.1f}s, identical rewrite {r['seconds']:.2f}s, "
            f"server wrote {r['server_write_bytes'] / hn.MIB:.1f} MiB")
