@@ -112,15 +112,7 @@ pub fn read_request(stream: &mut UnixStream, deadline: Instant) -> io::Result<Op
         let n = match stream.read(&mut chunk) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, TIMED_OUT));
-            }
-            Err(e) => return Err(e),
+            Err(e) => return Err(timeout_as(e, TIMED_OUT)),
         };
         if n == 0 {
             break;
@@ -170,18 +162,21 @@ pub fn write_reply(stream: &mut UnixStream, reply: &Reply, deadline: Instant) ->
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, TIMED_OUT));
-            }
-            Err(e) => return Err(e),
+            Err(e) => return Err(timeout_as(e, TIMED_OUT)),
         }
     }
     stream.shutdown(std::net::Shutdown::Write)
+}
+
+/// A socket timeout (a timed read or write gives `WouldBlock` or `TimedOut`) as `TimedOut`
+/// saying `what`; any other error as it is.
+fn timeout_as(e: io::Error, what: &str) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            io::Error::new(io::ErrorKind::TimedOut, what)
+        }
+        _ => e,
+    }
 }
 
 /// Answers a connection whose request will not run (the daemon is busy) without blocking:
