@@ -84,7 +84,13 @@ impl Committer {
                         && !stop_seen.load(Ordering::Acquire)
                         && v.commit_queued().is_err()
                     {
-                        break; // the volume failed; every later request says so
+                        if v.failure().is_some() {
+                            break; // the volume failed; every later request says so
+                        }
+                        // No space (for held data on the origin, or the journal frame):
+                        // the commit is tried again, after a pause, until there is.
+                        drop(v);
+                        std::thread::sleep(Self::IDLE_WAIT);
                     }
                 }
             });

@@ -208,7 +208,7 @@ impl Storage for FileStorage {
                         Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
                             // No per-write sync here: a write, then a sync of the file.
                             self.file.write_all_at(buf, offset)?;
-                            return self.file.sync_data();
+                            return self.file.sync_data().map_err(super::sync_error);
                         }
                         _ => return Err(e),
                     }

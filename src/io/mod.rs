@@ -37,10 +37,11 @@ pub trait Storage: Send + Sync + Debug {
     fn sync(&self) -> io::Result<()>;
     /// Writes `buf` at `offset` and makes that write durable (what `write_at` then `sync`
     /// guarantee for it; other unsynced writes may stay unsynced). Engines that can do it
-    /// in one step (a write with `RWF_DSYNC`) save a device round trip.
+    /// in one step (a write with `RWF_DSYNC`) save a device round trip. ENOSPC means the
+    /// write found no space; a failed sync reports another error (see `sync_error`).
     fn write_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset)?;
-        self.sync()
+        self.sync().map_err(sync_error)
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
@@ -91,6 +92,17 @@ pub trait Storage: Send + Sync + Debug {
         } else {
             vec![(len, true)]
         })
+    }
+}
+
+/// A failed sync after a write, as `write_at_durable` reports it: ENOSPC there would read
+/// as "no space for the write", which a caller may take as "nothing was lost"; a failed sync
+/// may have lost the write (another error, naming the errno).
+pub fn sync_error(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        io::Error::other(format!("sync after the write failed: {e}"))
+    } else {
+        e
     }
 }
 
