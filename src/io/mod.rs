@@ -22,6 +22,20 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
+/// 1 MiB of zeros to write from, page-aligned. A `pwrite` copies its source page by page;
+/// a source page not mapped yet (this lives in .bss, untouched until first used) is faulted
+/// in between two copies, and a process killed right then leaves the write short. Aligned
+/// on pages, such a short write ends on a page of the source, which is a sector boundary
+/// of a sector-aligned write: never inside a sector (see `FileStorage::write_at`, which
+/// also touches every source page first).
+pub static ZEROS: AlignedZeros<{ 1 << 20 }> = AlignedZeros([0; 1 << 20]);
+
+/// Bytes aligned on a 4 KiB page.
+#[repr(C, align(4096))]
+pub struct AlignedZeros<const N: usize>(pub [u8; N]);
+
+const _: () = assert!(std::mem::align_of::<AlignedZeros<1>>() == 4096);
+
 /// One file or block device.
 ///
 /// Contract (every engine must honour it; tests in `io::tests` check each engine):

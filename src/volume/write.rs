@@ -63,7 +63,8 @@ fn diff_runs(old: &[u8], new: &[u8]) -> DiffRuns {
         .collect()
 }
 
-static ZERO_PIECE: [u8; PIECE_BYTES as usize] = [0u8; PIECE_BYTES as usize];
+/// Zeros for partial pieces, page-aligned (see `io::ZEROS`).
+static ZERO_PIECE: &[u8; PIECE_BYTES as usize] = crate::io::ZEROS.0.first_chunk().unwrap();
 
 /// What a write does to one chunk, decided under the chunk's lock before anything changes.
 struct ChunkPlan {
