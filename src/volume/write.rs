@@ -311,8 +311,20 @@ impl Volume {
             at = part_end;
         }
         let mut reserved = self.reserve_plans(&mut plans, src)?;
-        for plan in plans {
-            self.apply_plan(plan, offset, src, &mut reserved)?;
+        let mut plans = plans.into_iter();
+        for plan in plans.by_ref() {
+            if let Err(e) = self.apply_plan(plan, offset, src, &mut reserved) {
+                // An I/O error: the plans not carried out give their slots back.
+                for plan in plans {
+                    if let Action::Copy {
+                        entry: Some(entry), ..
+                    } = plan.action
+                    {
+                        self.stores.release(entry.store_index, entry.slot_index);
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
