@@ -82,8 +82,17 @@ impl Committer {
                     let Some(v) = weak.upgrade() else { break };
                     let queued = v.wait_for_queued(Self::IDLE_WAIT);
                     v.start_writeback_if_due();
-                    if queued && !stop_seen.load(Ordering::Acquire) && v.commit_queued().is_err() {
-                        break; // the volume failed; every later request says so
+                    if queued
+                        && !stop_seen.load(Ordering::Acquire)
+                        && v.commit_queued().is_err()
+                    {
+                        if v.failure().is_some() {
+                            break; // the volume failed; every later request says so
+                        }
+                        // No space (for held data on the origin, or the journal frame):
+                        // the commit is tried again, after a pause, until there is.
+                        drop(v);
+                        std::thread::sleep(Self::IDLE_WAIT);
                     }
                 }
             });

@@ -493,3 +493,200 @@ fn snapshots_hold_every_write_acknowledged_before_them_with_a_background_committ
         );
     }
 }
+
+/// Issue 13, the data loss: a first write after a snapshot whose new pieces cannot all be
+/// held in the scratch file (its file system full at the second piece) leaves nothing
+/// held (it is refused, or retried whole after a group commit). Before, the pieces written so far stayed held with no
+/// group commit queued for them: later writes to the chunk merged into them and were
+/// acknowledged and read back, but never reached the origin, so a later snapshot, and the
+/// live volume after a restart, read the old data.
+#[test]
+fn a_first_write_whose_scratch_write_fails_holds_nothing_and_later_writes_land() {
+    let f = Fixture::new();
+    let fault = FaultDisk::new(Arc::new(f.mem.clone()));
+    let dd = DataDir::open_with_disk(&f.root, Arc::new(fault.clone())).unwrap();
+    let chunk = 65536usize;
+    dd.create_volume(
+        "v",
+        &CreateOptions {
+            size_bytes: Some(4 * chunk as u64),
+            chunk_size_bytes: Some(chunk as u32),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = dd.open_volume("v").unwrap();
+    v.write(0, &vec![1u8; 4 * chunk]).unwrap();
+    v.flush().unwrap();
+    v.create_snapshot("s1").unwrap();
+    // A first write elsewhere: store and scratch space are reserved ahead from here on,
+    // so the next first write's only writes are its held pieces.
+    v.write(3 * chunk as u64, &[9u8; 4096]).unwrap();
+    fault
+        .plan()
+        .arm(1, libc::ENOSPC, false, IoKind::Write as u8);
+    let result = v.write(0, &[2u8; 16384]);
+    fault.plan().disarm();
+    assert_eq!(
+        fault.plan().injected().len(),
+        1,
+        "the second piece's write failed"
+    );
+    // Refused, or acknowledged by the retry after a group commit: all or nothing.
+    let first = match result {
+        Ok(()) => 2,
+        Err(e) => {
+            assert!(e.is_out_of_space(), "{e}");
+            1
+        }
+    };
+    assert_eq!(v.failure(), None);
+    let mut b = vec![0u8; chunk];
+    v.read(0, &mut b).unwrap();
+    assert!(
+        b[..16384].iter().all(|&x| x == first),
+        "the write landed in part"
+    );
+    assert!(b[16384..].iter().all(|&x| x == 1));
+
+    // The issue's sequence: delete the snapshot, rewrite the chunk, take a new snapshot.
+    v.delete_snapshot("s1").unwrap();
+    v.write(0, &vec![3u8; chunk]).unwrap();
+    v.flush().unwrap();
+    v.create_snapshot("s2").unwrap();
+    v.read_snapshot("s2", 0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 3), "s2 reads old data");
+    v.close().unwrap();
+    let v = dd.open_volume("v").unwrap();
+    v.read(0, &mut b).unwrap();
+    assert!(
+        b.iter().all(|&x| x == 3),
+        "the live volume lost the rewrite"
+    );
+    drop(v);
+    assert!(dd.check_volume("v").unwrap().problems.is_empty());
+}
+
+/// A refused write changes nothing, the whole request and not only its first chunks: a
+/// 1 MiB write after a snapshot needs 16 copies and the store has room for 3 (issue 13: the
+/// first chunks changed before the one that found the store full).
+#[test]
+fn a_write_refused_for_lack_of_space_changes_nothing() {
+    let f = Fixture::new();
+    let chunk = 65536u64;
+    let v = f.create(CreateOptions {
+        size_bytes: Some(32 * chunk),
+        chunk_size_bytes: Some(chunk as u32),
+        store_size_bytes: Some(3 * chunk),
+        ..Default::default()
+    });
+    let before: Vec<u8> = (0..32 * chunk).map(|i| (i % 251) as u8).collect();
+    v.write(0, &before).unwrap();
+    v.create_snapshot("s").unwrap();
+    // One chunk preserved already: a write to it does not need a slot.
+    v.write(4 * chunk + 512, &[7u8; 512]).unwrap();
+    let mut want = before.clone();
+    want[(4 * chunk + 512) as usize..(4 * chunk + 1024) as usize].fill(7);
+    for (offset, len) in [
+        (0, 1 << 20),
+        (3 * chunk + 100, 3 * chunk),
+        (chunk, 4 * chunk),
+    ] {
+        let e = v.write(offset, &vec![5u8; len as usize]).unwrap_err();
+        assert!(
+            matches!(e, Error::StoreFull { .. }),
+            "write of {len} at {offset}: {e}"
+        );
+        assert_eq!(read_all(&v, None), want, "write of {len} at {offset}");
+        let e = v.write_zeroes(offset, len).unwrap_err();
+        assert!(matches!(e, Error::StoreFull { .. }), "{e}");
+        assert_eq!(read_all(&v, None), want, "zeroes of {len} at {offset}");
+    }
+    assert_eq!(v.failure(), None);
+    // No slot was leaked by the refusals: two first writes still fit.
+    v.write(10 * chunk, &[6u8; 4096]).unwrap();
+    v.write(11 * chunk, &[6u8; 4096]).unwrap();
+    want[(10 * chunk) as usize..(10 * chunk + 4096) as usize].fill(6);
+    want[(11 * chunk) as usize..(11 * chunk + 4096) as usize].fill(6);
+    v.flush().unwrap();
+    assert_eq!(read_all(&v, None), want);
+    assert_eq!(read_all(&v, Some("s")), before);
+    drop(v);
+    let v = f.dd().open_volume("v").unwrap();
+    assert_eq!(read_all(&v, None), want);
+    assert_eq!(read_all(&v, Some("s")), before);
+    drop(v);
+    assert!(f.dd().check_volume("v").unwrap().problems.is_empty());
+}
+
+/// ENOSPC writing the journal (a group commit's frame, a snapshot's) or `meta.redb` (a
+/// checkpoint) refuses what needed it and never fails the volume (issue 13); once there is
+/// space the same open volume commits, takes snapshots and checkpoints, and nothing
+/// acknowledged is lost.
+#[test]
+fn enospc_in_the_journal_or_a_checkpoint_never_fails_the_volume() {
+    let f = Fixture::new();
+    let fault = FaultDisk::new(Arc::new(f.mem.clone()));
+    let plan = fault.plan().clone();
+    let mut dd = DataDir::open_with_disk(&f.root, Arc::new(fault)).unwrap();
+    // A checkpoint after every frame.
+    dd.set_open_config(snapvol::volume::OpenConfig {
+        checkpoint_journal_bytes: 1,
+    });
+    dd.create_volume("v", &opts(64 * 1024)).unwrap();
+    let v = dd.open_volume("v").unwrap();
+    v.write(0, &[1u8; 64 * 1024]).unwrap();
+    v.create_snapshot("s1").unwrap();
+    let chunk = |v: &Volume, snap: Option<&str>, i: usize| -> u8 {
+        let all = read_all(v, snap);
+        let c = &all[i * CS as usize..(i + 1) * CS as usize];
+        assert!(c.iter().all(|&b| b == c[0]), "chunk {i} is mixed");
+        c[0]
+    };
+
+    // No space for journal frames.
+    plan.only_paths_containing(Some("journal"));
+    plan.arm(0, libc::ENOSPC, true, IoKind::Write as u8);
+    v.write(0, &[2u8; 4096]).unwrap(); // acknowledged: its commit comes later
+    let e = v.flush().unwrap_err();
+    assert!(e.is_out_of_space(), "{e}");
+    let e = v.create_snapshot("s2").unwrap_err();
+    assert!(e.is_out_of_space(), "{e}");
+    assert!(!plan.injected().is_empty());
+    assert_eq!(v.failure(), None);
+    assert_eq!(chunk(&v, None, 0), 2);
+    plan.disarm();
+    v.flush().unwrap();
+    v.create_snapshot("s2").unwrap();
+
+    // No space for checkpoints: commits and snapshots go on, the journal keeps them.
+    plan.only_paths_containing(Some("meta.redb"));
+    plan.arm(0, libc::ENOSPC, true, IoKind::Write as u8);
+    v.write(2 * CS as u64, &[3u8; 4096]).unwrap();
+    v.flush().unwrap();
+    v.create_snapshot("s3").unwrap();
+    v.write(3 * CS as u64, &[4u8; 4096]).unwrap();
+    v.flush().unwrap();
+    assert!(!plan.injected().is_empty());
+    assert_eq!(v.failure(), None);
+    plan.disarm();
+    plan.only_paths_containing(None);
+    v.close().unwrap(); // checkpoints, with redb reopened after its failed commits
+
+    let v = f.dd().open_volume("v").unwrap();
+    assert_eq!(
+        (0..4).map(|i| chunk(&v, None, i)).collect::<Vec<_>>(),
+        vec![2, 1, 3, 4]
+    );
+    assert!((0..16).all(|i| chunk(&v, Some("s1"), i) == 1));
+    assert_eq!(
+        (0..4).map(|i| chunk(&v, Some("s2"), i)).collect::<Vec<_>>(),
+        vec![2, 1, 1, 1]
+    );
+    assert_eq!(
+        (0..4).map(|i| chunk(&v, Some("s3"), i)).collect::<Vec<_>>(),
+        vec![2, 1, 3, 1]
+    );
+    drop(v);
+    assert!(f.dd().check_volume("v").unwrap().problems.is_empty());
+}

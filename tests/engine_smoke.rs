@@ -186,6 +186,197 @@ fn first_writes_into_a_full_store_file_system_are_refused_and_lose_nothing() {
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
 
+/// A tmpfs of `size` (e.g. "64m") mounted on `dir`, unmounted when the guard drops; `None`
+/// when not root.
+fn small_tmpfs(dir: &std::path::Path, size: &str) -> Option<Unmount> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return None;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount -t tmpfs failed");
+    Some(Unmount(dir.to_path_buf()))
+}
+
+/// 1 MiB of data that tells writes apart: `tag` in every byte but the first of each 4 KiB.
+fn tagged_mib(tag: u8) -> Vec<u8> {
+    let mut v = vec![tag; 1 << 20];
+    for (i, b) in v.iter_mut().enumerate().step_by(4096) {
+        *b = (i >> 12) as u8;
+    }
+    v
+}
+
+/// Issue 13's repro, on the engine: the data directory on a 64 MiB tmpfs, a 40 MiB volume
+/// written whole, a snapshot, then 1 MiB overwrites from 4 threads until the file system is
+/// full (scratch, stores, origin), the snapshot deleted and the volume rewritten whole.
+/// Every rewrite is acknowledged, and a new snapshot and the live volume after a restart
+/// read the rewrite (before: one chunk read the old data).
+#[test]
+fn rewriting_after_the_file_system_filled_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(_unmount) = small_tmpfs(&data, "64m") else {
+        return;
+    };
+    let mib = 1u64 << 20;
+    let size = 40 * mib;
+    let dd = DataDir::open(&data).unwrap();
+    dd.create_volume(
+        "big",
+        &CreateOptions {
+            size_bytes: Some(size),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = dd.open_volume("big").unwrap();
+    for i in 0..40 {
+        v.write(i * mib, &tagged_mib(1)).unwrap();
+    }
+    v.flush().unwrap();
+    v.create_snapshot("s1").unwrap();
+    let refused = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (v, refused) = (&v, &refused);
+            s.spawn(move || {
+                for i in (t..40).step_by(4) {
+                    match v.write(i * mib, &tagged_mib(2)) {
+                        Ok(()) => {}
+                        Err(e) => {
+                            assert!(e.is_out_of_space(), "{e}");
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    assert!(
+        refused.into_inner() > 0,
+        "the file system was expected to fill"
+    );
+    assert_eq!(v.failure(), None);
+    v.delete_snapshot("s1").unwrap();
+    let want = tagged_mib(3);
+    for i in 0..40 {
+        v.write(i * mib, &want).unwrap();
+    }
+    v.flush().unwrap();
+    let mut b = vec![0u8; mib as usize];
+    for i in 0..40 {
+        v.read(i * mib, &mut b).unwrap();
+        assert!(b == want, "live MiB {i}");
+    }
+    v.create_snapshot("s2").unwrap();
+    for i in 0..40 {
+        v.read_snapshot("s2", i * mib, &mut b).unwrap();
+        assert!(b == want, "s2 MiB {i}");
+    }
+    v.close().unwrap();
+    let v = dd.open_volume("big").unwrap();
+    for i in 0..40 {
+        v.read(i * mib, &mut b).unwrap();
+        assert!(b == want, "live MiB {i} after reopening");
+    }
+    drop(v);
+    let r = dd.check_volume("big").unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+}
+
+/// Issue 13: a sparse 200 MiB origin on a 64 MiB tmpfs, with a snapshot. Writes run until
+/// the file system is full: each is acknowledged or refused with ENOSPC having changed
+/// nothing, the volume never fails, everything acknowledged survives a restart, and once
+/// the file system grows the same open volume takes writes again.
+#[test]
+fn a_full_file_system_refuses_writes_and_never_fails_the_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(_unmount) = small_tmpfs(&data, "64m") else {
+        return;
+    };
+    let mib = 1u64 << 20;
+    let count = 200u64;
+    let dd = DataDir::open(&data).unwrap();
+    dd.create_volume(
+        "big",
+        &CreateOptions {
+            size_bytes: Some(count * mib),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = dd.open_volume("big").unwrap();
+    v.write(0, &tagged_mib(1)).unwrap();
+    v.create_snapshot("s").unwrap();
+    // What each MiB must read: 0 = zeros, else the tag of its acknowledged write.
+    let mut tags = vec![0u8; count as usize];
+    tags[0] = 1;
+    let mut refused = Vec::new();
+    let mut b = vec![0u8; mib as usize];
+    let expect = |v: &Volume, i: u64, tag: u8, b: &mut Vec<u8>| {
+        v.read(i * mib, b).unwrap();
+        if tag == 0 {
+            assert!(b.iter().all(|&x| x == 0), "MiB {i} should be zeros");
+        } else {
+            assert!(*b == tagged_mib(tag), "MiB {i} should hold write {tag}");
+        }
+    };
+    for round in 0..2u8 {
+        for i in 0..count {
+            let tag = 2 + round;
+            match v.write(i * mib, &tagged_mib(tag)) {
+                Ok(()) => tags[i as usize] = tag,
+                Err(e) => {
+                    assert!(e.is_out_of_space(), "MiB {i}: {e}");
+                    refused.push(i);
+                    // A refused write changes nothing.
+                    expect(&v, i, tags[i as usize], &mut b);
+                }
+            }
+            assert_eq!(v.failure(), None);
+        }
+    }
+    assert!(!refused.is_empty(), "the file system was expected to fill");
+    match v.flush() {
+        Ok(()) => {}
+        Err(e) => assert!(e.is_out_of_space(), "{e}"),
+    }
+    assert_eq!(v.failure(), None);
+    for i in 0..count {
+        expect(&v, i, tags[i as usize], &mut b);
+    }
+    // Space comes back: the same volume takes writes again.
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,size=1g"])
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+    let i = refused[0];
+    v.write(i * mib, &tagged_mib(9)).unwrap();
+    tags[i as usize] = 9;
+    v.flush().unwrap();
+    v.close().unwrap();
+    let v = dd.open_volume("big").unwrap();
+    for i in 0..count {
+        expect(&v, i, tags[i as usize], &mut b);
+    }
+    let mut snap = vec![0u8; mib as usize];
+    v.read_snapshot("s", 0, &mut snap).unwrap();
+    assert!(snap == tagged_mib(1));
+    drop(v);
+    let r = dd.check_volume("big").unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+}
+
 #[test]
 fn origin_writeback_starts_after_every_16_mib_written_and_not_for_identical_data() {
     use snapvol::io::{CountingDisk, MemDisk};

@@ -175,10 +175,10 @@ impl FileStorage {
                 } else {
                     (offset + len).min(self.len()?)
                 };
-                let zeros = vec![0u8; ZERO_FILL_BYTES_MAX];
+                let zeros = &super::ZEROS.0;
                 let mut at = offset;
                 while at < end {
-                    let n = ((end - at) as usize).min(ZERO_FILL_BYTES_MAX);
+                    let n = ((end - at) as usize).min(zeros.len());
                     self.write_at(&zeros[..n], at)?;
                     at += n as u64;
                 }
@@ -189,13 +189,31 @@ impl FileStorage {
     }
 }
 
+/// Reads one byte of every page of `buf` before a `pwrite` of it. The kernel copies a
+/// write's source with page faults disabled and, at a source page that is not mapped
+/// (untouched .bss or lazily allocated zeros, a file-backed page dropped by reclaim), stops
+/// part-way, faults the page in and goes on; a SIGKILL pending at that moment ends the
+/// write there, short, which may be inside a 512-byte sector of the file (a torn sector
+/// after a process kill, seen once in `kill9`). Touched just before, the pages are mapped.
+fn touch_pages(buf: &[u8]) {
+    const PAGE_BYTES: usize = 4096;
+    let mut i = 0;
+    while i < buf.len() {
+        // SAFETY: `i < buf.len()`, so the pointer is to an initialised byte of `buf`; a
+        // volatile read so the load is not optimised away.
+        unsafe { std::ptr::read_volatile(buf.as_ptr().add(i)) };
+        i += PAGE_BYTES;
+    }
+    if let Some(last) = buf.last() {
+        // SAFETY: a reference to an initialised byte.
+        unsafe { std::ptr::read_volatile(last) };
+    }
+}
+
 /// `(offset, len)` as the `off_t` pair the kernel's range hints take; `None` if too large.
 fn hint_range(offset: u64, len: u64) -> Option<(i64, i64)> {
     Some((i64::try_from(offset).ok()?, i64::try_from(len).ok()?))
 }
-
-/// Largest single zero-fill write when a device cannot punch holes.
-const ZERO_FILL_BYTES_MAX: usize = 1 << 20;
 
 impl Storage for FileStorage {
     fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -218,6 +236,7 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        touch_pages(buf);
         self.changed(self.file.write_all_at(buf, offset))
     }
 
@@ -225,6 +244,7 @@ impl Storage for FileStorage {
     /// (a new size) reach the device before it returns. Other writes through this handle
     /// are not covered, so the handle still counts as changed for `sync`.
     fn write_at_durable(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        touch_pages(buf);
         let result = (|| {
             while !buf.is_empty() {
                 let off = i64::try_from(offset).map_err(|_| {
@@ -245,7 +265,7 @@ impl Storage for FileStorage {
                         Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
                             // No per-write sync here: a write, then a sync of the file.
                             self.file.write_all_at(buf, offset)?;
-                            return self.file.sync_data();
+                            return self.file.sync_data().map_err(super::sync_error);
                         }
                         _ => return Err(e),
                     }

@@ -22,6 +22,20 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
+/// 1 MiB of zeros to write from, page-aligned. A `pwrite` copies its source page by page;
+/// a source page not mapped yet (this lives in .bss, untouched until first used) is faulted
+/// in between two copies, and a process killed right then leaves the write short. Aligned
+/// on pages, such a short write ends on a page of the source, which is a sector boundary
+/// of a sector-aligned write: never inside a sector (see `FileStorage::write_at`, which
+/// also touches every source page first).
+pub static ZEROS: AlignedZeros<{ 1 << 20 }> = AlignedZeros([0; 1 << 20]);
+
+/// Bytes aligned on a 4 KiB page.
+#[repr(C, align(4096))]
+pub struct AlignedZeros<const N: usize>(pub [u8; N]);
+
+const _: () = assert!(std::mem::align_of::<AlignedZeros<1>>() == 4096);
+
 /// One file or block device.
 ///
 /// Contract (every engine must honour it; tests in `io::tests` check each engine):
@@ -37,10 +51,11 @@ pub trait Storage: Send + Sync + Debug {
     fn sync(&self) -> io::Result<()>;
     /// Writes `buf` at `offset` and makes that write durable (what `write_at` then `sync`
     /// guarantee for it; other unsynced writes may stay unsynced). Engines that can do it
-    /// in one step (a write with `RWF_DSYNC`) save a device round trip.
+    /// in one step (a write with `RWF_DSYNC`) save a device round trip. ENOSPC means the
+    /// write found no space; a failed sync reports another error (see `sync_error`).
     fn write_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset)?;
-        self.sync()
+        self.sync().map_err(sync_error)
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
@@ -98,6 +113,17 @@ pub trait Storage: Send + Sync + Debug {
         } else {
             vec![(len, true)]
         })
+    }
+}
+
+/// A failed sync after a write, as `write_at_durable` reports it: ENOSPC there would read
+/// as "no space for the write", which a caller may take as "nothing was lost"; a failed sync
+/// may have lost the write (another error, naming the errno).
+pub fn sync_error(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        io::Error::other(format!("sync after the write failed: {e}"))
+    } else {
+        e
     }
 }
 

@@ -622,6 +622,8 @@ pub struct FaultPlan {
     persistent: AtomicBool,
     errno: AtomicI32,
     kinds: AtomicU8,
+    /// Only files whose path contains this are counted and failed (`None`: every file).
+    path_filter: Mutex<Option<String>>,
     injected: Mutex<Vec<InjectedFault>>,
 }
 
@@ -633,6 +635,7 @@ impl Default for FaultPlan {
             persistent: AtomicBool::new(false),
             errno: AtomicI32::new(libc::EIO),
             kinds: AtomicU8::new(IoKind::ALL),
+            path_filter: Mutex::new(None),
             injected: Mutex::new(Vec::new()),
         }
     }
@@ -647,6 +650,12 @@ impl FaultPlan {
         self.persistent.store(persistent, Ordering::SeqCst);
         self.kinds.store(kinds, Ordering::SeqCst);
         self.fail_at.store(n, Ordering::SeqCst);
+    }
+
+    /// From now on count and fail only operations on files whose path contains `part`
+    /// (`None`: every file).
+    pub fn only_paths_containing(&self, part: Option<&str>) {
+        *self.path_filter.lock() = part.map(str::to_string);
     }
 
     /// No more failures.
@@ -666,6 +675,11 @@ impl FaultPlan {
 
     fn check(&self, kind: IoKind, path: &Path) -> io::Result<()> {
         if self.kinds.load(Ordering::SeqCst) & kind as u8 == 0 {
+            return Ok(());
+        }
+        if let Some(part) = &*self.path_filter.lock()
+            && !path.to_string_lossy().contains(part.as_str())
+        {
             return Ok(());
         }
         let n = self.counted.fetch_add(1, Ordering::SeqCst);
@@ -720,6 +734,16 @@ impl Disk for FaultDisk {
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         self.inner.remove(path)
+    }
+    /// The scratch file fails like any other file (its path is reported as
+    /// `DIR/(scratch)`).
+    fn scratch(&self, dir: &Path) -> io::Result<Arc<dyn Storage>> {
+        let inner = self.inner.scratch(dir)?;
+        Ok(Arc::new(FaultStorage {
+            inner,
+            plan: self.plan.clone(),
+            path: dir.join("(scratch)"),
+        }))
     }
 }
 

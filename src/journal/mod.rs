@@ -72,6 +72,11 @@ pub const JOURNAL_FRAME_RECORDS_MAX: u32 = 65536;
 pub enum JournalError {
     #[error("journal I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The file system had no space for an appended frame's write (ENOSPC from the write,
+    /// never from a sync): the frame was not appended, and the next append goes where it
+    /// would have.
+    #[error("no space for a journal frame: {0}")]
+    NoSpace(std::io::Error),
     #[error("journal header is invalid: {reason}")]
     BadHeader { reason: String },
     #[error(

@@ -187,6 +187,10 @@ impl Journal {
                 // Part of the write may have landed after `end`: the next append writes
                 // its zeros again, over whatever this one left.
                 self.file_len = self.end;
+                if e.raw_os_error() == Some(libc::ENOSPC) {
+                    // From the write (`write_at_durable` reports a failed sync otherwise).
+                    return Err(JournalError::NoSpace(e));
+                }
                 return Err(e.into());
             }
             self.file_len = self.file_len.max(written_end);

@@ -88,7 +88,8 @@ const DESCRIPTORS_MAX: usize = 1 << 16;
 /// Granularity of the all-zero detection that turns read data into hole chunks.
 const ZERO_BLOCK_BYTES: u64 = 4096;
 
-static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+/// Zeros for WRITE_ZEROES with NO_HOLE, page-aligned (see `io::ZEROS`).
+use crate::io::ZEROS;
 
 /// The export a connection is attached to.
 pub struct Export {
@@ -1085,8 +1086,8 @@ impl Shared<'_> {
                 let mut done = 0;
                 let mut r = Ok(());
                 while done < n && r.is_ok() {
-                    let m = (n - done).min(ZEROS.len() as u64);
-                    r = v.write(at + done, ZEROS.get(..m as usize).unwrap_or_default());
+                    let m = (n - done).min(ZEROS.0.len() as u64);
+                    r = v.write(at + done, ZEROS.0.get(..m as usize).unwrap_or_default());
                     done += m;
                 }
                 r

@@ -93,6 +93,11 @@ struct State {
     free_slots: Vec<u32>,
     /// Slots `0..slot_count` of the scratch file have been handed out at some point.
     slot_count: u32,
+    /// Slots `0..reserved_slots` of the scratch file have their space allocated
+    /// (`Storage::reserve`); `slot_count <= reserved_slots`.
+    reserved_slots: u32,
+    /// Slots promised to writes by `reserve` that their `put` has not used yet.
+    promised_slots: u64,
 }
 
 impl State {
@@ -124,15 +129,45 @@ impl State {
 }
 
 impl State {
-    fn allocate(&mut self) -> io::Result<u32> {
+    /// A slot with space reserved: a free one, else the next one below `reserved_slots`.
+    /// Only for slots promised by `Deferred::reserve`, so one is always there.
+    fn allocate(&mut self) -> u32 {
         if let Some(slot) = self.free_slots.pop() {
-            return Ok(slot);
+            return slot;
         }
         let slot = self.slot_count;
-        self.slot_count = slot
-            .checked_add(1)
-            .ok_or_else(|| io::Error::other("deferred scratch file has no free slot"))?;
-        Ok(slot)
+        assert!(
+            slot < self.reserved_slots,
+            "scratch slot {slot} handed out without a reservation"
+        );
+        self.slot_count = slot + 1;
+        slot
+    }
+
+    /// Slots that can be handed out without reserving more space.
+    fn available_slots(&self) -> u64 {
+        self.free_slots.len() as u64 + u64::from(self.reserved_slots - self.slot_count)
+    }
+}
+
+/// Scratch slots reserved ahead at a time (1 MiB), so most writes reserve nothing.
+const SCRATCH_RESERVE_AHEAD_SLOTS: u64 = 256;
+
+/// Scratch slots promised to one write by [`Deferred::reserve`]; `put` uses them, and
+/// whatever is left is given back when this is dropped.
+#[derive(Debug)]
+pub(super) struct ScratchReservation<'a> {
+    deferred: &'a Deferred,
+    slots: u64,
+}
+
+impl Drop for ScratchReservation<'_> {
+    fn drop(&mut self) {
+        if self.slots > 0 {
+            let mut st = self.deferred.state.lock();
+            assert!(st.promised_slots >= self.slots);
+            st.promised_slots -= self.slots;
+        }
     }
 }
 
@@ -204,52 +239,99 @@ impl Deferred {
         }
     }
 
-    /// Sets pieces of `chunk_index` (creating the chunk's entry if needed). On error nothing
-    /// new is held for pieces not yet written; the caller fails the request.
+    /// Promises `slots` scratch slots to a write, reserving their space in the scratch file
+    /// first (ahead, in steps of 1 MiB, or exactly what is missing when the file system is
+    /// short of space), so that its `put`s cannot fail for lack of space. An error (ENOSPC
+    /// above all) promises nothing. A file system that cannot reserve counts as reserved:
+    /// a write there reports any lack of space itself.
+    pub fn reserve(&self, slots: u64) -> io::Result<ScratchReservation<'_>> {
+        let mut st = self.state.lock();
+        let needed = st.promised_slots + slots;
+        let available = st.available_slots();
+        if available < needed {
+            let missing = needed - available;
+            let reserve = |count: u64, st: &State| -> io::Result<u32> {
+                let end = u32::try_from(u64::from(st.reserved_slots) + count)
+                    .map_err(|_| io::Error::other("deferred scratch file has no free slot"))?;
+                let at = slot_offset(st.reserved_slots);
+                match self.scratch.reserve(at, slot_offset(end) - at) {
+                    Ok(()) => Ok(end),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(e),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot reserve space in the scratch file");
+                        Ok(end)
+                    }
+                }
+            };
+            let end = match reserve(missing.max(SCRATCH_RESERVE_AHEAD_SLOTS), &st) {
+                Ok(end) => end,
+                Err(_) if missing < SCRATCH_RESERVE_AHEAD_SLOTS => reserve(missing, &st)?,
+                Err(e) => return Err(e),
+            };
+            st.reserved_slots = end;
+        }
+        st.promised_slots = needed;
+        debug_assert!(st.available_slots() >= st.promised_slots);
+        Ok(ScratchReservation {
+            deferred: self,
+            slots,
+        })
+    }
+
+    /// Sets pieces of `chunk_index` (creating the chunk's entry if needed), using slots of
+    /// `reservation`. All or nothing: each piece goes to a fresh slot and the index changes
+    /// only once every piece is written, so on an error the chunk's held pieces (or their
+    /// absence) are exactly as before, and the caller can refuse the write as a whole.
     pub fn put<'a>(
         &self,
         chunk_index: u64,
         pieces: impl IntoIterator<Item = (u32, &'a [u8])>,
+        reservation: &mut ScratchReservation<'_>,
     ) -> io::Result<()> {
+        assert!(std::ptr::eq(reservation.deferred, self));
+        let pieces: Vec<(u32, &[u8])> = pieces.into_iter().collect();
+        let count = pieces.len() as u64;
+        assert!(
+            count <= reservation.slots,
+            "put of {count} pieces with {} slots reserved",
+            reservation.slots
+        );
         let mut guard = self.state.lock();
         let st = &mut *guard;
-        let result = (|| {
-            for (piece_index, bytes) in pieces {
-                assert!(!bytes.is_empty() && bytes.len() as u64 <= PIECE_BYTES);
-                let existing = st.chunks.get(&chunk_index).and_then(|c| c.get(piece_index));
-                let scratch_slot = match existing {
-                    Some(h) => h.scratch_slot,
-                    None => st.allocate()?,
-                };
-                if let Err(e) = self.scratch.write_at(bytes, slot_offset(scratch_slot)) {
-                    if existing.is_none() {
-                        st.free_slots.push(scratch_slot);
-                    }
-                    return Err(e);
-                }
-                let held = Held {
-                    scratch_slot,
-                    len_bytes: bytes.len() as u16,
-                };
-                let replaced = match st.chunks.entry(chunk_index) {
-                    std::collections::hash_map::Entry::Occupied(mut e) => {
-                        e.get_mut().insert(piece_index, held)
-                    }
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(Pieces::One(piece_index, held));
-                        None
-                    }
-                };
-                if replaced.is_none() {
-                    st.piece_count += 1;
-                }
+        let fresh: Vec<u32> = pieces.iter().map(|_| st.allocate()).collect();
+        for (&(_, bytes), &slot) in pieces.iter().zip(&fresh) {
+            assert!(!bytes.is_empty() && bytes.len() as u64 <= PIECE_BYTES);
+            if let Err(e) = self.scratch.write_at(bytes, slot_offset(slot)) {
+                // Nothing refers to the fresh slots yet: they go back, still reserved.
+                st.free_slots.extend_from_slice(&fresh);
+                return Err(e);
             }
-            Ok(())
-        })();
+        }
+        for (&(piece_index, bytes), &scratch_slot) in pieces.iter().zip(&fresh) {
+            let held = Held {
+                scratch_slot,
+                len_bytes: bytes.len() as u16,
+            };
+            let replaced = match st.chunks.entry(chunk_index) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    e.get_mut().insert(piece_index, held)
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Pieces::One(piece_index, held));
+                    None
+                }
+            };
+            match replaced {
+                Some(old) => st.free_slots.push(old.scratch_slot),
+                None => st.piece_count += 1,
+            }
+        }
+        st.promised_slots -= count;
+        reservation.slots -= count;
         self.chunk_count
             .store(st.chunks.len() as u64, Ordering::Release);
         self.piece_count.store(st.piece_count, Ordering::Release);
-        result
+        Ok(())
     }
 
     /// Reads `[offset, offset + buf.len())` of the live volume: `read_origin` fills `buf`
@@ -313,11 +395,13 @@ impl Deferred {
         st.piece_count -= pieces.len() as u64;
         st.free_slots
             .extend(pieces.iter().map(|(_, h)| h.scratch_slot));
-        if st.chunks.is_empty() && st.slot_count > 0 {
-            // All drained: start the scratch file over and drop its pages (best effort;
-            // they are garbage, and writing them back would only cost the disk).
-            let _ = self.scratch.discard(0, slot_offset(st.slot_count));
+        if st.chunks.is_empty() && st.reserved_slots > 0 && st.promised_slots == 0 {
+            // All drained and nothing promised: start the scratch file over and drop its
+            // pages and their space (best effort; they are garbage, and writing them back
+            // would only cost the disk). Reservations start over too.
+            let _ = self.scratch.discard(0, slot_offset(st.reserved_slots));
             st.slot_count = 0;
+            st.reserved_slots = 0;
             st.free_slots.clear();
         }
         self.chunk_count
@@ -345,7 +429,8 @@ mod tests {
         let d = deferred();
         let cs = 4 * PIECE_BYTES;
         let seven = vec![7u8; PIECE_BYTES as usize];
-        d.put(1, [(2, &seven[..])]).unwrap();
+        d.put(1, [(2, &seven[..])], &mut d.reserve(1).unwrap())
+            .unwrap();
         assert!(d.contains(1) && !d.contains(0));
         // Overlap with held bytes, to the byte.
         let p = PIECE_BYTES;
@@ -407,9 +492,10 @@ mod tests {
     #[test]
     fn rewriting_a_held_piece_reuses_its_slot_and_failed_apply_keeps_pieces() {
         let d = deferred();
-        d.put(3, [(0, &[1u8; 4096][..]), (1, &[2u8; 100][..])])
+        let mut r = d.reserve(3).unwrap();
+        d.put(3, [(0, &[1u8; 4096][..]), (1, &[2u8; 100][..])], &mut r)
             .unwrap();
-        d.put(3, [(0, &[5u8; 4096][..])]).unwrap();
+        d.put(3, [(0, &[5u8; 4096][..])], &mut r).unwrap();
         assert_eq!(d.piece_count(), 2);
         assert!(d.drain_chunk(3, |_| Err(io::Error::other("disk"))).is_err());
         assert_eq!(d.piece_count(), 2);
@@ -420,5 +506,70 @@ mod tests {
         })
         .unwrap();
         assert_eq!(lens, vec![(0, 5, 4096), (1, 2, 100)]);
+    }
+
+    /// A scratch file whose writes fail from the `n`-th on (after `arm`), like a file
+    /// system that fills up.
+    fn faulty_deferred() -> (Deferred, Arc<crate::io::sim::FaultPlan>) {
+        use crate::io::{FaultDisk, OpenMode};
+        let disk = FaultDisk::new(Arc::new(MemDisk::default()));
+        let scratch = disk
+            .open(std::path::Path::new("/scratch"), OpenMode::CreateNew)
+            .unwrap();
+        (Deferred::new(scratch), disk.plan().clone())
+    }
+
+    /// A put whose second piece cannot be written holds nothing new and changes no held
+    /// piece: the chunk's pieces are exactly as before (issue 13: a partial put left a
+    /// chunk held with no group commit queued for it, and its data never reached the
+    /// origin).
+    #[test]
+    fn a_failed_put_leaves_the_held_pieces_as_they_were() {
+        use crate::io::sim::IoKind;
+        let (d, plan) = faulty_deferred();
+        let mut r = d.reserve(8).unwrap();
+        plan.arm(1, libc::ENOSPC, true, IoKind::Write as u8);
+        // A new chunk: nothing is held afterwards.
+        let two = [(0, &[1u8; 4096][..]), (1, &[2u8; 4096][..])];
+        assert!(d.put(5, two, &mut r).is_err());
+        assert!(!d.contains(5) && d.is_empty() && d.piece_count() == 0);
+        // A held chunk: its pieces keep their old bytes, and no piece is added.
+        plan.disarm();
+        d.put(6, [(0, &[3u8; 4096][..])], &mut r).unwrap();
+        plan.arm(1, libc::ENOSPC, true, IoKind::Write as u8);
+        let over = [(0, &[4u8; 4096][..]), (1, &[4u8; 4096][..])];
+        assert!(d.put(6, over, &mut r).is_err());
+        plan.disarm();
+        assert_eq!(d.piece_count(), 1);
+        let mut out = vec![0u8; 4096];
+        assert!(d.read_piece(6, 0, &mut out).unwrap() && out.iter().all(|&b| b == 3));
+        assert!(!d.read_piece(6, 1, &mut out).unwrap());
+        // The failed puts used none of the reservation; a successful one does.
+        assert_eq!(r.slots, 7);
+        d.put(6, over, &mut r).unwrap();
+        assert_eq!(r.slots, 5);
+        assert!(d.read_piece(6, 0, &mut out).unwrap() && out.iter().all(|&b| b == 4));
+    }
+
+    /// Space is reserved before anything is promised: a scratch file system without room
+    /// refuses the reservation, and promises given back make room for the next one.
+    #[test]
+    fn reservations_allocate_ahead_and_are_given_back() {
+        use crate::io::sim::IoKind;
+        let (d, plan) = faulty_deferred();
+        let r = d.reserve(2).unwrap();
+        assert_eq!(
+            d.state.lock().reserved_slots as u64,
+            SCRATCH_RESERVE_AHEAD_SLOTS
+        );
+        plan.arm(0, libc::ENOSPC, true, IoKind::Write as u8);
+        // Within the reserved step: no further reservation needed.
+        let r2 = d.reserve(SCRATCH_RESERVE_AHEAD_SLOTS - 2).unwrap();
+        let e = d.reserve(1).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        drop(r2);
+        let r3 = d.reserve(1).unwrap();
+        drop((r, r3));
+        assert_eq!(d.state.lock().promised_slots, 0);
     }
 }

@@ -7,9 +7,12 @@
 use super::Counters;
 use super::map::{Loc, PreserveMap};
 use crate::io::{RedbBackend, Storage};
+use parking_lot::Mutex;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::{BTreeMap, HashMap};
+use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Version of the metadata layout in `meta.redb` (see docs/FORMAT.md).
 pub const META_FORMAT_VERSION: u32 = 1;
@@ -79,7 +82,54 @@ pub struct Loaded {
 }
 
 pub struct Meta {
-    db: redb::Database,
+    /// `None` once a checkpoint failed: redb refuses every transaction after an I/O error
+    /// until it is reopened, which the next checkpoint does (after a full file system).
+    db: Mutex<Option<redb::Database>>,
+    storage: Arc<WatchSync>,
+}
+
+/// The metadata file, remembering whether a sync of it ever failed: after that, what the
+/// file holds is unknown and no checkpoint may be retried (the volume fails instead).
+#[derive(Debug)]
+struct WatchSync {
+    inner: Arc<dyn Storage>,
+    sync_failed: AtomicBool,
+}
+
+impl Storage for WatchSync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        let result = self.inner.sync();
+        if result.is_err() {
+            self.sync_failed.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn is_block_device(&self) -> bool {
+        self.inner.is_block_device()
+    }
+}
+
+impl MetaError {
+    /// Whether the file system had no space (for a write, never a sync: see
+    /// [`Meta::retryable`]).
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, MetaError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC))
+    }
 }
 
 impl std::fmt::Debug for Meta {
@@ -226,11 +276,18 @@ fn decode_state(v: &[u8]) -> Result<VolumeState, MetaError> {
 impl Meta {
     /// Initialises an empty metadata file.
     pub fn create(storage: Arc<dyn Storage>) -> Result<Meta, MetaError> {
+        let storage = Arc::new(WatchSync {
+            inner: storage,
+            sync_failed: AtomicBool::new(false),
+        });
         let db = redb::Database::builder()
             .set_cache_size(META_CACHE_BYTES)
-            .create_with_backend(RedbBackend(storage))
+            .create_with_backend(RedbBackend(storage.clone()))
             .map_err(db_err)?;
-        let meta = Meta { db };
+        let meta = Meta {
+            db: Mutex::new(Some(db)),
+            storage,
+        };
         let state = VolumeState {
             checkpoint_seq: 0,
             next_snapshot_id: 1,
@@ -250,20 +307,37 @@ impl Meta {
         if storage.len().map_err(db_err)? == 0 {
             return Err(MetaError::Corrupt("file is empty".into()));
         }
+        let storage = Arc::new(WatchSync {
+            inner: storage,
+            sync_failed: AtomicBool::new(false),
+        });
+        let db = Self::open_db(&storage, true)?;
+        Ok(Meta {
+            db: Mutex::new(Some(db)),
+            storage,
+        })
+    }
+
+    fn open_db(storage: &Arc<WatchSync>, check: bool) -> Result<redb::Database, MetaError> {
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             redb::Database::builder()
                 .set_cache_size(META_CACHE_BYTES)
-                .set_check_integrity_on_open(true)
-                .create_with_backend(RedbBackend(storage))
+                .set_check_integrity_on_open(check)
+                .create_with_backend(RedbBackend(storage.clone()))
         }));
         match opened {
-            Ok(db) => Ok(Meta {
-                db: db.map_err(db_err)?,
-            }),
+            Ok(db) => db.map_err(db_err),
             Err(_) => Err(MetaError::Corrupt(
                 "file is damaged (the database library panicked reading it)".into(),
             )),
         }
+    }
+
+    /// Whether a failed checkpoint may be tried again later: it failed for lack of space,
+    /// and no sync of the file ever failed (the committed state on disk is then still
+    /// redb's last commit, which a reopen finds).
+    pub fn retryable(&self, e: &MetaError) -> bool {
+        e.is_out_of_space() && !self.storage.sync_failed.load(Ordering::SeqCst)
     }
 
     /// Reads and verifies everything.
@@ -278,7 +352,11 @@ impl Meta {
     }
 
     fn load_inner(&self) -> Result<Loaded, MetaError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let db = self.db.lock();
+        let db = db
+            .as_ref()
+            .ok_or_else(|| MetaError::Db("not open".into()))?;
+        let txn = db.begin_read().map_err(db_err)?;
         let state_table = txn.open_table(STATE).map_err(|e| match e {
             redb::TableError::TableDoesNotExist(_) => MetaError::Corrupt(
                 "holds no volume state table (not a snapvol metadata file?)".into(),
@@ -331,7 +409,26 @@ impl Meta {
         map: &PreserveMap,
         dirty: &Dirty,
     ) -> Result<(), MetaError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let mut db = self.db.lock();
+        if db.is_none() {
+            // An earlier checkpoint failed: redb recovers its last commit on reopening.
+            *db = Some(Self::open_db(&self.storage, false)?);
+        }
+        let result = Self::write_checkpoint(db.as_ref().expect("opened above"), state, map, dirty);
+        if result.is_err() {
+            // Dropped: redb answers nothing but PreviousIo after an I/O error.
+            *db = None;
+        }
+        result
+    }
+
+    fn write_checkpoint(
+        db: &redb::Database,
+        state: &VolumeState,
+        map: &PreserveMap,
+        dirty: &Dirty,
+    ) -> Result<(), MetaError> {
+        let txn = db.begin_write().map_err(db_err)?;
         {
             let mut mapping = txn.open_table(MAPPING).map_err(db_err)?;
             for ((chunk_index, until), loc) in map.dirty_records() {

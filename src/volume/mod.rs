@@ -1,7 +1,8 @@
 //! A volume: an origin kept in place, snapshot stores, the mapping table and the journal.
 //!
 //! Lock order (always taken in this order, never the reverse):
-//! `barrier` -> one chunk lock -> `prune` -> `journal` -> `tables`.
+//! `barrier` -> `undrained` -> chunk locks (a write: its chunks' stripes in ascending
+//! order; everyone else one) -> `prune` -> `journal` -> `tables`.
 //! `tables` changes only while `journal` is held, right after the journal frame that
 //! describes the change is durable; so replaying the journal in order rebuilds exactly the
 //! same tables.
@@ -188,7 +189,14 @@ struct Tables {
 struct JournalState {
     journal: Journal,
     restore: Option<RestoreState>,
+    /// After a checkpoint failed for lack of space: the next one is tried once the
+    /// journal has reached this size (0: at the usual size).
+    checkpoint_retry_bytes: u64,
 }
+
+/// How much more the journal grows before a checkpoint that failed for lack of space is
+/// tried again.
+const CHECKPOINT_RETRY_STEP_BYTES: u64 = 4 << 20;
 
 /// Group commit: writers that must preserve a chunk reserve a store slot, queue its mapping
 /// entry and go on; a leader (a background committer, a flush, or a writer over the limits)
@@ -229,6 +237,13 @@ pub struct Volume {
     group: GroupCommit,
     /// New data of chunks whose preserved copy waits for the next group commit.
     deferred: deferred::Deferred,
+    /// Whether the origin may have holes that writes must reserve before they are
+    /// acknowledged.
+    origin_space: write::OriginSpace,
+    /// Chunks whose held pieces a group commit could not write to the origin for lack of
+    /// space (their entries are committed): written by the next commit or flush, which
+    /// fails with ENOSPC while any are left. Lock order: before any chunk lock.
+    undrained: Mutex<std::collections::BTreeSet<u64>>,
     /// Counts writes to the origin (incremented after each).
     origin_writes: AtomicU64,
     /// The `origin_writes` value the last successful origin sync covered; the mutex makes
@@ -470,7 +485,32 @@ impl Volume {
             let t = self.tables.read();
             self.meta.checkpoint(&state, &t.map, &dirty)
         };
-        written.map_err(|e| self.fail(format!("metadata checkpoint to meta.redb failed: {e}")))?;
+        if let Err(e) = written {
+            // The tables are as the journal describes them; the checkpoint is redone
+            // later from the same dirty set (the map's records are still flagged dirty).
+            let mut t = self.tables.write();
+            debug_assert!(
+                t.dirty.snapshots.is_empty(),
+                "tables changed without the journal lock"
+            );
+            t.dirty = dirty;
+            drop(t);
+            if self.meta.retryable(&e) {
+                // Every frame stays in the journal, so nothing is lost: try again later.
+                js.checkpoint_retry_bytes = js
+                    .journal
+                    .size_bytes()
+                    .saturating_add(CHECKPOINT_RETRY_STEP_BYTES);
+                tracing::warn!(volume = %self.config.name, error = %e, "no space for the metadata checkpoint; the journal keeps every change and the checkpoint is tried again later");
+                return Err(Error::Io {
+                    volume: self.config.name.clone(),
+                    context: "metadata checkpoint to meta.redb (tried again later)".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                });
+            }
+            return Err(self.fail(format!("metadata checkpoint to meta.redb failed: {e}")));
+        }
+        js.checkpoint_retry_bytes = 0;
         self.tables.write().map.mark_clean();
         js.journal.reset().map_err(|e| {
             self.fail(format!(
@@ -481,24 +521,41 @@ impl Volume {
     }
 
     /// Appends one frame and syncs it. Caller holds the journal lock. A failure fails the
-    /// volume: the journal's state on disk is no longer known.
+    /// volume: the journal's state on disk is no longer known. Except when the file system
+    /// had no space for the frame's write: nothing was appended (the next frame goes where
+    /// this one would have, over whatever part of it landed, and is synced with the file),
+    /// nothing earlier was lost, and the caller gets ENOSPC with the volume usable.
     fn journal_commit(
         &self,
         js: &mut JournalState,
         records: &[crate::journal::Record],
     ) -> Result<()> {
-        js.journal.append_durable(records).map_err(|e| {
-            self.fail(format!(
+        match js.journal.append_durable(records) {
+            Ok(_) => Ok(()),
+            Err(crate::journal::JournalError::NoSpace(source)) => {
+                tracing::warn!(volume = %self.config.name, "no space for a journal frame; the request is refused");
+                Err(Error::Io {
+                    volume: self.config.name.clone(),
+                    context: "appending to the journal".into(),
+                    source,
+                })
+            }
+            Err(e) => Err(self.fail(format!(
                 "appending to the journal and syncing it failed ({e}); its last frame may be lost"
-            ))
-        })?;
-        Ok(())
+            ))),
+        }
     }
 
     /// Checkpoints if the journal has grown past its limit. Caller holds the journal lock.
+    /// A checkpoint without space is not an error here (the caller's frame is durable):
+    /// it is tried again once the journal has grown by `CHECKPOINT_RETRY_STEP_BYTES`.
     fn maybe_checkpoint(&self, js: &mut JournalState) -> Result<()> {
-        if js.journal.size_bytes() >= self.checkpoint_journal_bytes {
-            self.checkpoint(js)?;
+        let size = js.journal.size_bytes();
+        if size >= self.checkpoint_journal_bytes && size >= js.checkpoint_retry_bytes {
+            match self.checkpoint(js) {
+                Err(e) if self.failed.get().is_none() && e.is_out_of_space() => {}
+                r => r?,
+            }
         }
         Ok(())
     }

@@ -523,16 +523,24 @@ impl Volume {
             },
         };
         let scratch = scratch.unwrap_or_else(|| Arc::new(crate::io::MemStorage::default()));
+        let origin_holes = access != Access::Check
+            && super::write::origin_has_holes(origin.as_ref(), config.size_bytes);
         let volume = Volume {
             origin,
             stores,
             meta,
-            journal: Mutex::new(JournalState { journal, restore }),
+            journal: Mutex::new(JournalState {
+                journal,
+                restore,
+                checkpoint_retry_bytes: 0,
+            }),
             tables: RwLock::new(tables),
             barrier: RwLock::new(()),
             chunk_locks: (0..CHUNK_LOCK_COUNT).map(|_| RwLock::new(())).collect(),
             group: GroupCommit::default(),
             deferred: Deferred::new(scratch),
+            origin_space: super::write::OriginSpace::new(origin_holes),
+            undrained: Mutex::new(std::collections::BTreeSet::new()),
             // Whatever an earlier process left unsynced is synced by the first flush.
             origin_writes: AtomicU64::new(1),
             origin_synced_writes: Mutex::new(0),
@@ -553,7 +561,11 @@ impl Volume {
         if access == Access::Normal {
             if replayed > 0 || recovered.torn_tail.is_some() {
                 let mut js = volume.journal.lock();
-                volume.checkpoint(&mut js)?;
+                match volume.checkpoint(&mut js) {
+                    // Without space: the journal still holds everything; tried later.
+                    Err(e) if volume.failed.get().is_none() && e.is_out_of_space() => {}
+                    r => r?,
+                }
             }
             if volume.journal.lock().restore.is_some() {
                 tracing::info!(volume = %name, "resuming an interrupted restore");

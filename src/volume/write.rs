@@ -1,11 +1,13 @@
 //! The write path: compare, preserve once, commit, overwrite only what differs.
 
 use super::config::PIECE_BYTES;
-use super::{StoreFullPolicy, Volume};
+use super::deferred::ScratchReservation;
+use super::{CHUNK_LOCK_COUNT, StoreFullPolicy, Volume};
 use crate::error::{Error, Result};
 use crate::journal::{JOURNAL_FRAME_RECORDS_MAX, PreserveEntry, Record};
+use parking_lot::RwLockWriteGuard;
 use std::cell::RefCell;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What a write puts into the volume.
 #[derive(Clone, Copy)]
@@ -67,7 +69,167 @@ fn diff_runs(old: &[u8], new: &[u8]) -> DiffRuns {
         .collect()
 }
 
-static ZERO_PIECE: [u8; PIECE_BYTES as usize] = [0u8; PIECE_BYTES as usize];
+/// Zeros for partial pieces, page-aligned (see `io::ZEROS`).
+static ZERO_PIECE: &[u8; PIECE_BYTES as usize] = crate::io::ZEROS.0.first_chunk().unwrap();
+
+/// What a write does to one chunk, decided under the chunk's lock before anything changes.
+struct ChunkPlan {
+    chunk_index: u64,
+    /// Bytes of the write in this chunk.
+    length: u64,
+    /// Bytes of the write that differ from the chunk's current contents.
+    differing: u64,
+    /// The differing ranges, absolute and coalesced (not kept for `Merge`).
+    diffs: Vec<(u64, u64)>,
+    action: Action,
+    /// For `Copy` and `Merge`: the new contents of the pieces to hold.
+    held: HeldPieces,
+}
+
+enum Action {
+    /// Nothing differs.
+    Nothing,
+    /// Write the differing ranges to the origin in place.
+    InPlace,
+    /// First change since the snapshot `until`: a slot for the copy (`entry`, once
+    /// reserved), the pieces held, the entry queued for the group commit.
+    Copy {
+        until: u64,
+        entry: Option<PreserveEntry>,
+    },
+    /// The chunk's pieces are held already: merge these into them.
+    Merge,
+}
+
+/// Whole 4 KiB pieces (the last of the volume may be shorter) with their new contents.
+#[derive(Default)]
+struct HeldPieces {
+    /// `(piece index in the chunk, absolute offset, start in bytes, length)`.
+    pieces: Vec<(u32, u64, usize, usize)>,
+    bytes: Vec<u8>,
+}
+
+impl HeldPieces {
+    fn push(&mut self, piece_index: u32, at: u64, bytes: &[u8]) {
+        self.pieces
+            .push((piece_index, at, self.bytes.len(), bytes.len()));
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> + '_ {
+        self.pieces
+            .iter()
+            .map(|&(i, _, start, len)| (i, &self.bytes[start..start + len]))
+    }
+}
+
+impl ChunkPlan {
+    /// Appends the origin ranges this plan writes, now or at the group commit (whole
+    /// pieces of zeros are punched, not written, and need no space).
+    fn origin_ranges(&self, size: u64, src: Source<'_>, out: &mut Vec<(u64, u64)>) {
+        match self.action {
+            Action::Nothing => {}
+            Action::InPlace => {
+                for &(a, b) in &self.diffs {
+                    match src {
+                        Source::Data(_) => out.push((a, b)),
+                        Source::Zeroes => {
+                            let (_, written) = zero_parts(a, b, size);
+                            out.extend(written.into_iter().filter(|(x, y)| x < y));
+                        }
+                    }
+                }
+            }
+            Action::Copy { .. } | Action::Merge => {
+                for &(_, at, start, len) in &self.held.pieces {
+                    if self.held.bytes[start..start + len].iter().any(|&b| b != 0) {
+                        out.push((at, at + len as u64));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What `reserve_plans` reserved for a request (given back when dropped, as far as unused;
+/// store slots are released by `reserve_plans` and `apply_plan` themselves).
+struct Reserved<'v> {
+    scratch: Option<ScratchReservation<'v>>,
+}
+
+/// `[start, end)` in bytes on the volume.
+type ByteRange = (u64, u64);
+
+/// How `[a, b)` of the origin is zeroed: whole pieces inside it punched (the range, if
+/// any), the rest written with zeros (up to two ranges; empty ones are `(x, x)`). At the
+/// volume's end a partial last piece counts as whole.
+fn zero_parts(a: u64, b: u64, size: u64) -> (Option<ByteRange>, [ByteRange; 2]) {
+    let inner_a = a.next_multiple_of(PIECE_BYTES);
+    let inner_b = if b == size {
+        b
+    } else {
+        align_down(b, PIECE_BYTES)
+    };
+    if inner_a >= inner_b {
+        return (None, [(a, b), (b, b)]);
+    }
+    (Some((inner_a, inner_b)), [(a, inner_a), (inner_b, b)])
+}
+
+/// Whether the origin may have unallocated ranges (a sparse file), which every write then
+/// reserves (`Storage::reserve`) before it is acknowledged, so that no write to the origin
+/// (in place, or of held pieces at a group commit long after the acknowledgement) meets a
+/// full file system. Holes come from punching (zeros, discard) and are looked for again
+/// every `ORIGIN_HOLES_RECHECK_RESERVES` reservations, so a filled origin stops paying the
+/// reservation (a system call per write).
+#[derive(Debug)]
+pub(super) struct OriginSpace {
+    /// Punches of the origin so far (counted after each).
+    punches: AtomicU64,
+    /// The `punches` value read before the last look that found no hole (`u64::MAX`:
+    /// none did).
+    clean_at: AtomicU64,
+    reserves: AtomicU64,
+    /// The origin's file system cannot reserve: no reservations are tried.
+    cannot_reserve: AtomicBool,
+}
+
+/// Reservations between two looks for holes in the origin.
+const ORIGIN_HOLES_RECHECK_RESERVES: u64 = 65_536;
+/// Window of one allocation query when looking for holes in the origin.
+const ORIGIN_HOLES_WINDOW_BYTES: u64 = 16 << 20;
+
+impl OriginSpace {
+    pub(super) fn new(holes: bool) -> OriginSpace {
+        OriginSpace {
+            punches: AtomicU64::new(0),
+            clean_at: AtomicU64::new(if holes { u64::MAX } else { 0 }),
+            reserves: AtomicU64::new(0),
+            cannot_reserve: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Whether `origin` has an unallocated range in `[0, size)`; block devices never do.
+/// Errors count as holes (then writes reserve, which is only slower).
+pub(super) fn origin_has_holes(origin: &dyn crate::io::Storage, size: u64) -> bool {
+    if origin.is_block_device() {
+        return false;
+    }
+    let mut at = 0;
+    while at < size {
+        let len = (size - at).min(ORIGIN_HOLES_WINDOW_BYTES);
+        match origin.allocation(at, len) {
+            Ok(extents) if extents.iter().all(|&(_, allocated)| allocated) => at += len,
+            _ => return true,
+        }
+    }
+    false
+}
 
 fn align_down(x: u64, a: u64) -> u64 {
     x - x % a
@@ -100,33 +262,101 @@ impl Volume {
             .client_bytes_written
             .fetch_add(length, Ordering::Relaxed);
         self.wait_for_deferred_room()?;
-        let _barrier = self.barrier.read();
-        self.write_range_locked(offset, length, src)
+        let result = {
+            let _barrier = self.barrier.read();
+            self.write_range_locked(offset, length, src)
+        };
+        match result {
+            // No space for the held data or the origin: the group commit of what is queued
+            // writes the held data to the origin and gives the scratch file's space back
+            // (a full store is not helped by it). Once more, then the refusal stands.
+            Err(e)
+                if e.is_out_of_space()
+                    && !matches!(e, Error::StoreFull { .. })
+                    && !self.deferred.is_empty() =>
+            {
+                self.commit_queued()?;
+                let _barrier = self.barrier.read();
+                self.write_range_locked(offset, length, src)
+            }
+            r => r,
+        }
     }
 
     /// The write path without the barrier (restore holds it exclusively already).
+    ///
+    /// All or nothing for lack of space: under the locks of every chunk the request
+    /// touches, each chunk's change is planned (compare, no change yet); then everything
+    /// the plans need is reserved (store slots, scratch space for held pieces, origin
+    /// blocks of a sparse origin); only then is anything changed. A reservation that fails
+    /// (StoreFull, ENOSPC) refuses the whole request with nothing changed. (The
+    /// `prune-oldest` policy may have deleted snapshots by then; that is its job.) An I/O
+    /// error while changing may leave earlier chunks changed, as any failed write may.
     pub(super) fn write_range_locked(
         &self,
         offset: u64,
         length: u64,
         src: Source<'_>,
     ) -> Result<()> {
+        debug_assert!(length > 0);
         let cs = self.chunk_bytes();
         let end = offset + length;
+        if offset / cs == (end - 1) / cs {
+            // One chunk (most writes): the same steps without a list of locks or plans.
+            let chunk_index = offset / cs;
+            let _chunk = self.chunk_lock(chunk_index).write();
+            let mut plans = [self.plan_chunk(chunk_index, offset, length, src)?];
+            let mut reserved = self.reserve_plans(&mut plans, src)?;
+            let [plan] = plans;
+            return self.apply_plan(plan, offset, src, &mut reserved);
+        }
+        let _chunks = self.lock_chunks(offset / cs, (end - 1) / cs);
+        let mut plans = Vec::with_capacity(((end - 1) / cs - offset / cs + 1) as usize);
         let mut at = offset;
         while at < end {
             let chunk_index = at / cs;
-            let piece_end = ((chunk_index + 1) * cs).min(end);
+            let part_end = ((chunk_index + 1) * cs).min(end);
             let part = match src {
                 Source::Data(d) => {
-                    Source::Data(&d[(at - offset) as usize..(piece_end - offset) as usize])
+                    Source::Data(&d[(at - offset) as usize..(part_end - offset) as usize])
                 }
                 Source::Zeroes => Source::Zeroes,
             };
-            self.write_chunk(chunk_index, at, piece_end - at, part)?;
-            at = piece_end;
+            plans.push(self.plan_chunk(chunk_index, at, part_end - at, part)?);
+            at = part_end;
+        }
+        let mut reserved = self.reserve_plans(&mut plans, src)?;
+        let mut plans = plans.into_iter();
+        for plan in plans.by_ref() {
+            if let Err(e) = self.apply_plan(plan, offset, src, &mut reserved) {
+                // An I/O error: the plans not carried out give their slots back.
+                for plan in plans {
+                    if let Action::Copy {
+                        entry: Some(entry), ..
+                    } = plan.action
+                    {
+                        self.stores.release(entry.store_index, entry.slot_index);
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(())
+    }
+
+    /// Write-locks the chunks `first..=last` (their lock stripes, each once, in stripe
+    /// order, so two writers never wait for each other in a cycle).
+    fn lock_chunks(&self, first: u64, last: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
+        let count = CHUNK_LOCK_COUNT as u64;
+        if last - first + 1 >= count {
+            return self.chunk_locks.iter().map(|l| l.write()).collect();
+        }
+        let mut stripes: Vec<usize> = (first..=last).map(|c| (c % count) as usize).collect();
+        stripes.sort_unstable();
+        stripes
+            .into_iter()
+            .map(|i| self.chunk_locks[i].write())
+            .collect()
     }
 
     /// `[start, end)` of a chunk on the volume (the last chunk may end early).
@@ -157,20 +387,22 @@ impl Volume {
     // Restore does steps 1-3 for a batch of chunks at once (`copy_for_restore`, copying
     // each chunk itself and queueing the copies together), and only then step 4
     // (`write_restored`).
-    fn write_chunk(
+    //
+    // A request is planned chunk by chunk (`plan_chunk`, steps 1-2), everything the plans
+    // need is reserved (`reserve_plans`), and only then are they carried out
+    // (`apply_plan`, steps 3-4), all under the locks of the request's chunks.
+    fn plan_chunk(
         &self,
         chunk_index: u64,
         offset: u64,
         length: u64,
         src: Source<'_>,
-    ) -> Result<()> {
+    ) -> Result<ChunkPlan> {
         let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
         let end = offset + length;
         debug_assert!(chunk_start <= offset && end <= chunk_end);
-
-        let _chunk = self.chunk_lock(chunk_index).write();
         if self.deferred.contains(chunk_index) {
-            return self.write_deferred(chunk_index, offset, length, src);
+            return self.plan_merge(chunk_index, offset, length, src);
         }
         let preserve_for = self.tables.read().preserve_target(chunk_index);
         let span_start = align_down(offset, PIECE_BYTES);
@@ -203,38 +435,177 @@ impl Volume {
                 collect_diffs(old_span, span_start, offset, end, src, &mut diffs);
             }
             let differing: u64 = diffs.iter().map(|(a, b)| b - a).sum();
-            self.counters
-                .bytes_skipped_identical
-                .fetch_add(length - differing, Ordering::Relaxed);
-            if diffs.is_empty() {
-                return Ok(());
+            let mut plan = ChunkPlan {
+                chunk_index,
+                length,
+                differing,
+                diffs,
+                action: Action::InPlace,
+                held: HeldPieces::default(),
+            };
+            if plan.diffs.is_empty() {
+                plan.action = Action::Nothing;
+                return Ok(plan);
             }
+            let Some(until) = preserve_for else {
+                return Ok(plan);
+            };
+            // The new contents of every differing piece (old bytes plus the write), to be
+            // held until the entry's group commit if a slot can be had for the copy.
+            plan.action = Action::Copy { until, entry: None };
+            for &(a, b) in &plan.diffs {
+                let mut p = align_down(a, PIECE_BYTES);
+                while p < b {
+                    let p_end = (p + PIECE_BYTES).min(chunk_end);
+                    let bytes = &mut old[(p - span_start) as usize..(p_end - span_start) as usize];
+                    apply_source(bytes, p, offset, end, src);
+                    plan.held
+                        .push(((p - chunk_start) / PIECE_BYTES) as u32, p, bytes);
+                    p = p_end;
+                }
+            }
+            Ok(plan)
+        })
+    }
 
-            if let Some(until) = preserve_for
-                && let Some(entry) = self.reserve_copy(chunk_index, until)?
-            {
-                // Hold the new contents of every differing piece (old bytes plus the
-                // write) until the entry's group commit; `old` becomes those contents.
-                let mut pieces: Vec<(u32, u64, u64)> = Vec::new();
-                for &(a, b) in &diffs {
-                    let mut p = align_down(a, PIECE_BYTES);
-                    while p < b {
-                        let p_end = (p + PIECE_BYTES).min(chunk_end);
-                        let bytes =
-                            &mut old[(p - span_start) as usize..(p_end - span_start) as usize];
-                        apply_source(bytes, p, offset, end, src);
-                        pieces.push((((p - chunk_start) / PIECE_BYTES) as u32, p, p_end));
-                        p = p_end;
+    /// The plan of a write into a chunk whose new contents are held in `deferred` (its
+    /// preserved copy is queued): merged into the held pieces, compared piece by piece like
+    /// any write.
+    fn plan_merge(
+        &self,
+        chunk_index: u64,
+        offset: u64,
+        length: u64,
+        src: Source<'_>,
+    ) -> Result<ChunkPlan> {
+        let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
+        let end = offset + length;
+        let mut plan = ChunkPlan {
+            chunk_index,
+            length,
+            differing: 0,
+            diffs: Vec::new(),
+            action: Action::Merge,
+            held: HeldPieces::default(),
+        };
+        let mut bytes = [0u8; PIECE_BYTES as usize];
+        let mut p = align_down(offset, PIECE_BYTES);
+        while p < end {
+            let p_end = (p + PIECE_BYTES).min(chunk_end);
+            let piece_index = ((p - chunk_start) / PIECE_BYTES) as u32;
+            let bytes = &mut bytes[..(p_end - p) as usize];
+            let held = self
+                .deferred
+                .read_piece(chunk_index, piece_index, bytes)
+                .map_err(self.io_err(|| "reading deferred data from the scratch file"))?;
+            if !held {
+                // Not held: the origin still has this piece's current contents.
+                self.origin.read_at(bytes, p).map_err(
+                    self.io_err(|| format!("reading chunk {chunk_index} of the origin")),
+                )?;
+            }
+            let a = p.max(offset);
+            let b = p_end.min(end);
+            let before = &bytes[(a - p) as usize..(b - p) as usize];
+            let same = match src {
+                Source::Data(d) => before == &d[(a - offset) as usize..(b - offset) as usize],
+                Source::Zeroes => before.iter().all(|&x| x == 0),
+            };
+            if !same {
+                apply_source(bytes, p, offset, end, src);
+                plan.held.push(piece_index, p, bytes);
+                plan.differing += b - a;
+            }
+            p = p_end;
+        }
+        if plan.held.is_empty() {
+            plan.action = Action::Nothing;
+        }
+        Ok(plan)
+    }
+
+    /// Reserves what `plans` need before any of them changes anything: a store slot for
+    /// each copy (a copy the store-full policy made unneeded turns into an in-place
+    /// write), scratch space for every held piece, and origin blocks for every byte that
+    /// will be written to a sparse origin, now or by the group commit. All or nothing: on
+    /// an error every slot taken is released and the request is refused.
+    fn reserve_plans<'d>(
+        &'d self,
+        plans: &mut [ChunkPlan],
+        src: Source<'_>,
+    ) -> Result<Reserved<'d>> {
+        let mut reserved = Reserved { scratch: None };
+        let result = (|| {
+            for plan in plans.iter_mut() {
+                if let Action::Copy { until, entry } = &mut plan.action {
+                    match self.reserve_copy(plan.chunk_index, *until)? {
+                        Some(e) => *entry = Some(e),
+                        // The policy pruned every snapshot that needed the copy.
+                        None => plan.action = Action::InPlace,
                     }
                 }
-                let held = pieces.iter().map(|&(i, p, p_end)| {
-                    (
-                        i,
-                        &old[(p - span_start) as usize..(p_end - span_start) as usize],
-                    )
-                });
-                if let Err(e) = self.deferred.put(chunk_index, held) {
-                    // Nothing is queued for the slot: it is free again.
+            }
+            let held: usize = plans
+                .iter()
+                .filter(|p| matches!(p.action, Action::Copy { .. } | Action::Merge))
+                .map(|p| p.held.pieces.len())
+                .sum();
+            if held > 0 {
+                reserved.scratch = Some(self.deferred.reserve(held as u64).map_err(
+                    self.io_err(|| "reserving space for deferred data in the scratch file"),
+                )?);
+            }
+            if self.origin_may_have_holes() {
+                let mut ranges = Vec::new();
+                for plan in plans.iter() {
+                    plan.origin_ranges(self.config.size_bytes, src, &mut ranges);
+                }
+                self.reserve_origin(ranges)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for plan in plans.iter_mut() {
+                if let Action::Copy {
+                    entry: Some(entry), ..
+                } = &plan.action
+                {
+                    // Nothing refers to the slot: it is free again.
+                    self.stores.release(entry.store_index, entry.slot_index);
+                }
+            }
+            return Err(e);
+        }
+        Ok(reserved)
+    }
+
+    /// Carries out one chunk's plan with what `reserve_plans` reserved for it.
+    fn apply_plan(
+        &self,
+        plan: ChunkPlan,
+        offset: u64,
+        src: Source<'_>,
+        reserved: &mut Reserved<'_>,
+    ) -> Result<()> {
+        let chunk_index = plan.chunk_index;
+        self.counters
+            .bytes_skipped_identical
+            .fetch_add(plan.length - plan.differing, Ordering::Relaxed);
+        match plan.action {
+            Action::Nothing => return Ok(()),
+            Action::InPlace => {
+                for &(a, b) in &plan.diffs {
+                    self.write_origin(a, b, offset, src, chunk_index)?;
+                }
+                // After the writes, so a flush that reads the count covers them.
+                self.origin_writes.fetch_add(1, Ordering::Release);
+            }
+            Action::Copy { entry, .. } => {
+                let entry = entry.expect("reserve_plans reserved a slot for every copy");
+                let scratch = reserved.scratch.as_mut().expect("scratch reserved");
+                if let Err(e) = self.deferred.put(chunk_index, plan.held.iter(), scratch) {
+                    // The put held nothing and nothing is queued for the slot: it is free
+                    // again, and the chunk is as it was.
                     self.stores.release(entry.store_index, entry.slot_index);
                     return Err(self.io_err(|| "holding deferred data in the scratch file")(
                         e,
@@ -244,18 +615,16 @@ impl Volume {
                     entry,
                     copy_due: true,
                 });
-                self.count_origin_written(differing);
-                return Ok(());
             }
-
-            for (a, b) in diffs {
-                self.write_origin(a, b, offset, src, chunk_index)?;
+            Action::Merge => {
+                let scratch = reserved.scratch.as_mut().expect("scratch reserved");
+                self.deferred
+                    .put(chunk_index, plan.held.iter(), scratch)
+                    .map_err(self.io_err(|| "holding deferred data in the scratch file"))?;
             }
-            // After the writes, so a flush that reads the count covers them.
-            self.origin_writes.fetch_add(1, Ordering::Release);
-            self.count_origin_written(differing);
-            Ok(())
-        })
+        }
+        self.count_origin_written(plan.differing);
+        Ok(())
     }
 
     /// For restore, which holds the barrier exclusively: compares `data` (the chunk's new
@@ -334,62 +703,6 @@ impl Volume {
         }
     }
 
-    /// A write into a chunk whose new contents are held in `deferred` (its preserved copy is
-    /// queued): merged into the held pieces, compared piece by piece like any write.
-    fn write_deferred(
-        &self,
-        chunk_index: u64,
-        offset: u64,
-        length: u64,
-        src: Source<'_>,
-    ) -> Result<()> {
-        let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
-        let end = offset + length;
-        let mut pieces = Vec::new();
-        let mut differing = 0u64;
-        let mut p = align_down(offset, PIECE_BYTES);
-        while p < end {
-            let p_end = (p + PIECE_BYTES).min(chunk_end);
-            let piece_index = ((p - chunk_start) / PIECE_BYTES) as u32;
-            let mut bytes: Box<[u8]> = vec![0u8; (p_end - p) as usize].into();
-            let held = self
-                .deferred
-                .read_piece(chunk_index, piece_index, &mut bytes)
-                .map_err(self.io_err(|| "reading deferred data from the scratch file"))?;
-            if !held {
-                // Not held: the origin still has this piece's current contents.
-                self.origin.read_at(&mut bytes, p).map_err(
-                    self.io_err(|| format!("reading chunk {chunk_index} of the origin")),
-                )?;
-            }
-            let a = p.max(offset);
-            let b = p_end.min(end);
-            let before = &bytes[(a - p) as usize..(b - p) as usize];
-            let same = match src {
-                Source::Data(d) => before == &d[(a - offset) as usize..(b - offset) as usize],
-                Source::Zeroes => before.iter().all(|&x| x == 0),
-            };
-            if !same {
-                apply_source(&mut bytes, p, offset, end, src);
-                pieces.push((piece_index, bytes));
-                differing += b - a;
-            }
-            p = p_end;
-        }
-        self.counters
-            .bytes_skipped_identical
-            .fetch_add(length - differing, Ordering::Relaxed);
-        if !pieces.is_empty() {
-            self.deferred
-                .put(chunk_index, pieces.iter().map(|(i, b)| (*i, &b[..])))
-                .map_err(self.io_err(|| "holding deferred data in the scratch file"))?;
-            self.counters
-                .origin_bytes_written
-                .fetch_add(differing, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
     /// Writes `[a, b)` of the new contents to the origin.
     fn write_origin(
         &self,
@@ -406,41 +719,85 @@ impl Volume {
                 .write_at(&d[(a - offset) as usize..(b - offset) as usize], a)
                 .map_err(err()),
             Source::Zeroes => {
-                let size = self.config.size_bytes;
-                let inner_a = a.next_multiple_of(PIECE_BYTES);
-                let inner_b = if b == size {
-                    b
-                } else {
-                    align_down(b, PIECE_BYTES)
-                };
-                if inner_a >= inner_b {
-                    // No whole piece inside: write zeros (less than two pieces).
-                    let mut at = a;
-                    while at < b {
-                        let n = (b - at).min(PIECE_BYTES);
+                // Whole pieces punched, the rest (less than two pieces when nothing is
+                // punched, less than one on each side otherwise) written with zeros.
+                let (punch, written) = zero_parts(a, b, self.config.size_bytes);
+                for (x, y) in written {
+                    let mut at = x;
+                    while at < y {
+                        let n = (y - at).min(PIECE_BYTES);
                         self.origin
                             .write_at(&ZERO_PIECE[..n as usize], at)
                             .map_err(err())?;
                         at += n;
                     }
-                    return Ok(());
                 }
-                if a < inner_a {
-                    self.origin
-                        .write_at(&ZERO_PIECE[..(inner_a - a) as usize], a)
-                        .map_err(err())?;
-                }
-                self.origin
-                    .discard(inner_a, inner_b - inner_a)
-                    .map_err(err())?;
-                if inner_b < b {
-                    self.origin
-                        .write_at(&ZERO_PIECE[..(b - inner_b) as usize], inner_b)
-                        .map_err(err())?;
+                if let Some((x, y)) = punch {
+                    let punched = self.origin.discard(x, y - x);
+                    self.note_origin_punch();
+                    punched.map_err(err())?;
                 }
                 Ok(())
             }
         }
+    }
+
+    /// Whether writes must reserve their origin ranges first (see [`OriginSpace`]).
+    fn origin_may_have_holes(&self) -> bool {
+        let s = &self.origin_space;
+        !s.cannot_reserve.load(Ordering::Relaxed)
+            && s.clean_at.load(Ordering::Acquire) != s.punches.load(Ordering::Acquire)
+    }
+
+    /// Counts a punch of the origin (after it, whether or not it succeeded).
+    fn note_origin_punch(&self) {
+        self.origin_space.punches.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Reserves the origin ranges a write will change (sorted and coalesced here). ENOSPC
+    /// refuses the write; a file system that cannot reserve stops the reservations (its
+    /// writes report any lack of space themselves).
+    fn reserve_origin(&self, mut ranges: Vec<(u64, u64)>) -> Result<()> {
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (a, b) in ranges {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        for (a, b) in merged {
+            match self.origin.reserve(a, b - a) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                    ) =>
+                {
+                    tracing::debug!(volume = %self.config.name, error = %e, "cannot reserve space on the origin");
+                    self.origin_space
+                        .cannot_reserve
+                        .store(true, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(self.io_err(|| {
+                        format!("reserving space on the origin for the write at {a}")
+                    })(e));
+                }
+            }
+        }
+        let s = &self.origin_space;
+        if s.reserves.fetch_add(1, Ordering::Relaxed) % ORIGIN_HOLES_RECHECK_RESERVES
+            == ORIGIN_HOLES_RECHECK_RESERVES - 1
+        {
+            let punches = s.punches.load(Ordering::Acquire);
+            if !origin_has_holes(self.origin.as_ref(), self.config.size_bytes) {
+                s.clean_at.store(punches, Ordering::Release);
+            }
+        }
+        Ok(())
     }
 
     /// Copies `data` (one whole chunk) into a store slot, not yet synced. `Ok(None)`: the
@@ -645,7 +1002,7 @@ impl Volume {
                 drop(st);
                 return match self.failed.get() {
                     Some(_) => Err(self.failed_error()),
-                    None => Ok(()),
+                    None => self.drain_undrained(),
                 };
             }
             if self.failed.get().is_some() {
@@ -721,7 +1078,25 @@ impl Volume {
         {
             let mut js = self.journal.lock();
             let record = [Record::Preserve(entries)];
-            self.journal_commit(&mut js, &record)?;
+            if let Err(e) = self.journal_commit(&mut js, &record) {
+                if self.failed.get().is_none() {
+                    // No space for the frame (the volume is fine): the batch goes back to
+                    // the front of the queue, its copies made. They stay valid: a chunk's
+                    // origin bytes do not change while its new data is held.
+                    let [Record::Preserve(entries)] = record else {
+                        unreachable!("built above")
+                    };
+                    let mut st = self.group.state.lock();
+                    st.pending.splice(
+                        0..0,
+                        entries.into_iter().map(|entry| Queued {
+                            entry,
+                            copy_due: false,
+                        }),
+                    );
+                }
+                return Err(e);
+            }
             let freed = self.tables.write().apply(&record[0]);
             for (store_index, slot_index) in freed {
                 self.stores.release(store_index, slot_index);
@@ -730,18 +1105,68 @@ impl Volume {
         }
         chunks.sort_unstable();
         chunks.dedup();
+        let mut no_space = Vec::new();
         for chunk_index in chunks {
-            let _chunk = self.chunk_lock(chunk_index).write();
-            self.deferred
-                .drain_chunk(chunk_index, |pieces| self.write_pieces(chunk_index, pieces))
-                .map_err(|e| {
-                    self.fail(format!(
-                        "writing the deferred data of chunk {chunk_index} to the origin failed ({e}); acknowledged writes may be lost"
-                    ))
-                })?;
-            self.origin_writes.fetch_add(1, Ordering::Release);
+            if self.drain_held(chunk_index)? {
+                no_space.push(chunk_index);
+            }
+        }
+        if !no_space.is_empty() {
+            tracing::warn!(volume = %self.config.name, chunks = no_space.len(), "no space on the origin for data held for a group commit; it stays held and is written by the next commit or flush");
+            self.undrained.lock().extend(no_space);
         }
         Ok(())
+    }
+
+    /// Writes the held pieces of a chunk whose entry is committed to the origin, under the
+    /// chunk's lock, and drops them. `Ok(true)`: the file system had no space; the pieces
+    /// stay held (reads still see them) for a later try. Any other error fails the volume.
+    fn drain_held(&self, chunk_index: u64) -> Result<bool> {
+        let _chunk = self.chunk_lock(chunk_index).write();
+        match self
+            .deferred
+            .drain_chunk(chunk_index, |pieces| self.write_pieces(chunk_index, pieces))
+        {
+            Ok(()) => {
+                self.origin_writes.fetch_add(1, Ordering::Release);
+                Ok(false)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                // Part of the pieces may be on the origin: harmless, they are written
+                // again, and reads see the held ones over the origin meanwhile.
+                self.origin_writes.fetch_add(1, Ordering::Release);
+                Ok(true)
+            }
+            Err(e) => Err(self.fail(format!(
+                "writing the deferred data of chunk {chunk_index} to the origin failed ({e}); acknowledged writes may be lost"
+            ))),
+        }
+    }
+
+    /// Tries again to write the held pieces a commit had no space for. Until they are on
+    /// the origin, a flush or a snapshot cannot succeed: ENOSPC.
+    fn drain_undrained(&self) -> Result<()> {
+        let mut undrained = self.undrained.lock();
+        if undrained.is_empty() {
+            return Ok(());
+        }
+        let chunks: Vec<u64> = undrained.iter().copied().collect();
+        for chunk_index in chunks {
+            if !self.drain_held(chunk_index)? {
+                undrained.remove(&chunk_index);
+            }
+        }
+        if undrained.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Io {
+            volume: self.config.name.clone(),
+            context: format!(
+                "writing data held for {} chunk(s) to the origin (acknowledged, kept in memory and written once there is space)",
+                undrained.len()
+            ),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        })
     }
 
     /// Copies a queued chunk's old contents from the origin into its entry's slot (another
@@ -777,7 +1202,9 @@ impl Volume {
             let at = chunk_start + piece_index as u64 * PIECE_BYTES;
             if bytes.iter().all(|&b| b == 0) {
                 flush_run(&mut run, run_start)?;
-                self.origin.discard(at, bytes.len() as u64)?;
+                let punched = self.origin.discard(at, bytes.len() as u64);
+                self.note_origin_punch();
+                punched?;
                 continue;
             }
             if run.is_empty() || at != run_end {
