@@ -332,7 +332,7 @@ def run_peer(h, tier, p, rep, image, big):
     for wl in TIER_WORKLOADS[tier]:
         if big:
             drop_caches()
-        extra = {"BENCH_SIZE": str(p.size)}
+        extra = {"BENCH_SIZE": str(p.size), "BENCH_IO_BYTES": str(p.size // 16)}
         if big:
             extra["BENCH_RUNTIME"] = str(h.args.bigger_runtime)
         r = h.fio(wl, p.fio_env(), p.pid, extra_env=extra, tag=f"{tier}:{p.id}")

@@ -82,10 +82,7 @@ impl Committer {
                     let Some(v) = weak.upgrade() else { break };
                     let queued = v.wait_for_queued(Self::IDLE_WAIT);
                     v.start_writeback_if_due();
-                    if queued
-                        && !stop_seen.load(Ordering::Acquire)
-                        && v.commit_queued().is_err()
-                    {
+                    if queued && !stop_seen.load(Ordering::Acquire) && v.commit_queued().is_err() {
                         if v.failure().is_some() {
                             break; // the volume failed; every later request says so
                         }
