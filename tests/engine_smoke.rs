@@ -196,7 +196,13 @@ fn small_tmpfs(dir: &std::path::Path, size: &str) -> Option<Unmount> {
     }
     std::fs::create_dir_all(dir).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size},mode=0700"),
+            "tmpfs",
+        ])
         .arg(dir)
         .status()
         .unwrap();
