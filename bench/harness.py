@@ -583,9 +583,10 @@ class Harness:
         if damon:
             self.notes.append(
                 "the kernel's DAMON is active on this machine (" + "; ".join(damon) + "): page cache "
-                "that no one touches for that long is paged out. bench/run therefore puts every peer's "
-                "backing files into the same page-cache state before each run (written back, fully cached "
-                "in 4 KiB folios; see settle() in bench/harness.py)")
+                "that no one touches for that long is paged out. The tiers measure each peer right after "
+                "its own fill (within a minute or two); the settled tier puts every peer's backing files "
+                "into the same page-cache state before each run (written back, fully cached in 4 KiB "
+                "folios; see settle() in bench/harness.py)")
         self.meta.update(
             {
                 "started": now_iso(),
