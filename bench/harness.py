@@ -1282,7 +1282,7 @@ def main():
     ap.add_argument("--runtime", type=int, help="seconds per time-based fio run")
     ap.add_argument("--size", help="export size (default 1G; 256M with --quick)")
     ap.add_argument("--bigger-size", help="export size of the larger-than-memory tier and createload "
-                    "(default 4G; 1G with --quick); servers get a memory cgroup of 1/8 of it")
+                    "(default 4G; 512M with --quick); servers get a memory cgroup of 1/8 of it")
     ap.add_argument("--settled-reps", type=int, help="repetitions of the settled-tier phases "
                     "(firstwrite ... memory; default 1, or --reps when given)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (seed images) afterwards")
@@ -1295,7 +1295,7 @@ def main():
     a.reps = a.reps or (1 if q else 3)
     a.runtime = a.runtime or (2 if q else 8)
     a.size = a.size or ("256M" if q else "1G")
-    a.bigger_size = parse_size(a.bigger_size or ("1G" if q else "4G"))
+    a.bigger_size = parse_size(a.bigger_size or ("512M" if q else "4G"))
     a.bigger_runtime = 2 if q else 10
     a.createload_count = 5 if q else 20
     a.out = a.out or os.path.join(BENCH_DIR, "results", "quick.json" if q else "latest.json")

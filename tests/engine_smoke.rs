@@ -384,7 +384,7 @@ fn a_full_file_system_refuses_writes_and_never_fails_the_volume() {
 }
 
 #[test]
-fn origin_writeback_starts_after_every_16_mib_written_and_not_for_identical_data() {
+fn origin_writeback_starts_after_every_8_mib_written_and_not_for_identical_data() {
     use snapvol::io::{CountingDisk, MemDisk};
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
@@ -402,22 +402,22 @@ fn origin_writeback_starts_after_every_16_mib_written_and_not_for_identical_data
     let started = || counting.counts().writebacks_started;
     let mib = |n: u64, byte: u8| vec![byte; (n << 20) as usize];
 
-    v.write(0, &mib(10, 1)).unwrap();
+    v.write(0, &mib(5, 1)).unwrap();
     v.start_writeback_if_due();
-    assert_eq!(started(), 0, "10 MiB written: under the mark");
-    v.write(10 << 20, &mib(10, 1)).unwrap();
+    assert_eq!(started(), 0, "5 MiB written: under the mark");
+    v.write(5 << 20, &mib(5, 1)).unwrap();
     v.start_writeback_if_due();
-    assert_eq!(started(), 1, "20 MiB written: past the mark");
+    assert_eq!(started(), 1, "10 MiB written: past the mark");
     v.start_writeback_if_due();
     assert_eq!(started(), 1, "nothing written since the last start");
     // Identical data is not written, so it does not count.
-    v.write(0, &mib(20, 1)).unwrap();
+    v.write(0, &mib(10, 1)).unwrap();
     v.start_writeback_if_due();
     assert_eq!(started(), 1, "identical rewrite");
     // First writes after a snapshot count once held (they reach the origin at the commit).
     v.create_snapshot("s").unwrap();
-    v.write(0, &mib(17, 2)).unwrap();
+    v.write(0, &mib(9, 2)).unwrap();
     v.start_writeback_if_due();
-    assert_eq!(started(), 2, "17 MiB of first writes");
+    assert_eq!(started(), 2, "9 MiB of first writes");
     v.close().unwrap();
 }

@@ -140,7 +140,7 @@ pub const SNAPSHOT_COUNT_MAX: u64 = 100_000;
 /// Dirty origin data a volume lets build up before it starts writing it back (see
 /// `Volume::start_writeback_if_due`): what a snapshot create or flush may have to wait for
 /// is about this much plus what the device has not finished yet.
-const WRITEBACK_AHEAD_BYTES: u64 = 16 << 20;
+const WRITEBACK_AHEAD_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Default)]
 struct AtomicCounters {

@@ -27,7 +27,7 @@ thread_local! {
 /// stores and synced): a flush or snapshot create waits for at most this much to reach the
 /// disk (with the origin's dirty data, bounded by `WRITEBACK_AHEAD_BYTES`). Writers past
 /// it lead a commit themselves, so first writes run at the rate copies become durable.
-pub(super) const DEFERRED_PRESERVE_BYTES_MAX: u64 = 16 << 20;
+pub(super) const DEFERRED_PRESERVE_BYTES_MAX: u64 = 8 << 20;
 /// Most mapping entries queued at once, whatever the chunk size (1 GiB of 64 KiB chunks):
 /// each costs about 200 bytes of memory until its commit (entry, held-piece index).
 pub(super) const DEFERRED_ENTRIES_MAX: u64 = 16_384;
