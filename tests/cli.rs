@@ -2,6 +2,8 @@
 //! damaged metadata/journal files. Each test runs the real binary against its own data
 //! directory in a temporary directory.
 
+mod fs_modes;
+use fs_modes::{mode_of, umask_000};
 use serde_json::Value;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -977,26 +979,6 @@ fn full_snapshot_store_refuses_or_prunes() {
     let list = sb.json(&["snapshot", "list", "prune-oldest", "--json"]);
     assert_eq!(list, serde_json::json!({"snapshots": []}));
     sb.ok(&["check", "prune-oldest"]);
-}
-
-/// Runs `cmd`'s child under umask 000, so that any mode the binary leaves to the umask
-/// shows as world-writable.
-fn umask_000(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: umask is async-signal-safe and touches only the child's own state.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::umask(0);
-            Ok(())
-        })
-    }
-}
-
-fn mode_of(path: &Path) -> u32 {
-    std::fs::symlink_metadata(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .mode()
-        & 0o7777
 }
 
 #[test]

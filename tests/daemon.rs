@@ -3,6 +3,8 @@
 //! SIGTERM, the default volume, and, with a minimal NBD client, the restore rule, the
 //! connection limit and shutdown with clients connected.
 
+mod fs_modes;
+use fs_modes::{mode_of, umask_000};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -1103,27 +1105,6 @@ fn exports_to_a_fifo_or_socket_are_refused_without_blocking() {
     // The daemon is still free: the next command runs at once.
     sb.ok(&["export", "v@s", "s.img"]);
     daemon.stop();
-}
-
-/// Runs `cmd`'s child under umask 000, so that any mode the binary leaves to the umask
-/// shows as world-writable.
-fn umask_000(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: umask is async-signal-safe and touches only the child's own state.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::umask(0);
-            Ok(())
-        })
-    }
-}
-
-fn mode_of(path: &Path) -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .mode()
-        & 0o7777
 }
 
 #[test]
