@@ -14,6 +14,7 @@ mod map;
 mod meta;
 mod newest;
 mod open;
+mod readahead;
 mod restore;
 mod snapshot;
 mod status;
@@ -253,6 +254,9 @@ pub struct Volume {
     /// `WRITEBACK_AHEAD_BYTES` more are written, the committer starts it again, so the
     /// dirty data a snapshot create (or a flush) must sync stays bounded.
     writeback_started_bytes: AtomicU64,
+    /// Clients streaming through the volume, whose next reads of the origin are asked for
+    /// ahead (the origin's own read-ahead is off).
+    streams: readahead::Streams,
     /// Serialises the prune-oldest decision, so concurrent writers that found the stores
     /// full prune one snapshot at a time and retry before pruning another.
     prune: Mutex<()>,
@@ -374,6 +378,7 @@ impl Volume {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.ensure_ok()?;
         self.check_range(offset, buf.len() as u64)?;
+        self.read_ahead_if_streaming(offset, buf.len() as u64);
         self.deferred
             .read_with(self.chunk_bytes(), offset, buf, |b| {
                 self.origin.read_at(b, offset)
@@ -402,7 +407,17 @@ impl Volume {
         {
             return false;
         }
+        self.read_ahead_if_streaming(offset, len as u64);
         self.origin.raw_at(offset, len, f)
+    }
+
+    /// Asks for the origin's next bytes ahead when `[offset, offset + length)` continues a
+    /// client's stream through the volume (see `readahead`). A hint only: it starts reads
+    /// and does not wait for them.
+    fn read_ahead_if_streaming(&self, offset: u64, length: u64) {
+        if let Some((start, len)) = self.streams.note(offset, length, self.config.size_bytes) {
+            let _ = self.origin.will_need(start, len);
+        }
     }
 
     /// Starts writing the origin's dirty pages back (without waiting) once

@@ -549,6 +549,7 @@ impl Volume {
                     .origin_bytes_written
                     .load(std::sync::atomic::Ordering::Relaxed),
             ),
+            streams: Default::default(),
             prune: Mutex::new(()),
             counters,
             failed: OnceLock::new(),

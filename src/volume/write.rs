@@ -261,6 +261,10 @@ impl Volume {
         self.counters
             .client_bytes_written
             .fetch_add(length, Ordering::Relaxed);
+        if matches!(src, Source::Data(_)) {
+            // Its compare reads the old data: a stream of writes gets it read ahead.
+            self.read_ahead_if_streaming(offset, length);
+        }
         self.wait_for_deferred_room()?;
         let result = {
             let _barrier = self.barrier.read();

@@ -1,0 +1,177 @@
+//! Read-ahead for clients that stream through a volume.
+//!
+//! The origin is read with the kernel's read-ahead off (`POSIX_FADV_RANDOM` on the file,
+//! `MADV_RANDOM` on its map): on a volume larger than memory, read-ahead made every random
+//! 4 KiB write read megabytes. A client that streams through the volume instead (a copy, a
+//! backup, an identical rewrite, whose compares read the old data) would then wait for each
+//! read of cold data in turn. [`Streams`] notices requests that continue where an earlier
+//! one ended and names the next [`AHEAD_BYTES`] to ask for in advance (the caller passes it
+//! to `Storage::will_need`, which starts the reads and does not wait for them).
+//!
+//! Several streams at once (nbdcopy copies with several connections, each at its own
+//! place), requests of one stream arriving a little out of order (many in flight), and
+//! random requests that must cost almost nothing: a small table of streams under a lock
+//! that is only tried, never waited for.
+
+use parking_lot::Mutex;
+
+/// Streams followed at once; a request that continues none of them replaces the one used
+/// longest ago.
+const STREAMS_MAX: usize = 8;
+/// How far ahead of a stream's end the origin is asked for.
+pub(crate) const AHEAD_BYTES: u64 = 8 << 20;
+/// A new hint is given once this much of the window ahead has been used (fewer, larger
+/// hints).
+const HINT_STEP_BYTES: u64 = AHEAD_BYTES / 4;
+/// A request continues a stream if it starts within this distance of the stream's end
+/// (either side: requests in flight together arrive in any order).
+const GAP_BYTES: u64 = 1 << 20;
+/// Requests continuing a stream before it is read ahead (a random request followed by a
+/// neighbour is not a stream yet).
+const CONTINUATIONS_MIN: u32 = 2;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Stream {
+    /// The largest end of a request of this stream.
+    end: u64,
+    /// Hinted up to here already.
+    hinted_end: u64,
+    /// Requests that continued it.
+    continuations: u32,
+    /// When a request last used it (a tick of the table).
+    used_tick: u64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    streams: [Stream; STREAMS_MAX],
+    tick: u64,
+}
+
+/// Sequential-access detector of one volume (see the module's documentation).
+#[derive(Debug, Default)]
+pub(crate) struct Streams {
+    table: Mutex<Table>,
+}
+
+impl Streams {
+    /// Notes a request of `[offset, offset + length)` on a volume of `size_bytes`; returns
+    /// the range `(offset, length)` to ask for ahead, if any.
+    pub(crate) fn note(&self, offset: u64, length: u64, size_bytes: u64) -> Option<(u64, u64)> {
+        let end = offset.checked_add(length)?;
+        debug_assert!(end <= size_bytes);
+        let mut table = self.table.try_lock()?; // contended: skip, a hint only
+        table.tick = table.tick.wrapping_add(1);
+        let tick = table.tick;
+        let continued = table.streams.iter_mut().find(|s| {
+            s.used_tick != 0
+                && offset <= s.end.saturating_add(GAP_BYTES)
+                && end.saturating_add(GAP_BYTES) >= s.end
+        });
+        let Some(stream) = continued else {
+            let oldest = table
+                .streams
+                .iter_mut()
+                .min_by_key(|s| s.used_tick)
+                .expect("STREAMS_MAX > 0");
+            *oldest = Stream {
+                end,
+                hinted_end: end,
+                continuations: 0,
+                used_tick: tick,
+            };
+            return None;
+        };
+        stream.used_tick = tick;
+        stream.end = stream.end.max(end);
+        stream.continuations = stream.continuations.saturating_add(1);
+        if stream.continuations < CONTINUATIONS_MIN {
+            return None;
+        }
+        let want_end = stream.end.saturating_add(AHEAD_BYTES).min(size_bytes);
+        let start = stream.hinted_end.max(stream.end);
+        if want_end <= start || (want_end - start < HINT_STEP_BYTES && want_end < size_bytes) {
+            return None;
+        }
+        stream.hinted_end = want_end;
+        Some((start, want_end - start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const SIZE: u64 = 1 << 40;
+
+    /// Runs requests `(offset, length)` through one table; returns the hints given.
+    fn hints(requests: &[(u64, u64)], size_bytes: u64) -> Vec<(u64, u64)> {
+        let s = Streams::default();
+        requests
+            .iter()
+            .filter_map(|&(o, l)| s.note(o, l, size_bytes))
+            .collect()
+    }
+
+    #[test]
+    fn a_sequential_stream_is_read_ahead_once_per_step() {
+        let reqs: Vec<(u64, u64)> = (0..64).map(|i| (i * 256 * 1024, 256 * 1024)).collect();
+        let h = hints(&reqs, SIZE);
+        // The third request is the second continuation: from its end, AHEAD_BYTES.
+        assert_eq!(h[0], (768 * 1024, AHEAD_BYTES));
+        // Later hints continue exactly where the previous ended, at least a step long.
+        for w in h.windows(2) {
+            assert_eq!(w[1].0, w[0].0 + w[0].1, "{h:?}");
+            assert!(w[1].1 >= HINT_STEP_BYTES);
+        }
+        // 16 MiB requested: the hints reach AHEAD_BYTES past the end, no further.
+        let last = h.last().unwrap();
+        assert!(last.0 + last.1 <= 16 * MIB + AHEAD_BYTES);
+        assert!(last.0 + last.1 > 16 * MIB + AHEAD_BYTES - HINT_STEP_BYTES);
+    }
+
+    #[test]
+    fn random_requests_get_no_hints() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let reqs: Vec<(u64, u64)> = (0..10_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x % (SIZE / 4096)) * 4096, 4096)
+            })
+            .collect();
+        assert_eq!(hints(&reqs, SIZE), vec![]);
+    }
+
+    #[test]
+    fn interleaved_streams_and_out_of_order_arrivals_are_followed() {
+        // Four streams 1 GiB apart, requests of each arriving in pairs swapped.
+        let mut reqs = Vec::new();
+        for i in 0..32u64 {
+            let j = i ^ 1;
+            for s in 0..4u64 {
+                reqs.push((s * 1024 * MIB + j * 128 * 1024, 128 * 1024));
+            }
+        }
+        let h = hints(&reqs, SIZE);
+        for s in 0..4u64 {
+            let base = s * 1024 * MIB;
+            assert!(
+                h.iter().any(|&(o, _)| o >= base && o < base + 2 * MIB),
+                "stream {s} not read ahead: {h:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hints_stop_at_the_end_of_the_volume() {
+        let size = 4 * MIB;
+        let reqs: Vec<(u64, u64)> = (0..16).map(|i| (i * 256 * 1024, 256 * 1024)).collect();
+        let h = hints(&reqs, size);
+        assert!(!h.is_empty());
+        assert!(h.iter().all(|&(o, l)| o + l <= size), "{h:?}");
+        assert_eq!(h.last().map(|&(o, l)| o + l), Some(size));
+    }
+}
