@@ -32,11 +32,8 @@ impl Volume {
         let _barrier = self.barrier.write();
         let target = self.tables.read().snapshot_id(&self.config.name, name)?;
         let safety_name = self.safety_snapshot_name();
-        let safety = self.create_snapshot_locked(&safety_name)?;
-        self.commit_restore_record(Record::RestoreBegin {
-            target_snapshot_id: target,
-            safety_snapshot_id: safety.id,
-        })?;
+        // The safety snapshot and the restore's start in one journal frame: both or neither.
+        self.create_snapshot_with(&safety_name, Some(target))?;
         tracing::info!(volume = %self.config.name, snapshot = %name, safety = %safety_name, "restore started");
         if let Err(e) = self.run_restore() {
             // Later client writes would be overwritten when the restore resumes on the next

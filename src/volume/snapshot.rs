@@ -180,6 +180,18 @@ impl Volume {
 
     /// Caller holds the barrier exclusively (no write in flight).
     pub(super) fn create_snapshot_locked(&self, name: &str) -> Result<SnapshotInfo> {
+        self.create_snapshot_with(name, None)
+    }
+
+    /// Creates snapshot `name` (caller holds the barrier exclusively); with `restore_to`,
+    /// the same journal frame records that a restore to that snapshot id begins, with the
+    /// new snapshot as its safety snapshot, so a restore that cannot be recorded (no space
+    /// for the frame) leaves no snapshot behind either.
+    pub(super) fn create_snapshot_with(
+        &self,
+        name: &str,
+        restore_to: Option<u64>,
+    ) -> Result<SnapshotInfo> {
         {
             let t = self.tables.read();
             if t.by_name.contains_key(name) {
@@ -202,13 +214,26 @@ impl Volume {
         let mut js = self.journal.lock();
         let snapshot_id = self.tables.read().next_snapshot_id;
         let created_unix_ns = now_unix_ns();
-        let record = Record::SnapshotCreate {
+        let mut records = vec![Record::SnapshotCreate {
             snapshot_id,
             name: name.to_string(),
             created_unix_ns,
-        };
-        self.journal_commit(&mut js, std::slice::from_ref(&record))?;
-        self.tables.write().apply(&record);
+        }];
+        if let Some(target_snapshot_id) = restore_to {
+            records.push(Record::RestoreBegin {
+                target_snapshot_id,
+                safety_snapshot_id: snapshot_id,
+            });
+        }
+        self.journal_commit(&mut js, &records)?;
+        {
+            let mut restore = js.restore;
+            let mut t = self.tables.write();
+            for record in &records {
+                t.apply_with_restore(record, &mut restore);
+            }
+            js.restore = restore;
+        }
         self.maybe_checkpoint(&mut js)?;
         tracing::info!(volume = %self.config.name, snapshot = %name, id = snapshot_id, "snapshot created");
         Ok(SnapshotInfo {

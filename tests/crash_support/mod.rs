@@ -489,6 +489,8 @@ struct RestoreModel {
     target: Vec<u32>,
     /// Per block, the values allowed before the restore began.
     before: Vec<Vec<u32>>,
+    /// Per block, the index in its history of the restore's write (later writes follow).
+    at: Vec<usize>,
 }
 
 /// Name under which a restore's safety snapshot is modelled before its name is known.
@@ -698,6 +700,7 @@ impl Model {
                 self.restores.push(RestoreModel {
                     target: target_values,
                     before,
+                    at: writes.clone(),
                 });
                 self.ops.insert(*id, OpState::Restore { safety, writes });
             }
@@ -796,11 +799,19 @@ impl Model {
         }
         // An interrupted restore finishes on reopen: once any block shows the restored
         // value where it could not be there otherwise, every block must.
+        // (A request refused by the restore's own error, e.g. no space, may be followed by
+        // writes: a value a later write put there proves nothing either way.)
         for rm in &self.restores {
-            let began = (0..blocks)
-                .find(|&b| live_blocks[b] == rm.target[b] && !rm.before[b].contains(&rm.target[b]));
+            let later = |b: usize| &self.hist[b][rm.at[b] + 1..];
+            let began = (0..blocks).find(|&b| {
+                live_blocks[b] == rm.target[b]
+                    && !rm.before[b].contains(&rm.target[b])
+                    && !later(b).contains(&rm.target[b])
+            });
             if let Some(b0) = began
-                && let Some(b) = (0..blocks).find(|&b| live_blocks[b] != rm.target[b])
+                && let Some(b) = (0..blocks).find(|&b| {
+                    live_blocks[b] != rm.target[b] && !later(b).contains(&live_blocks[b])
+                })
             {
                 return Err(format!(
                     "interrupted restore did not finish: block {b0} is restored but block {b} reads {} instead of {}",
