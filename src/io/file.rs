@@ -105,6 +105,9 @@ pub struct FileStorage {
     /// A read-only map of the whole file for [`Storage::view_at`] and [`Storage::raw_at`], made on first use
     /// (`None`: no map here, or it failed).
     map: OnceLock<Option<Map>>,
+    /// The same file opened again with `O_DIRECT`, for aligned writes (see
+    /// [`Storage::write_around_cache`]).
+    direct: OnceLock<File>,
 }
 
 impl FileStorage {
@@ -117,6 +120,7 @@ impl FileStorage {
             changes: AtomicU64::new(1),
             synced_changes: AtomicU64::new(0),
             map: OnceLock::new(),
+            direct: OnceLock::new(),
         }
     }
 
@@ -210,6 +214,16 @@ fn touch_pages(buf: &[u8]) {
     }
 }
 
+/// Whether a write of `buf` at `offset` may bypass the page cache: address, length and
+/// offset on [`super::DIRECT_ALIGN_BYTES`].
+fn direct_aligned(buf: &[u8], offset: u64) -> bool {
+    let a = super::DIRECT_ALIGN_BYTES;
+    !buf.is_empty()
+        && (buf.as_ptr() as usize).is_multiple_of(a)
+        && buf.len().is_multiple_of(a)
+        && offset.is_multiple_of(a as u64)
+}
+
 /// `(offset, len)` as the `off_t` pair the kernel's range hints take; `None` if too large.
 fn hint_range(offset: u64, len: u64) -> Option<(i64, i64)> {
     Some((i64::try_from(offset).ok()?, i64::try_from(len).ok()?))
@@ -236,6 +250,17 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(direct) = self.direct.get()
+            && direct_aligned(buf, offset)
+        {
+            match direct.write_all_at(buf, offset) {
+                // Not aligned enough for this device after all: through the cache.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                // The kernel pins the source pages before the device reads them, so a
+                // kill cannot leave this write torn inside a sector either.
+                r => return self.changed(r),
+            }
+        }
         touch_pages(buf);
         self.changed(self.file.write_all_at(buf, offset))
     }
@@ -358,6 +383,22 @@ impl Storage for FileStorage {
         } else {
             Err(io::Error::from_raw_os_error(rc))
         }
+    }
+
+    fn write_around_cache(&self) -> io::Result<()> {
+        if self.direct.get().is_some() {
+            return Ok(());
+        }
+        // A second open file description of the same file (`O_DIRECT` is a property of
+        // the description, so the buffered reads of `file` keep the cache); also works for
+        // an O_TMPFILE file, which has no name to open.
+        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?;
+        let _ = self.direct.set(file);
+        Ok(())
     }
 
     fn read_randomly(&self) -> io::Result<()> {

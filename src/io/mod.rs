@@ -36,6 +36,69 @@ pub struct AlignedZeros<const N: usize>(pub [u8; N]);
 
 const _: () = assert!(std::mem::align_of::<AlignedZeros<1>>() == 4096);
 
+/// The alignment (address, length and offset) a write needs to bypass the page cache
+/// (see [`Storage::write_around_cache`]).
+pub const DIRECT_ALIGN_BYTES: usize = 4096;
+
+/// A growable byte buffer whose start is aligned on a 4 KiB page, so that a write from it
+/// can bypass the page cache (see [`Storage::write_around_cache`]).
+#[derive(Default)]
+pub struct PageBuf {
+    pages: Vec<AlignedZeros<DIRECT_ALIGN_BYTES>>,
+    len: usize,
+}
+
+impl PageBuf {
+    pub const fn new() -> PageBuf {
+        PageBuf {
+            pages: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Makes the buffer `len` bytes long; new bytes are zeros.
+    pub fn resize(&mut self, len: usize) {
+        let pages = len.div_ceil(DIRECT_ALIGN_BYTES);
+        if pages > self.pages.len() {
+            self.pages
+                .resize_with(pages, || AlignedZeros([0; DIRECT_ALIGN_BYTES]));
+        }
+        if len > self.len {
+            let old = self.len;
+            self.len = len;
+            self[old..].fill(0);
+        } else {
+            self.len = len;
+        }
+    }
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        debug_assert!(self.len <= self.pages.len() * DIRECT_ALIGN_BYTES);
+        // SAFETY: `pages` is one allocation of `pages.len()` `#[repr(C)]` arrays of bytes,
+        // contiguous with no padding (size 4096, align 4096), all initialised; `len` bytes
+        // fit in it (`resize` keeps that), and the borrow of `self` guards the memory.
+        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        debug_assert!(self.len <= self.pages.len() * DIRECT_ALIGN_BYTES);
+        // SAFETY: as in `deref`, and the mutable borrow of `self` makes this the only
+        // reference to the bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageBuf").field("len", &self.len).finish()
+    }
+}
+
 /// One file or block device.
 ///
 /// Contract (every engine must honour it; tests in `io::tests` check each engine):
@@ -81,6 +144,15 @@ pub trait Storage: Send + Sync + Debug {
     /// memory would otherwise read megabytes around each chunk and evict what it needs).
     /// Engines without a device do nothing.
     fn read_randomly(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Declares that what is written through this handle is seldom read back soon (store
+    /// slots): from then on a write whose source address, length and offset are aligned on
+    /// [`DIRECT_ALIGN_BYTES`] goes to the device without a copy into the page cache
+    /// (`O_DIRECT`); other writes as before. `sync` still makes writes durable (it flushes
+    /// the device's cache). Engines without a device do nothing; an error means writes go
+    /// on through the cache (e.g. a file system without `O_DIRECT`).
+    fn write_around_cache(&self) -> io::Result<()> {
         Ok(())
     }
     /// Runs `f` over the stored bytes of `[offset, offset + len)` in place, without copying
@@ -281,6 +353,91 @@ mod tests {
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
             assert!(err.to_string().contains("is a FIFO"), "{err}");
         }
+    }
+
+    /// Pages of `[offset, offset + len)` of `path` in the page cache (mincore).
+    fn resident_pages(path: &Path, offset: u64, len: usize) -> usize {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        // SAFETY: a fresh shared read-only map of an open file, unmapped below; mincore
+        // writes one byte per page into `vec`, which has room for every page of the map.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                offset as libc::off_t,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            let mut vec = vec![0u8; len.div_ceil(4096)];
+            assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
+            libc::munmap(p, len);
+            vec.iter().filter(|&&b| b & 1 == 1).count()
+        }
+    }
+
+    /// Writes around the cache (store slots): aligned ones bypass it, others go through
+    /// it, and reads see every write either way, also where a page was cached before.
+    #[test]
+    fn file_disk_writes_around_the_cache_coherently() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let s = FileDisk.open(&path, OpenMode::CreateNew).unwrap();
+        s.write_at(&[1u8; 65536], 0).unwrap();
+        let mut page = vec![0u8; 4096];
+        s.read_at(&mut page, 0).unwrap(); // cached now
+        if let Err(e) = s.write_around_cache() {
+            eprintln!("skipped: no O_DIRECT on this file system ({e})");
+            return;
+        }
+        let mut buf = PageBuf::new();
+        buf.resize(65536);
+        buf.fill(2);
+        s.write_at(&buf, 0).unwrap(); // over cached pages
+        s.write_at(&buf, 1 << 20).unwrap(); // past the end: grows the file
+        assert_eq!(
+            resident_pages(&path, 1 << 20, 65536),
+            0,
+            "went through the cache"
+        );
+        s.write_at(&[3u8; 100], 10).unwrap(); // unaligned: through the cache
+        buf.resize(4096);
+        buf.fill(4);
+        s.write_at(&buf[..4096], 8192).unwrap();
+        let mut all = vec![0u8; (1 << 20) + 65536];
+        s.read_at(&mut all, 0).unwrap();
+        assert!(all[..10].iter().all(|&b| b == 2));
+        assert!(all[10..110].iter().all(|&b| b == 3));
+        assert!(all[110..8192].iter().all(|&b| b == 2));
+        assert!(all[8192..12288].iter().all(|&b| b == 4));
+        assert!(all[12288..65536].iter().all(|&b| b == 2));
+        assert!(all[65536..1 << 20].iter().all(|&b| b == 0));
+        assert!(all[1 << 20..].iter().all(|&b| b == 2));
+        s.sync().unwrap();
+        drop(s);
+        let s = FileDisk.open(&path, OpenMode::Existing).unwrap();
+        let mut again = vec![0u8; all.len()];
+        s.read_at(&mut again, 0).unwrap();
+        assert!(again == all);
+    }
+
+    #[test]
+    fn page_buf_is_aligned_and_zero_filled() {
+        let mut b = PageBuf::new();
+        assert!(b.is_empty());
+        b.resize(5000);
+        assert_eq!(b.len(), 5000);
+        assert_eq!(b.as_ptr() as usize % DIRECT_ALIGN_BYTES, 0);
+        assert!(b.iter().all(|&x| x == 0));
+        b.fill(9);
+        b.resize(100);
+        b.resize(6000);
+        assert!(b[..100].iter().all(|&x| x == 9));
+        assert!(b[100..].iter().all(|&x| x == 0));
+        b.resize(3 << 20);
+        assert_eq!(b.as_ptr() as usize % DIRECT_ALIGN_BYTES, 0);
     }
 
     #[test]

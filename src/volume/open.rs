@@ -366,6 +366,14 @@ impl Volume {
             if let Err(e) = storage.read_randomly() {
                 tracing::debug!(error = %e, store = %path.display(), "no random-access hint");
             }
+            // A copy is written once and read back seldom (a snapshot read, a restore):
+            // into fresh page-cache pages it cost more than the rest of a first write (and
+            // the group commit syncs it at once anyway). Copies go around the cache.
+            if file_mode != OpenMode::ReadOnly
+                && let Err(e) = storage.write_around_cache()
+            {
+                tracing::debug!(error = %e, store = %path.display(), "store writes go through the page cache");
+            }
             let mut cap = config.store_size_bytes.map_or(u64::MAX, |b| b / cs);
             if storage.is_block_device() {
                 cap = cap.min(

@@ -196,6 +196,15 @@ impl Stores {
             .write_at(data, self.offset(slot_index)?)
     }
 
+    /// Writes `data` (whole slots) into consecutive slots from `slot_index`.
+    pub fn write_slots(&self, store_index: u16, slot_index: u64, data: &[u8]) -> io::Result<()> {
+        debug_assert!(
+            !data.is_empty() && (data.len() as u64).is_multiple_of(self.chunk_size_bytes)
+        );
+        self.storage(store_index)?
+            .write_at(data, self.offset(slot_index)?)
+    }
+
     pub fn read_slot(&self, store_index: u16, slot_index: u64, buf: &mut [u8]) -> io::Result<()> {
         debug_assert_eq!(buf.len() as u64, self.chunk_size_bytes);
         self.storage(store_index)?

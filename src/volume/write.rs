@@ -4,6 +4,7 @@ use super::config::PIECE_BYTES;
 use super::deferred::ScratchReservation;
 use super::{CHUNK_LOCK_COUNT, StoreFullPolicy, Volume};
 use crate::error::{Error, Result};
+use crate::io::PageBuf;
 use crate::journal::{JOURNAL_FRAME_RECORDS_MAX, PreserveEntry, Record};
 use parking_lot::RwLockWriteGuard;
 use std::cell::RefCell;
@@ -20,7 +21,7 @@ pub(super) enum Source<'a> {
 
 thread_local! {
     /// Per-thread buffer for the old contents of a chunk: no allocation per request.
-    static OLD_CHUNK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static OLD_CHUNK: RefCell<PageBuf> = const { RefCell::new(PageBuf::new()) };
 }
 
 /// Most bytes of preserved copies queued for a group commit at once (to be copied into the
@@ -42,6 +43,9 @@ const PENDING_GROW_MAX: usize = 4096;
 /// How many chunks ahead of the one it copies a group commit asks the origin to read (so
 /// that many device reads are in flight for chunks not in memory: 2 MiB at 64 KiB chunks).
 const COPY_READ_AHEAD_CHUNKS: usize = 32;
+
+/// The most a group commit copies into a store in one write (consecutive slots).
+const COPY_RUN_BYTES_MAX: u64 = 1 << 20;
 
 /// A mapping entry waiting for its group commit.
 #[derive(Debug)]
@@ -416,7 +420,7 @@ impl Volume {
         OLD_CHUNK.with(|cell| {
             let mut old = cell.borrow_mut();
             if old.len() < span_len {
-                old.resize(span_len, 0);
+                old.resize(span_len);
             }
             // Compare per piece; collect differing ranges (absolute, coalesced). Where no
             // copy is due, in place on the origin's map (no pread); else (or if the map
@@ -820,15 +824,59 @@ impl Volume {
     /// Reads a chunk from the origin into `buf`, made exactly one slot long: the chunk's
     /// bytes, then zeros past the volume's end (the last chunk may be short). Returns the
     /// chunk's length inside the volume.
-    fn read_old_chunk(&self, chunk_index: u64, buf: &mut Vec<u8>) -> Result<usize> {
+    fn read_old_chunk(&self, chunk_index: u64, buf: &mut PageBuf) -> Result<usize> {
+        buf.resize(self.chunk_bytes() as usize);
+        self.read_old_chunk_into(chunk_index, buf)
+    }
+
+    /// As `read_old_chunk`, into `slot` (exactly one slot long).
+    fn read_old_chunk_into(&self, chunk_index: u64, slot: &mut [u8]) -> Result<usize> {
+        debug_assert_eq!(slot.len() as u64, self.chunk_bytes());
         let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
         let len = (chunk_end - chunk_start) as usize;
-        buf.resize(self.chunk_bytes() as usize, 0);
         self.origin
-            .read_at(&mut buf[..len], chunk_start)
+            .read_at(&mut slot[..len], chunk_start)
             .map_err(self.io_err(|| format!("reading chunk {chunk_index} of the origin")))?;
-        buf[len..].fill(0);
+        slot[len..].fill(0);
         Ok(len)
+    }
+
+    /// Copies the old contents of a run of queued chunks whose slots follow each other in
+    /// one store, in one write (a copy goes around the page cache, so it waits for the
+    /// device: one write of the run instead of one per chunk). `Ok(false)`: the store's
+    /// file system had no space for the run; nothing is recorded, and the caller copies
+    /// the chunks one by one (which caps the store and takes other slots).
+    fn copy_deferred_run(&self, run: &mut [PreserveEntry], buf: &mut PageBuf) -> Result<bool> {
+        let cs = self.chunk_bytes() as usize;
+        let (store_index, slot_index) = (run[0].store_index, run[0].slot_index);
+        debug_assert!(run.iter().enumerate().all(|(i, e)| {
+            e.store_index == store_index
+                && e.slot_index == slot_index + i as u64
+                && self.deferred.contains(e.chunk_index)
+        }));
+        buf.resize(run.len() * cs);
+        for (entry, slot) in run.iter().zip(buf.chunks_exact_mut(cs)) {
+            self.read_old_chunk_into(entry.chunk_index, slot)?;
+        }
+        match self.stores.write_slots(store_index, slot_index, buf) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(false),
+            Err(e) => {
+                return Err(self.io_err(|| {
+                    format!(
+                        "writing store {store_index} slots {slot_index}..{}",
+                        slot_index + run.len() as u64
+                    )
+                })(e));
+            }
+        }
+        for (entry, slot) in run.iter_mut().zip(buf.chunks_exact(cs)) {
+            entry.data_crc32c = crc32c::crc32c(slot);
+        }
+        self.counters
+            .bytes_preserved
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Reserves a store slot for a copy of `chunk_index` serving snapshots up to `until`;
@@ -1043,7 +1091,7 @@ impl Volume {
         debug_assert!(!batch.is_empty());
         self.ensure_ok()?;
         let mut entries = Vec::with_capacity(batch.len());
-        let mut buf = Vec::new();
+        let mut buf = PageBuf::new(); // aligned: the copies go around the page cache
         // The copies read chunks of the origin one by one; ask for the next few ahead, so
         // chunks not in memory are read from the device in parallel, not one at a time.
         let due: Vec<u64> = batch
@@ -1058,22 +1106,49 @@ impl Volume {
         due.iter()
             .take(COPY_READ_AHEAD_CHUNKS)
             .for_each(|&c| read_ahead(c));
+        let run_chunks_max = (COPY_RUN_BYTES_MAX / self.chunk_bytes()).max(1) as usize;
         let mut copied = 0usize;
-        for q in batch {
-            let mut entry = q.entry;
-            if q.copy_due {
+        let mut batch = batch.into_iter().peekable();
+        while let Some(q) = batch.next() {
+            if !q.copy_due {
+                entries.push(q.entry);
+                continue;
+            }
+            // A run: the following due copies into the next slots of the same store.
+            let (store_index, slot_index) = (q.entry.store_index, q.entry.slot_index);
+            let first_chunk = q.entry.chunk_index;
+            let mut run = vec![q.entry];
+            while run.len() < run_chunks_max
+                && let Some(next) = batch.next_if(|n| {
+                    n.copy_due
+                        && n.entry.store_index == store_index
+                        && n.entry.slot_index == slot_index + run.len() as u64
+                })
+            {
+                run.push(next.entry);
+            }
+            let failed = |e: Error, chunk_index: u64| {
+                self.fail(format!(
+                    "copying chunk {chunk_index} into the snapshot store failed ({e}); acknowledged writes may be lost"
+                ))
+            };
+            for _ in 0..run.len() {
                 if let Some(&ahead) = due.get(copied + COPY_READ_AHEAD_CHUNKS) {
                     read_ahead(ahead);
                 }
                 copied += 1;
-                self.copy_deferred_chunk(&mut entry, &mut buf).map_err(|e| {
-                    self.fail(format!(
-                        "copying chunk {} into the snapshot store failed ({e}); acknowledged writes may be lost",
-                        entry.chunk_index
-                    ))
-                })?;
             }
-            entries.push(entry);
+            let whole = run.len() > 1
+                && self
+                    .copy_deferred_run(&mut run, &mut buf)
+                    .map_err(|e| failed(e, first_chunk))?;
+            if !whole {
+                for e in &mut run {
+                    self.copy_deferred_chunk(e, &mut buf)
+                        .map_err(|err| failed(err, e.chunk_index))?;
+                }
+            }
+            entries.extend(run);
         }
         self.stores
             .sync_all()
@@ -1176,7 +1251,7 @@ impl Volume {
     /// Copies a queued chunk's old contents from the origin into its entry's slot (another
     /// slot if the file system is full at that one). The chunk is held in `deferred`, so no
     /// one writes its origin bytes before this commit ends: no chunk lock is needed.
-    fn copy_deferred_chunk(&self, entry: &mut PreserveEntry, buf: &mut Vec<u8>) -> Result<()> {
+    fn copy_deferred_chunk(&self, entry: &mut PreserveEntry, buf: &mut PageBuf) -> Result<()> {
         debug_assert!(self.deferred.contains(entry.chunk_index));
         self.read_old_chunk(entry.chunk_index, buf)?;
         while !self.write_copy(entry, buf)? {
