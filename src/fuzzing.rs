@@ -657,6 +657,7 @@ fn nbd_config() -> ServerConfig {
         write_drain_bytes_max: DRAIN_MAX,
         // One worker: requests run in the order sent, so a sequential model predicts reads.
         inflight_requests_max: 1,
+        ..ServerConfig::default()
     }
 }
 
