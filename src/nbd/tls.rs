@@ -109,10 +109,8 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what}: {e}"))
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = read_pem(path)?;
-    let what = path.display();
-    let certs = CertificateDer::pem_slice_iter(&pem)
+fn parse_certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{what}: not a PEM certificate file: {e}"))?;
     if certs.is_empty() {
@@ -122,8 +120,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// Refuses a certificate that cannot be parsed, has expired or is not valid yet.
-fn check_validity(path: &Path, cert: &CertificateDer<'_>, now: SystemTime) -> Result<(), String> {
-    let what = path.display();
+fn check_validity(what: &str, cert: &CertificateDer<'_>, now: SystemTime) -> Result<(), String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| format!("{what}: not a valid X.509 certificate: {e}"))?;
     let now = now
@@ -159,31 +156,59 @@ impl TlsSetup {
     /// file and the problem (missing, unparsable, expired or not yet valid, a key of a
     /// type rustls cannot use, a key that does not match the certificate).
     pub fn load(dir: &Path, mode: TlsMode, verify_peer: bool) -> Result<TlsSetup, String> {
-        TlsSetup::load_at(dir, mode, verify_peer, SystemTime::now())
+        let cert_path = dir.join(SERVER_CERT_FILE);
+        let key_path = dir.join(SERVER_KEY_FILE);
+        let ca_path = dir.join(CA_CERT_FILE);
+        let cert = read_pem(&cert_path)?;
+        let key = read_pem(&key_path)?;
+        let ca = match read_pem(&ca_path) {
+            Ok(pem) => Some((ca_path.display().to_string(), pem)),
+            Err(e) if verify_peer => {
+                return Err(format!(
+                    "{e} (--tls-verify-peer verifies client certificates with it)"
+                ));
+            }
+            Err(e) if ca_path.exists() => return Err(e),
+            Err(_) => None,
+        };
+        TlsSetup::build(
+            mode,
+            verify_peer,
+            (&cert_path.display().to_string(), &cert),
+            (&key_path.display().to_string(), &key),
+            ca.as_ref().map(|(w, pem)| (w.as_str(), pem.as_slice())),
+            Some(SystemTime::now()),
+        )
     }
 
-    fn load_at(
-        dir: &Path,
+    /// A set-up from PEM text, without client certificates and without the validity
+    /// period check (for tests and fuzzing, whatever the clock says).
+    pub fn from_pem(mode: TlsMode, cert: &[u8], key: &[u8]) -> Result<TlsSetup, String> {
+        TlsSetup::build(mode, false, ("certificate", cert), ("key", key), None, None)
+    }
+
+    /// Checks the server's certificate chain and key and the CA (each named `what` in
+    /// errors; validity periods against `now` if given) and builds the rustls
+    /// configuration.
+    fn build(
         mode: TlsMode,
         verify_peer: bool,
-        now: SystemTime,
+        (cert_what, cert_pem): (&str, &[u8]),
+        (key_what, key_pem): (&str, &[u8]),
+        ca: Option<(&str, &[u8])>,
+        now: Option<SystemTime>,
     ) -> Result<TlsSetup, String> {
         // ring: a light build (no cmake, no C++). rustls deprecates its provider for lacking
         // post-quantum key exchange; the classical groups (X25519, P-256, P-384) are what
         // GnuTLS clients (qemu, libnbd) offer by default anyway.
         #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cert_path = dir.join(SERVER_CERT_FILE);
-        let key_path = dir.join(SERVER_KEY_FILE);
-        let ca_path = dir.join(CA_CERT_FILE);
-        let chain = read_certs(&cert_path)?;
-        if let Some(leaf) = chain.first() {
-            check_validity(&cert_path, leaf, now)?;
+        let chain = parse_certs(cert_what, cert_pem)?;
+        if let (Some(leaf), Some(now)) = (chain.first(), now) {
+            check_validity(cert_what, leaf, now)?;
         }
-        let key_pem = read_pem(&key_path)?;
-        let key_what = key_path.display();
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
-            rustls::pki_types::pem::Error::NoItemsFound => match key_label(&key_pem) {
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => match key_label(key_pem) {
                 Some(l) if l.contains("ENCRYPTED") => format!(
                     "{key_what}: the key is encrypted ({l}); give it unencrypted \
                      (openssl pkey -in KEY -out KEY)"
@@ -200,7 +225,7 @@ impl TlsSetup {
             format!(
                 "{key_what}: wrong key type ({}); use an RSA (2048 bits or more), ECDSA \
                  P-256/P-384 or Ed25519 key",
-                key_label(&key_pem).unwrap_or_else(|| "unknown".into())
+                key_label(key_pem).unwrap_or_else(|| "unknown".into())
             )
         })?;
         let certified = rustls::sign::CertifiedKey::new(chain, signing_key);
@@ -208,47 +233,41 @@ impl TlsSetup {
             Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
             Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
                 return Err(format!(
-                    "{key_what}: the key does not match the certificate in {}",
-                    cert_path.display()
+                    "{key_what}: the key does not match the certificate in {cert_what}"
                 ));
             }
-            Err(e) => return Err(format!("{}: {e}", cert_path.display())),
+            Err(e) => return Err(format!("{cert_what}: {e}")),
         }
-        let roots = match read_certs(&ca_path) {
-            Ok(certs) => {
+        let roots = match ca {
+            Some((ca_what, pem)) => {
                 let mut roots = RootCertStore::empty();
-                for c in certs {
-                    check_validity(&ca_path, &c, now)?;
-                    roots.add(c).map_err(|e| {
-                        format!("{}: not a usable CA certificate: {e}", ca_path.display())
-                    })?;
+                for c in parse_certs(ca_what, pem)? {
+                    if let Some(now) = now {
+                        check_validity(ca_what, &c, now)?;
+                    }
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("{ca_what}: not a usable CA certificate: {e}"))?;
                 }
-                Some(roots)
+                Some((ca_what, roots))
             }
-            Err(e) if verify_peer || ca_path.exists() => {
-                return Err(if verify_peer {
-                    format!("{e} (--tls-verify-peer verifies client certificates with it)")
-                } else {
-                    e
-                });
+            None if verify_peer => {
+                return Err("--tls-verify-peer needs a CA certificate".into());
             }
-            Err(_) => None,
+            None => None,
         };
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| format!("TLS set-up: {e}"))?;
         let builder = match roots {
-            Some(roots) => {
+            Some((ca_what, roots)) => {
                 let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
                 let v = if verify_peer {
                     v
                 } else {
                     v.allow_unauthenticated()
                 };
-                builder.with_client_cert_verifier(
-                    v.build()
-                        .map_err(|e| format!("{}: {e}", ca_path.display()))?,
-                )
+                builder.with_client_cert_verifier(v.build().map_err(|e| format!("{ca_what}: {e}"))?)
             }
             None => builder.with_no_client_auth(),
         };
@@ -375,12 +394,12 @@ pub fn start(
         };
         if n == 0 {
             return Err(NbdError::Tls(
-                "the client closed the connection during the TLS handshake".into(),
+                "the client closed the connection during the handshake".into(),
             ));
         }
         if let Err(e) = tls.process_new_packets() {
             send_alert(&mut tls, &net);
-            return Err(NbdError::Tls(format!("TLS handshake failed: {e}")));
+            return Err(NbdError::Tls(format!("handshake failed: {e}")));
         }
     }
     let names = tls
@@ -539,6 +558,14 @@ fn pump(mut tls: ServerConnection, net: &NbdStream, inner: &UnixStream) -> io::R
         }
         if !to_inner.is_empty() {
             fds[1].events |= libc::POLLOUT;
+        }
+        // A socket waited on for nothing is left out: its POLLHUP or POLLERR (a client
+        // that reset the connection while replies are still being made) would otherwise
+        // wake the loop at once, again and again.
+        for p in &mut fds {
+            if p.events == 0 {
+                p.fd = -1;
+            }
         }
         // SAFETY: `fds` is a valid array of two pollfd structures.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
