@@ -1158,6 +1158,35 @@ fn unix_socket_clients_are_known_by_uid_and_group() {
 }
 
 #[test]
+fn a_stalled_tls_handshake_ends_at_the_handshake_deadline() {
+    let Setup {
+        daemon, sb: _sb, ..
+    } = setup(&["--handshake-timeout-ms", "1500"]);
+    let addr = daemon.addr();
+    // STARTTLS acknowledged, then nothing (and, second case, half a ClientHello).
+    for partial in [&[][..], &[22u8, 3, 1, 0, 200, 1, 0][..]] {
+        let mut s = greet(&addr);
+        send_option(&mut s, OPT_STARTTLS, &[]);
+        assert_eq!(read_reply(&mut s).1, REP_ACK);
+        s.write_all(partial).unwrap();
+        let t = Instant::now();
+        let rest = read_to_close(&mut s);
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1000) && waited < Duration::from_secs(10),
+            "closed after {waited:?}"
+        );
+        assert!(rest.is_empty() || rest[0] == 21, "{rest:02x?}");
+    }
+    daemon.wait_idle("stalled handshake");
+    let log = daemon.stop();
+    assert!(
+        log.contains("handshake not finished within the timeout"),
+        "{log}"
+    );
+}
+
+#[test]
 fn tls_on_serves_plaintext_and_tls_clients() {
     let sb = Sandbox::new();
     let pki = Pki::new(&sb.path("pki"));

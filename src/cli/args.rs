@@ -180,6 +180,10 @@ pub struct ServeArgs {
     /// tests, which need not wait 10 s to see a slow client cut off.
     #[arg(long, value_name = "MS", hide = true)]
     pub control_request_timeout_ms: Option<u64>,
+    /// Milliseconds an NBD client has for the whole handshake, TLS handshake included
+    /// (default 10000). For tests.
+    #[arg(long, value_name = "MS", hide = true)]
+    pub handshake_timeout_ms: Option<u64>,
     /// Create volume `default` with this size if it does not exist (without this option
     /// it is created, 1 GiB, only when there are no volumes at all).
     #[arg(long, value_name = "SIZE")]

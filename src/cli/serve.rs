@@ -102,6 +102,9 @@ fn options(args: &ServeArgs) -> Result<Options> {
     if let Some(ms) = args.control_request_timeout_ms {
         options.control_request_timeout = std::time::Duration::from_millis(ms);
     }
+    if let Some(ms) = args.handshake_timeout_ms {
+        options.nbd.handshake_timeout = std::time::Duration::from_millis(ms);
+    }
     for text in &args.listen {
         let addrs: Vec<SocketAddr> = text
             .to_socket_addrs()

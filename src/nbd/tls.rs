@@ -472,6 +472,10 @@ fn pump(mut tls: ServerConnection, net: &NbdStream, inner: &UnixStream) -> io::R
     // The NBD side sent everything (EOF): close_notify is queued.
     let mut inner_done = false;
     let mut last_progress = Instant::now();
+    // Whether a read may find bytes: cleared by a short read or EAGAIN, set by poll, so a
+    // wake-up costs no read that can only fail (random 4 KiB writes: two syscalls less per
+    // request).
+    let (mut net_ready, mut inner_ready) = (true, true);
     // Records that arrived with the end of the handshake.
     let state = tls
         .process_new_packets()
@@ -499,10 +503,11 @@ fn pump(mut tls: ServerConnection, net: &NbdStream, inner: &UnixStream) -> io::R
         // 3. From the client, while the NBD side keeps up (at most PUMP_AHEAD_BYTES
         // decrypted and not yet taken). One large read, then rustls is fed from the buffer
         // (its own reads are 4 KiB).
-        if !net_done && to_nbd.pending.len() < PUMP_AHEAD_BYTES {
+        if net_ready && !net_done && to_nbd.pending.len() < PUMP_AHEAD_BYTES {
             match (&*net).read(&mut cipher) {
                 Ok(0) => net_done = true,
                 Ok(n) => {
+                    net_ready = n == cipher.len();
                     match feed(&mut tls, cipher.get(..n).unwrap_or_default(), &mut to_nbd) {
                         Ok(closed) => net_done |= closed,
                         Err(e) => {
@@ -512,7 +517,7 @@ fn pump(mut tls: ServerConnection, net: &NbdStream, inner: &UnixStream) -> io::R
                     }
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => net_ready = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // A reset: the client is gone.
                 Err(_) => net_done = true,
@@ -523,7 +528,7 @@ fn pump(mut tls: ServerConnection, net: &NbdStream, inner: &UnixStream) -> io::R
             inner_told_eof = true;
         }
         // 4. From the NBD side, once everything before has been sent.
-        if !inner_done && !tls.wants_write() {
+        if inner_ready && !inner_done && !tls.wants_write() {
             match (&*inner).read(&mut plain) {
                 Ok(0) => {
                     inner_done = true;
@@ -531,10 +536,11 @@ fn pump(mut tls: ServerConnection, net: &NbdStream, inner: &UnixStream) -> io::R
                     continue;
                 }
                 Ok(n) => {
+                    inner_ready = n == plain.len();
                     tls.writer().write_all(plain.get(..n).unwrap_or_default())?;
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => inner_ready = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     inner_done = true;
@@ -584,6 +590,10 @@ fn pump(mut tls: ServerConnection, net: &NbdStream, inner: &UnixStream) -> io::R
                 return Err(e);
             }
         }
+        let readable =
+            |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+        net_ready |= readable(&fds[0]);
+        inner_ready |= readable(&fds[1]);
         if tls.wants_write() && last_progress.elapsed() > PUMP_STALL_TIMEOUT {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
