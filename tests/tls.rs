@@ -1158,6 +1158,43 @@ fn unix_socket_clients_are_known_by_uid_and_group() {
 }
 
 #[test]
+fn restore_force_and_sigterm_end_tls_connections() {
+    let Setup { pki, daemon, sb } = setup(&[]);
+    let addr = daemon.addr();
+    let (acert, akey) = pki.ca.leaf("alice", &[], false, false);
+    let config = client_config(&pki.ca.pem, Some((&acert, &akey)));
+    // A writer over TLS holds restore off until --force kicks it (through the socket
+    // pair's end; the pump then closes the TLS session).
+    let mut t = starttls(greet(&addr), config.clone());
+    go(&mut t, "default").unwrap();
+    assert_eq!(request(&mut t, 1, 0, 4096, &[9u8; 4096]), 0);
+    let out = sb.snapvol(&["restore", "default@s1"]);
+    assert!(
+        !out.status.success(),
+        "restore with a TLS writer: {}",
+        text(&out)
+    );
+    sb.ok(&["restore", "--force", "default@s1"]);
+    t.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    assert!(
+        !matches!(t.read(&mut b), Ok(n) if n > 0),
+        "the kicked connection still answers"
+    );
+    drop(t);
+    daemon.wait_idle("kick");
+    // SIGTERM with a TLS client connected: it exits 0 at once (the client is idle).
+    let mut t = starttls(greet(&addr), config);
+    go(&mut t, "default").unwrap();
+    let started = Instant::now();
+    daemon.stop();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(t);
+}
+
+#[test]
 fn a_stalled_tls_handshake_ends_at_the_handshake_deadline() {
     let Setup {
         daemon, sb: _sb, ..
