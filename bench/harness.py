@@ -12,6 +12,8 @@ Phases, in order (each can be picked with --only):
   bigger      tier "larger than memory": 4 GiB exports, servers in memory cgroups of 1/8 of
               the export, caches dropped before each measurement (bench/tiers.py)
   createload  snapshot create latency on a 4 GiB volume, idle and under random 64 KiB writes
+  tls         NBD over TLS: snapvol --tls require vs nbdkit --tls=require (same certificates),
+              and snapvol over plaintext TCP (bench/tiers.py)
 The "settled" tier (an extra: every backing file re-read into 4 KiB page-cache folios
 before each run, a state the harness makes and users never have):
   firstwrite  first write after a fresh snapshot (all peers, interleaved)
@@ -46,7 +48,7 @@ GIB = 1 << 30
 MIB = 1 << 20
 CHUNK = 64 << 10  # snapvol's default chunk size and qcow2's default cluster size
 
-PHASES = ["asfilled", "bigger", "createload",
+PHASES = ["asfilled", "bigger", "createload", "tls",
           "firstwrite", "matrix", "rewrite", "scaling", "snapcreate", "restore", "memory"]
 
 # The steady workloads: fio job file (bench/fio/NAME.fio) and what it measures.
@@ -1203,9 +1205,11 @@ class Harness:
                     tiers.phase_tier(self, tier)
             if "createload" in phases:
                 tiers.phase_createload(self)
+            if "tls" in phases:
+                tiers.phase_tier(self, "tls")
             # The settled tier is an extra: fewer repetitions, so the full run stays under
             # an hour (--settled-reps).
-            if self.reps != self.args.settled_reps and any(p in phases for p in PHASES[3:]):
+            if self.reps != self.args.settled_reps and any(p in phases for p in PHASES[4:]):
                 self.notes.append(f"the settled-tier phases ran {self.args.settled_reps} repetition(s), "
                                   f"the tiers {self.reps}")
             self.reps = self.args.settled_reps

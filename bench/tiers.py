@@ -9,6 +9,12 @@
              read and written per client operation come from /proc/PID/io.
   createload snapshot create latency on a 4 GiB volume while a client writes random 64 KiB
              blocks at QD16, beside the same creates while idle.
+  tls        NBD over TLS on TCP (certificates made by openssl in the workdir): snapvol
+             `--tls require` against nbdkit `--tls=require` on the same certificates, and
+             snapvol over plaintext TCP for the cost of TLS; sequential 1 MiB reads and
+             writes QD8, random 4 KiB writes QD16 on 1 GiB exports filled by nbdcopy. fio's
+             nbd engine finds the client certificates in $HOME/.pki/libnbd (libnbd's default
+             place; its URIs may not name local files).
 
 Each repetition starts from a fresh export (filled again), so no repetition inherits the
 page-cache state of the one before. Peers run one after the other in an order rotated per
@@ -29,6 +35,7 @@ TIER_WORKLOADS = {
     "asfilled": ["firstwrite-seq-4k-qd16", "randwrite-4k-qd16", "randread-4k-qd16",
                  "seqwrite-1m-qd8", "seqread-1m-qd8"],
     "bigger": ["firstwrite-seq-4k-qd16", "randwrite-4k-qd16", "randread-4k-qd16"],
+    "tls": ["seqread-1m-qd8", "seqwrite-1m-qd8", "randwrite-4k-qd16"],
 }
 
 
@@ -228,7 +235,113 @@ class QemuTierPeer(TierPeer):
         self.start()
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_pki(h):
+    """A CA, a server certificate for localhost and a client certificate (openssl), in
+    the layout snapvol, nbdkit and libnbd read: DIR/server/{ca-cert,server-cert,server-key}.pem
+    and DIR/home/.pki/libnbd/{ca-cert,client-cert,client-key}.pem. Made once per workdir."""
+    root = os.path.join(h.work, "tls-pki")
+    server = os.path.join(root, "server")
+    client = os.path.join(root, "home", ".pki", "libnbd")
+    if os.path.exists(os.path.join(client, "client-key.pem")):
+        return server, os.path.join(root, "home")
+    os.makedirs(server, exist_ok=True)
+    os.makedirs(client, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    ca_key, ca_cert = os.path.join(root, "ca-key.pem"), os.path.join(server, "ca-cert.pem")
+    hn.run(["openssl", "req", "-x509", *ec, "-days", "30", "-subj", "/CN=bench CA",
+            "-keyout", ca_key, "-out", ca_cert], capture=True)
+    for name, cn, ext, out in (
+            ("server", "localhost", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n", server),
+            ("client", "bench", "extendedKeyUsage=clientAuth\n", client)):
+        key, csr, extf = (os.path.join(out, f"{name}-key.pem"), os.path.join(root, f"{name}.csr"),
+                          os.path.join(root, f"{name}.ext"))
+        with open(extf, "w") as f:
+            f.write(ext)
+        hn.run(["openssl", "req", *ec, "-subj", f"/CN={cn}", "-keyout", key, "-out", csr], capture=True)
+        hn.run(["openssl", "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key,
+                "-CAcreateserial", "-days", "30", "-out", os.path.join(out, f"{name}-cert.pem"),
+                "-extfile", extf], capture=True)
+    shutil.copy(ca_cert, os.path.join(client, "ca-cert.pem"))
+    return server, os.path.join(root, "home")
+
+
+class TcpTierPeer(TierPeer):
+    """A peer on TCP (127.0.0.1), with TLS or without."""
+
+    tls = False
+
+    def __init__(self, h, tier, size):
+        super().__init__(h, tier, size)
+        self.port = free_port()
+        self.certs, self.home = make_pki(h)
+
+    def export(self):
+        return ""
+
+    def uri(self):
+        if self.tls:
+            client = os.path.join(self.home, ".pki", "libnbd")
+            return f"nbds://localhost:{self.port}/{self.export()}?tls-certificates={client}"
+        return f"nbd://localhost:{self.port}/{self.export()}"
+
+    def start(self):
+        self.command = " ".join(self.server_cmd())
+        self.server = hn.Server(self.id, self.server_cmd(), os.path.join(self.dir, "server.log"))
+        self.server.start(ready_uri=self.uri())
+
+    def fio_env(self):
+        scheme = "nbds" if self.tls else "nbd"
+        return {"BENCH_IOENGINE": "nbd", "BENCH_SIZE": str(self.size), "HOME": self.home,
+                "BENCH_TARGET": f"uri={scheme}://localhost:{self.port}/{self.export()}"}
+
+
+class SnapvolTcpPeer(TcpTierPeer, SnapvolTierPeer):
+    cow = False
+
+    def __init__(self, h, tier, size, tls):
+        self.tls = tls
+        self.id = "snapvol-tls" if tls else "snapvol-tcp"
+        self.label = "snapvol --tls require" if tls else "snapvol, plaintext TCP"
+        super().__init__(h, tier, size)
+
+    def export(self):
+        return "v"
+
+    def server_cmd(self):
+        cmd = [self.h.snapvol, "--data-dir", self.data, "serve", "--listen", f"127.0.0.1:{self.port}"]
+        if self.tls:
+            cmd += ["--tls", "require", "--tls-certificates", self.certs]
+        return cmd
+
+
+class NbdkitTlsPeer(TcpTierPeer):
+    id = "nbdkit-tls"
+    label = "nbdkit file --tls=require"
+    tls = True
+
+    def create(self):
+        os.makedirs(self.dir, exist_ok=True)
+        self.path = os.path.join(self.dir, "disk.raw")
+        with open(self.path, "wb") as f:
+            f.truncate(self.size)
+        self.setup_commands = ["truncate -s SIZE F.raw", "nbdcopy --flush SEED nbds://localhost:PORT/"]
+
+    def server_cmd(self):
+        return ["nbdkit", "-f", "-p", str(self.port), "--tls=require", f"--tls-certificates={self.certs}",
+                "file", f"file={self.path}"]
+
+
 def tier_peers(h, tier, size):
+    if tier == "tls":
+        return [SnapvolTcpPeer(h, tier, size, tls=True), NbdkitTlsPeer(h, tier, size),
+                SnapvolTcpPeer(h, tier, size, tls=False)]
     if tier == "asfilled":
         return [
             SnapvolTierPeer(h, tier, size),

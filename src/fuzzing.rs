@@ -12,6 +12,7 @@
 //! |------------------|------------------------------------------------------------------------|
 //! | `nbd_handshake`  | what a client sends from its first byte on (flags, options, requests)  |
 //! | `nbd_requests`   | one byte choosing the handshake, then the request stream               |
+//! | `nbd_starttls`   | one byte choosing `--tls on` or `require`, then what a client sends    |
 //! | `journal`        | a journal file, opened by `Journal::open`                              |
 //! | `journal_replay` | a journal file, replayed by opening a volume                           |
 //! | `metadata`       | a `meta.redb` file, opened with its volume                             |
@@ -22,7 +23,7 @@
 
 use crate::io::{Disk, MemDisk, OpenMode, Storage};
 use crate::journal::{Frame, Journal, JournalError, Record, RecoveryMode};
-use crate::nbd::{NbdError, NbdStream, ServerConfig, serve_connection};
+use crate::nbd::{NbdError, NbdStream, ServerConfig, TlsMode, TlsSetup, serve_connection};
 use crate::volume::{CreateOptions, OpenConfig, StoreFullPolicy};
 use crate::{DataDir, Error, Registry, Volume};
 use std::collections::HashMap;
@@ -41,6 +42,7 @@ pub type Target = (&'static str, fn(&[u8]));
 pub const TARGETS: &[Target] = &[
     ("nbd_handshake", nbd_handshake),
     ("nbd_requests", nbd_requests),
+    ("nbd_starttls", nbd_starttls),
     ("journal", journal),
     ("journal_replay", journal_replay),
     ("metadata", metadata),
@@ -657,6 +659,7 @@ fn nbd_config() -> ServerConfig {
         write_drain_bytes_max: DRAIN_MAX,
         // One worker: requests run in the order sent, so a sequential model predicts reads.
         inflight_requests_max: 1,
+        ..ServerConfig::default()
     }
 }
 
@@ -664,13 +667,21 @@ fn nbd_config() -> ServerConfig {
 /// server's result and everything it sent. The server end must be closed when
 /// `serve_connection` returns.
 fn serve(registry: &Arc<Registry>, input: &[u8]) -> (Result<(), NbdError>, Vec<u8>) {
+    serve_with(registry, input, &nbd_config())
+}
+
+/// [`serve`] with another configuration.
+fn serve_with(
+    registry: &Arc<Registry>,
+    input: &[u8],
+    config: &ServerConfig,
+) -> (Result<(), NbdError>, Vec<u8>) {
     ignore_sigpipe();
     let (client, server) = UnixStream::pair().expect("socket pair");
     let reader = client.try_clone().expect("clone");
     reader
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
-    let config = nbd_config();
     let shutdown = Arc::new(AtomicBool::new(false));
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -682,7 +693,7 @@ fn serve(registry: &Arc<Registry>, input: &[u8]) -> (Result<(), NbdError>, Vec<u
             let r = (&reader).read_to_end(&mut out);
             (r, out)
         });
-        let result = serve_connection(NbdStream::Unix(server), registry, &config, &shutdown);
+        let result = serve_connection(NbdStream::Unix(server), registry, config, &shutdown);
         let (r, out) = drain.join().expect("drain thread");
         // A reset is how a socket closed with unread input ends; a timeout is a leak.
         if let Err(e) = r
@@ -746,6 +757,74 @@ pub fn nbd_handshake(data: &[u8]) {
     after_connection(&inst, registry);
 }
 
+/// A self-signed test certificate (P-256, valid until 9966) for `nbd_starttls`.
+const FUZZ_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBlDCCATugAwIBAgIUPsylDKiNgoRVXbZMCJXRQhX57mMwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTIwNDIzNDI0N1oYDzk5NjYxMTA5
+MjM0MjQ3WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAATIjvY/3LFn+ADHoVCPdvxBPbOFBjmWXX/6u60dkrSP958W1wZHQQWa
+x8qrSEBMbby3t7dMbRAoXBUNeDb4j+xLo2kwZzAdBgNVHQ4EFgQUB9eA60IkD8hc
+A6f0MCeRlSxgaaIwHwYDVR0jBBgwFoAUB9eA60IkD8hcA6f0MCeRlSxgaaIwDwYD
+VR0TAQH/BAUwAwEB/zAUBgNVHREEDTALgglsb2NhbGhvc3QwCgYIKoZIzj0EAwID
+RwAwRAIgc6FUkxMltNiXmHdewoPPoEKKDduW+c+ejjYBF5l3AZMCIDmIA9VnP1Gh
+nd9ilpSxnvG82mKMSDeXMsl+/RMmtShc
+-----END CERTIFICATE-----
+";
+/// Its key (a throwaway: it protects nothing).
+const FUZZ_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgcwt1lD9lm+OHUk5r
+xitsDBPxsPSpJQ7Pcxk2sJSoZfahRANCAATIjvY/3LFn+ADHoVCPdvxBPbOFBjmW
+XX/6u60dkrSP958W1wZHQQWax8qrSEBMbby3t7dMbRAoXBUNeDb4j+xL
+-----END PRIVATE KEY-----
+";
+
+/// `nbd_config` with TLS in `mode`.
+fn nbd_config_tls(mode: TlsMode) -> &'static ServerConfig {
+    static ON: OnceLock<ServerConfig> = OnceLock::new();
+    static REQUIRE: OnceLock<ServerConfig> = OnceLock::new();
+    let cell = if mode == TlsMode::Require {
+        &REQUIRE
+    } else {
+        &ON
+    };
+    cell.get_or_init(|| ServerConfig {
+        tls: Some(
+            TlsSetup::from_pem(mode, FUZZ_CERT.as_bytes(), FUZZ_KEY.as_bytes())
+                .expect("the fuzz certificate"),
+        ),
+        ..nbd_config()
+    })
+}
+
+/// The option phase with TLS offered (first byte even: `--tls on`) or required (odd):
+/// the rest is what a client sends from its first byte on. On top of `nbd_handshake`'s
+/// checks: under `require`, every option but STARTTLS and ABORT is answered
+/// `NBD_REP_ERR_TLS_REQD` and `NBD_OPT_EXPORT_NAME` ends the connection; `NBD_OPT_STARTTLS`
+/// is acknowledged, after which the server sends TLS records or nothing, never an answer
+/// to bytes the client sent after it (they are the TLS handshake's, which a fuzzer does
+/// not get through).
+pub fn nbd_starttls(data: &[u8]) {
+    let Some((&choice, input)) = data.split_first() else {
+        return;
+    };
+    let mode = if choice & 1 == 0 {
+        TlsMode::On
+    } else {
+        TlsMode::Require
+    };
+    let (inst, registry) = nbd_instance();
+    let (result, out) = serve_with(&registry, input, nbd_config_tls(mode));
+    let mut w = Wire::new(input, &out);
+    w.tls = Some(mode == TlsMode::Require);
+    w.check_handshake();
+    if let Some(mode) = w.mode {
+        let requests = w.client_requests(mode);
+        check_replies(&out[w.o..], mode, &requests, None);
+    }
+    let _ = result;
+    after_connection(&inst, registry);
+}
+
 // NBD constants, spelled out here from the protocol so the checks do not trust the server.
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -753,6 +832,7 @@ const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -764,6 +844,10 @@ const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
+const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
+/// TLS record content types: alert, handshake.
+const TLS_ALERT: u8 = 21;
+const TLS_HANDSHAKE: u8 = 22;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 const SIMPLE_MAGIC: u32 = 0x6744_6698;
@@ -813,6 +897,8 @@ struct Wire<'a> {
     o: usize,
     /// Set once the transmission phase starts.
     mode: Option<Mode>,
+    /// TLS offered (`Some(false)`) or required (`Some(true)`).
+    tls: Option<bool>,
 }
 
 impl<'a> Wire<'a> {
@@ -823,6 +909,7 @@ impl<'a> Wire<'a> {
             i: 0,
             o: 0,
             mode: None,
+            tls: None,
         }
     }
 
@@ -903,6 +990,28 @@ impl<'a> Wire<'a> {
                 return self.out_done("an option cut short");
             }
             self.i += len;
+            if let Some(require) = self.tls {
+                if opt == OPT_STARTTLS && len == 0 {
+                    assert_eq!(self.option_reply(), (OPT_STARTTLS, REP_ACK));
+                    // Then the TLS handshake: records, or nothing. Never an option reply.
+                    let rest = self.out.get(self.o..).unwrap_or_default();
+                    assert!(
+                        rest.first()
+                            .is_none_or(|&t| t == TLS_ALERT || t == TLS_HANDSHAKE),
+                        "after STARTTLS the server sent {:02x?}",
+                        &rest[..rest.len().min(32)]
+                    );
+                    self.o = self.out.len();
+                    return;
+                }
+                if require && opt != OPT_STARTTLS && opt != OPT_ABORT {
+                    if opt == OPT_EXPORT_NAME {
+                        return self.out_done("NBD_OPT_EXPORT_NAME before TLS");
+                    }
+                    assert_eq!(self.option_reply(), (opt, REP_ERR_TLS_REQD));
+                    continue;
+                }
+            }
             let mode = if extended {
                 Mode::Extended
             } else if structured {

@@ -127,11 +127,35 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TCP address to serve NBD on (repeatable). An address that is not loopback is
-    /// allowed, with a warning: there is no TLS yet. Port 0 picks a free port (printed
-    /// when ready).
+    /// TCP address to serve NBD on (repeatable). An address that is not loopback needs
+    /// --tls require (or --insecure). Port 0 picks a free port (printed when ready).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Vec<String>,
+    /// TLS for NBD clients: `off` (NBD_OPT_STARTTLS refused), `on` (offered; plaintext
+    /// clients are served too), `require` (every option but STARTTLS and ABORT is refused
+    /// until TLS is up; no data is ever served in plaintext). `on` and `require` need
+    /// --tls-certificates. Applies to --socket connections too.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = TlsArg::Off)]
+    pub tls: TlsArg,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (the layout of
+    /// nbdkit and qemu's tls-creds-x509). ca-cert.pem verifies client certificates; without
+    /// --tls-verify-peer it may be left out, and clients need present none.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Require a client certificate signed by ca-cert.pem (its subject CN and SANs are then
+    /// the client's names for --authz).
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+    /// Which clients may open which exports, read-only or read-write (TOML, see the
+    /// README): a client is known by its TLS certificate's CN or SANs, or on a --socket by
+    /// its uid and groups. Exports a client may not open are not listed to it. Without it
+    /// every client may open every export.
+    #[arg(long, value_name = "FILE")]
+    pub authz: Option<PathBuf>,
+    /// Allow a --listen address that is not loopback without --tls require: anyone who
+    /// can reach it can then read and write the exports in plaintext.
+    #[arg(long)]
+    pub insecure: bool,
     /// Unix socket to serve NBD on (repeatable). A stale socket file is replaced; one
     /// that a server answers on is not.
     #[arg(long = "socket", value_name = "PATH")]
@@ -156,10 +180,22 @@ pub struct ServeArgs {
     /// tests, which need not wait 10 s to see a slow client cut off.
     #[arg(long, value_name = "MS", hide = true)]
     pub control_request_timeout_ms: Option<u64>,
+    /// Milliseconds an NBD client has for the whole handshake, TLS handshake included
+    /// (default 10000). For tests.
+    #[arg(long, value_name = "MS", hide = true)]
+    pub handshake_timeout_ms: Option<u64>,
     /// Create volume `default` with this size if it does not exist (without this option
     /// it is created, 1 GiB, only when there are no volumes at all).
     #[arg(long, value_name = "SIZE")]
     pub create_default_size: Option<String>,
+}
+
+/// `serve --tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsArg {
+    Off,
+    On,
+    Require,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,13 +1,14 @@
 //! `snapvol serve`, and the daemon's side of the control socket: the other commands run
 //! here on the volumes the daemon holds open.
 
-use super::args::{Cli, Command, ServeArgs};
+use super::args::{Cli, Command, ServeArgs, TlsArg};
 use super::commands::{Ctx, Volumes};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use snapvol::daemon::control::{Reply, Request};
 use snapvol::daemon::{Daemon, DaemonError, Handler, Options};
 use snapvol::names::parse_size;
+use snapvol::nbd::{Authz, TlsMode, TlsSetup};
 use snapvol::{CreateOptions, DataDir, Registry};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -34,7 +35,7 @@ pub fn serve(data_dir: &Path, args: &ServeArgs) -> Result<()> {
     let handler: Handler = Arc::new(run_request);
     let mut daemon = Daemon::bind(registry.clone(), options, handler).map_err(|e| match e {
         // Already one line; the cause adds nothing for the user.
-        DaemonError::AlreadyServing(_) => anyhow::anyhow!("{e}"),
+        DaemonError::AlreadyServing(_) | DaemonError::Insecure(_) => anyhow::anyhow!("{e}"),
         e => anyhow::Error::new(e),
     })?;
     daemon.handle_signals()?;
@@ -101,6 +102,9 @@ fn options(args: &ServeArgs) -> Result<Options> {
     if let Some(ms) = args.control_request_timeout_ms {
         options.control_request_timeout = std::time::Duration::from_millis(ms);
     }
+    if let Some(ms) = args.handshake_timeout_ms {
+        options.nbd.handshake_timeout = std::time::Duration::from_millis(ms);
+    }
     for text in &args.listen {
         let addrs: Vec<SocketAddr> = text
             .to_socket_addrs()
@@ -117,6 +121,31 @@ fn options(args: &ServeArgs) -> Result<Options> {
     }
     if args.listen.is_empty() && args.sockets.is_empty() {
         options.tcp = Options::default().tcp;
+    }
+    options.insecure = args.insecure;
+    let mode = match args.tls {
+        TlsArg::Off => TlsMode::Off,
+        TlsArg::On => TlsMode::On,
+        TlsArg::Require => TlsMode::Require,
+    };
+    match (&args.tls_certificates, mode) {
+        (Some(dir), TlsMode::On | TlsMode::Require) => {
+            let setup = TlsSetup::load(dir, mode, args.tls_verify_peer)
+                .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+            options.nbd.tls = Some(setup);
+        }
+        (None, TlsMode::On | TlsMode::Require) => {
+            bail!("--tls on and --tls require need --tls-certificates DIR")
+        }
+        (Some(_), TlsMode::Off) => bail!("--tls-certificates needs --tls on or --tls require"),
+        (None, TlsMode::Off) if args.tls_verify_peer => {
+            bail!("--tls-verify-peer needs --tls on or --tls require")
+        }
+        (None, TlsMode::Off) => {}
+    }
+    if let Some(path) = &args.authz {
+        let authz = Authz::load(path).map_err(|e| anyhow::anyhow!("--authz: {e}"))?;
+        options.nbd.authz = Some(Arc::new(authz));
     }
     Ok(options)
 }

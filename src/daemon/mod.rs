@@ -52,6 +52,9 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    /// A listener would serve the exports in plaintext beyond this machine.
+    #[error("{0}")]
+    Insecure(String),
     #[error(transparent)]
     Engine(#[from] crate::Error),
 }
@@ -101,8 +104,10 @@ pub struct Options {
     pub unix_access: SocketAccess,
     /// How long shutdown waits for connections and running commands to finish.
     pub shutdown_grace: Duration,
-    /// Limits of each NBD connection.
+    /// Limits, TLS and authorization of each NBD connection.
     pub nbd: crate::nbd::ServerConfig,
+    /// Allow TCP listeners on addresses that are not loopback without required TLS.
+    pub insecure: bool,
 }
 
 impl Default for Options {
@@ -117,6 +122,7 @@ impl Default for Options {
             unix_access: SocketAccess::default(),
             shutdown_grace: Duration::from_secs(30),
             nbd: crate::nbd::ServerConfig::default(),
+            insecure: false,
         }
     }
 }
@@ -334,15 +340,29 @@ impl Daemon {
                     lock_path.display()
                 ))
             })?;
-        let mut listeners = Vec::new();
+        let tls_required = options
+            .nbd
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == crate::nbd::TlsMode::Require);
         for addr in &options.tcp {
-            if !addr.ip().is_loopback() {
+            if !addr.ip().is_loopback() && !tls_required {
+                if !options.insecure {
+                    return Err(DaemonError::Insecure(format!(
+                        "refusing to listen on {addr} without --tls require: anyone who can \
+                         reach it could read and write every export in plaintext (give --tls \
+                         require with --tls-certificates, or --insecure to allow it)"
+                    )));
+                }
                 tracing::warn!(
                     %addr,
-                    "listening on a non-loopback address: NBD has no TLS yet, so anyone who \
-                     can reach it can read and write the volumes"
+                    "listening on a non-loopback address without required TLS (--insecure): \
+                     anyone who can reach it can read and write the exports"
                 );
             }
+        }
+        let mut listeners = Vec::new();
+        for addr in &options.tcp {
             listeners.push(
                 Listener::bind_tcp(*addr).map_err(io_err(format!("cannot listen on {addr}")))?,
             );

@@ -3,10 +3,27 @@
 //!
 //! Every option payload is read whole (at most `option_bytes_max` bytes) before it is
 //! parsed, so the stream stays in sync whatever the option holds; an unknown option is
-//! answered `NBD_REP_ERR_UNSUP`. The whole handshake runs under one deadline.
+//! answered `NBD_REP_ERR_UNSUP`. The whole handshake runs under one deadline, the TLS
+//! handshake included.
+//!
+//! TLS: `NBD_OPT_STARTTLS` is acknowledged, then the TLS handshake runs on the same socket
+//! (`tls::start`) and the options go on over the plaintext end the TLS pump gives back.
+//! Nothing is read past an option's payload before it is answered, so bytes a client (or
+//! a man in the middle) sends after `NBD_OPT_STARTTLS` reach the TLS handshake, never the
+//! option parser. What was negotiated before TLS (structured replies, extended headers,
+//! meta contexts) is forgotten: it may have been tampered with. Under `--tls require`
+//! every option but STARTTLS and ABORT is answered `NBD_REP_ERR_TLS_REQD` until then, and
+//! `NBD_OPT_EXPORT_NAME` (which has no error reply) ends the connection.
+//!
+//! Authorization: with an authz file, an export the client may not open is left out of
+//! `NBD_OPT_LIST` and refused (`NBD_REP_ERR_POLICY`) by INFO, GO and the meta-context
+//! options, and `NBD_OPT_EXPORT_NAME` of it ends the connection; a read-only client gets
+//! the volume with `NBD_FLAG_READ_ONLY`.
 
+use super::authz::{Access, Peer};
 use super::export::{self, Context, Resolved};
 use super::proto::*;
+use super::tls::{self, TlsMode};
 use super::transmission::{Export, transmission_flags};
 use super::{NbdError, NbdStream, ServerConfig};
 use crate::registry::{Kick, Registry};
@@ -43,6 +60,8 @@ struct State {
     /// The last `NBD_OPT_SET_META_CONTEXT`: export (canonical name) and selection.
     meta: Option<(String, Vec<(u32, Context)>)>,
     options: u32,
+    /// TLS is up (the stream is the TLS pump's plaintext end).
+    tls: bool,
 }
 
 impl State {
@@ -57,15 +76,42 @@ impl State {
     }
 }
 
+/// The stream a connection is served over: the client's socket, or with TLS the plaintext
+/// end of the TLS pump. Dropping it ends the TLS session (`close_notify`) after what was
+/// written.
+pub struct Channel {
+    pub stream: NbdStream,
+    tls: Option<tls::Session>,
+}
+
 /// The handshake side of the stream: reads under the handshake deadline, buffered replies.
 struct Conn<'a> {
-    stream: &'a NbdStream,
+    ch: Channel,
+    config: &'a ServerConfig,
+    peer: Peer,
     /// `None` when the configured timeout is too large to represent.
     deadline: Option<Instant>,
     out: Vec<u8>,
 }
 
 impl Conn<'_> {
+    /// What this client may do with export `canonical`: everything without an authz file.
+    fn access(&self, canonical: &str) -> Option<Access> {
+        match &self.config.authz {
+            None => Some(Access::ReadWrite),
+            Some(a) => a.access(&self.peer, canonical),
+        }
+    }
+
+    /// The reply refusing an export the client may not open.
+    fn not_allowed(&self, canonical: &str) -> String {
+        format!(
+            "export {:?} is not available to this client ({})",
+            truncate_str(canonical, 80),
+            self.peer.describe()
+        )
+    }
+
     fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, NbdError> {
         loop {
             let left = match self.deadline {
@@ -78,8 +124,8 @@ impl Conn<'_> {
                 }
                 None => None,
             };
-            self.stream.set_read_timeout(left)?;
-            match { self.stream }.read(buf) {
+            self.ch.stream.set_read_timeout(left)?;
+            match (&self.ch.stream).read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
@@ -145,7 +191,7 @@ impl Conn<'_> {
 
     fn flush(&mut self) -> Result<(), NbdError> {
         if !self.out.is_empty() {
-            { self.stream }.write_all(&self.out)?;
+            (&self.ch.stream).write_all(&self.out)?;
             self.out.clear();
         }
         Ok(())
@@ -159,23 +205,45 @@ impl Conn<'_> {
     }
 }
 
-/// Runs the handshake. `Ok(None)`: the client aborted or went away (or the server is
+/// Runs the handshake on `stream`, from a client known as `peer` (its unix-socket
+/// credentials, if any). Returns the stream to go on with (the TLS pump's end once TLS is
+/// up) and what was agreed; `None`: the client aborted or went away (or the server is
 /// shutting down) before choosing an export.
 pub fn negotiate(
-    stream: &NbdStream,
+    stream: NbdStream,
+    registry: &Registry,
+    config: &ServerConfig,
+    shutdown: &AtomicBool,
+    peer: Peer,
+) -> Result<(Channel, Option<Negotiated>), NbdError> {
+    let ch = Channel { stream, tls: None };
+    if shutdown.load(Ordering::SeqCst) {
+        return Ok((ch, None));
+    }
+    ch.stream
+        .set_write_timeout(Some(config.handshake_timeout.max(Duration::from_millis(1))))?;
+    let mut c = Conn {
+        ch,
+        config,
+        peer,
+        deadline: Instant::now().checked_add(config.handshake_timeout),
+        out: Vec::new(),
+    };
+    let negotiated = options(&mut c, registry, config, shutdown)?;
+    Ok((c.ch, negotiated))
+}
+
+/// The greeting and the option phase.
+fn options(
+    c: &mut Conn<'_>,
     registry: &Registry,
     config: &ServerConfig,
     shutdown: &AtomicBool,
 ) -> Result<Option<Negotiated>, NbdError> {
-    if shutdown.load(Ordering::SeqCst) {
-        return Ok(None);
-    }
-    stream.set_write_timeout(Some(config.handshake_timeout.max(Duration::from_millis(1))))?;
-    let mut c = Conn {
-        stream,
-        deadline: Instant::now().checked_add(config.handshake_timeout),
-        out: Vec::new(),
-    };
+    let require_tls = config
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode == TlsMode::Require);
     c.out.extend_from_slice(&NBDMAGIC.to_be_bytes());
     c.out.extend_from_slice(&IHAVEOPT.to_be_bytes());
     c.out
@@ -256,8 +324,23 @@ pub fn negotiate(
                 }
             }
         }
+        if require_tls && !st.tls && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                // No error reply exists: the spec says to end the session.
+                return Err(NbdError::Protocol(
+                    "NBD_OPT_EXPORT_NAME before TLS, which this server requires".into(),
+                ));
+            }
+            c.reply_err(
+                opt,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            );
+            c.flush()?;
+            continue;
+        }
         let done = match opt {
-            OPT_EXPORT_NAME => Some(export_name(&mut c, registry, &st, &data)?),
+            OPT_EXPORT_NAME => Some(export_name(c, registry, &st, &data)?),
             OPT_ABORT => {
                 c.reply(opt, REP_ACK, &[]);
                 // The client may already be gone: that is how ABORT ends anyway.
@@ -265,18 +348,37 @@ pub fn negotiate(
                 return Ok(None);
             }
             OPT_LIST => {
-                list(&mut c, registry, &data)?;
+                list(c, registry, &data)?;
                 None
             }
             OPT_STARTTLS => {
-                if data.is_empty() {
-                    c.reply_err(opt, REP_ERR_POLICY, "TLS is not supported by this server");
-                } else {
+                let setup = config.tls.as_ref().filter(|t| t.mode != TlsMode::Off);
+                if !data.is_empty() {
                     c.reply_err(opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS carries no data");
+                } else if st.tls {
+                    c.reply_err(opt, REP_ERR_INVALID, "TLS is already active");
+                } else if let Some(setup) = setup {
+                    c.reply(opt, REP_ACK, &[]);
+                    c.flush()?;
+                    // The next byte read from the socket is the client's TLS handshake.
+                    let (plain, session, names) = tls::start(&c.ch.stream, setup, c.deadline)?;
+                    c.ch.stream = plain;
+                    c.ch.tls = Some(session);
+                    c.peer.tls_names = names;
+                    tracing::debug!(peer = %c.peer.describe(), "TLS established");
+                    // Options negotiated in plaintext may have been forged: start over.
+                    st = State {
+                        no_zeroes: st.no_zeroes,
+                        options: st.options,
+                        tls: true,
+                        ..State::default()
+                    };
+                } else {
+                    c.reply_err(opt, REP_ERR_POLICY, "TLS is not supported by this server");
                 }
                 None
             }
-            OPT_INFO | OPT_GO => info_or_go(&mut c, registry, config, &st, opt, &data)?,
+            OPT_INFO | OPT_GO => info_or_go(c, registry, config, &st, opt, &data)?,
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     c.reply_err(
@@ -323,7 +425,7 @@ pub fn negotiate(
                 None
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                meta_context(&mut c, registry, &mut st, opt, &data)?;
+                meta_context(c, registry, &mut st, opt, &data)?;
                 None
             }
             _ => {
@@ -363,9 +465,12 @@ fn export_name(
         ));
     }
     let target = export::parse_export_name(data).map_err(NbdError::ExportRefused)?;
+    let Some(access) = c.access(&target.canonical) else {
+        return Err(NbdError::ExportRefused(c.not_allowed(&target.canonical)));
+    };
     let resolved = export::resolve(registry, &target).map_err(NbdError::ExportRefused)?;
-    let export =
-        open_export(c.stream, registry, resolved, st.mode()).map_err(NbdError::ExportRefused)?;
+    let export = open_export(&c.ch.stream, registry, resolved, access, st.mode())
+        .map_err(NbdError::ExportRefused)?;
     c.out.extend_from_slice(&export.size.to_be_bytes());
     c.out.extend_from_slice(&export.flags.to_be_bytes());
     if !st.no_zeroes {
@@ -380,15 +485,17 @@ fn open_export(
     stream: &NbdStream,
     registry: &Registry,
     resolved: Resolved,
+    access: Access,
     mode: Mode,
 ) -> Result<Export, String> {
+    let read_only = resolved.read_only() || access == Access::ReadOnly;
     let Resolved {
         target,
         volume,
         snapshot_id,
     } = resolved;
     let stop = Arc::new(AtomicBool::new(false));
-    let (volume, writer) = if snapshot_id.is_some() {
+    let (volume, writer) = if read_only {
         (volume, None)
     } else {
         let kick_stream = stream
@@ -407,9 +514,10 @@ fn open_export(
     Ok(Export {
         name: target.canonical,
         size: volume.size_bytes(),
-        flags: transmission_flags(snapshot_id.is_some(), mode),
+        flags: transmission_flags(read_only, mode),
         volume,
         snapshot_id,
+        read_only,
         stop,
         _writer: writer,
     })
@@ -434,6 +542,9 @@ fn list(c: &mut Conn<'_>, registry: &Registry, data: &[u8]) -> Result<(), NbdErr
         }
     };
     for e in exports {
+        if c.access(&e.name).is_none() {
+            continue;
+        }
         let description = truncate_str(&e.description, STRING_BYTES_MAX);
         let mut d = Vec::with_capacity(4 + e.name.len() + description.len());
         d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
@@ -494,6 +605,11 @@ fn info_or_go(
             return Ok(None);
         }
     };
+    let Some(access) = c.access(&target.canonical) else {
+        let message = c.not_allowed(&target.canonical);
+        c.reply_err(opt, REP_ERR_POLICY, &message);
+        return Ok(None);
+    };
     let resolved = match export::resolve(registry, &target) {
         Ok(r) => r,
         Err(message) => {
@@ -505,7 +621,7 @@ fn info_or_go(
         .contains(&INFO_DESCRIPTION)
         .then(|| resolved.description());
     let (size, flags, export) = if opt == OPT_GO {
-        match open_export(c.stream, registry, resolved, st.mode()) {
+        match open_export(&c.ch.stream, registry, resolved, access, st.mode()) {
             Ok(e) => (e.size, e.flags, Some(e)),
             Err(message) => {
                 c.reply_err(opt, REP_ERR_UNKNOWN, &message);
@@ -515,7 +631,10 @@ fn info_or_go(
     } else {
         (
             resolved.volume.size_bytes(),
-            transmission_flags(resolved.read_only(), st.mode()),
+            transmission_flags(
+                resolved.read_only() || access == Access::ReadOnly,
+                st.mode(),
+            ),
             None,
         )
     };
@@ -603,6 +722,13 @@ fn meta_context(
             REP_ERR_INVALID,
             &format!("export name longer than {STRING_BYTES_MAX} bytes"),
         );
+        return Ok(());
+    }
+    if let Ok(target) = export::parse_export_name(name)
+        && c.access(&target.canonical).is_none()
+    {
+        let message = c.not_allowed(&target.canonical);
+        c.reply_err(opt, REP_ERR_POLICY, &message);
         return Ok(());
     }
     let resolved = match export::parse_export_name(name)

@@ -11,16 +11,22 @@
 //! Exports: every volume by name (read-write), every snapshot as `VOL@SNAP` (read-only); the
 //! empty name means `default`. Metadata contexts: `base:allocation` on every export, and
 //! `qemu:dirty-bitmap:SNAP` on a volume export (what changed in the live volume since
-//! snapshot SNAP). The server runs without TLS (`NBD_OPT_STARTTLS` gets
-//! `NBD_REP_ERR_POLICY`).
+//! snapshot SNAP). TLS (`tls`) is optional or required per [`ServerConfig::tls`]; once it
+//! is up the protocol code runs over a plain stream as without it. Which client may open
+//! which export, read-only or read-write, is [`ServerConfig::authz`] (`authz`).
 //!
 //! Nothing reachable from the network panics or allocates in proportion to a client-sent
 //! length beyond the limits of [`ServerConfig`].
 
+pub mod authz;
 mod export;
 mod handshake;
 mod proto;
+pub mod tls;
 mod transmission;
+
+pub use authz::{Access, Authz, Peer};
+pub use tls::{TlsMode, TlsSetup};
 
 use crate::registry::Registry;
 use std::io::{self, Read, Write};
@@ -50,6 +56,10 @@ pub struct ServerConfig {
     /// Requests of one connection being served at once, inline ones included (also its
     /// worker thread count).
     pub inflight_requests_max: usize,
+    /// TLS (`NBD_OPT_STARTTLS`); `None` refuses it as a server without TLS.
+    pub tls: Option<TlsSetup>,
+    /// Who may open which export; `None` lets every client open every export.
+    pub authz: Option<Arc<Authz>>,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +71,8 @@ impl Default for ServerConfig {
             payload_bytes_max: 32 << 20,
             write_drain_bytes_max: 64 << 20,
             inflight_requests_max: 16,
+            tls: None,
+            authz: None,
         }
     }
 }
@@ -85,6 +97,9 @@ pub enum NbdError {
     /// error reply, so the spec requires dropping the connection.
     #[error("export refused: {0}")]
     ExportRefused(String),
+    /// The TLS handshake failed, or TLS set-up for the connection did.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The final flush of a written volume failed: the client's unflushed writes may be
     /// lost.
     #[error("flushing the volume at disconnect failed: {0}")]
@@ -117,6 +132,13 @@ impl NbdStream {
         match self {
             NbdStream::Tcp(s) => s.set_read_timeout(t),
             NbdStream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            NbdStream::Tcp(s) => s.set_nonblocking(on),
+            NbdStream::Unix(s) => s.set_nonblocking(on),
         }
     }
 
@@ -216,11 +238,21 @@ pub fn serve_connection(
         // otherwise wait for an ACK.
         let _ = s.set_nodelay(true);
     }
-    let negotiated = match handshake::negotiate(&stream, registry, config, shutdown)? {
-        Some(n) => n,
-        None => return Ok(()),
+    // A unix-socket client is known by its credentials; a TLS client by its certificate,
+    // once the TLS handshake has checked it.
+    let peer = match &stream {
+        NbdStream::Unix(s) if config.authz.is_some() => Peer::of_unix(s)?,
+        _ => Peer::default(),
     };
+    let (channel, negotiated) = handshake::negotiate(stream, registry, config, shutdown, peer)?;
+    let Some(negotiated) = negotiated else {
+        return Ok(());
+    };
+    let stream = &channel.stream;
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(Some(transmission::WRITE_STALL_TIMEOUT))?;
-    transmission::serve(&stream, negotiated, config, shutdown)
+    let result = transmission::serve(stream, negotiated, config, shutdown);
+    // Dropping the channel ends a TLS session (close_notify) after the last reply.
+    drop(channel);
+    result
 }

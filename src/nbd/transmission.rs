@@ -98,6 +98,8 @@ pub struct Export {
     pub volume: Arc<Volume>,
     /// Set for a (read-only) snapshot export.
     pub snapshot_id: Option<u64>,
+    /// Writes are refused (`EPERM`): a snapshot, or a client allowed to read only.
+    pub read_only: bool,
     pub size: u64,
     pub flags: u16,
     /// Set when the connection is kicked (`restore --force`).
@@ -850,7 +852,7 @@ fn has_zero_block(data: &[u8], base: u64) -> bool {
 
 impl Shared<'_> {
     fn read_only(&self) -> bool {
-        self.export.snapshot_id.is_some()
+        self.export.read_only
     }
 
     fn check(&self, r: &Request) -> Verdict {
