@@ -21,6 +21,10 @@ struct Tally {
     runs: u64,
     injected: u64,
     sync_failures: u64,
+    /// ENOSPC runs that left the volume failed (see `run_one`).
+    enospc_failed_volume: u64,
+    /// One example per kind of failure those runs ended in.
+    enospc_reasons: std::collections::BTreeMap<String, String>,
     failures: Vec<String>,
 }
 
@@ -73,6 +77,52 @@ fn run_one(
         return Err(format!("the engine panicked: {msg}"));
     }
     run.plan.disarm();
+    // Out of space, then space again: ENOSPC never fails the volume, and the same engine
+    // (no reopen) takes writes and flushes again once there is room: data held for lack of
+    // space reaches the origin at the flush.
+    // (Known gap, counted, not yet failed on: this model fails every write, also into space
+    // the engine reserved beforehand with fallocate, which a real file system would not; a
+    // store write failing so at a group commit fails the volume. See docs/RELIABILITY.md.)
+    let enospc_failed = errno == libc::ENOSPC
+        && run
+            .client
+            .outcomes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|o| o.volume_failed);
+    if enospc_failed {
+        tally.enospc_failed_volume += 1;
+        let outcomes = run.client.outcomes.lock().unwrap();
+        if let Some(e) = outcomes
+            .iter()
+            .find_map(|o| o.error.as_ref().filter(|_| o.volume_failed))
+        {
+            let why = e.split("reopened: ").nth(1).unwrap_or(e);
+            let key: String = why
+                .split(['(', ';'])
+                .next()
+                .unwrap_or(why)
+                .trim()
+                .to_string();
+            tally.enospc_reasons.entry(key).or_insert_with(|| e.clone());
+        }
+    }
+    if errno == libc::ENOSPC && !enospc_failed {
+        run.client
+            .flush()
+            .map_err(|e| format!("with space again, a flush failed: {e}"))?;
+        for block in [0, spec.blocks() / 2, spec.blocks() - 1] {
+            match run.client.write(block, 1, true) {
+                Ok(()) | Err(snapvol::Error::StoreFull { .. }) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "with space again, a write of block {block} failed: {e}"
+                    ));
+                }
+            }
+        }
+    }
     let FaultRun {
         root,
         sim,
@@ -191,12 +241,16 @@ fn every_fault(name: &str) {
         }
     }
     eprintln!(
-        "{name}: {} runs, {} faults injected, {} failed syncs, {} problems",
+        "{name}: {} runs, {} faults injected, {} failed syncs, {} ENOSPC runs that failed the volume, {} problems",
         tally.runs,
         tally.injected,
         tally.sync_failures,
+        tally.enospc_failed_volume,
         tally.failures.len()
     );
+    for e in tally.enospc_reasons.values() {
+        eprintln!("{name}: ENOSPC failed the volume: {e}");
+    }
     for f in tally.failures.iter().take(10) {
         eprintln!("{f}");
     }

@@ -1937,7 +1937,10 @@ impl FaultRun {
     }
 }
 
-pub const ENOSPC_KINDS: u8 = IoKind::MUTATING;
+/// What running out of space fails: writes and size changes (allocation is where a file
+/// system reports it). Not syncs: a failed sync fails the volume whatever the errno (the
+/// page cache can no longer be trusted), which the EIO runs cover.
+pub const ENOSPC_KINDS: u8 = IoKind::Write as u8 | IoKind::SetLen as u8;
 
 /// Which pending operations survive a simulated power cut, from a seed.
 pub fn random_fate(seed: u64) -> impl FnMut(usize, usize, &snapvol::io::sim::SimOp) -> Fate {
