@@ -426,6 +426,7 @@ fn every_command_gives_the_same_result_through_the_daemon() {
         (&["export", "v@one", "one.img"], 0),
         (&["export", "v", "sub/live.img"], 0),
         (&["volume", "info", "v", "--json"], 0),
+        (&["volume", "reopen", "v"], 0),
         (&["restore", "v@one"], 0),
         (&["restore", "--force", "v@two"], 0),
         (&["export", "v", "restored.img"], 0),
@@ -875,6 +876,40 @@ fn restore_refuses_connected_writers_unless_forced() {
     let mut want = img.clone();
     want[MIB..MIB + new.len()].copy_from_slice(&new);
     assert_same(&sb.read_file("out.img"), &want, "after undoing the restore");
+}
+
+/// `volume reopen` through the daemon: refused while a client uses the volume, `--force`
+/// disconnects read-write clients first; the volume is opened again from its files and a
+/// new connection sees every flushed write. (A volume that failed is brought back the
+/// same way: `registry::tests::reopen_brings_back_a_failed_volume`.)
+#[test]
+fn volume_reopen_refuses_clients_unless_forced() {
+    let (sb, daemon, img) = served_volume();
+    let sock = daemon.unix_path();
+    let mut writer = Nbd::unix(&sock, "v").expect("connect writer");
+    let new = vec![0x5Au8; 64 * 1024];
+    writer.write(2 * MIB as u64, &new).expect("write");
+    writer.flush().expect("flush");
+    let err = sb.fails(&["volume", "reopen", "v"], "is in use by 1 NBD connection");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(writer.read(2 * MIB as u64, new.len()).expect("read"), new);
+    let out = sb.ok(&["volume", "reopen", "--force", "v"]);
+    assert_eq!(out.trim(), "volume \"v\" reopened");
+    assert!(
+        writer.read(0, 4096).is_err(),
+        "the writer is still connected"
+    );
+    let mut after = Nbd::unix(&sock, "v").expect("reconnect");
+    let mut want = img.clone();
+    want[2 * MIB..2 * MIB + new.len()].copy_from_slice(&new);
+    assert_same(
+        &after.read(0, 4 * MIB).expect("read all"),
+        &want,
+        "after reopen",
+    );
+    after.disconnect();
+    sb.fails(&["volume", "reopen", "nope"], "nope");
+    daemon.stop();
 }
 
 #[test]

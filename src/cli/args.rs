@@ -225,6 +225,22 @@ pub enum VolumeCommand {
         #[arg(value_name = "NAME")]
         name: String,
     },
+    /// Close a volume and open it again, so its recovery runs.
+    ///
+    /// How a volume that failed (`volume "NAME" has failed and must be reopened`, after an
+    /// I/O error or a failed sync) is brought back while `snapvol serve` keeps running:
+    /// the failed volume is dropped without a checkpoint and opened again from its journal
+    /// and files, as after a power cut; a healthy volume is closed normally first. Refused
+    /// while NBD clients or commands use it. Without a running daemon, opens and closes the
+    /// volume.
+    Reopen {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Disconnect the volume's read-write NBD clients first (only matters while
+        /// `snapvol serve` runs; other clients must disconnect themselves).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -397,25 +397,72 @@ fn restore_served(registry: &Registry, vol: &str, snap: &str, force: bool) -> Re
                  first"
             );
         }
-        let kicked = registry.kick_writers(vol);
-        tracing::info!(volume = %vol, writers, kicked, "restore --force: disconnecting read-write clients");
-        let deadline = Instant::now() + WRITERS_GONE_TIMEOUT;
-        loop {
-            let left = registry.writer_count(vol);
-            if left == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{left} read-write client(s) of volume {vol:?} did not disconnect within \
-                     {} s; nothing was restored",
-                    WRITERS_GONE_TIMEOUT.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        tracing::info!(volume = %vol, writers, "restore --force: disconnecting read-write clients");
+        disconnect_writers(registry, vol, "nothing was restored")?;
     }
     Ok(volume.restore(snap)?)
+}
+
+/// Disconnects the read-write NBD clients of `vol` and waits until they are gone (at most
+/// `WRITERS_GONE_TIMEOUT`; `undone` says what did not happen then).
+fn disconnect_writers(registry: &Registry, vol: &str, undone: &str) -> Result<()> {
+    registry.kick_writers(vol);
+    let deadline = Instant::now() + WRITERS_GONE_TIMEOUT;
+    loop {
+        let left = registry.writer_count(vol);
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{left} read-write client(s) of volume {vol:?} did not disconnect within {} s; \
+                 {undone}",
+                WRITERS_GONE_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `volume reopen`. Through a running daemon: closes the volume and opens it again, so
+/// recovery runs; how a volume that failed (an I/O error) is brought back without a
+/// restart. Refused while NBD clients or commands use it, unless `force`: then its
+/// read-write clients are disconnected first (others must disconnect themselves). Without
+/// a daemon: opens and closes it (recovery runs; no failed state outlives a process).
+pub fn volume_reopen(ctx: &mut Ctx, name: &str, force: bool) -> Result<()> {
+    let name = volume_name(name)?;
+    let failure = match ctx.volumes {
+        Volumes::Direct(dd) => {
+            dd.open_volume(&name)?.close()?;
+            None
+        }
+        Volumes::Daemon(registry) => {
+            if force && registry.writer_count(&name) > 0 {
+                disconnect_writers(registry, &name, "the volume was not reopened")?;
+            }
+            // A disconnected client lets go of the volume just after it detaches.
+            let deadline = Instant::now() + WRITERS_GONE_TIMEOUT;
+            loop {
+                match registry.reopen(&name) {
+                    Ok(failure) => break failure,
+                    Err(HoldError::InUse { .. }) if force && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(HoldError::InUse { users, .. }) => bail!(
+                        "volume {name:?} is in use by {users} NBD connection(s) or running \
+                         command(s); disconnect them, or use volume reopen --force to \
+                         disconnect its read-write clients first"
+                    ),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    };
+    match failure {
+        Some(why) => writeln!(ctx.out, "volume {name:?} reopened; it had failed: {why}")?,
+        None => writeln!(ctx.out, "volume {name:?} reopened")?,
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]

@@ -167,6 +167,7 @@ fn execute(command: &Command, ctx: &mut Ctx) -> anyhow::Result<()> {
             VolumeCommand::List { json } => commands::volume_list(ctx, *json),
             VolumeCommand::Info { name, json } => commands::volume_info(ctx, name, *json),
             VolumeCommand::Delete { name } => commands::volume_delete(ctx, name),
+            VolumeCommand::Reopen { name, force } => commands::volume_reopen(ctx, name, *force),
         },
         Command::Snapshot(cmd) => match cmd {
             SnapshotCommand::Create { target } => commands::snapshot_create(ctx, target),

@@ -589,8 +589,9 @@ impl Volume {
 
     /// Drops the volume as a crash of the process would once its queued work had reached
     /// the files (the group commit of queued copies and the writes they held run first):
-    /// no flush, no checkpoint. For recovery tests; crashes in the middle of that work are
-    /// what the simulated-disk crash tests and the SIGKILL tests cover.
+    /// no flush, no checkpoint. For recovery tests (crashes in the middle of that work are
+    /// what the simulated-disk crash tests and the SIGKILL tests cover), and for dropping a
+    /// failed volume before it is opened again (`Registry::reopen`).
     #[doc(hidden)]
     pub fn abandon(self) {
         let _ = self.commit_queued();
