@@ -283,6 +283,49 @@ impl Registry {
         }
     }
 
+    /// Takes `name` out of the open volumes and holds it closed for `reason`: the volume as
+    /// it was open (`None` if it was not). Fails, changing nothing, if it is held or anyone
+    /// else holds a reference (connections, running commands).
+    fn take_and_hold(
+        &self,
+        name: &str,
+        reason: &str,
+    ) -> std::result::Result<Option<Volume>, HoldError> {
+        let mut open = self.open.lock();
+        let mut holds = self.holds.lock();
+        if let Some(hold) = holds.get(name) {
+            return Err(HoldError::Held {
+                name: name.to_string(),
+                reason: hold.reason.clone(),
+            });
+        }
+        let volume = match open.remove(name) {
+            None => None,
+            Some(entry) => {
+                let (volume, writers) = entry.into_parts();
+                match Arc::try_unwrap(volume) {
+                    Ok(volume) => Some(volume),
+                    Err(volume) => {
+                        let users = Arc::strong_count(&volume) - 1;
+                        open.insert(name.to_string(), Entry::new(volume, writers));
+                        return Err(HoldError::InUse {
+                            name: name.to_string(),
+                            users,
+                        });
+                    }
+                }
+            }
+        };
+        holds.insert(
+            name.to_string(),
+            Hold {
+                kind: HoldKind::Closed,
+                reason: reason.to_string(),
+            },
+        );
+        Ok(volume)
+    }
+
     /// Closes `name` (flush, checkpoint, release its lock) and keeps it closed: until the
     /// guard drops, opening it through the registry fails with "volume NAME is `reason`".
     /// Fails if anyone else holds the volume (connections, running commands) or it is
@@ -292,41 +335,7 @@ impl Registry {
         name: &str,
         reason: &str,
     ) -> std::result::Result<HoldGuard<'_>, HoldError> {
-        let volume = {
-            let mut open = self.open.lock();
-            let mut holds = self.holds.lock();
-            if let Some(hold) = holds.get(name) {
-                return Err(HoldError::Held {
-                    name: name.to_string(),
-                    reason: hold.reason.clone(),
-                });
-            }
-            let volume = match open.remove(name) {
-                None => None,
-                Some(entry) => {
-                    let (volume, writers) = entry.into_parts();
-                    match Arc::try_unwrap(volume) {
-                        Ok(volume) => Some(volume),
-                        Err(volume) => {
-                            let users = Arc::strong_count(&volume) - 1;
-                            open.insert(name.to_string(), Entry::new(volume, writers));
-                            return Err(HoldError::InUse {
-                                name: name.to_string(),
-                                users,
-                            });
-                        }
-                    }
-                }
-            };
-            holds.insert(
-                name.to_string(),
-                Hold {
-                    kind: HoldKind::Closed,
-                    reason: reason.to_string(),
-                },
-            );
-            volume
-        };
+        let volume = self.take_and_hold(name, reason)?;
         let guard = HoldGuard {
             registry: self,
             name: name.to_string(),
@@ -345,41 +354,7 @@ impl Registry {
     /// closed as usual. Returns why it had failed, if it had. Fails, changing nothing, if
     /// anyone else holds it (connections, running commands) or it is held.
     pub fn reopen(&self, name: &str) -> std::result::Result<Option<String>, HoldError> {
-        let volume = {
-            let mut open = self.open.lock();
-            let mut holds = self.holds.lock();
-            if let Some(hold) = holds.get(name) {
-                return Err(HoldError::Held {
-                    name: name.to_string(),
-                    reason: hold.reason.clone(),
-                });
-            }
-            let volume = match open.remove(name) {
-                None => None,
-                Some(entry) => {
-                    let (volume, writers) = entry.into_parts();
-                    match Arc::try_unwrap(volume) {
-                        Ok(volume) => Some(volume),
-                        Err(volume) => {
-                            let users = Arc::strong_count(&volume) - 1;
-                            open.insert(name.to_string(), Entry::new(volume, writers));
-                            return Err(HoldError::InUse {
-                                name: name.to_string(),
-                                users,
-                            });
-                        }
-                    }
-                }
-            };
-            holds.insert(
-                name.to_string(),
-                Hold {
-                    kind: HoldKind::Closed,
-                    reason: "being reopened".to_string(),
-                },
-            );
-            volume
-        };
+        let volume = self.take_and_hold(name, "being reopened")?;
         let guard = HoldGuard {
             registry: self,
             name: name.to_string(),
