@@ -512,12 +512,26 @@ impl Volume {
         }
         js.checkpoint_retry_bytes = 0;
         self.tables.write().map.mark_clean();
-        js.journal.reset().map_err(|e| {
-            self.fail(format!(
+        match js.journal.reset() {
+            Ok(()) => Ok(()),
+            Err(crate::journal::JournalError::NoSpace(source)) => {
+                // The journal keeps its frames (replay skips them: they are checkpointed)
+                // and grows on; emptying it is tried again at a later checkpoint.
+                js.checkpoint_retry_bytes = js
+                    .journal
+                    .size_bytes()
+                    .saturating_add(CHECKPOINT_RETRY_STEP_BYTES);
+                tracing::warn!(volume = %self.config.name, "no space to empty the journal after a checkpoint; it is tried again later");
+                Err(Error::Io {
+                    volume: self.config.name.clone(),
+                    context: "emptying the journal after a checkpoint (tried again later)".into(),
+                    source,
+                })
+            }
+            Err(e) => Err(self.fail(format!(
                 "emptying the journal after a checkpoint failed: {e}"
-            ))
-        })?;
-        Ok(())
+            ))),
+        }
     }
 
     /// Appends one frame and syncs it. Caller holds the journal lock. A failure fails the

@@ -810,6 +810,10 @@ impl Volume {
             if self.write_copy(&mut entry, data)? {
                 return Ok(Some(entry));
             }
+            // The file system had no space at that slot (it cannot reserve): no slot from
+            // there on until the volume is reopened; try another.
+            tracing::warn!(volume = %self.config.name, store_index = entry.store_index, slot_index = entry.slot_index, "snapshot store file system is full; capping the store here");
+            self.stores.cap_at(entry.store_index, entry.slot_index);
         }
     }
 
@@ -844,17 +848,13 @@ impl Volume {
     }
 
     /// Writes `data` (one whole chunk) into `entry`'s slot, not yet synced, and sets its
-    /// checksum. `Ok(false)`: the file system was full at that slot; the store is capped
-    /// there and the entry needs another slot. On an error the slot is released.
+    /// checksum. `Ok(false)`: the file system was full at that slot (one that cannot
+    /// reserve); the entry keeps the slot. On an error the slot is released.
     fn write_copy(&self, entry: &mut PreserveEntry, data: &[u8]) -> Result<bool> {
         let (store_index, slot_index) = (entry.store_index, entry.slot_index);
         match self.stores.write_slot(store_index, slot_index, data) {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                tracing::warn!(volume = %self.config.name, store_index, slot_index, "snapshot store file system is full; capping the store here");
-                self.stores.cap_at(store_index, slot_index);
-                return Ok(false);
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(false),
             Err(e) => {
                 self.stores.release(store_index, slot_index);
                 return Err(self.io_err(|| {
@@ -1055,19 +1055,40 @@ impl Volume {
             .take(COPY_READ_AHEAD_CHUNKS)
             .for_each(|&c| read_ahead(c));
         let mut copied = 0usize;
-        for q in batch {
+        let mut batch = batch.into_iter();
+        while let Some(q) = batch.next() {
             let mut entry = q.entry;
             if q.copy_due {
                 if let Some(&ahead) = due.get(copied + COPY_READ_AHEAD_CHUNKS) {
                     read_ahead(ahead);
                 }
                 copied += 1;
-                self.copy_deferred_chunk(&mut entry, &mut buf).map_err(|e| {
-                    self.fail(format!(
-                        "copying chunk {} into the snapshot store failed ({e}); acknowledged writes may be lost",
-                        entry.chunk_index
-                    ))
-                })?;
+                if let Err(e) = self.copy_deferred_chunk(&mut entry, &mut buf) {
+                    if !e.is_out_of_space() {
+                        return Err(self.fail(format!(
+                            "copying chunk {} into the snapshot store failed ({e}); acknowledged writes may be lost",
+                            entry.chunk_index
+                        )));
+                    }
+                    // No space for this copy (the volume is fine): the whole batch goes
+                    // back to the front of the queue, the copies made so far kept, and
+                    // its held pieces stay held until a later commit finds space.
+                    tracing::warn!(volume = %self.config.name, error = %e, "no space for a copy of a group commit; it is tried again");
+                    let requeued: Vec<Queued> = entries
+                        .into_iter()
+                        .map(|entry| Queued {
+                            entry,
+                            copy_due: false,
+                        })
+                        .chain(std::iter::once(Queued {
+                            entry,
+                            copy_due: true,
+                        }))
+                        .chain(batch)
+                        .collect();
+                    self.group.state.lock().pending.splice(0..0, requeued);
+                    return Err(e);
+                }
             }
             entries.push(entry);
         }
@@ -1169,17 +1190,22 @@ impl Volume {
         })
     }
 
-    /// Copies a queued chunk's old contents from the origin into its entry's slot (another
-    /// slot if the file system is full at that one). The chunk is held in `deferred`, so no
-    /// one writes its origin bytes before this commit ends: no chunk lock is needed.
+    /// Copies a queued chunk's old contents from the origin into its entry's slot. The
+    /// chunk is held in `deferred`, so no one writes its origin bytes before this commit
+    /// ends: no chunk lock is needed. ENOSPC (a file system that cannot reserve, full at
+    /// that slot) is returned with the entry and its slot unchanged, to be tried again.
     fn copy_deferred_chunk(&self, entry: &mut PreserveEntry, buf: &mut Vec<u8>) -> Result<()> {
         debug_assert!(self.deferred.contains(entry.chunk_index));
         self.read_old_chunk(entry.chunk_index, buf)?;
-        while !self.write_copy(entry, buf)? {
-            let Some(slot) = self.stores.allocate() else {
-                return Err(self.store_full_error());
-            };
-            (entry.store_index, entry.slot_index) = slot;
+        if !self.write_copy(entry, buf)? {
+            return Err(Error::Io {
+                volume: self.config.name.clone(),
+                context: format!(
+                    "copying chunk {} into store {} slot {} for a group commit (acknowledged writes to it are held and the copy is tried again)",
+                    entry.chunk_index, entry.store_index, entry.slot_index
+                ),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
         }
         Ok(())
     }

@@ -1907,6 +1907,7 @@ impl FaultRun {
         let sim = SimDisk::new();
         let fault = FaultDisk::new(Arc::new(sim.clone()));
         let plan = fault.plan().clone();
+        plan.model_space(true);
         let mut dd = root.datadir(Arc::new(fault));
         dd.set_open_config(OpenConfig {
             checkpoint_journal_bytes: checkpoint_bytes,
@@ -1926,7 +1927,10 @@ impl FaultRun {
     }
 }
 
-pub const ENOSPC_KINDS: u8 = IoKind::MUTATING;
+/// What a full file system fails: allocations, i.e. writes (and reservations, which
+/// `FaultDisk` counts as writes) and truncations. Not syncs: a failed sync fails the volume
+/// whatever its errno (the page cache can no longer be trusted), and EIO runs cover them.
+pub const ENOSPC_KINDS: u8 = IoKind::Write as u8 | IoKind::SetLen as u8;
 
 /// Which pending operations survive a simulated power cut, from a seed.
 pub fn random_fate(seed: u64) -> impl FnMut(usize, usize, &snapvol::io::sim::SimOp) -> Fate {
