@@ -40,6 +40,16 @@ pub enum Error {
         "volume {volume:?}: snapshot stores are full ({detail}); the write was refused and every remaining snapshot is intact"
     )]
     StoreFull { volume: String, detail: String },
+    /// A restore ran out of space part-way: the live volume is partly restored, so it
+    /// serves no reads or writes until the restore finishes, which the next request tries.
+    #[error(
+        "volume {volume:?}: a restore to {snapshot:?} is paused for lack of space ({reason}); reads and writes are refused until it finishes: free space (delete a snapshot, grow the file system) and the next request resumes it"
+    )]
+    RestorePaused {
+        volume: String,
+        snapshot: String,
+        reason: String,
+    },
     #[error("volume {volume:?} has failed and must be reopened: {reason}")]
     VolumeFailed { volume: String, reason: String },
     #[error("volume {volume:?}: corrupt {what}: {detail}")]
@@ -73,7 +83,7 @@ impl Error {
     /// Whether this error means the storage ran out of space.
     pub fn is_out_of_space(&self) -> bool {
         match self {
-            Error::StoreFull { .. } => true,
+            Error::StoreFull { .. } | Error::RestorePaused { .. } => true,
             Error::Io { source, .. } | Error::Path { source, .. } => {
                 source.raw_os_error() == Some(libc::ENOSPC)
             }

@@ -1672,11 +1672,12 @@ pub fn ops(data: &[u8]) {
     };
     let inst = Instance::new(&[], None);
     let mut dd = inst.dd.clone();
-    if let Some(bytes) = checkpoint {
-        dd.set_open_config(OpenConfig {
-            checkpoint_journal_bytes: bytes,
-        });
-    }
+    dd.set_open_config(OpenConfig {
+        checkpoint_journal_bytes: checkpoint
+            .unwrap_or(OpenConfig::default().checkpoint_journal_bytes),
+        // A paused restore is tried again by the next request.
+        restore_retry_interval_ms: 0,
+    });
     dd.create_volume(
         "v",
         &CreateOptions {
@@ -1954,23 +1955,62 @@ impl OpsHarness {
                     Some(StoreFullPolicy::Refuse),
                     "restore failed: {e}"
                 );
-                // The restore failed the volume, which only running out of store space may
-                // do here.
+                // Out of store space the restore pauses: the volume has not failed, and
+                // serves nothing until the restore finishes.
                 assert!(
-                    matches!(&e, Error::VolumeFailed { reason, .. } if reason.contains("stores are full")),
+                    matches!(&e, Error::RestorePaused { reason, .. } if reason.contains("stores are full")),
                     "restore failed: {e}"
                 );
-                // The volume failed; reopening resumes the restore, which may run out of
-                // space again: then the volume cannot be opened.
-                let known: Vec<String> = self.model.snaps.iter().map(|s| s.name.clone()).collect();
-                if !self.reopen(true) {
+                assert_eq!(
+                    self.vol().failure(),
+                    None,
+                    "a paused restore failed the volume"
+                );
+                let mut probe = [0u8; 1];
+                assert!(
+                    matches!(
+                        self.vol().read(0, &mut probe),
+                        Err(Error::RestorePaused { .. })
+                    ),
+                    "a read was served while the restore was paused"
+                );
+                let safety = self
+                    .vol()
+                    .list_snapshots()
+                    .into_iter()
+                    .map(|s| s.name)
+                    .find(|n| self.model.snaps.iter().all(|s| &s.name != n))
+                    .expect("a paused restore has its safety snapshot");
+                // Free space: delete the other snapshots, oldest first, until a read
+                // resumes the restore.
+                let others: Vec<String> = self
+                    .model
+                    .snaps
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .filter(|n| *n != target_name)
+                    .collect();
+                let mut resumed = false;
+                for name in others {
+                    self.vol()
+                        .delete_snapshot(&name)
+                        .expect("deleting a snapshot");
+                    self.model.snaps.retain(|s| s.name != name);
+                    match self.vol().read(0, &mut probe) {
+                        Ok(()) => {
+                            resumed = true;
+                            break;
+                        }
+                        Err(Error::RestorePaused { .. }) => {}
+                        Err(e) => panic!("a read after freeing space: {e}"),
+                    }
+                }
+                if !resumed {
+                    // Not enough room even so: the case ends here.
                     return false;
                 }
-                let listed = self.vol().list_snapshots();
-                let new: Vec<_> = listed.iter().filter(|s| !known.contains(&s.name)).collect();
-                assert_eq!(new.len(), 1, "a failed restore left no safety snapshot");
                 self.model.snaps.push(ModelSnap {
-                    name: new[0].name.clone(),
+                    name: safety,
                     data: before,
                 });
                 self.model.live = target;

@@ -282,6 +282,11 @@ enum Step {
         enospc: bool,
         persistent: bool,
     },
+    /// No more injected errors (the space comes back): unless the volume failed, a write
+    /// of `block` and a flush must succeed, on the same open volume.
+    Disarm {
+        block: u32,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -300,6 +305,7 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(seed, point)| Step::CrashDuringRecovery { seed, point }),
         1 => (0..60u16, any::<bool>(), any::<bool>())
             .prop_map(|(n, enospc, persistent)| Step::InjectError { n, enospc, persistent }),
+        1 => (0..blocks).prop_map(|block| Step::Disarm { block }),
     ]
 }
 
@@ -343,8 +349,19 @@ impl History {
         self.client.as_ref().unwrap()
     }
 
-    /// Feeds the model what the client logged since last time.
+    /// Feeds the model what the client logged since last time; checks that the volume has
+    /// not failed while every fault injected into it was ENOSPC (a restore it interrupts
+    /// pauses instead).
     fn follow(&mut self) -> Result<(), String> {
+        if let Some(reason) = self.client().vol.failure() {
+            let injected = self.plan.injected();
+            if !injected.is_empty() && injected.iter().all(|f| f.errno == libc::ENOSPC) {
+                return Err(format!(
+                    "the volume failed after ENOSPC only ({} fault(s) injected): {reason}",
+                    injected.len()
+                ));
+            }
+        }
         let events = self.client().events();
         for ev in &events[self.applied..] {
             self.model.apply(ev);
@@ -373,9 +390,12 @@ impl History {
         let sim = SimDisk::with_files(images, true);
         let fault = FaultDisk::new(Arc::new(sim.clone()));
         let plan = fault.plan().clone();
+        plan.model_space(true);
         let mut dd = self.root.datadir(Arc::new(fault));
         dd.set_open_config(snapvol::volume::OpenConfig {
             checkpoint_journal_bytes: HISTORY_CHECKPOINT_BYTES,
+            // A paused restore is tried again by the next request.
+            restore_retry_interval_ms: 0,
         });
         let vol = dd
             .open_volume(VOLUME)
@@ -446,12 +466,21 @@ impl History {
                 enospc,
                 persistent,
             } => {
-                let (errno, kinds) = if enospc {
-                    (libc::ENOSPC, ENOSPC_KINDS)
+                // ENOSPC fails allocations only, which are rarer than operations: sooner.
+                let (n, errno, kinds) = if enospc {
+                    (n % 12, libc::ENOSPC, ENOSPC_KINDS)
                 } else {
-                    (libc::EIO, IoKind::ALL)
+                    (n, libc::EIO, IoKind::ALL)
                 };
                 self.plan.arm(n as u64, errno, persistent, kinds);
+            }
+            Step::Disarm { block } => {
+                self.plan.disarm();
+                if self.client().vol.failure().is_none() {
+                    self.client()
+                        .write(block, 1, true)
+                        .map_err(|e| format!("a write once the faults stopped failed: {e}"))?;
+                }
             }
             Step::Crash(seed) => {
                 self.follow()?;

@@ -632,6 +632,7 @@ fn enospc_in_the_journal_or_a_checkpoint_never_fails_the_volume() {
     // A checkpoint after every frame.
     dd.set_open_config(snapvol::volume::OpenConfig {
         checkpoint_journal_bytes: 1,
+        ..snapvol::volume::OpenConfig::default()
     });
     dd.create_volume("v", &opts(64 * 1024)).unwrap();
     let v = dd.open_volume("v").unwrap();

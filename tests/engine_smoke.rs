@@ -421,3 +421,92 @@ fn origin_writeback_starts_after_every_8_mib_written_and_not_for_identical_data(
     assert_eq!(started(), 2, "9 MiB of first writes");
     v.close().unwrap();
 }
+
+/// Issue 13: a restore that runs out of space pauses instead of failing the volume. The
+/// data directory on a 40 MiB tmpfs, a 16 MiB volume whose every chunk changed since
+/// snapshot `s1` (its copies take another 16 MiB): the restore, which copies the current
+/// contents of every chunk for its safety snapshot, finds no space part-way and stops with
+/// `RestorePaused`; reads, writes, flushes and snapshot creates are refused the same way,
+/// and the volume has not failed. Once the file system is grown, the next read resumes the
+/// restore in the same process: the live volume reads `s1`, the safety snapshot the data it
+/// replaced, and so after a reopen, with `check` clean.
+#[test]
+fn a_restore_out_of_space_pauses_and_resumes_once_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(_unmount) = small_tmpfs(&data, "40m") else {
+        return;
+    };
+    let mib = 1u64 << 20;
+    let count = 16u64;
+    let mut dd = DataDir::open(&data).unwrap();
+    dd.set_open_config(snapvol::volume::OpenConfig {
+        restore_retry_interval_ms: 0,
+        ..Default::default()
+    });
+    dd.create_volume(
+        "v",
+        &CreateOptions {
+            size_bytes: Some(count * mib),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = dd.open_volume("v").unwrap();
+    for i in 0..count {
+        v.write(i * mib, &tagged_mib(1)).unwrap();
+    }
+    v.create_snapshot("s1").unwrap();
+    for i in 0..count {
+        v.write(i * mib, &tagged_mib(2)).unwrap();
+    }
+    v.flush().unwrap();
+
+    let e = v.restore("s1").unwrap_err();
+    assert!(
+        matches!(e, snapvol::Error::RestorePaused { .. }) && e.is_out_of_space(),
+        "{e}"
+    );
+    let mut b = vec![0u8; mib as usize];
+    for r in [v.read(0, &mut b), v.write(0, &[9u8; 4096]), v.flush()] {
+        let e = r.unwrap_err();
+        assert!(matches!(e, snapvol::Error::RestorePaused { .. }), "{e}");
+    }
+    assert!(v.create_snapshot("x").is_err());
+    assert_eq!(v.failure(), None);
+    let safety = v
+        .list_snapshots()
+        .into_iter()
+        .map(|s| s.name)
+        .find(|n| n.starts_with("pre-restore-"))
+        .expect("the safety snapshot exists");
+    assert!(
+        v.delete_snapshot("s1").is_err(),
+        "the source of a paused restore cannot be deleted"
+    );
+
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=128m"])
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(grown.success(), "growing the tmpfs failed");
+    let check = |v: &Volume, when: &str| {
+        let mut b = vec![0u8; mib as usize];
+        for i in 0..count {
+            v.read(i * mib, &mut b).unwrap();
+            assert!(b == tagged_mib(1), "live MiB {i} {when}");
+            v.read_snapshot(&safety, i * mib, &mut b).unwrap();
+            assert!(b == tagged_mib(2), "{safety} MiB {i} {when}");
+        }
+    };
+    check(&v, "after the restore resumed");
+    v.write(0, &[9u8; 4096]).unwrap();
+    v.write(0, &tagged_mib(1)).unwrap();
+    v.close().unwrap();
+    let v = dd.open_volume("v").unwrap();
+    check(&v, "after reopening");
+    drop(v);
+    let r = dd.check_volume("v").unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+}

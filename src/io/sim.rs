@@ -614,6 +614,9 @@ pub struct InjectedFault {
     pub errno: i32,
 }
 
+/// A file's allocated byte ranges `[start, end)`, sorted and disjoint.
+type Allocated = Vec<(u64, u64)>;
+
 /// When a [`FaultDisk`] fails, shared by every handle it opened.
 #[derive(Debug)]
 pub struct FaultPlan {
@@ -625,6 +628,9 @@ pub struct FaultPlan {
     /// Only files whose path contains this are counted and failed (`None`: every file).
     path_filter: Mutex<Option<String>>,
     injected: Mutex<Vec<InjectedFault>>,
+    /// With [`FaultPlan::model_space`]: per file, the byte ranges the file system has
+    /// allocated (sorted, disjoint), so ENOSPC fails only operations that allocate.
+    space: Mutex<Option<HashMap<PathBuf, Allocated>>>,
 }
 
 impl Default for FaultPlan {
@@ -637,6 +643,7 @@ impl Default for FaultPlan {
             kinds: AtomicU8::new(IoKind::ALL),
             path_filter: Mutex::new(None),
             injected: Mutex::new(Vec::new()),
+            space: Mutex::new(None),
         }
     }
 }
@@ -656,6 +663,86 @@ impl FaultPlan {
     /// (`None`: every file).
     pub fn only_paths_containing(&self, part: Option<&str>) {
         *self.path_filter.lock() = part.map(str::to_string);
+    }
+
+    /// Models (`on`) where a full file system reports ENOSPC: only at an allocation. A write
+    /// (or reservation) whose bytes are all allocated already (reserved, or written before
+    /// and not punched out since) is neither counted nor failed when the errno is ENOSPC,
+    /// as on a local file system, where space reserved by `fallocate` (or already written)
+    /// cannot run out. Files are taken as allocated up to their length when first opened
+    /// through this disk; new files, and the length a `set_len` adds, start as holes.
+    /// EIO keeps failing any operation.
+    pub fn model_space(&self, on: bool) {
+        let mut space = self.space.lock();
+        if on != space.is_some() {
+            *space = on.then(HashMap::new);
+        }
+    }
+
+    /// Whether `[offset, offset + len)` of `path` is all allocated (always `false` without
+    /// the space model).
+    fn allocated(&self, path: &Path, offset: u64, len: u64) -> bool {
+        let space = self.space.lock();
+        let Some(files) = space.as_ref() else {
+            return false;
+        };
+        let end = offset.saturating_add(len);
+        files
+            .get(path)
+            .is_some_and(|ranges| ranges.iter().any(|&(a, b)| a <= offset && end <= b))
+    }
+
+    /// Under the space model, whether an ENOSPC plan may fail this allocation-free call.
+    fn spares(&self, path: &Path, offset: u64, len: u64) -> bool {
+        self.errno.load(Ordering::SeqCst) == libc::ENOSPC && self.allocated(path, offset, len)
+    }
+
+    /// Records that `[offset, offset + len)` of `path` is allocated (`true`) or a hole.
+    fn note_space(&self, path: &Path, offset: u64, len: u64, allocated: bool) {
+        let mut space = self.space.lock();
+        let Some(files) = space.as_mut() else {
+            return;
+        };
+        let end = offset.saturating_add(len);
+        let ranges = files.entry(path.to_path_buf()).or_default();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len() + 2);
+        for &(a, b) in ranges.iter() {
+            if b <= offset || a >= end {
+                out.push((a, b));
+                continue;
+            }
+            if a < offset {
+                out.push((a, offset));
+            }
+            if b > end {
+                out.push((end, b));
+            }
+        }
+        if allocated && len > 0 {
+            out.push((offset, end));
+        }
+        out.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(out.len());
+        for (a, b) in out {
+            match merged.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        *ranges = merged;
+    }
+
+    /// A file opened through the disk: allocated up to `len` unless already known.
+    fn note_open(&self, path: &Path, len: u64, fresh: bool) {
+        let mut space = self.space.lock();
+        if let Some(files) = space.as_mut()
+            && (fresh || !files.contains_key(path))
+        {
+            files.insert(
+                path.to_path_buf(),
+                if len > 0 { vec![(0, len)] } else { Vec::new() },
+            );
+        }
     }
 
     /// No more failures.
@@ -723,6 +810,8 @@ impl FaultDisk {
 impl Disk for FaultDisk {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
         let inner = self.inner.open(path, mode)?;
+        self.plan
+            .note_open(path, inner.len()?, mode == OpenMode::CreateNew);
         Ok(Arc::new(FaultStorage {
             inner,
             plan: self.plan.clone(),
@@ -739,10 +828,12 @@ impl Disk for FaultDisk {
     /// `DIR/(scratch)`).
     fn scratch(&self, dir: &Path) -> io::Result<Arc<dyn Storage>> {
         let inner = self.inner.scratch(dir)?;
+        let path = dir.join("(scratch)");
+        self.plan.note_open(&path, 0, true);
         Ok(Arc::new(FaultStorage {
             inner,
             plan: self.plan.clone(),
-            path: dir.join("(scratch)"),
+            path,
         }))
     }
 }
@@ -760,8 +851,13 @@ impl Storage for FaultStorage {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.plan.check(IoKind::Write, &self.path)?;
-        self.inner.write_at(buf, offset)
+        if !self.plan.spares(&self.path, offset, buf.len() as u64) {
+            self.plan.check(IoKind::Write, &self.path)?;
+        }
+        self.inner.write_at(buf, offset)?;
+        self.plan
+            .note_space(&self.path, offset, buf.len() as u64, true);
+        Ok(())
     }
     fn sync(&self) -> io::Result<()> {
         self.plan.check(IoKind::Sync, &self.path)?;
@@ -769,20 +865,29 @@ impl Storage for FaultStorage {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.plan.check(IoKind::Discard, &self.path)?;
-        self.inner.discard(offset, len)
+        self.inner.discard(offset, len)?;
+        self.plan.note_space(&self.path, offset, len, false);
+        Ok(())
     }
     /// A reservation can fail like a write (ENOSPC above all); the engine below has no
     /// space to reserve.
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.plan.check(IoKind::Write, &self.path)?;
-        self.inner.reserve(offset, len)
+        if !self.plan.spares(&self.path, offset, len) {
+            self.plan.check(IoKind::Write, &self.path)?;
+        }
+        self.inner.reserve(offset, len)?;
+        self.plan.note_space(&self.path, offset, len, true);
+        Ok(())
     }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.plan.check(IoKind::SetLen, &self.path)?;
-        self.inner.set_len(len)
+        self.inner.set_len(len)?;
+        // Bytes past the new end are gone; a longer file grows by a hole.
+        self.plan.note_space(&self.path, len, u64::MAX - len, false);
+        Ok(())
     }
     fn is_block_device(&self) -> bool {
         self.inner.is_block_device()

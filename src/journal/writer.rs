@@ -218,10 +218,18 @@ impl Journal {
         if self.read_only {
             return Err(JournalError::ReadOnly);
         }
-        // Whatever happens below, the next append writes its zeros after it again.
-        self.file_len = JOURNAL_HEADER_BYTES;
         self.unsynced = true;
-        self.storage.set_len(JOURNAL_HEADER_BYTES)?;
+        if let Err(e) = self.storage.set_len(JOURNAL_HEADER_BYTES) {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                // The truncation did not happen: the frames stay where they are (the caller
+                // has checkpointed them; replay skips them) and appends go on after them.
+                return Err(JournalError::NoSpace(e));
+            }
+            // Whatever else happened, the next append writes its zeros after it again.
+            self.file_len = JOURNAL_HEADER_BYTES;
+            return Err(e.into());
+        }
+        self.file_len = JOURNAL_HEADER_BYTES;
         // The file now ends at the header whether or not the sync below succeeds; appending
         // at the old end would leave stale bytes before it.
         self.end = JOURNAL_HEADER_BYTES;

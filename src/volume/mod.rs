@@ -261,11 +261,16 @@ pub struct Volume {
     /// full prune one snapshot at a time and retry before pruning another.
     prune: Mutex<()>,
     counters: AtomicCounters,
+    /// Set while a restore that ran out of space waits to be resumed (`restore.rs`).
+    restore_paused: AtomicBool,
+    restore_pause: Mutex<Option<restore::RestorePause>>,
     failed: OnceLock<String>,
     closed: AtomicBool,
     /// Opened by `check`: nothing may be written.
     read_only: bool,
     checkpoint_journal_bytes: u64,
+    /// See `OpenConfig::restore_retry_interval_ms`.
+    restore_retry_interval: std::time::Duration,
     /// The volume lock; `None` only after `close_keeping_lock` took it.
     lock: Mutex<Option<std::fs::File>>,
 }
@@ -376,6 +381,7 @@ impl Volume {
 
     /// Reads the live volume.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.resume_paused_restore()?;
         self.ensure_ok()?;
         self.check_range(offset, buf.len() as u64)?;
         self.read_ahead_if_streaming(offset, buf.len() as u64);
@@ -399,7 +405,8 @@ impl Volume {
         len: usize,
         f: &mut dyn FnMut(&RawBytes<'_>) -> bool,
     ) -> bool {
-        if self.ensure_ok().is_err()
+        if self.restore_paused.load(Ordering::Acquire)
+            || self.ensure_ok().is_err()
             || self.check_range(offset, len as u64).is_err()
             || self
                 .deferred
@@ -461,6 +468,13 @@ impl Volume {
     /// The origin is synced only if something was written to it since the last sync
     /// began; concurrent flushes wait for the sync in progress rather than trust it.
     pub fn flush(&self) -> Result<()> {
+        self.resume_paused_restore()?;
+        self.flush_durable()
+    }
+
+    /// [`Volume::flush`] without resuming a paused restore first (for the restore itself,
+    /// snapshot create and close).
+    pub(super) fn flush_durable(&self) -> Result<()> {
         self.ensure_ok()?;
         self.commit_queued()?;
         let target = self.origin_writes.load(Ordering::Acquire);
@@ -527,12 +541,26 @@ impl Volume {
         }
         js.checkpoint_retry_bytes = 0;
         self.tables.write().map.mark_clean();
-        js.journal.reset().map_err(|e| {
-            self.fail(format!(
+        match js.journal.reset() {
+            Ok(()) => Ok(()),
+            Err(crate::journal::JournalError::NoSpace(source)) => {
+                // The journal keeps its frames (replay skips them: they are checkpointed)
+                // and grows on; emptying it is tried again at a later checkpoint.
+                js.checkpoint_retry_bytes = js
+                    .journal
+                    .size_bytes()
+                    .saturating_add(CHECKPOINT_RETRY_STEP_BYTES);
+                tracing::warn!(volume = %self.config.name, "no space to empty the journal after a checkpoint; it is tried again later");
+                Err(Error::Io {
+                    volume: self.config.name.clone(),
+                    context: "emptying the journal after a checkpoint (tried again later)".into(),
+                    source,
+                })
+            }
+            Err(e) => Err(self.fail(format!(
                 "emptying the journal after a checkpoint failed: {e}"
-            ))
-        })?;
-        Ok(())
+            ))),
+        }
     }
 
     /// Appends one frame and syncs it. Caller holds the journal lock. A failure fails the
@@ -603,7 +631,7 @@ impl Volume {
             return Ok(());
         }
         self.ensure_ok()?;
-        self.flush()?;
+        self.flush_durable()?;
         let mut js = self.journal.lock();
         self.checkpoint(&mut js)
     }

@@ -31,12 +31,16 @@ const CHECK_META_BYTES_MAX: u64 = 8 << 30;
 pub struct OpenConfig {
     /// Checkpoint the metadata and empty the journal once it reaches this size.
     pub checkpoint_journal_bytes: u64,
+    /// A restore paused for lack of space is tried again by a request at most this often
+    /// (the requests in between are refused at once).
+    pub restore_retry_interval_ms: u64,
 }
 
 impl Default for OpenConfig {
     fn default() -> Self {
         OpenConfig {
             checkpoint_journal_bytes: 64 << 20,
+            restore_retry_interval_ms: 1000,
         }
     }
 }
@@ -560,10 +564,15 @@ impl Volume {
             streams: Default::default(),
             prune: Mutex::new(()),
             counters,
+            restore_paused: AtomicBool::new(false),
+            restore_pause: Mutex::new(None),
             failed: OnceLock::new(),
             closed: AtomicBool::new(access == Access::Check),
             read_only: access == Access::Check,
             checkpoint_journal_bytes: open_config.checkpoint_journal_bytes,
+            restore_retry_interval: std::time::Duration::from_millis(
+                open_config.restore_retry_interval_ms,
+            ),
             lock: Mutex::new(Some(lock)),
             config,
         };
@@ -578,7 +587,7 @@ impl Volume {
             }
             if volume.journal.lock().restore.is_some() {
                 tracing::info!(volume = %name, "resuming an interrupted restore");
-                volume.run_restore()?;
+                volume.resume_restore_at_open()?;
             }
         }
         Ok(volume)

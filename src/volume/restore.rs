@@ -7,6 +7,8 @@ use super::write::DiffRuns;
 use crate::error::{Error, Result};
 use crate::journal::{PreserveEntry, Record};
 use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// Journal restore progress every this many chunks (progress only saves work on resume:
 /// redoing a chunk is harmless, since its compare finds it already equal).
@@ -24,10 +26,32 @@ const RESTORE_THREADS_PER_CORE: usize = 2;
 /// commit's sync finds little left to write).
 const RESTORE_WRITEBACK_CHUNKS: usize = 128;
 
+/// A restore that ran out of space, waiting to be resumed.
+#[derive(Debug)]
+pub(super) struct RestorePause {
+    /// The target snapshot's name, for messages.
+    snapshot: String,
+    /// Why it stopped last.
+    reason: String,
+    /// When it was last run.
+    tried_at: Instant,
+}
+
+impl RestorePause {
+    fn error(&self, volume: &str) -> Error {
+        Error::RestorePaused {
+            volume: volume.to_string(),
+            snapshot: self.snapshot.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
 impl Volume {
     /// Makes the live volume equal snapshot `name`; returns the name of the automatic
     /// snapshot taken of the state it replaced (restore that one to undo).
     pub fn restore(&self, name: &str) -> Result<String> {
+        self.resume_paused_restore()?; // a paused restore finishes first
         self.ensure_ok()?;
         let _barrier = self.barrier.write();
         let target = self.tables.read().snapshot_id(&self.config.name, name)?;
@@ -36,18 +60,95 @@ impl Volume {
         self.create_snapshot_with(&safety_name, Some(target))?;
         tracing::info!(volume = %self.config.name, snapshot = %name, safety = %safety_name, "restore started");
         if let Err(e) = self.run_restore() {
-            // Later client writes would be overwritten when the restore resumes on the next
-            // open: stop serving instead.
-            let reason =
-                format!("restore to {name} was interrupted ({e}); reopen the volume to resume it");
-            let _ = self.fail(reason.clone());
-            return Err(Error::VolumeFailed {
-                volume: self.config.name.clone(),
-                reason,
-            });
+            return Err(self.restore_interrupted(name, e));
         }
         tracing::info!(volume = %self.config.name, snapshot = %name, "restore finished");
         Ok(safety_name)
+    }
+
+    /// What a restore interrupted by `e` leaves: the live volume is partly restored, and
+    /// later client writes would be overwritten when the restore resumes, so the volume
+    /// serves no reads or writes until it finishes. Out of space, the restore pauses: the
+    /// next request after space came back resumes it (`resume_paused_restore`). Any other
+    /// error fails the volume; a reopen resumes the restore.
+    fn restore_interrupted(&self, snapshot: &str, e: Error) -> Error {
+        if e.is_out_of_space() && self.failed.get().is_none() {
+            tracing::warn!(volume = %self.config.name, snapshot, error = %e, "restore paused for lack of space; it resumes once there is space");
+            let pause = RestorePause {
+                snapshot: snapshot.to_string(),
+                reason: e.to_string(),
+                tried_at: Instant::now(),
+            };
+            let err = pause.error(&self.config.name);
+            *self.restore_pause.lock() = Some(pause);
+            self.restore_paused.store(true, Ordering::Release);
+            return err;
+        }
+        let reason =
+            format!("restore to {snapshot} was interrupted ({e}); reopen the volume to resume it");
+        let _ = self.fail(reason.clone());
+        Error::VolumeFailed {
+            volume: self.config.name.clone(),
+            reason,
+        }
+    }
+
+    /// Where a request begins (before it takes the barrier): while a restore is paused,
+    /// tries to finish it, at most once per `restore_retry_interval` (requests in between
+    /// are refused at once). `Ok` once no restore is paused.
+    pub(super) fn resume_paused_restore(&self) -> Result<()> {
+        if !self.restore_paused.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut pause = self.restore_pause.lock();
+        let Some(p) = pause.as_mut() else {
+            return Ok(()); // finished meanwhile
+        };
+        if p.tried_at.elapsed() < self.restore_retry_interval {
+            return Err(p.error(&self.config.name));
+        }
+        self.ensure_ok()?;
+        let _barrier = self.barrier.write();
+        tracing::info!(volume = %self.config.name, snapshot = %p.snapshot, "resuming a paused restore");
+        let result = self.run_restore();
+        p.tried_at = Instant::now();
+        match result {
+            Ok(()) => {
+                tracing::info!(volume = %self.config.name, snapshot = %p.snapshot, "restore finished");
+                *pause = None;
+                self.restore_paused.store(false, Ordering::Release);
+                Ok(())
+            }
+            Err(e) if e.is_out_of_space() && self.failed.get().is_none() => {
+                p.reason = e.to_string();
+                Err(p.error(&self.config.name))
+            }
+            Err(e) => {
+                let snapshot = std::mem::take(&mut p.snapshot);
+                *pause = None;
+                self.restore_paused.store(false, Ordering::Release);
+                Err(self.restore_interrupted(&snapshot, e))
+            }
+        }
+    }
+
+    /// Resumes the restore the journal records as begun, while the volume opens: out of
+    /// space, the volume opens with the restore paused.
+    pub(super) fn resume_restore_at_open(&self) -> Result<()> {
+        match self.run_restore() {
+            Err(e) if e.is_out_of_space() && self.failed.get().is_none() => {
+                let snapshot = {
+                    let target = self.journal.lock().restore.map(|r| r.target_snapshot_id);
+                    let t = self.tables.read();
+                    target
+                        .and_then(|id| t.snapshots.get(&id))
+                        .map_or_else(String::new, |s| s.name.clone())
+                };
+                let _ = self.restore_interrupted(&snapshot, e);
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// `pre-restore-ID`, ID being the id the safety snapshot is about to get.
@@ -170,7 +271,7 @@ impl Volume {
                     since_progress = 0;
                     // Progress may only name chunks whose restored data is durable, or a
                     // power cut could lose their writes and the resume would skip them.
-                    self.flush()?;
+                    self.flush_durable()?;
                     self.commit_restore_record(Record::RestoreProgress {
                         target_snapshot_id,
                         next_chunk_index: batch[batch.len() - 1] + 1,
@@ -179,7 +280,7 @@ impl Volume {
             }
         }
         // The restored data must be durable before the restore is recorded as finished.
-        self.flush()?;
+        self.flush_durable()?;
         let mut js = self.journal.lock();
         let record = Record::RestoreEnd { target_snapshot_id };
         self.journal_commit(&mut js, std::slice::from_ref(&record))?;
@@ -362,12 +463,20 @@ impl Volume {
                 }
             }
         });
+        // Every task ran, but the gated ones when the gate failed.
+        let mut results: Vec<Result<Done>> = results.into_inner().into_iter().flatten().collect();
+        debug_assert!(gate_result.is_err() || results.len() == task_count);
+        if gate_result.is_err() || results.iter().any(Result::is_err) {
+            // The step stops here; the copies its tasks made stay valid (their chunks are
+            // unchanged): to the next group commit, so their slots are not lost.
+            for r in &mut results {
+                if let Ok(Done::CopiedOut { copies, .. }) = r {
+                    self.queue_all(std::mem::take(copies));
+                }
+            }
+        }
         gate_result?;
-        results
-            .into_inner()
-            .into_iter()
-            .map(|r| r.expect("every task ran"))
-            .collect()
+        results.into_iter().collect()
     }
 
     fn run_task(&self, target_snapshot_id: u64, task: Task<'_>) -> Result<Done> {
@@ -379,8 +488,18 @@ impl Volume {
                 let mut copies = Vec::new();
                 for (i, &chunk_index) in chunks.iter().enumerate() {
                     let data = &mut buf[i * cs as usize..][..chunk_len(chunk_index) as usize];
-                    self.read_snapshot_id(target_snapshot_id, chunk_index * cs, data)?;
-                    runs.push(self.copy_for_restore(chunk_index, data, &mut copies)?);
+                    let copied = self
+                        .read_snapshot_id(target_snapshot_id, chunk_index * cs, data)
+                        .and_then(|()| self.copy_for_restore(chunk_index, data, &mut copies));
+                    match copied {
+                        Ok(r) => runs.push(r),
+                        Err(e) => {
+                            // The copies made stay valid (their chunks are unchanged): to the
+                            // next group commit, so their slots are not lost.
+                            self.queue_all(copies);
+                            return Err(e);
+                        }
+                    }
                     if (i + 1) % RESTORE_WRITEBACK_CHUNKS == 0 {
                         self.start_store_writeback();
                     }

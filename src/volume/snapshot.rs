@@ -172,6 +172,7 @@ impl Volume {
     /// Takes a snapshot of the live volume: O(1), no data copied. It holds exactly the
     /// writes completed before it.
     pub fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        self.resume_paused_restore()?; // a snapshot of a partly restored volume is refused
         self.ensure_ok()?;
         validate_name("snapshot", name)?;
         let _barrier = self.barrier.write();
@@ -210,7 +211,7 @@ impl Volume {
         }
         // Completed writes must be durable before the snapshot is, or a crash could give
         // the snapshot older data than it had when it was acknowledged.
-        self.flush()?;
+        self.flush_durable()?;
         let mut js = self.journal.lock();
         let snapshot_id = self.tables.read().next_snapshot_id;
         let created_unix_ns = now_unix_ns();

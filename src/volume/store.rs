@@ -3,8 +3,12 @@
 //! Placement: a freed slot is reused first (lowest store, then lowest slot); otherwise new
 //! slots are handed out round-robin across the stores that still have capacity, so
 //! preserved data spreads over every store's disk. A store's capacity is `--store-size`,
-//! or the device size for a block device, or unbounded for a file (until the file system
-//! says ENOSPC, after which that store is capped where it failed).
+//! or the device size for a block device, or unbounded for a file. While the file system has
+//! no space for a store file's next slot, the store hands out no new slot, and every later
+//! allocation that finds no free slot tries that reservation again (one `fallocate`), so
+//! the store grows again once space comes back (a file deleted, the file system grown),
+//! with the volume open. A store file whose *write* met ENOSPC (a file system that cannot
+//! reserve) is capped there until the volume is reopened.
 //!
 //! Space for new slots of a store file is reserved ahead (`Storage::reserve`, up to
 //! `RESERVE_AHEAD_BYTES` at a time) when they are handed out: a first write after a snapshot
@@ -35,6 +39,8 @@ struct Allocator {
     capacity_slots: Vec<u64>,
     /// Slots below this (per store) have space reserved (or were written before).
     reserved_slots: Vec<u64>,
+    /// Per store: the file system had no space for the next slot at the last try.
+    fs_full: Vec<bool>,
     next_store: usize,
 }
 
@@ -84,6 +90,7 @@ impl Stores {
             alloc: Mutex::new(Allocator {
                 free,
                 reserved_slots: high_water_slots.clone(),
+                fs_full: vec![false; high_water_slots.len()],
                 high_water_slots,
                 capacity_slots,
                 next_store: 0,
@@ -96,7 +103,8 @@ impl Stores {
     }
 
     /// A free slot, or `None` when every store is full. A new slot has its space reserved
-    /// first; a store whose file system has no space for it is capped there.
+    /// first; while a store's file system has no space for it, the store hands out no new
+    /// slot (and the next call tries again).
     pub fn allocate(&self) -> Option<(u16, u64)> {
         let mut a = self.alloc.lock();
         if let Some(slot) = a.free.pop_first() {
@@ -105,25 +113,30 @@ impl Stores {
         let n = self.files.len();
         for step in 0..n {
             let store = (a.next_store + step) % n;
-            while a.high_water_slots[store] < a.capacity_slots[store] {
-                let slot = a.high_water_slots[store];
-                if slot >= a.reserved_slots[store] && !self.reserve_from(&mut a, store, slot) {
-                    continue; // capped at `slot`
-                }
-                a.high_water_slots[store] += 1;
-                a.next_store = (store + 1) % n;
-                return Some((store as u16, slot));
+            if a.high_water_slots[store] >= a.capacity_slots[store] {
+                continue;
             }
+            let slot = a.high_water_slots[store];
+            if slot >= a.reserved_slots[store] && !self.reserve_from(&mut a, store, slot) {
+                continue; // no space for `slot` now
+            }
+            a.high_water_slots[store] += 1;
+            a.next_store = (store + 1) % n;
+            return Some((store as u16, slot));
         }
         None
     }
 
     /// Reserves space from `slot` on (ahead, or just `slot` when the file system is short
-    /// of space). `false`: no space for `slot` itself; the store is capped there. Errors
+    /// of space, or was at the last try). `false`: no space for `slot` itself now. Errors
     /// other than ENOSPC (a file system that cannot reserve) leave the store as it is: a
     /// write there reports any lack of space itself.
     fn reserve_from(&self, a: &mut Allocator, store: usize, slot: u64) -> bool {
-        let ahead_slots = (RESERVE_AHEAD_BYTES / self.chunk_size_bytes).max(1);
+        let ahead_slots = if a.fs_full[store] {
+            1
+        } else {
+            (RESERVE_AHEAD_BYTES / self.chunk_size_bytes).max(1)
+        };
         let end = slot
             .saturating_add(ahead_slots)
             .min(a.capacity_slots[store]);
@@ -138,11 +151,17 @@ impl Stores {
         let is_enospc = |e: &io::Error| e.raw_os_error() == Some(libc::ENOSPC);
         let reserved_end = match try_reserve(end - slot) {
             Ok(()) => end,
-            Err(e) if is_enospc(&e) => match try_reserve(1) {
+            Err(e) if is_enospc(&e) => match if end - slot > 1 {
+                try_reserve(1)
+            } else {
+                Err(e)
+            } {
                 Ok(()) => slot + 1,
                 Err(e) if is_enospc(&e) => {
-                    tracing::warn!(path = %self.files[store].path.display(), slot, "snapshot store file system is full; capping the store here");
-                    Self::cap_locked(a, store as u16, slot);
+                    if !a.fs_full[store] {
+                        tracing::warn!(path = %self.files[store].path.display(), slot, "snapshot store file system is full; no new slots until it has space again");
+                        a.fs_full[store] = true;
+                    }
                     return false;
                 }
                 Err(_) => end,
@@ -152,6 +171,10 @@ impl Stores {
                 end
             }
         };
+        if a.fs_full[store] {
+            tracing::info!(path = %self.files[store].path.display(), slot, "snapshot store file system has space again");
+            a.fs_full[store] = false;
+        }
         a.reserved_slots[store] = reserved_end;
         true
     }
@@ -160,28 +183,6 @@ impl Stores {
     pub fn release(&self, store_index: u16, slot_index: u64) {
         let inserted = self.alloc.lock().free.insert((store_index, slot_index));
         debug_assert!(inserted, "slot {store_index}:{slot_index} released twice");
-    }
-
-    /// The file system ran out of space at this slot: never hand out slots from here on.
-    pub fn cap_at(&self, store_index: u16, slot_index: u64) {
-        Self::cap_locked(&mut self.alloc.lock(), store_index, slot_index);
-    }
-
-    fn cap_locked(a: &mut Allocator, store_index: u16, slot_index: u64) {
-        let s = store_index as usize;
-        a.capacity_slots[s] = a.capacity_slots[s].min(slot_index);
-        // Slots at or above the cap that were free are gone too.
-        let beyond: Vec<_> = a
-            .free
-            .range((store_index, slot_index)..=(store_index, u64::MAX))
-            .copied()
-            .collect();
-        for k in beyond {
-            a.free.remove(&k);
-        }
-        if a.high_water_slots[s] == slot_index + 1 {
-            a.high_water_slots[s] = slot_index;
-        }
     }
 
     fn offset(&self, slot_index: u64) -> io::Result<u64> {
@@ -265,7 +266,7 @@ mod tests {
     #[derive(Debug)]
     struct RoomFor {
         inner: Arc<dyn Storage>,
-        limit_bytes: u64,
+        limit_bytes: std::sync::atomic::AtomicU64,
         reserves: std::sync::atomic::AtomicU64,
     }
 
@@ -291,7 +292,7 @@ mod tests {
         fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
             self.reserves
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if offset + len > self.limit_bytes {
+            if offset + len > self.limit_bytes.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
             Ok(())
@@ -299,7 +300,8 @@ mod tests {
     }
 
     #[test]
-    fn new_slots_are_reserved_ahead_and_a_full_file_system_caps_the_store() {
+    fn new_slots_are_reserved_ahead_and_a_full_file_system_stops_new_slots_until_space_comes_back()
+    {
         let chunk = 64 << 10;
         let ahead = RESERVE_AHEAD_BYTES / chunk;
         let limit_slots = ahead + 3;
@@ -307,7 +309,7 @@ mod tests {
             inner: MemDisk::default()
                 .open(Path::new("/s"), OpenMode::CreateNew)
                 .unwrap(),
-            limit_bytes: limit_slots * chunk,
+            limit_bytes: (limit_slots * chunk).into(),
             reserves: Default::default(),
         });
         let files = vec![StoreFile {
@@ -326,14 +328,23 @@ mod tests {
             assert_eq!(s.allocate(), Some((0, slot)));
         }
         assert_eq!(s.allocate(), None);
-        assert_eq!(s.allocate(), None, "capped: no further reservations tried");
+        // While full, each allocation that finds no free slot tries one slot again.
         let tried = reserves();
         assert_eq!(s.allocate(), None);
-        assert_eq!(reserves(), tried);
+        assert_eq!(reserves(), tried + 1);
         // A freed slot is reused without a reservation.
         s.release(0, 5);
         assert_eq!(s.allocate(), Some((0, 5)));
-        assert_eq!(reserves(), tried);
+        assert_eq!(reserves(), tried + 1);
+        // Space comes back (the file system grown): the store grows again (one slot, then
+        // reserving ahead again).
+        room.limit_bytes
+            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(s.allocate(), Some((0, limit_slots)));
+        assert_eq!(reserves(), tried + 2);
+        assert_eq!(s.allocate(), Some((0, limit_slots + 1)));
+        assert_eq!(s.allocate(), Some((0, limit_slots + 2)));
+        assert_eq!(reserves(), tried + 3);
     }
 
     #[test]
@@ -343,7 +354,5 @@ mod tests {
         assert_eq!(s.allocate(), Some((0, 1)));
         assert_eq!(s.allocate(), Some((0, 2)));
         assert_eq!(s.allocate(), Some((0, 4)));
-        s.cap_at(0, 4);
-        assert_eq!(s.allocate(), None);
     }
 }

@@ -257,6 +257,7 @@ impl Volume {
     }
 
     fn write_range(&self, offset: u64, length: u64, src: Source<'_>) -> Result<()> {
+        self.resume_paused_restore()?;
         self.ensure_ok()?;
         self.check_range(offset, length)?;
         if length == 0 {
@@ -811,14 +812,24 @@ impl Volume {
     /// Copies `data` (one whole chunk) into a store slot, not yet synced. `Ok(None)`: the
     /// store-full policy pruned every snapshot that needed the copy, so none was made.
     fn copy_out(&self, chunk_index: u64, until: u64, data: &[u8]) -> Result<Option<PreserveEntry>> {
-        loop {
-            let Some(mut entry) = self.reserve_copy(chunk_index, until)? else {
-                return Ok(None);
-            };
-            if self.write_copy(&mut entry, data)? {
-                return Ok(Some(entry));
-            }
+        let Some(mut entry) = self.reserve_copy(chunk_index, until)? else {
+            return Ok(None);
+        };
+        if self.write_copy(&mut entry, data)? {
+            return Ok(Some(entry));
         }
+        // The file system had no space at that slot (it cannot reserve): the request gets
+        // ENOSPC and the slot goes back (a later copy tries it again, once there may be
+        // space).
+        self.stores.release(entry.store_index, entry.slot_index);
+        Err(Error::Io {
+            volume: self.config.name.clone(),
+            context: format!(
+                "copying chunk {chunk_index} into store {} slot {}",
+                entry.store_index, entry.slot_index
+            ),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        })
     }
 
     /// Reads a chunk from the origin into `buf`, made exactly one slot long: the chunk's
@@ -896,17 +907,13 @@ impl Volume {
     }
 
     /// Writes `data` (one whole chunk) into `entry`'s slot, not yet synced, and sets its
-    /// checksum. `Ok(false)`: the file system was full at that slot; the store is capped
-    /// there and the entry needs another slot. On an error the slot is released.
+    /// checksum. `Ok(false)`: the file system was full at that slot (one that cannot
+    /// reserve); the entry keeps the slot. On an error the slot is released.
     fn write_copy(&self, entry: &mut PreserveEntry, data: &[u8]) -> Result<bool> {
         let (store_index, slot_index) = (entry.store_index, entry.slot_index);
         match self.stores.write_slot(store_index, slot_index, data) {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                tracing::warn!(volume = %self.config.name, store_index, slot_index, "snapshot store file system is full; capping the store here");
-                self.stores.cap_at(store_index, slot_index);
-                return Ok(false);
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(false),
             Err(e) => {
                 self.stores.release(store_index, slot_index);
                 return Err(self.io_err(|| {
@@ -1138,14 +1145,40 @@ impl Volume {
                 }
                 copied += 1;
             }
+            // ENOSPC on a run's one write (a file system that cannot reserve) falls back to
+            // copying chunk by chunk, which finds how far there is space.
             let whole = run.len() > 1
                 && self
                     .copy_deferred_run(&mut run, &mut buf)
                     .map_err(|e| failed(e, first_chunk))?;
             if !whole {
-                for e in &mut run {
-                    self.copy_deferred_chunk(e, &mut buf)
-                        .map_err(|err| failed(err, e.chunk_index))?;
+                for done_count in 0..run.len() {
+                    let Err(err) = self.copy_deferred_chunk(&mut run[done_count], &mut buf) else {
+                        continue;
+                    };
+                    if !err.is_out_of_space() {
+                        return Err(failed(err, run[done_count].chunk_index));
+                    }
+                    // No space for this copy (the volume is fine): the whole batch goes
+                    // back to the front of the queue, the copies made so far kept, and
+                    // its held pieces stay held until a later commit finds space.
+                    tracing::warn!(volume = %self.config.name, error = %err, "no space for a copy of a group commit; it is tried again");
+                    let not_done = run.split_off(done_count);
+                    let requeued: Vec<Queued> = entries
+                        .into_iter()
+                        .chain(run)
+                        .map(|entry| Queued {
+                            entry,
+                            copy_due: false,
+                        })
+                        .chain(not_done.into_iter().map(|entry| Queued {
+                            entry,
+                            copy_due: true,
+                        }))
+                        .chain(batch)
+                        .collect();
+                    self.group.state.lock().pending.splice(0..0, requeued);
+                    return Err(err);
                 }
             }
             entries.extend(run);
@@ -1248,17 +1281,22 @@ impl Volume {
         })
     }
 
-    /// Copies a queued chunk's old contents from the origin into its entry's slot (another
-    /// slot if the file system is full at that one). The chunk is held in `deferred`, so no
-    /// one writes its origin bytes before this commit ends: no chunk lock is needed.
+    /// Copies a queued chunk's old contents from the origin into its entry's slot. The
+    /// chunk is held in `deferred`, so no one writes its origin bytes before this commit
+    /// ends: no chunk lock is needed. ENOSPC (a file system that cannot reserve, full at
+    /// that slot) is returned with the entry and its slot unchanged, to be tried again.
     fn copy_deferred_chunk(&self, entry: &mut PreserveEntry, buf: &mut PageBuf) -> Result<()> {
         debug_assert!(self.deferred.contains(entry.chunk_index));
         self.read_old_chunk(entry.chunk_index, buf)?;
-        while !self.write_copy(entry, buf)? {
-            let Some(slot) = self.stores.allocate() else {
-                return Err(self.store_full_error());
-            };
-            (entry.store_index, entry.slot_index) = slot;
+        if !self.write_copy(entry, buf)? {
+            return Err(Error::Io {
+                volume: self.config.name.clone(),
+                context: format!(
+                    "copying chunk {} into store {} slot {} for a group commit (acknowledged writes to it are held and the copy is tried again)",
+                    entry.chunk_index, entry.store_index, entry.slot_index
+                ),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
         }
         Ok(())
     }

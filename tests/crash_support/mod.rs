@@ -946,6 +946,7 @@ impl Root {
         let mut dd = DataDir::open_with_disk(&self.path, disk).unwrap();
         dd.set_open_config(OpenConfig {
             checkpoint_journal_bytes: CHECKPOINT_NEVER,
+            ..OpenConfig::default()
         });
         dd
     }
@@ -1403,6 +1404,8 @@ pub fn record_with(
     let mut dd = root.datadir(wrap(disk.clone()));
     dd.set_open_config(OpenConfig {
         checkpoint_journal_bytes: spec.checkpoint_bytes,
+        // A paused restore is tried again by the next request.
+        restore_retry_interval_ms: 0,
     });
     dd.create_volume(VOLUME, &spec.options()).unwrap();
     let paths = disk.file_paths();
@@ -1918,9 +1921,12 @@ impl FaultRun {
         let sim = SimDisk::new();
         let fault = FaultDisk::new(Arc::new(sim.clone()));
         let plan = fault.plan().clone();
+        plan.model_space(true);
         let mut dd = root.datadir(Arc::new(fault));
         dd.set_open_config(OpenConfig {
             checkpoint_journal_bytes: checkpoint_bytes,
+            // A paused restore is tried again by the next request.
+            restore_retry_interval_ms: 0,
         });
         dd.create_volume(VOLUME, &spec.options()).unwrap();
         let vol = dd.open_volume(VOLUME).unwrap();
@@ -1937,9 +1943,9 @@ impl FaultRun {
     }
 }
 
-/// What running out of space fails: writes and size changes (allocation is where a file
-/// system reports it). Not syncs: a failed sync fails the volume whatever the errno (the
-/// page cache can no longer be trusted), which the EIO runs cover.
+/// What a full file system fails: allocations, i.e. writes (and reservations, which
+/// `FaultDisk` counts as writes) and truncations. Not syncs: a failed sync fails the volume
+/// whatever its errno (the page cache can no longer be trusted), and EIO runs cover them.
 pub const ENOSPC_KINDS: u8 = IoKind::Write as u8 | IoKind::SetLen as u8;
 
 /// Which pending operations survive a simulated power cut, from a seed.
