@@ -43,6 +43,22 @@ impl DataDir {
         Self::open_with_disk(root, crate::io::default_disk())
     }
 
+    /// Opens a data directory that must exist already (for commands that create nothing: a
+    /// mistyped `--data-dir` is an error, not an empty directory made on the spot).
+    pub fn open_existing(root: &Path) -> Result<DataDir> {
+        let volumes = root.join(VOLUMES_DIR);
+        if !volumes.is_dir() {
+            return Err(Error::Path {
+                context: format!(
+                    "data directory {} does not exist (`volume create` and `serve` create it)",
+                    root.display()
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        Self::open(root)
+    }
+
     /// Opens a data directory whose volumes do their I/O through `disk`.
     pub fn open_with_disk(root: &Path, disk: Arc<dyn Disk>) -> Result<DataDir> {
         let volumes = root.join(VOLUMES_DIR);

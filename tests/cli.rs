@@ -457,6 +457,24 @@ fn help_and_version() {
 #[test]
 fn volume_lifecycle() {
     let sb = Sandbox::new();
+    // Only a command that creates a volume creates the data directory.
+    for args in [
+        &["volume", "list"][..],
+        &["check"],
+        &["volume", "info", "v"],
+    ] {
+        sb.fails(
+            args,
+            1,
+            "does not exist (`volume create` and `serve` create it)",
+        );
+    }
+    assert!(
+        !sb.data.exists(),
+        "a read-only command created the data directory"
+    );
+    sb.ok(&["volume", "create", "tmp", "--size", "1M"]);
+    sb.ok(&["volume", "delete", "tmp"]);
     assert!(sb.ok(&["volume", "list"]).contains("no volumes"));
     assert_eq!(
         sb.json(&["volume", "list", "--json"]),
@@ -641,7 +659,14 @@ fn export_is_sparse_and_exact() {
     sb.ok(&["import", "z", &file]);
     std::fs::write(sb.path("export.img"), vec![0xFFu8; 5 * MIB]).unwrap();
     let out = sb.arg("export.img");
-    let msg = sb.ok(&["export", "z", &out]);
+    // An existing file is replaced only with --force, and left as it was without.
+    sb.fails(
+        &["export", "z", &out],
+        1,
+        "already exists; give --force to replace it",
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), vec![0xFFu8; 5 * MIB]);
+    let msg = sb.ok(&["export", "z", &out, "--force"]);
     assert!(
         msg.contains(&format!("exported {} bytes", img.len())),
         "{msg}"

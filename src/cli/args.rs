@@ -95,10 +95,14 @@ pub enum Command {
     Export {
         #[arg(value_name = "VOL[@SNAP]")]
         target: String,
-        /// Created (mode 0600) or truncated; a block device is written in place. Never a
-        /// FIFO, a socket or a file of the data directory.
+        /// Created (mode 0600); an existing regular file only with --force (then
+        /// truncated); a block device is written in place. Never a FIFO, a socket or a file
+        /// of the data directory.
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// Replace FILE if it is an existing regular file.
+        #[arg(long)]
+        force: bool,
     },
     /// Verify volumes without changing them.
     ///

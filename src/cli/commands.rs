@@ -531,7 +531,7 @@ pub fn import(ctx: &mut Ctx, volume: &str, file: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn export(ctx: &mut Ctx, target: &str, file: &Path) -> Result<()> {
+pub fn export(ctx: &mut Ctx, target: &str, file: &Path, force: bool) -> Result<()> {
     let (vol, snap) = parse_target(target)?;
     let path = ctx.resolve(file);
     let cancelled = ctx.cancelled();
@@ -542,7 +542,7 @@ pub fn export(ctx: &mut Ctx, target: &str, file: &Path) -> Result<()> {
         data_dir: ctx.volumes.data_dir(),
     };
     let n = with_volume(ctx.volumes, &vol, |v| {
-        transfer::export(v, snap.as_deref(), &path, &how)
+        transfer::export(v, snap.as_deref(), &path, &how, transfer::Replace { force })
     })?;
     writeln!(
         ctx.out,

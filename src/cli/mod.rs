@@ -136,8 +136,14 @@ pub fn single_line(text: &str) -> String {
 /// Runs one parsed command line in direct mode, writing its output to `out`.
 fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     use anyhow::Context;
-    let data_dir = DataDir::open(&cli.data_dir)
-        .with_context(|| format!("cannot open data directory {}", cli.data_dir.display()))?;
+    // Only a command that creates a volume may create the data directory.
+    let creates = matches!(&cli.command, Command::Volume(VolumeCommand::Create(_)));
+    let data_dir = if creates {
+        DataDir::open(&cli.data_dir)
+    } else {
+        DataDir::open_existing(&cli.data_dir)
+    }
+    .with_context(|| format!("cannot open data directory {}", cli.data_dir.display()))?;
     let mut ctx = Ctx {
         volumes: Volumes::Direct(&data_dir),
         out,
@@ -177,7 +183,11 @@ fn execute(command: &Command, ctx: &mut Ctx) -> anyhow::Result<()> {
         Command::Restore { target, force } => commands::restore(ctx, target, *force),
         Command::Diff { a, b, json } => commands::diff(ctx, a, b.as_deref(), *json),
         Command::Import { volume, file } => commands::import(ctx, volume, file),
-        Command::Export { target, file } => commands::export(ctx, target, file),
+        Command::Export {
+            target,
+            file,
+            force,
+        } => commands::export(ctx, target, file, *force),
         Command::Check { volume } => commands::check(ctx, volume.as_deref()),
         Command::Serve(_) => anyhow::bail!("serve cannot run inside a daemon"),
     }

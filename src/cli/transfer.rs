@@ -140,7 +140,19 @@ pub fn import(vol: &Volume, file: &Path, how: &How) -> Result<u64> {
 
 /// Writes the live volume (or snapshot `snapshot`) to `file`, sparse where the data is
 /// zero; returns the number of bytes exported (the volume size).
-pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, how: &How) -> Result<u64> {
+/// Whether `export` may replace an existing regular file.
+#[derive(Debug, Clone, Copy)]
+pub struct Replace {
+    pub force: bool,
+}
+
+pub fn export(
+    vol: &Volume,
+    snapshot: Option<&str>,
+    file: &Path,
+    how: &How,
+    replace: Replace,
+) -> Result<u64> {
     let shown = how.shown.display();
     let size = vol.size_bytes();
     // Fail on an unknown snapshot before creating or truncating the file.
@@ -161,17 +173,20 @@ pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, how: &How) -> R
         .create_new(true)
         .mode(snapvol::io::fs::PRIVATE_FILE_MODE)
         .open(file);
-    let mut f = match created {
+    let (mut f, created) = match created {
         Ok(f) => {
             make_private(&f).with_context(|| format!("cannot create {shown}"))?;
-            f
+            (f, Some(()))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open_checked(
-            file,
-            OpenOptions::new().write(true).create(true),
-            &what,
-            how,
-        )?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
+            open_checked(
+                file,
+                OpenOptions::new().write(true).create(true),
+                &what,
+                how,
+            )?,
+            None,
+        ),
         Err(e) => return Err(e).with_context(|| format!("cannot create {shown}")),
     };
     // A block device keeps its size and old contents: write every block, never truncate.
@@ -181,6 +196,9 @@ pub fn export(vol: &Volume, snapshot: Option<&str>, file: &Path, how: &How) -> R
         .file_type()
         .is_block_device();
     if !is_device {
+        if created.is_none() && !replace.force {
+            bail!("{shown} already exists; give --force to replace it");
+        }
         f.set_len(0)
             .with_context(|| format!("cannot truncate {shown}"))?;
     }
