@@ -9,8 +9,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error("invalid {kind} name {name:?}: use 1-64 characters from A-Z a-z 0-9 . _ -")]
     BadName { kind: &'static str, name: String },
+    #[error("invalid {kind} name {name:?}: \".\" and \"..\" are reserved")]
+    ReservedName { kind: &'static str, name: String },
     #[error("invalid size {0:?}: use a whole number with an optional K, M, G or T suffix")]
     BadSize(String),
+    #[error("size {0:?} is too large: at most 16 EiB less one byte")]
+    SizeTooLarge(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("volume {0:?} does not exist")]

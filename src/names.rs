@@ -10,7 +10,13 @@ pub fn validate_name(kind: &'static str, name: &str) -> Result<()> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if name.is_empty() || name.len() > NAME_BYTES_MAX || !ok_chars || name == "." || name == ".." {
+    if name == "." || name == ".." {
+        return Err(Error::ReservedName {
+            kind,
+            name: name.to_string(),
+        });
+    }
+    if name.is_empty() || name.len() > NAME_BYTES_MAX || !ok_chars {
         return Err(Error::BadName {
             kind,
             name: name.chars().take(80).collect(),
@@ -53,8 +59,10 @@ pub fn parse_size(text: &str) -> Result<u64> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(1u64 << shift).ok_or_else(bad)
+    let too_large = || Error::SizeTooLarge(text.chars().take(80).collect());
+    // Only digits: the parse fails only by overflowing.
+    let n: u64 = digits.parse().map_err(|_| too_large())?;
+    n.checked_mul(1u64 << shift).ok_or_else(too_large)
 }
 
 #[cfg(test)]
@@ -80,6 +88,14 @@ mod tests {
         ] {
             assert_eq!(parse_size(text).ok(), want, "{text}");
         }
+        // Too large is said so, not "invalid".
+        for text in ["99999999T", "99999999999999999999", "16777216T"] {
+            assert!(
+                matches!(parse_size(text), Err(Error::SizeTooLarge(_))),
+                "{text}"
+            );
+        }
+        assert!(matches!(parse_size("1.5G"), Err(Error::BadSize(_))));
     }
 
     #[test]
@@ -89,6 +105,11 @@ mod tests {
         }
         for bad in ["", ".", "..", "a/b", "a b", "é", "a@b", &"x".repeat(65)] {
             assert!(validate_name("volume", bad).is_err(), "{bad}");
+        }
+        // Every character of "." and ".." is allowed: they are refused as reserved.
+        for reserved in [".", ".."] {
+            let e = validate_name("snapshot", reserved).unwrap_err();
+            assert!(e.to_string().contains("are reserved"), "{e}");
         }
         assert_eq!(parse_target("v@s").unwrap(), ("v".into(), Some("s".into())));
         assert_eq!(parse_target("v").unwrap(), ("v".into(), None));

@@ -541,10 +541,10 @@ impl Daemon {
                     tracing::info!("connection opened");
                     let started = Instant::now();
                     let result = handle(socket, &registry, &config, &shutdown);
-                    let secs = started.elapsed().as_secs_f64();
+                    let duration_ms = started.elapsed().as_millis() as u64;
                     match result {
-                        Ok(()) => tracing::info!(secs, "connection closed"),
-                        Err(e) => tracing::info!(secs, error = %e, "connection closed"),
+                        Ok(()) => tracing::info!(duration_ms, "connection closed"),
+                        Err(e) => tracing::info!(duration_ms, error = %e, "connection closed"),
                     }
                 });
             match spawned {
@@ -756,7 +756,7 @@ fn serve_control(
     tracing::info!(
         command = %argv,
         exit = reply.exit,
-        secs = started.elapsed().as_secs_f64(),
+        duration_ms = started.elapsed().as_millis() as u64,
         "control request"
     );
     let reply_deadline = Instant::now() + timeouts.reply;

@@ -151,7 +151,7 @@ pub fn resolve(registry: &Registry, target: &Target) -> Result<Resolved, String>
 /// `InvalidArgument` written for users) is passed on.
 pub fn unavailable(target: &Target, e: &Error) -> String {
     match e {
-        Error::NoSuchVolume(_) | Error::BadName { .. } => {
+        Error::NoSuchVolume(_) | Error::BadName { .. } | Error::ReservedName { .. } => {
             format!("no export named {:?}", target.canonical)
         }
         Error::InvalidArgument(reason) => {
