@@ -667,6 +667,7 @@ fn export_is_sparse_and_exact() {
     );
     assert_eq!(std::fs::read(&out).unwrap(), vec![0xFFu8; 5 * MIB]);
     let msg = sb.ok(&["export", "z", &out, "--force"]);
+
     assert!(
         msg.contains(&format!("exported {} bytes", img.len())),
         "{msg}"
@@ -676,6 +677,37 @@ fn export_is_sparse_and_exact() {
         &img,
         "export over a longer file",
     );
+}
+
+/// Without a terminal, import and export print a progress line every few seconds on stderr
+/// (here every millisecond), naming the work and how far it is.
+#[test]
+fn progress_lines_without_a_terminal() {
+    let sb = Sandbox::new();
+    sb.ok(&["volume", "create", "p", "--size", "64M"]);
+    let file = sb.arg("p.img");
+    for (args, label) in [
+        (vec!["export", "p", &file], "export p: "),
+        (vec!["import", "p", &file], "import p: "),
+    ] {
+        let run = snapvol_command(sb.tmp.path())
+            .env("SNAPVOL_PROGRESS_INTERVAL_MS", "1")
+            .arg("--data-dir")
+            .arg(&sb.data)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{args:?}: {err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&format!("snapvol: progress: {label}")))
+            .unwrap_or_else(|| panic!("{args:?}: no progress line in {err:?}"));
+        assert!(
+            line.contains(" of 64 MiB (") && line.ends_with("/s"),
+            "{line}"
+        );
+    }
 }
 
 #[test]

@@ -474,6 +474,11 @@ fn a_restore_out_of_space_pauses_and_resumes_once_space_is_freed() {
     }
     assert!(v.create_snapshot("x").is_err());
     assert_eq!(v.failure(), None);
+    let p = v.restore_progress().expect("a paused restore has progress");
+    assert!(
+        p.chunk_count_total == count * 16 && p.chunk_count_done < p.chunk_count_total,
+        "{p:?}"
+    );
     let safety = v
         .list_snapshots()
         .into_iter()
@@ -501,6 +506,7 @@ fn a_restore_out_of_space_pauses_and_resumes_once_space_is_freed() {
         }
     };
     check(&v, "after the restore resumed");
+    assert_eq!(v.restore_progress(), None);
     v.write(0, &[9u8; 4096]).unwrap();
     v.write(0, &tagged_mib(1)).unwrap();
     v.close().unwrap();

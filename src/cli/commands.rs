@@ -4,6 +4,7 @@
 //! control socket in daemon mode, on the volumes its registry keeps open (see [`Volumes`]).
 
 use super::format::{Align, human_size, rfc3339, table};
+use super::progress::{Progress, Show};
 use super::transfer;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
@@ -20,6 +21,8 @@ use std::time::{Duration, Instant};
 
 /// How long `restore --force` waits for the disconnected writers to go.
 const WRITERS_GONE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `restore` looks at the engine's progress.
+const RESTORE_PROGRESS_POLL: Duration = Duration::from_millis(200);
 
 /// Where a command's volumes come from.
 #[derive(Clone, Copy)]
@@ -44,7 +47,8 @@ pub struct Ctx<'a> {
     pub volumes: Volumes<'a>,
     /// Where the command's output goes (stdout for the CLI).
     pub out: &'a mut dyn Write,
-    /// Whether import/export may draw a progress bar on stderr.
+    /// Progress of long commands on this process's stderr (a bar on a terminal, else a
+    /// line every few seconds); false inside the daemon (lines in its log instead).
     pub progress: bool,
     /// What relative paths in arguments are relative to: the client's directory in the
     /// daemon; `None` is this process's working directory.
@@ -370,15 +374,58 @@ pub fn snapshot_delete(ctx: &mut Ctx, target: &str) -> Result<()> {
 /// `force`: then they are disconnected first (see the command's help).
 pub fn restore(ctx: &mut Ctx, target: &str, force: bool) -> Result<()> {
     let (vol, snap) = snapshot_target(target)?;
+    let show = ctx.progress;
     let safety = match ctx.volumes {
-        Volumes::Direct(dd) => with_volume(Volumes::Direct(dd), &vol, |v| Ok(v.restore(&snap)?))?,
-        Volumes::Daemon(registry) => restore_served(registry, &vol, &snap, force)?,
+        Volumes::Direct(dd) => with_volume(Volumes::Direct(dd), &vol, |v| {
+            with_restore_progress(v, &vol, show, || Ok(v.restore(&snap)?))
+        })?,
+        Volumes::Daemon(registry) => restore_served(registry, &vol, &snap, force, show)?,
     };
     writeln!(ctx.out, "{vol}@{safety}")?;
     Ok(())
 }
 
-fn restore_served(registry: &Registry, vol: &str, snap: &str, force: bool) -> Result<String> {
+/// Runs `restore` (a restore of `v`) while a thread shows its progress (bytes of the
+/// chunks changed since the target, gone over).
+fn with_restore_progress(
+    v: &snapvol::Volume,
+    vol: &str,
+    show: bool,
+    restore: impl FnOnce() -> Result<String>,
+) -> Result<String> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let shower = s.spawn(|| {
+            let mut progress: Option<Progress> = None;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                if let Some(p) = v.restore_progress() {
+                    let shown = progress.get_or_insert_with(|| {
+                        let total = p.chunk_count_total * p.chunk_size_bytes;
+                        let to = if show { Show::Stderr } else { Show::Log };
+                        Progress::new(total, to, &format!("restore {vol}"))
+                    });
+                    shown.set(p.chunk_count_done * p.chunk_size_bytes);
+                }
+                std::thread::park_timeout(RESTORE_PROGRESS_POLL);
+            }
+            if let Some(p) = progress {
+                p.finish();
+            }
+        });
+        let result = restore();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        shower.thread().unpark();
+        result
+    })
+}
+
+fn restore_served(
+    registry: &Registry,
+    vol: &str,
+    snap: &str,
+    force: bool,
+    show: bool,
+) -> Result<String> {
     let volume = registry.volume(vol)?;
     // An unknown snapshot fails before anyone is disconnected.
     volume.snapshot_id(snap)?;
@@ -400,7 +447,7 @@ fn restore_served(registry: &Registry, vol: &str, snap: &str, force: bool) -> Re
         tracing::info!(volume = %vol, writers, "restore --force: disconnecting read-write clients");
         disconnect_writers(registry, vol, "nothing was restored")?;
     }
-    Ok(volume.restore(snap)?)
+    with_restore_progress(&volume, vol, show, || Ok(volume.restore(snap)?))
 }
 
 /// Disconnects the read-write NBD clients of `vol` and waits until they are gone (at most

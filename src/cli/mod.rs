@@ -11,6 +11,7 @@
 mod args;
 mod commands;
 mod format;
+mod progress;
 mod remote;
 mod serve;
 mod transfer;
@@ -147,7 +148,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     let mut ctx = Ctx {
         volumes: Volumes::Direct(&data_dir),
         out,
-        progress: std::io::stderr().is_terminal(),
+        progress: true,
         cwd: None,
         cancel: None,
     };

@@ -1,7 +1,7 @@
 //! `import` and `export`: copying between a volume and a raw image file in 1 MiB blocks.
 
+use super::progress::{Progress, Show};
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use snapvol::io::fs::{FileId, make_private, unusable_kind};
 use snapvol::{DataDir, Volume};
 use std::fs::{File, OpenOptions};
@@ -17,7 +17,8 @@ pub const BLOCK_BYTES: usize = 1 << 20;
 pub struct How<'a> {
     /// The file as the user named it, for messages.
     pub shown: &'a Path,
-    /// Draw a progress bar on stderr.
+    /// Progress on this process's stderr (a bar, or lines without a terminal); false: in
+    /// the daemon's log.
     pub progress: bool,
     /// Checked before each block: true stops the transfer with an error.
     pub cancelled: &'a dyn Fn() -> bool,
@@ -35,19 +36,11 @@ impl How<'_> {
     }
 }
 
-/// A byte progress bar on stderr, or a hidden one when `show` is false.
-fn progress_bar(total: u64, show: bool, what: &str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    let style = ProgressStyle::with_template(
-        "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar.set_message(what.to_string());
-    bar
+/// Progress of a transfer: on this process's stderr, or (`show` false: inside the daemon)
+/// in its log.
+fn progress_bar(total: u64, show: bool, what: &str) -> Progress {
+    let to = if show { Show::Stderr } else { Show::Log };
+    Progress::new(total, to, what)
 }
 
 /// Size of an open regular file or block device.
@@ -134,7 +127,7 @@ pub fn import(vol: &Volume, file: &Path, how: &How) -> Result<u64> {
         bar.inc(n as u64);
     }
     vol.flush()?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(len)
 }
 
@@ -238,7 +231,7 @@ pub fn export(
     }
     f.sync_all()
         .with_context(|| format!("cannot sync {shown}"))?;
-    bar.finish_and_clear();
+    bar.finish();
     Ok(size)
 }
 

@@ -36,6 +36,7 @@ use std::sync::{Arc, OnceLock};
 use store::Stores;
 
 pub use open::OpenConfig;
+pub use restore::RestoreProgress;
 pub use status::{Extent, SnapshotEntry};
 
 /// What to do when the snapshot stores have no free slot for a chunk that must be preserved.
@@ -261,6 +262,9 @@ pub struct Volume {
     /// full prune one snapshot at a time and retry before pruning another.
     prune: Mutex<()>,
     counters: AtomicCounters,
+    /// The restore running or paused: chunks to go over in all (0: none) and done.
+    restore_chunk_count_total: AtomicU64,
+    restore_chunk_count_done: AtomicU64,
     /// Set while a restore that ran out of space waits to be resumed (`restore.rs`).
     restore_paused: AtomicBool,
     restore_pause: Mutex<Option<restore::RestorePause>>,

@@ -26,6 +26,14 @@ const RESTORE_THREADS_PER_CORE: usize = 2;
 /// commit's sync finds little left to write).
 const RESTORE_WRITEBACK_CHUNKS: usize = 128;
 
+/// How far a restore is, in the chunks changed since its target (those it goes over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreProgress {
+    pub chunk_count_done: u64,
+    pub chunk_count_total: u64,
+    pub chunk_size_bytes: u64,
+}
+
 /// A restore that ran out of space, waiting to be resumed.
 #[derive(Debug)]
 pub(super) struct RestorePause {
@@ -192,6 +200,9 @@ impl Volume {
             .into_iter()
             .filter(|&c| c >= next_chunk_index)
             .collect();
+        self.restore_chunk_count_done.store(0, Ordering::Relaxed);
+        self.restore_chunk_count_total
+            .store(chunks.len() as u64, Ordering::Relaxed);
         let batch_chunks = ((RESTORE_BATCH_BYTES / cs).max(1) as usize).min(chunks.len().max(1));
         let threads = std::thread::available_parallelism()
             .map_or(1, std::num::NonZeroUsize::get)
@@ -266,6 +277,8 @@ impl Volume {
                 due = Some((k, runs, copies));
             }
             if let Some(batch) = written {
+                self.restore_chunk_count_done
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 since_progress += batch.len() as u64;
                 if since_progress >= RESTORE_PROGRESS_CHUNKS {
                     since_progress = 0;
@@ -285,7 +298,21 @@ impl Volume {
         let record = Record::RestoreEnd { target_snapshot_id };
         self.journal_commit(&mut js, std::slice::from_ref(&record))?;
         js.restore = None;
+        self.restore_chunk_count_total.store(0, Ordering::Relaxed);
         self.maybe_checkpoint(&mut js)
+    }
+
+    /// How far the restore running (or paused) is; `None` when there is none.
+    pub fn restore_progress(&self) -> Option<RestoreProgress> {
+        let chunk_count_total = self.restore_chunk_count_total.load(Ordering::Relaxed);
+        (chunk_count_total > 0).then(|| RestoreProgress {
+            chunk_count_done: self
+                .restore_chunk_count_done
+                .load(Ordering::Relaxed)
+                .min(chunk_count_total),
+            chunk_count_total,
+            chunk_size_bytes: self.chunk_bytes(),
+        })
     }
 
     /// Asks the disks to start reading what restoring `batch` reads: each chunk's origin
