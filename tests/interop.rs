@@ -147,6 +147,11 @@ fn interop_ext4() {
     interop("ext4.sh", &[], "snapvol");
 }
 
+#[test]
+fn interop_nbd_client() {
+    interop("nbd-client.sh", &[], "snapvol");
+}
+
 /// The protocol checks of every script against `nbdkit memory`: if one fails here, the test
 /// is wrong, not snapvol.
 #[test]
