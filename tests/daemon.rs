@@ -1199,3 +1199,84 @@ fn sockets_and_files_are_private_whatever_the_umask() {
         sb.fails(&all, needle);
     }
 }
+
+/// `serve --config FILE`: the options come from the file (paths relative to it), flags
+/// given on the command line win, and a bad file is one error line naming the key.
+#[test]
+fn serve_takes_its_options_from_a_config_file() {
+    let sb = Sandbox::new();
+    std::fs::create_dir(sb.path("conf")).unwrap();
+    std::fs::write(
+        sb.path("conf/snapvol.toml"),
+        r#"
+data-dir = "../cfgdata"
+listen = ["127.0.0.1:0"]
+socket = ["nbd.sock"]
+socket-mode = "660"
+create-default-size = "16M"
+max-connections = 4
+log-level = "info"
+"#,
+    )
+    .unwrap();
+    let mut cmd = snapvol_command(sb.root());
+    cmd.args(["serve", "--config", "conf/snapvol.toml"]);
+    let daemon = Daemon::start(cmd, sb.path("serve-config.log"));
+    // Relative to the file (itself named relative to the working directory).
+    let sock = sb.root().join(daemon.unix_path());
+    assert_eq!(sock, sb.path("conf/nbd.sock"), "{:?}", daemon.endpoints);
+    assert!(daemon.tcp_addr().starts_with("127.0.0.1:"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let info = snapvol_command(sb.root())
+        .args([
+            "--data-dir",
+            "cfgdata",
+            "volume",
+            "info",
+            "default",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(info.status.success() && text.contains("16777216"), "{text}");
+    daemon.stop();
+
+    // A flag on the command line wins over the file's key.
+    let mut cmd = snapvol_command(sb.root());
+    cmd.args([
+        "serve",
+        "--config",
+        "conf/snapvol.toml",
+        "--socket",
+        "other.sock",
+    ]);
+    let daemon = Daemon::start(cmd, sb.path("serve-config-2.log"));
+    assert_eq!(sb.root().join(daemon.unix_path()), sb.path("other.sock"));
+    daemon.stop();
+
+    for (text, needle) in [
+        (
+            "listen = [\"127.0.0.1:0\"]\nlisen = 1\n",
+            "unknown field `lisen`",
+        ),
+        ("tls = \"maybe\"\n", "key `tls` (line 1)"),
+        ("max-connections = 0\n", "key `max-connections`"),
+    ] {
+        std::fs::write(sb.path("bad.toml"), text).unwrap();
+        let out = snapvol_command(sb.root())
+            .args(["serve", "--config", "bad.toml"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1)
+                && err.lines().count() == 1
+                && err.starts_with("snapvol: error: config file bad.toml: ")
+                && err.contains(needle),
+            "{text:?}: {err}"
+        );
+    }
+}

@@ -131,6 +131,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Options from a TOML file, keys named as these flags (`tls-certificates = "DIR"`),
+    /// plus `data-dir` and `log-level`; flags given here override it (see the README).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// TCP address to serve NBD on (repeatable). An address that is not loopback needs
     /// --tls require (or --insecure). Port 0 picks a free port (printed when ready).
     #[arg(long, value_name = "ADDR:PORT")]

@@ -10,6 +10,7 @@
 
 mod args;
 mod commands;
+mod config;
 mod format;
 mod progress;
 mod remote;
@@ -17,7 +18,6 @@ mod serve;
 mod transfer;
 
 use args::{Cli, Command, SnapshotCommand, VolumeCommand};
-use clap::Parser;
 use commands::{Ctx, Volumes};
 use snapvol::DataDir;
 use std::io::{IsTerminal, Write};
@@ -41,11 +41,42 @@ fn tune_malloc_for_serving() {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Command::Serve(args) = &cli.command {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Command::Serve(args) = cli.command {
         tune_malloc_for_serving();
-        init_tracing(cli.verbose, true);
-        return exit_code(serve::serve(&cli.data_dir, args));
+        let given = |m: &clap::ArgMatches, id: &str| {
+            !matches!(
+                m.value_source(id),
+                None | Some(clap::parser::ValueSource::DefaultValue)
+            )
+        };
+        let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
+        let flags = config::GivenFlags {
+            data_dir: given(&matches, "data_dir"),
+            tls: given(serve_matches, "tls"),
+            max_connections: given(serve_matches, "max_connections"),
+        };
+        let effective = match args.config.clone() {
+            None => config::Effective {
+                data_dir: cli.data_dir,
+                args,
+                log_level: None,
+            },
+            Some(path) => match config::ServeConfig::load(&path).and_then(|c| {
+                c.validate()
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+                Ok(c.merge(cli.data_dir, args, flags))
+            }) {
+                Ok(e) => e,
+                Err(e) => return exit_code(Err(e)),
+            },
+        };
+        init_tracing_at(cli.verbose, true, effective.log_level.map(|l| l.as_str()));
+        return exit_code(serve::serve(&effective.data_dir, &effective.args));
     }
     // A command forwarded to a daemon logs nothing here at the default level (warnings;
     // `forward` only logs at debug), so the subscriber is set up after forwarding unless
@@ -86,11 +117,18 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
 /// connection and per control request); each -v is one level more. Without -v, RUST_LOG
 /// is honoured.
 fn init_tracing(verbose: u8, daemon: bool) {
+    init_tracing_at(verbose, daemon, None);
+}
+
+/// `init_tracing`, with the level a config file names used when neither -v nor RUST_LOG
+/// says one.
+fn init_tracing_at(verbose: u8, daemon: bool, configured: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     let levels = ["warn", "info", "debug", "trace"];
     let level = levels[(usize::from(verbose) + usize::from(daemon)).min(levels.len() - 1)];
     let filter = match verbose {
-        0 => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
+        0 => EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(configured.unwrap_or(level))),
         _ => EnvFilter::new(level),
     };
     let builder = tracing_subscriber::fmt()
