@@ -1280,3 +1280,65 @@ log-level = "info"
         );
     }
 }
+
+/// The systemd notify protocol, with a datagram socket standing in for systemd's
+/// NOTIFY_SOCKET: READY=1 once the daemon serves (after its ready line), STOPPING=1 when
+/// SIGTERM starts the shutdown.
+#[test]
+fn serve_notifies_ready_and_stopping() {
+    let sb = Sandbox::new();
+    let notify_path = sb.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut cmd = snapvol_command(sb.root());
+    cmd.env("NOTIFY_SOCKET", &notify_path).args([
+        "--data-dir",
+        "data",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let daemon = Daemon::start(cmd, sb.path("serve-notify.log"));
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 within 30 s");
+    let got = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(got.lines().any(|l| l == "READY=1"), "{got:?}");
+    daemon.signal(libc::SIGTERM);
+    let n = notify.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+    let got = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(got.lines().any(|l| l == "STOPPING=1"), "{got:?}");
+    daemon.stop();
+}
+
+/// contrib/snapvol.service passes `systemd-analyze verify` with nothing to say (its
+/// ExecStart pointed at the binary under test, which verify requires to exist).
+#[test]
+fn the_systemd_unit_verifies() {
+    let Ok(found) = Command::new("systemd-analyze").arg("--version").output() else {
+        assert!(
+            std::env::var_os("SNAPVOL_INTEROP_REQUIRED").is_none(),
+            "systemd-analyze is missing"
+        );
+        eprintln!("skipped: no systemd-analyze");
+        return;
+    };
+    assert!(found.status.success());
+    let sb = Sandbox::new();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/snapvol.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("ExecStart=/usr/local/bin/snapvol "));
+    let path = sb.path("snapvol.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/snapvol", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}

@@ -136,8 +136,10 @@ fn init_tracing_at(verbose: u8, daemon: bool, configured: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_target(verbose >= 2)
         .with_ansi(std::io::stderr().is_terminal());
-    // A daemon's log needs times; a command's lines do not.
-    let _ = if daemon {
+    // A daemon's log needs times, except under systemd, whose journal adds them
+    // (JOURNAL_STREAM is set when stderr goes to the journal); a command's lines do not.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let _ = if daemon && !journald {
         builder.try_init()
     } else {
         builder.without_time().try_init()

@@ -76,6 +76,7 @@ pub fn serve(data_dir: &Path, args: &ServeArgs) -> Result<()> {
         use std::io::Write as _;
         let _ = std::io::stderr().lock().write_all(ready.as_bytes());
     }
+    snapvol::daemon::notify::ready();
     daemon.run()?;
     Ok(())
 }

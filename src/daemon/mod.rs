@@ -19,6 +19,7 @@
 
 pub mod control;
 mod listen;
+pub mod notify;
 
 pub use listen::{Probe, group_id, probe};
 
@@ -487,6 +488,7 @@ impl Daemon {
             }
             if let Some(reason) = self.stop_reason() {
                 tracing::info!(reason = %reason, "shutting down");
+                notify::stopping();
                 break;
             }
             nbd.reap();
