@@ -9,6 +9,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod io;
 pub mod journal;
+pub mod metrics;
 pub mod names;
 pub mod nbd;
 pub mod registry;

@@ -400,6 +400,18 @@ impl Registry {
         })
     }
 
+    /// The volumes currently open (for metrics: nothing is opened).
+    pub fn open_volumes(&self) -> Vec<Arc<Volume>> {
+        let mut v: Vec<Arc<Volume>> = self
+            .open
+            .lock()
+            .values()
+            .map(|e| e.volume.clone())
+            .collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+
     /// Names of the volumes currently open.
     pub fn open_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.open.lock().keys().cloned().collect();

@@ -1342,3 +1342,148 @@ fn the_systemd_unit_verifies() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
 }
+
+/// A plain HTTP GET on 127.0.0.1:`port` (with extra request headers); the body, or `None`.
+fn http_get(port: u16, path: &str, headers: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `serve --metrics`: `promtool check metrics` accepts the exposition, and a real Prometheus
+/// server scraping the daemon while a client writes sees the volume's and the NBD server's
+/// counters move by what was written (through its HTTP API).
+#[test]
+fn prometheus_scrapes_the_metrics_while_a_client_writes() {
+    let have = |cmd: &str| Command::new(cmd).arg("--version").output().is_ok();
+    if !have("prometheus") || !have("promtool") || !have("qemu-io") {
+        assert!(
+            std::env::var_os("SNAPVOL_INTEROP_REQUIRED").is_none(),
+            "prometheus, promtool or qemu-io is missing"
+        );
+        eprintln!("skipped: no prometheus/promtool/qemu-io");
+        return;
+    }
+    let sb = Sandbox::new();
+    let metrics_port = free_port();
+    let daemon = sb.serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--create-default-size",
+        "64M",
+    ]);
+    // promtool on the exposition (the Prometheus text format a plain GET gets).
+    let text = http_get(metrics_port, "/metrics", "").expect("GET /metrics");
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let om = http_get(
+        metrics_port,
+        "/metrics",
+        "Accept: application/openmetrics-text\r\n",
+    )
+    .expect("GET /metrics as OpenMetrics");
+    assert!(om.trim_end().ends_with("# EOF"), "{om}");
+
+    // A real Prometheus, scraping every second.
+    let prom_port = free_port();
+    std::fs::write(
+        sb.path("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: snapvol\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        ),
+    )
+    .unwrap();
+    struct KillOnDrop(Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prom = KillOnDrop(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                sb.path("prometheus.yml").display()
+            ))
+            .arg(format!("--storage.tsdb.path={}", sb.path("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(File::create(sb.path("prometheus.log")).unwrap())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let written = 8u64 << 20;
+    let url = format!("nbd://{}/default", daemon.tcp_addr());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &format!("write -P 7 0 {written}"), &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let query = |q: &str| -> Option<f64> {
+        let body = http_get(prom_port, &format!("/api/v1/query?query={q}"), "")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut bytes, mut writes) = (None, None);
+    while Instant::now() < deadline {
+        bytes = query("snapvol_client_written_bytes_total%7Bvolume%3D%22default%22%7D");
+        writes = query("snapvol_nbd_requests_total%7Bcommand%3D%22WRITE%22%7D");
+        if bytes == Some(written as f64) && writes.is_some_and(|w| w >= 1.0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        bytes,
+        Some(written as f64),
+        "Prometheus never saw the bytes written (WRITE requests: {writes:?})\nprometheus log:\n{}",
+        std::fs::read_to_string(sb.path("prometheus.log")).unwrap_or_default()
+    );
+    assert!(
+        writes.is_some_and(|w| w >= 1.0),
+        "Prometheus saw no NBD WRITE requests: {writes:?}"
+    );
+    daemon.stop();
+}

@@ -192,6 +192,10 @@ pub struct ServeArgs {
     /// (default 10000). For tests.
     #[arg(long, value_name = "MS", hide = true)]
     pub handshake_timeout_ms: Option<u64>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (port 0 picks a free port,
+    /// logged when bound).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
     /// Create volume `default` with this size if it does not exist (without this option
     /// it is created, 1 GiB, only when there are no volumes at all).
     #[arg(long, value_name = "SIZE")]

@@ -30,6 +30,7 @@ pub struct ServeConfig {
     pub authz: Option<PathBuf>,
     pub insecure: Option<bool>,
     pub create_default_size: Option<String>,
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -149,6 +150,7 @@ impl ServeConfig {
         a.authz = a.authz.or(self.authz);
         a.insecure |= self.insecure.unwrap_or(false);
         a.create_default_size = a.create_default_size.or(self.create_default_size);
+        a.metrics = a.metrics.or(self.metrics);
         Effective {
             data_dir,
             args: a,

@@ -39,6 +39,14 @@ pub fn serve(data_dir: &Path, args: &ServeArgs) -> Result<()> {
         e => anyhow::Error::new(e),
     })?;
     daemon.handle_signals()?;
+    if let Some(addr) = &args.metrics {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen for metrics on {addr:?}"))?;
+        let bound = listener.local_addr()?;
+        snapvol::metrics::serve(listener, registry.clone())
+            .context("cannot start the metrics thread")?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
 
     let dd = registry.data_dir();
     let names = dd.list_volumes()?;

@@ -523,6 +523,7 @@ impl Daemon {
                     "connection limit reached: closing the new connection"
                 );
                 let _ = socket.shutdown(Shutdown::Both);
+                crate::metrics::nbd_connection_refused();
                 continue;
             }
             let id = nbd.add(socket.try_clone().ok());
@@ -541,8 +542,10 @@ impl Daemon {
                     // connection's id and peer.
                     let _span = tracing::info_span!("conn", id, peer = %peer).entered();
                     tracing::info!("connection opened");
+                    crate::metrics::nbd_connection(true);
                     let started = Instant::now();
                     let result = handle(socket, &registry, &config, &shutdown);
+                    crate::metrics::nbd_connection(false);
                     let duration_ms = started.elapsed().as_millis() as u64;
                     match result {
                         Ok(()) => tracing::info!(duration_ms, "connection closed"),

@@ -93,6 +93,18 @@ pub struct Counters {
     pub origin_bytes_written: u64,
 }
 
+/// What a metrics scrape reads of a volume: nothing is committed or waited for.
+#[derive(Debug, Clone)]
+pub struct VolumeStats {
+    pub counters: Counters,
+    pub snapshot_count: u64,
+    pub preserved_chunk_count: u64,
+    pub chunk_size_bytes: u64,
+    pub journal_bytes: u64,
+    pub restore: Option<RestoreProgress>,
+    pub failed: bool,
+}
+
 /// `volume info`.
 #[derive(Debug, Clone, Serialize)]
 pub struct VolumeInfo {
@@ -317,6 +329,23 @@ impl Volume {
             snapshots: t.snapshots.values().map(|s| s.name.clone()).collect(),
             preserved_chunks: t.map.len(),
             counters: self.counters.load(),
+        }
+    }
+
+    /// Counters and sizes for metrics, without committing anything (unlike `info`).
+    pub fn stats(&self) -> VolumeStats {
+        let (snapshot_count, preserved_chunk_count) = {
+            let t = self.tables.read();
+            (t.snapshots.len() as u64, t.map.len())
+        };
+        VolumeStats {
+            counters: self.counters.load(),
+            snapshot_count,
+            preserved_chunk_count,
+            chunk_size_bytes: self.chunk_bytes(),
+            journal_bytes: self.journal.lock().journal.size_bytes(),
+            restore: self.restore_progress(),
+            failed: self.failed.get().is_some(),
         }
     }
 

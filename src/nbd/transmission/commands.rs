@@ -126,6 +126,7 @@ impl Shared<'_> {
             // CACHE: a hint; the range was checked.
             _ => Some(Ok(())),
         };
+        let failed = matches!(result, Some(Err(_)));
         match result {
             Some(Ok(())) => self.reply_ok(r, out),
             Some(Err(f)) => {
@@ -134,6 +135,7 @@ impl Shared<'_> {
             }
             None => {}
         }
+        crate::metrics::nbd_request(command_name(r.kind), started.elapsed(), failed);
         if r.kind != CMD_FLUSH && r.flags & CMD_FLAG_FUA == 0 {
             // What a page-cache hit costs, with room: anything slower waited for something.
             let bytes = match r.kind {
