@@ -1487,3 +1487,67 @@ fn prometheus_scrapes_the_metrics_while_a_client_writes() {
     );
     daemon.stop();
 }
+
+/// contrib/grafana-dashboard.json is valid JSON, and every snapvol metric its queries use
+/// is one the daemon exports (names from a live scrape).
+#[test]
+fn the_grafana_dashboard_uses_only_exported_metrics() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let sb = Sandbox::new();
+    let port = free_port();
+    let daemon = sb.serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+        "--create-default-size",
+        "16M",
+    ]);
+    // A request, so that the per-command series exist.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 4k"])
+        .arg(format!("nbd://{}/default", daemon.tcp_addr()))
+        .output();
+    let exported = http_get(port, "/metrics", "").expect("GET /metrics");
+    daemon.stop();
+    let mut names: Vec<String> = Vec::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(at) = rest.find("snapvol_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                names.push(name);
+            }
+        }
+    }
+    assert!(names.len() >= 10, "{names:?}");
+    assert!(
+        out.is_ok_and(|o| o.status.success()),
+        "qemu-io write failed"
+    );
+    for name in names {
+        // A family is exported when declared (# TYPE), even before its first sample; a
+        // histogram's series are NAME_bucket, _sum and _count.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name);
+        let found = exported
+            .lines()
+            .any(|l| l.starts_with(&format!("# TYPE {family} ")));
+        assert!(
+            found,
+            "the dashboard uses {name}, which the daemon does not export"
+        );
+    }
+}
