@@ -47,6 +47,12 @@ pub struct NbdMetrics {
     latency: Family<CommandLabels, Histogram, fn() -> Histogram>,
     connections_open: Gauge,
     connections_refused: Counter,
+    tls_handshakes: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
 }
 
 fn nbd() -> &'static NbdMetrics {
@@ -57,6 +63,7 @@ fn nbd() -> &'static NbdMetrics {
         latency: Family::new_with_constructor(latency_histogram),
         connections_open: Gauge::default(),
         connections_refused: Counter::default(),
+        tls_handshakes: Family::default(),
     })
 }
 
@@ -90,6 +97,17 @@ pub fn nbd_connection(open: bool) {
         nbd().connections_open.inc();
     } else {
         nbd().connections_open.dec();
+    }
+}
+
+/// A TLS handshake (after NBD_OPT_STARTTLS) ended, `ok` or failed.
+pub fn tls_handshake(ok: bool) {
+    if ENABLED.load(Ordering::Relaxed) {
+        let result = if ok { "ok" } else { "failed" };
+        nbd()
+            .tls_handshakes
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 }
 
@@ -130,12 +148,22 @@ pub fn encode(volumes: &Volumes) -> String {
         "NBD connections closed at once (over --max-connections)",
         m.connections_refused.clone(),
     );
+    r.register(
+        "tls_handshakes",
+        "TLS handshakes after NBD_OPT_STARTTLS, by result (ok, failed)",
+        m.tls_handshakes.clone(),
+    );
     let counter = || Family::<VolumeLabels, Counter>::default();
     let gauge = || Family::<VolumeLabels, Gauge>::default();
     let (written, skipped, preserved, origin) = (counter(), counter(), counter(), counter());
     let (snapshots, chunks, store_used, journal, failed) =
         (gauge(), gauge(), gauge(), gauge(), gauge());
     let (restore_done, restore_total) = (gauge(), gauge());
+    let (commits, commit_seconds, capacity) = (
+        counter(),
+        Family::<VolumeLabels, Counter<f64>>::default(),
+        gauge(),
+    );
     for v in volumes.open_volumes() {
         let s = v.stats();
         let l = VolumeLabels {
@@ -162,6 +190,13 @@ pub fn encode(volumes: &Volumes) -> String {
             s.preserved_chunk_count.saturating_mul(s.chunk_size_bytes),
         ));
         journal.get_or_create(&l).set(as_i64(s.journal_bytes));
+        commits.get_or_create(&l).inc_by(s.group_commit_count);
+        commit_seconds
+            .get_or_create(&l)
+            .inc_by(s.group_commit_ns as f64 / 1e9);
+        if let Some(bytes) = s.store_capacity_bytes {
+            capacity.get_or_create(&l).set(as_i64(bytes));
+        }
         failed.get_or_create(&l).set(i64::from(s.failed));
         let (done, total) = s.restore.map_or((0, 0), |p| {
             (
@@ -210,6 +245,23 @@ pub fn encode(volumes: &Volumes) -> String {
         store_used,
     );
     r.register_with_unit("journal", "Journal file size", b.clone(), journal);
+    r.register(
+        "group_commits",
+        "Group commits (preserved copies made durable, then journaled) since the daemon started",
+        commits,
+    );
+    r.register_with_unit(
+        "group_commit",
+        "Time spent in group commits since the daemon started (divide by snapvol_group_commits_total for the mean)",
+        Unit::Seconds,
+        commit_seconds,
+    );
+    r.register_with_unit(
+        "store_capacity",
+        "Snapshot store capacity (volumes with --store-size only)",
+        b.clone(),
+        capacity,
+    );
     r.register(
         "volume_failed",
         "1 when the volume has failed and must be reopened",

@@ -361,7 +361,9 @@ fn options(
                     c.reply(opt, REP_ACK, &[]);
                     c.flush()?;
                     // The next byte read from the socket is the client's TLS handshake.
-                    let (plain, session, names) = tls::start(&c.ch.stream, setup, c.deadline)?;
+                    let started = tls::start(&c.ch.stream, setup, c.deadline);
+                    crate::metrics::tls_handshake(started.is_ok());
+                    let (plain, session, names) = started?;
                     c.ch.stream = plain;
                     c.ch.tls = Some(session);
                     c.peer.tls_names = names;

@@ -101,6 +101,11 @@ pub struct VolumeStats {
     pub preserved_chunk_count: u64,
     pub chunk_size_bytes: u64,
     pub journal_bytes: u64,
+    /// Group commits since the volume was opened, and the time they took.
+    pub group_commit_count: u64,
+    pub group_commit_ns: u64,
+    /// `--store-size`, when the volume has one.
+    pub store_capacity_bytes: Option<u64>,
     pub restore: Option<RestoreProgress>,
     pub failed: bool,
 }
@@ -274,6 +279,9 @@ pub struct Volume {
     /// full prune one snapshot at a time and retry before pruning another.
     prune: Mutex<()>,
     counters: AtomicCounters,
+    /// Group commits since the volume was opened, and their time (for metrics).
+    group_commit_count: AtomicU64,
+    group_commit_ns: AtomicU64,
     /// The restore running or paused: chunks to go over in all (0: none) and done.
     restore_chunk_count_total: AtomicU64,
     restore_chunk_count_done: AtomicU64,
@@ -344,6 +352,9 @@ impl Volume {
             preserved_chunk_count,
             chunk_size_bytes: self.chunk_bytes(),
             journal_bytes: self.journal.lock().journal.size_bytes(),
+            group_commit_count: self.group_commit_count.load(Ordering::Relaxed),
+            group_commit_ns: self.group_commit_ns.load(Ordering::Relaxed),
+            store_capacity_bytes: self.config.store_size_bytes,
             restore: self.restore_progress(),
             failed: self.failed.get().is_some(),
         }

@@ -564,6 +564,8 @@ impl Volume {
             streams: Default::default(),
             prune: Mutex::new(()),
             counters,
+            group_commit_count: AtomicU64::new(0),
+            group_commit_ns: AtomicU64::new(0),
             restore_chunk_count_total: AtomicU64::new(0),
             restore_chunk_count_done: AtomicU64::new(0),
             restore_paused: AtomicBool::new(false),

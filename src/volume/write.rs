@@ -1073,7 +1073,11 @@ impl Volume {
                 let n = st.pending.len().min(JOURNAL_FRAME_RECORDS_MAX as usize);
                 let batch: Vec<Queued> = st.pending.drain(..n).collect();
                 drop(st);
+                let started = std::time::Instant::now();
                 let result = self.commit_batch(batch);
+                self.group_commit_count.fetch_add(1, Ordering::Relaxed);
+                self.group_commit_ns
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 st = self.group.state.lock();
                 st.leader_active = false;
                 if result.is_ok() {
