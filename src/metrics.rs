@@ -35,6 +35,37 @@ struct VolumeLabels {
     volume: String,
 }
 
+/// A histogram whose counts the engine kept (`VolumeStats::group_commit_bucket_counts`),
+/// encoded as it stands at the scrape.
+#[derive(Debug, Default)]
+struct KeptHistogram {
+    state: parking_lot::Mutex<KeptState>,
+}
+
+/// Sum in seconds, count, and (upper bound in seconds, count in that bucket alone).
+type KeptState = (f64, u64, Vec<(f64, u64)>);
+
+impl prometheus_client::metrics::TypedMetric for KeptHistogram {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for KeptHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = &*self.state.lock();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            *sum, *count, buckets, None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 10 us .. ~2.6 s.
     Histogram::new(exponential_buckets(0.000_01, 4.0, 10))
@@ -159,11 +190,8 @@ pub fn encode(volumes: &Volumes) -> String {
     let (snapshots, chunks, store_used, journal, failed) =
         (gauge(), gauge(), gauge(), gauge(), gauge());
     let (restore_done, restore_total) = (gauge(), gauge());
-    let (commits, commit_seconds, capacity) = (
-        counter(),
-        Family::<VolumeLabels, Counter<f64>>::default(),
-        gauge(),
-    );
+    let (commits, capacity) = (counter(), gauge());
+    let commit_latency = Family::<VolumeLabels, KeptHistogram>::default();
     for v in volumes.open_volumes() {
         let s = v.stats();
         let l = VolumeLabels {
@@ -191,9 +219,18 @@ pub fn encode(volumes: &Volumes) -> String {
         ));
         journal.get_or_create(&l).set(as_i64(s.journal_bytes));
         commits.get_or_create(&l).inc_by(s.group_commit_count);
-        commit_seconds
-            .get_or_create(&l)
-            .inc_by(s.group_commit_ns as f64 / 1e9);
+        {
+            let bounds = crate::volume::GROUP_COMMIT_BUCKETS_US
+                .iter()
+                .map(|&us| us as f64 / 1e6)
+                .chain(std::iter::once(f64::MAX));
+            let buckets = bounds.zip(s.group_commit_bucket_counts).collect();
+            *commit_latency.get_or_create(&l).state.lock() = (
+                s.group_commit_ns as f64 / 1e9,
+                s.group_commit_count,
+                buckets,
+            );
+        }
         if let Some(bytes) = s.store_capacity_bytes {
             capacity.get_or_create(&l).set(as_i64(bytes));
         }
@@ -251,10 +288,10 @@ pub fn encode(volumes: &Volumes) -> String {
         commits,
     );
     r.register_with_unit(
-        "group_commit",
-        "Time spent in group commits since the daemon started (divide by snapvol_group_commits_total for the mean)",
+        "group_commit_latency",
+        "Time each group commit took, since the volume was opened",
         Unit::Seconds,
-        commit_seconds,
+        commit_latency,
     );
     r.register_with_unit(
         "store_capacity",

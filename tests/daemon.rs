@@ -1485,6 +1485,29 @@ fn prometheus_scrapes_the_metrics_while_a_client_writes() {
         writes.is_some_and(|w| w >= 1.0),
         "Prometheus saw no NBD WRITE requests: {writes:?}"
     );
+    // First writes after a snapshot go through group commits, which the histogram counts.
+    sb.ok(&["snapshot", "create", "default@s"]);
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 8 0 1M", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = http_get(metrics_port, "/metrics", "").expect("GET /metrics");
+    let count = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{volume=\"default\"}} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    let commits = count("snapvol_group_commits_total");
+    assert!(commits >= 1.0, "{text}");
+    assert_eq!(count("snapvol_group_commit_latency_seconds_count"), commits);
+    assert!(
+        text.contains(
+            "snapvol_group_commit_latency_seconds_bucket{le=\"+Inf\",volume=\"default\"}"
+        ),
+        "{text}"
+    );
     daemon.stop();
 }
 

@@ -93,6 +93,12 @@ pub struct Counters {
     pub origin_bytes_written: u64,
 }
 
+/// Upper bounds of the group-commit latency histogram's buckets, in microseconds.
+pub const GROUP_COMMIT_BUCKETS_US: [u64; 12] = [
+    500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+    5_000_000,
+];
+
 /// What a metrics scrape reads of a volume: nothing is committed or waited for.
 #[derive(Debug, Clone)]
 pub struct VolumeStats {
@@ -104,6 +110,8 @@ pub struct VolumeStats {
     /// Group commits since the volume was opened, and the time they took.
     pub group_commit_count: u64,
     pub group_commit_ns: u64,
+    /// Group commits per latency bucket (`GROUP_COMMIT_BUCKETS_US`, then the rest).
+    pub group_commit_bucket_counts: [u64; GROUP_COMMIT_BUCKETS_US.len() + 1],
     /// `--store-size`, when the volume has one.
     pub store_capacity_bytes: Option<u64>,
     pub restore: Option<RestoreProgress>,
@@ -282,6 +290,7 @@ pub struct Volume {
     /// Group commits since the volume was opened, and their time (for metrics).
     group_commit_count: AtomicU64,
     group_commit_ns: AtomicU64,
+    group_commit_buckets: [AtomicU64; GROUP_COMMIT_BUCKETS_US.len() + 1],
     /// The restore running or paused: chunks to go over in all (0: none) and done.
     restore_chunk_count_total: AtomicU64,
     restore_chunk_count_done: AtomicU64,
@@ -354,6 +363,9 @@ impl Volume {
             journal_bytes: self.journal.lock().journal.size_bytes(),
             group_commit_count: self.group_commit_count.load(Ordering::Relaxed),
             group_commit_ns: self.group_commit_ns.load(Ordering::Relaxed),
+            group_commit_bucket_counts: std::array::from_fn(|i| {
+                self.group_commit_buckets[i].load(Ordering::Relaxed)
+            }),
             store_capacity_bytes: self.config.store_size_bytes,
             restore: self.restore_progress(),
             failed: self.failed.get().is_some(),

@@ -1076,8 +1076,13 @@ impl Volume {
                 let started = std::time::Instant::now();
                 let result = self.commit_batch(batch);
                 self.group_commit_count.fetch_add(1, Ordering::Relaxed);
-                self.group_commit_ns
-                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                let took_ns = started.elapsed().as_nanos() as u64;
+                self.group_commit_ns.fetch_add(took_ns, Ordering::Relaxed);
+                let bucket = super::GROUP_COMMIT_BUCKETS_US
+                    .iter()
+                    .position(|&us| took_ns <= us * 1_000)
+                    .unwrap_or(super::GROUP_COMMIT_BUCKETS_US.len());
+                self.group_commit_buckets[bucket].fetch_add(1, Ordering::Relaxed);
                 st = self.group.state.lock();
                 st.leader_active = false;
                 if result.is_ok() {
