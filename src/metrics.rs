@@ -190,7 +190,7 @@ pub fn encode(volumes: &Volumes) -> String {
     let (snapshots, chunks, store_used, journal, failed) =
         (gauge(), gauge(), gauge(), gauge(), gauge());
     let (restore_done, restore_total) = (gauge(), gauge());
-    let (commits, capacity) = (counter(), gauge());
+    let (commits, capacity, read) = (counter(), gauge(), counter());
     let commit_latency = Family::<VolumeLabels, KeptHistogram>::default();
     for v in volumes.open_volumes() {
         let s = v.stats();
@@ -219,6 +219,7 @@ pub fn encode(volumes: &Volumes) -> String {
         ));
         journal.get_or_create(&l).set(as_i64(s.journal_bytes));
         commits.get_or_create(&l).inc_by(s.group_commit_count);
+        read.get_or_create(&l).inc_by(s.client_bytes_read);
         {
             let bounds = crate::volume::GROUP_COMMIT_BUCKETS_US
                 .iter()
@@ -250,6 +251,12 @@ pub fn encode(volumes: &Volumes) -> String {
         "Bytes clients asked to write (writes, zero writes, discards); kept across restarts",
         b.clone(),
         written,
+    );
+    r.register_with_unit(
+        "client_read",
+        "Bytes clients read from the live volume, since it was opened",
+        b.clone(),
+        read,
     );
     r.register_with_unit(
         "skipped_identical",

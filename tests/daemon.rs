@@ -1492,6 +1492,11 @@ fn prometheus_scrapes_the_metrics_while_a_client_writes() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 2M", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
     let text = http_get(metrics_port, "/metrics", "").expect("GET /metrics");
     let count = |name: &str| -> f64 {
         text.lines()
@@ -1499,6 +1504,10 @@ fn prometheus_scrapes_the_metrics_while_a_client_writes() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
     };
+    assert!(
+        count("snapvol_client_read_bytes_total") >= (2 << 20) as f64,
+        "{text}"
+    );
     let commits = count("snapvol_group_commits_total");
     assert!(commits >= 1.0, "{text}");
     assert_eq!(count("snapvol_group_commit_latency_seconds_count"), commits);
