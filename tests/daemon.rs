@@ -1358,6 +1358,20 @@ fn http_get(port: u16, path: &str, headers: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
+/// `serve --metrics` on a free port, volume `default` of 64 MiB; the daemon and the port.
+fn serve_with_metrics(sb: &Sandbox) -> (Daemon, u16) {
+    let port = free_port();
+    let daemon = sb.serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+        "--create-default-size",
+        "64M",
+    ]);
+    (daemon, port)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1381,15 +1395,7 @@ fn prometheus_scrapes_the_metrics_while_a_client_writes() {
         return;
     }
     let sb = Sandbox::new();
-    let metrics_port = free_port();
-    let daemon = sb.serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        &format!("127.0.0.1:{metrics_port}"),
-        "--create-default-size",
-        "64M",
-    ]);
+    let (daemon, metrics_port) = serve_with_metrics(&sb);
     // promtool on the exposition (the Prometheus text format a plain GET gets).
     let text = http_get(metrics_port, "/metrics", "").expect("GET /metrics");
     let mut check = Command::new("promtool")
@@ -1531,15 +1537,7 @@ fn the_grafana_dashboard_uses_only_exported_metrics() {
     .unwrap();
     let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
     let sb = Sandbox::new();
-    let port = free_port();
-    let daemon = sb.serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        &format!("127.0.0.1:{port}"),
-        "--create-default-size",
-        "16M",
-    ]);
+    let (daemon, port) = serve_with_metrics(&sb);
     // A request, so that the per-command series exist.
     let out = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write 0 4k"])
