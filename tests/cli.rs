@@ -298,7 +298,7 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
         (
             vec!["volume", "create", "x", "--size", "99999999999T"],
             1,
-            "invalid size",
+            "is too large",
         ),
         (
             vec![
