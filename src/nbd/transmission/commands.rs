@@ -135,7 +135,7 @@ impl Shared<'_> {
             }
             None => {}
         }
-        crate::metrics::nbd_request(command_name(r.kind), started.elapsed(), failed);
+        crate::metrics::nbd_request(command_name(r.kind), started, failed);
         if r.kind != CMD_FLUSH && r.flags & CMD_FLAG_FUA == 0 {
             // What a page-cache hit costs, with room: anything slower waited for something.
             let bytes = match r.kind {
