@@ -125,37 +125,6 @@ fn set_access(path: &Path, access: super::SocketAccess) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))
 }
 
-/// The id of group `name` (a name from the group database, or a number).
-pub fn group_id(name: &str) -> io::Result<u32> {
-    if let Ok(gid) = name.parse::<u32>() {
-        return Ok(gid);
-    }
-    let not_found = || io::Error::new(io::ErrorKind::NotFound, format!("no group {name:?}"));
-    let c_name = std::ffi::CString::new(name).map_err(|_| not_found())?;
-    let mut buf = vec![0u8; 16 << 10];
-    // SAFETY: an all-zero `group` is a valid value of this plain C struct.
-    let mut group: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call: `c_name` is NUL-terminated, `group`
-    // and `result` are writable, `buf` is writable for `buf.len()` bytes.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            c_name.as_ptr(),
-            &mut group,
-            buf.as_mut_ptr().cast::<libc::c_char>(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    if result.is_null() {
-        return Err(not_found());
-    }
-    Ok(group.gr_gid)
-}
-
 /// A listening NBD socket.
 #[derive(Debug)]
 pub enum Listener {
@@ -290,13 +259,6 @@ pub fn poll_readable(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> 
 mod tests {
     use super::super::SocketAccess;
     use super::*;
-
-    #[test]
-    fn group_names_and_numbers() {
-        assert_eq!(group_id("root").unwrap(), 0);
-        assert_eq!(group_id("4242").unwrap(), 4242);
-        assert!(group_id("no-such-group-here").is_err());
-    }
 
     #[test]
     fn stale_socket_is_replaced_live_one_refused() {

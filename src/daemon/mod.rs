@@ -21,7 +21,8 @@ pub mod control;
 mod listen;
 pub mod notify;
 
-pub use listen::{Probe, group_id, probe};
+pub use crate::io::users::group_id;
+pub use listen::{Probe, probe};
 
 use crate::registry::Registry;
 use listen::{Listener, Socket, SocketFile};

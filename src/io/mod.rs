@@ -10,6 +10,7 @@ pub mod fs;
 mod map;
 mod mem;
 pub mod sim;
+pub mod users;
 
 pub use counting::{CountingDisk, IoCounts};
 pub use file::FileDisk;

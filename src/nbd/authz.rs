@@ -234,7 +234,7 @@ impl Authz {
                 ids.push(Identity::Uid(uid));
             }
             if let Some(user) = raw.user {
-                let uid = user_id(&user)
+                let uid = crate::io::users::user_id(&user)
                     .map_err(|e| format!("[[allow]] entry {n}: user {user:?}: {e}"))?;
                 ids.push(Identity::Uid(uid));
             }
@@ -242,7 +242,7 @@ impl Authz {
                 ids.push(Identity::Gid(gid));
             }
             if let Some(group) = raw.group {
-                let gid = crate::daemon::group_id(&group)
+                let gid = crate::io::users::group_id(&group)
                     .map_err(|e| format!("[[allow]] entry {n}: group {group:?}: {e}"))?;
                 ids.push(Identity::Gid(gid));
             }
@@ -295,37 +295,6 @@ impl Authz {
         }
         best
     }
-}
-
-/// The uid of user `name` (a name from the password database, or a number).
-fn user_id(name: &str) -> io::Result<u32> {
-    if let Ok(uid) = name.parse::<u32>() {
-        return Ok(uid);
-    }
-    let not_found = || io::Error::new(io::ErrorKind::NotFound, "no such user");
-    let c_name = std::ffi::CString::new(name).map_err(|_| not_found())?;
-    let mut buf = vec![0u8; 16 << 10];
-    // SAFETY: an all-zero `passwd` is a valid value of this plain C struct.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call: `c_name` is NUL-terminated, `pw` and
-    // `result` are writable, `buf` is writable for `buf.len()` bytes.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            c_name.as_ptr(),
-            &mut pw,
-            buf.as_mut_ptr().cast::<libc::c_char>(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    if result.is_null() {
-        return Err(not_found());
-    }
-    Ok(pw.pw_uid)
 }
 
 #[cfg(test)]
