@@ -107,8 +107,6 @@ pub struct VolumeStats {
     pub preserved_chunk_count: u64,
     pub chunk_size_bytes: u64,
     pub journal_bytes: u64,
-    /// Bytes clients read from the live volume since it was opened.
-    pub client_bytes_read: u64,
     /// Group commits since the volume was opened, and the time they took.
     pub group_commit_count: u64,
     pub group_commit_ns: u64,
@@ -292,8 +290,6 @@ pub struct Volume {
     /// Group commits since the volume was opened, and their time (for metrics).
     group_commit_count: AtomicU64,
     group_commit_ns: AtomicU64,
-    /// Bytes read from the live volume since it was opened (for metrics).
-    client_bytes_read: AtomicU64,
     group_commit_buckets: [AtomicU64; GROUP_COMMIT_BUCKETS_US.len() + 1],
     /// The restore running or paused: chunks to go over in all (0: none) and done.
     restore_chunk_count_total: AtomicU64,
@@ -365,7 +361,6 @@ impl Volume {
             preserved_chunk_count,
             chunk_size_bytes: self.chunk_bytes(),
             journal_bytes: self.journal.lock().journal.size_bytes(),
-            client_bytes_read: self.client_bytes_read.load(Ordering::Relaxed),
             group_commit_count: self.group_commit_count.load(Ordering::Relaxed),
             group_commit_ns: self.group_commit_ns.load(Ordering::Relaxed),
             group_commit_bucket_counts: std::array::from_fn(|i| {
@@ -446,8 +441,6 @@ impl Volume {
         self.ensure_ok()?;
         self.check_range(offset, buf.len() as u64)?;
         self.read_ahead_if_streaming(offset, buf.len() as u64);
-        self.client_bytes_read
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.deferred
             .read_with(self.chunk_bytes(), offset, buf, |b| {
                 self.origin.read_at(b, offset)
@@ -478,12 +471,7 @@ impl Volume {
             return false;
         }
         self.read_ahead_if_streaming(offset, len as u64);
-        let sent = self.origin.raw_at(offset, len, f);
-        if sent {
-            self.client_bytes_read
-                .fetch_add(len as u64, Ordering::Relaxed);
-        }
-        sent
+        self.origin.raw_at(offset, len, f)
     }
 
     /// Asks for the origin's next bytes ahead when `[offset, offset + length)` continues a

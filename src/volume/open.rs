@@ -566,7 +566,6 @@ impl Volume {
             counters,
             group_commit_count: AtomicU64::new(0),
             group_commit_ns: AtomicU64::new(0),
-            client_bytes_read: AtomicU64::new(0),
             group_commit_buckets: Default::default(),
             restore_chunk_count_total: AtomicU64::new(0),
             restore_chunk_count_done: AtomicU64::new(0),

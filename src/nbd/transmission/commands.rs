@@ -113,6 +113,9 @@ impl Shared<'_> {
                 if r.length <= INLINE_BYTES_MAX || out.len() != 0 || !self.read_raw(r) {
                     self.read(r, out);
                 }
+                if let Some(c) = &self.read_bytes {
+                    c.inc_by(r.length);
+                }
                 None
             }
             CMD_BLOCK_STATUS => {

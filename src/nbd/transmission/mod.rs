@@ -201,6 +201,8 @@ struct Job {
 /// One connection's transmission state, shared by the reader and the workers.
 struct Shared<'a> {
     export: Export,
+    /// Where READ bytes of a live export are counted (metrics on only).
+    read_bytes: Option<prometheus_client::metrics::counter::Counter>,
     mode: Mode,
     contexts: Vec<(u32, Context)>,
     payload_max: u32,
@@ -237,7 +239,12 @@ pub fn serve(
     let stop = export.stop.clone();
     let payload_max = config.payload_max();
     let workers_max = config.inflight_requests_max.clamp(1, 1024);
+    let read_bytes = match export.snapshot_id {
+        None => crate::metrics::volume_read_counter(export.volume.name()),
+        Some(_) => None,
+    };
     let shared = Shared {
+        read_bytes,
         export,
         mode,
         contexts,
