@@ -418,6 +418,12 @@ impl Volume {
         }
     }
 
+    /// An out-of-space error (ENOSPC) about `context`: what the engine returns when it
+    /// refuses or defers work for lack of space itself.
+    fn no_space(&self, context: String) -> Error {
+        self.io_err(|| context)(std::io::Error::from_raw_os_error(libc::ENOSPC))
+    }
+
     /// Checks `offset + length <= size` without overflow.
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
         match offset.checked_add(length) {
@@ -587,11 +593,9 @@ impl Volume {
                     .size_bytes()
                     .saturating_add(CHECKPOINT_RETRY_STEP_BYTES);
                 tracing::warn!(volume = %self.config.name, error = %e, "no space for the metadata checkpoint; the journal keeps every change and the checkpoint is tried again later");
-                return Err(Error::Io {
-                    volume: self.config.name.clone(),
-                    context: "metadata checkpoint to meta.redb (tried again later)".into(),
-                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-                });
+                return Err(
+                    self.no_space("metadata checkpoint to meta.redb (tried again later)".into())
+                );
             }
             return Err(self.fail(format!("metadata checkpoint to meta.redb failed: {e}")));
         }

@@ -822,14 +822,10 @@ impl Volume {
         // ENOSPC and the slot goes back (a later copy tries it again, once there may be
         // space).
         self.stores.release(entry.store_index, entry.slot_index);
-        Err(Error::Io {
-            volume: self.config.name.clone(),
-            context: format!(
-                "copying chunk {chunk_index} into store {} slot {}",
-                entry.store_index, entry.slot_index
-            ),
-            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-        })
+        Err(self.no_space(format!(
+            "copying chunk {chunk_index} into store {} slot {}",
+            entry.store_index, entry.slot_index
+        )))
     }
 
     /// Reads a chunk from the origin into `buf`, made exactly one slot long: the chunk's
@@ -1280,14 +1276,10 @@ impl Volume {
         if undrained.is_empty() {
             return Ok(());
         }
-        Err(Error::Io {
-            volume: self.config.name.clone(),
-            context: format!(
+        Err(self.no_space(format!(
                 "writing data held for {} chunk(s) to the origin (acknowledged, kept in memory and written once there is space)",
                 undrained.len()
-            ),
-            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-        })
+            )))
     }
 
     /// Copies a queued chunk's old contents from the origin into its entry's slot. The
@@ -1298,14 +1290,10 @@ impl Volume {
         debug_assert!(self.deferred.contains(entry.chunk_index));
         self.read_old_chunk(entry.chunk_index, buf)?;
         if !self.write_copy(entry, buf)? {
-            return Err(Error::Io {
-                volume: self.config.name.clone(),
-                context: format!(
+            return Err(self.no_space(format!(
                     "copying chunk {} into store {} slot {} for a group commit (acknowledged writes to it are held and the copy is tried again)",
                     entry.chunk_index, entry.store_index, entry.slot_index
-                ),
-                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-            });
+                )));
         }
         Ok(())
     }
