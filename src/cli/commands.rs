@@ -401,8 +401,7 @@ fn with_restore_progress(
                 if let Some(p) = v.restore_progress() {
                     let shown = progress.get_or_insert_with(|| {
                         let total = p.chunk_count_total * p.chunk_size_bytes;
-                        let to = if show { Show::Stderr } else { Show::Log };
-                        Progress::new(total, to, &format!("restore {vol}"))
+                        Progress::new(total, Show::for_command(show), &format!("restore {vol}"))
                     });
                     shown.set(p.chunk_count_done * p.chunk_size_bytes);
                 }

@@ -28,6 +28,17 @@ pub enum Show {
     Log,
 }
 
+impl Show {
+    /// `Ctx::progress`: true for a command run in this process, false inside the daemon.
+    pub fn for_command(in_this_process: bool) -> Show {
+        if in_this_process {
+            Show::Stderr
+        } else {
+            Show::Log
+        }
+    }
+}
+
 enum Sink {
     Bar(ProgressBar),
     Lines {

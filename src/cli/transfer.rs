@@ -36,13 +36,6 @@ impl How<'_> {
     }
 }
 
-/// Progress of a transfer: on this process's stderr, or (`show` false: inside the daemon)
-/// in its log.
-fn progress_bar(total: u64, show: bool, what: &str) -> Progress {
-    let to = if show { Show::Stderr } else { Show::Log };
-    Progress::new(total, to, what)
-}
-
 /// Size of an open regular file or block device.
 fn file_len(file: &mut File) -> std::io::Result<u64> {
     let len = file.seek(SeekFrom::End(0))?;
@@ -114,7 +107,11 @@ pub fn import(vol: &Volume, file: &Path, how: &How) -> Result<u64> {
             vol.name()
         );
     }
-    let bar = progress_bar(len, how.progress, &format!("import {}", vol.name()));
+    let bar = Progress::new(
+        len,
+        Show::for_command(how.progress),
+        &format!("import {}", vol.name()),
+    );
     let mut buf = vec![0u8; BLOCK_BYTES];
     let mut offset = 0u64;
     while offset < len {
@@ -206,7 +203,7 @@ pub fn export(
         Some(s) => format!("export {}@{s}", vol.name()),
         None => format!("export {}", vol.name()),
     };
-    let bar = progress_bar(size, how.progress, &label);
+    let bar = Progress::new(size, Show::for_command(how.progress), &label);
     let mut buf = vec![0u8; BLOCK_BYTES];
     let mut offset = 0u64;
     while offset < size {
