@@ -515,6 +515,12 @@ fn request(s: &mut dyn Stream, kind: u16, offset: u64, len: u32, payload: &[u8])
     error
 }
 
+/// A client config presenting a certificate for "alice" signed by the test CA.
+fn alice_config(pki: &Pki) -> Arc<rustls::ClientConfig> {
+    let (acert, akey) = pki.ca.leaf("alice", &[], false, false);
+    client_config(&pki.ca.pem, Some((&acert, &akey)))
+}
+
 fn client_config(ca_pem: &str, cert: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -922,8 +928,7 @@ fn option_phase_rules_under_require() {
         sb: _sb,
     } = setup(&[]);
     let addr = daemon.addr();
-    let (acert, akey) = pki.ca.leaf("alice", &[], false, false);
-    let config = client_config(&pki.ca.pem, Some((&acert, &akey)));
+    let config = alice_config(&pki);
 
     // Before TLS: everything but STARTTLS and ABORT is refused with TLS_REQD ...
     let mut s = greet(&addr);
@@ -1003,8 +1008,7 @@ fn plaintext_after_starttls_is_never_parsed() {
 fn bad_tls_records_and_cut_connections_end_cleanly() {
     let Setup { pki, daemon, sb } = setup(&[]);
     let addr = daemon.addr();
-    let (acert, akey) = pki.ca.leaf("alice", &[], false, false);
-    let config = client_config(&pki.ca.pem, Some((&acert, &akey)));
+    let config = alice_config(&pki);
 
     // A record longer than TLS allows, after the handshake (in the option phase and in
     // the transmission phase).
@@ -1161,8 +1165,7 @@ fn unix_socket_clients_are_known_by_uid_and_group() {
 fn restore_force_and_sigterm_end_tls_connections() {
     let Setup { pki, daemon, sb } = setup(&[]);
     let addr = daemon.addr();
-    let (acert, akey) = pki.ca.leaf("alice", &[], false, false);
-    let config = client_config(&pki.ca.pem, Some((&acert, &akey)));
+    let config = alice_config(&pki);
     // A writer over TLS holds restore off until --force kicks it (through the socket
     // pair's end; the pump then closes the TLS session).
     let mut t = starttls(greet(&addr), config.clone());
