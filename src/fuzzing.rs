@@ -747,14 +747,20 @@ fn nbd_instance() -> (Instance, Arc<Registry>) {
 pub fn nbd_handshake(data: &[u8]) {
     let (inst, registry) = nbd_instance();
     let (result, out) = serve(&registry, data);
-    let mut w = Wire::new(data, &out);
+    let w = Wire::new(data, &out);
+    check_session(w, &out);
+    let _ = result;
+    after_connection(&inst, registry);
+}
+
+/// Checks the handshake the server sent and, if it reached transmission, the replies to
+/// the requests the client sent.
+fn check_session(mut w: Wire<'_>, out: &[u8]) {
     w.check_handshake();
     if let Some(mode) = w.mode {
         let requests = w.client_requests(mode);
         check_replies(&out[w.o..], mode, &requests, None);
     }
-    let _ = result;
-    after_connection(&inst, registry);
 }
 
 /// A self-signed test certificate (P-256, valid until 9966) for `nbd_starttls`.
@@ -816,11 +822,7 @@ pub fn nbd_starttls(data: &[u8]) {
     let (result, out) = serve_with(&registry, input, nbd_config_tls(mode));
     let mut w = Wire::new(input, &out);
     w.tls = Some(mode == TlsMode::Require);
-    w.check_handshake();
-    if let Some(mode) = w.mode {
-        let requests = w.client_requests(mode);
-        check_replies(&out[w.o..], mode, &requests, None);
-    }
+    check_session(w, &out);
     let _ = result;
     after_connection(&inst, registry);
 }
