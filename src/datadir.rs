@@ -29,6 +29,11 @@ pub const DEFAULT_DATA_DIR: &str = "snapvol-data";
 const VOLUMES_DIR: &str = "volumes";
 /// A volume directory is complete once it holds this file.
 const CONFIG_FILE: &str = "volume.toml";
+/// Present while a volume is incomplete (see [`DataDir::create_incomplete_volume`]).
+pub const INCOMPLETE_FILE: &str = "incomplete";
+/// The work record of what completes an incomplete volume.
+const INCOMPLETE_WORK_FILE: &str = "incomplete.work";
+const INCOMPLETE_MARKER_BYTES_MAX: u64 = 64 << 10;
 
 #[derive(Debug, Clone)]
 pub struct DataDir {
@@ -100,6 +105,29 @@ impl DataDir {
     /// Creates a volume. `volume.toml` is written last: a directory without it is what a
     /// cut-off create (or a damaged volume) left behind; it is refused, never cleared.
     pub fn create_volume(&self, name: &str, opts: &CreateOptions) -> Result<()> {
+        self.create_volume_marked(name, opts, None)
+    }
+
+    /// Creates a volume that is incomplete until [`DataDir::finish_incomplete_volume`]:
+    /// `marker` (what is being put into it, e.g. which backup a restore copies) is written
+    /// into the volume's directory before `volume.toml`, so there is no moment at which the
+    /// volume exists and looks complete. Until the marker goes, [`DataDir::open_volume`]
+    /// refuses the volume and [`DataDir::list_volumes`] leaves it out.
+    pub fn create_incomplete_volume(
+        &self,
+        name: &str,
+        opts: &CreateOptions,
+        marker: &[u8],
+    ) -> Result<()> {
+        self.create_volume_marked(name, opts, Some(marker))
+    }
+
+    fn create_volume_marked(
+        &self,
+        name: &str,
+        opts: &CreateOptions,
+        marker: Option<&[u8]>,
+    ) -> Result<()> {
         validate_name("volume", name)?;
         let dir = self.volume_dir(name);
         if dir.join(CONFIG_FILE).exists() {
@@ -118,6 +146,15 @@ impl DataDir {
         }
         fs::create_private_dir_all(&dir)
             .map_err(path_err(format!("creating {}", dir.display())))?;
+        if let Some(marker) = marker
+            && let Err(source) = fs::write_file_atomic(&dir.join(INCOMPLETE_FILE), marker)
+        {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(Error::Path {
+                context: format!("writing {}", dir.join(INCOMPLETE_FILE).display()),
+                source,
+            });
+        }
         if let Err(e) = crate::volume::create_volume_files(&dir, &config, self.disk.as_ref()) {
             crate::volume::remove_volume_files(&dir, &config, self.disk.as_ref());
             let _ = fs::remove_dir_all(&dir);
@@ -242,15 +279,24 @@ impl DataDir {
         Ok(names
             .into_iter()
             .filter(|n| {
-                validate_name("volume", n).is_ok() && dir.join(n).join(CONFIG_FILE).exists()
+                validate_name("volume", n).is_ok()
+                    && dir.join(n).join(CONFIG_FILE).exists()
+                    && !dir.join(n).join(INCOMPLETE_FILE).exists()
             })
             .collect())
     }
 
     pub fn open_volume(&self, name: &str) -> Result<Volume> {
         let dir = self.existing_volume_dir(name)?;
+        if dir.join(INCOMPLETE_FILE).exists() {
+            return Err(Error::Incomplete(name.to_string()));
+        }
+        self.open_volume_in(&dir, name)
+    }
+
+    fn open_volume_in(&self, dir: &Path, name: &str) -> Result<Volume> {
         Volume::open(
-            &dir,
+            dir,
             name,
             self.disk.as_ref(),
             self.open_config,
@@ -259,12 +305,59 @@ impl DataDir {
         )
     }
 
+    /// Opens a volume made by [`DataDir::create_incomplete_volume`] that is still
+    /// incomplete, with its marker's bytes; `Ok(None)` when the volume is complete.
+    pub fn open_incomplete_volume(&self, name: &str) -> Result<Option<(Volume, Vec<u8>)>> {
+        let dir = self.existing_volume_dir(name)?;
+        let marker =
+            match fs::read_small_file(&dir.join(INCOMPLETE_FILE), INCOMPLETE_MARKER_BYTES_MAX) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(source) => {
+                    return Err(Error::Path {
+                        context: format!("reading {}", dir.join(INCOMPLETE_FILE).display()),
+                        source,
+                    });
+                }
+            };
+        Ok(Some((self.open_volume_in(&dir, name)?, marker)))
+    }
+
+    /// A file in an incomplete volume's directory for the work that completes it (e.g. a
+    /// restore's record of what it copied); removed with the marker.
+    pub fn incomplete_work_file(&self, name: &str) -> PathBuf {
+        self.volume_dir(name).join(INCOMPLETE_WORK_FILE)
+    }
+
+    /// Makes an incomplete volume complete: the work file and then the marker go, durably.
+    /// The volume must be closed (its data flushed) first.
+    pub fn finish_incomplete_volume(&self, name: &str) -> Result<()> {
+        let dir = self.existing_volume_dir(name)?;
+        for f in [INCOMPLETE_WORK_FILE, INCOMPLETE_FILE] {
+            match fs::remove_file(&dir.join(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Path {
+                        context: format!("removing {}", dir.join(f).display()),
+                        source,
+                    });
+                }
+            }
+        }
+        fs::sync_dir(&dir).map_err(|source| Error::Path {
+            context: format!("syncing {}", dir.display()),
+            source,
+        })
+    }
+
     /// Deletes the volume's directory and the files snapvol created; an adopted origin and
     /// block-device stores are left in place.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let dir = self.existing_volume_dir(name)?;
-        // Open (recover, checkpoint) and keep holding the lock while files go away.
-        let volume = self.open_volume(name)?;
+        // Open (recover, checkpoint) and keep holding the lock while files go away. An
+        // incomplete volume (an interrupted restore) may be deleted too.
+        let volume = self.open_volume_in(&dir, name)?;
         let config = volume.config().clone();
         let _lock = volume.close_keeping_lock()?;
         // volume.toml first: a delete cut short leaves a directory that is no volume.

@@ -21,6 +21,11 @@ pub enum Error {
     NoSuchVolume(String),
     #[error("volume {0:?} already exists")]
     VolumeExists(String),
+    #[error(
+        "volume {0:?} is incomplete: a backup restore into it was interrupted; run the same \
+         `snapvol backup restore` again to finish it, or `snapvol volume delete {0}`"
+    )]
+    Incomplete(String),
     #[error("snapshot {volume}@{snapshot} does not exist")]
     NoSuchSnapshot { volume: String, snapshot: String },
     #[error("snapshot {volume}@{snapshot} already exists")]

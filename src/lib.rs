@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` for the map of this crate.
 
+pub mod backup;
 pub mod daemon;
 pub mod datadir;
 pub mod error;

@@ -127,6 +127,117 @@ pub enum Command {
     /// or SIGTERM stops it: no new connections, clients finish their requests (at most
     /// 30 s), every volume is flushed and closed, exit 0.
     Serve(ServeArgs),
+    /// Back snapshots up to an S3-compatible object store or a directory, and restore them.
+    ///
+    /// REPO is s3://BUCKET/PREFIX (endpoint and keys from AWS_ENDPOINT_URL,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP) or
+    /// file:///PATH. A snapshot is stored as content-addressed objects of 4 MiB of the
+    /// volume (zstd-compressed) and one manifest, written last. See docs/BACKUP-FORMAT.md.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+}
+
+/// Options every `backup` command takes.
+#[derive(Debug, Clone, Args)]
+pub struct BackupOptions {
+    /// Parallel requests to the repository (1-64).
+    #[arg(long, value_name = "N", default_value_t = snapvol::backup::JOBS_DEFAULT)]
+    pub jobs: usize,
+    /// The repository's encryption key: a file of 32 to 4096 bytes (e.g. `head -c 32
+    /// /dev/urandom > KEY`). The first push into an empty repository with it makes the
+    /// repository encrypted (XChaCha20-Poly1305); after that every command needs it.
+    #[arg(long, value_name = "FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Upload a snapshot. Incremental by itself: against the newest snapshot of the volume
+    /// already in REPO that still exists here (only chunks the mapping table says changed
+    /// are read); otherwise objects REPO holds already are not sent again.
+    ///
+    /// --json prints {"bytes_uploaded", "objects_uploaded", "bytes_total", "seconds",
+    /// "base", ...}. Interrupted, run it again: it re-sends at most --jobs objects.
+    Push {
+        #[arg(value_name = "VOL@SNAP")]
+        target: String,
+        #[arg(value_name = "REPO")]
+        repo: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        opts: BackupOptions,
+    },
+    /// List the snapshots in a repository.
+    ///
+    /// --json prints {"backups":[{"volume", "snapshot", "size", "created", "pushed",
+    /// "base", "objects", "manifest"},...]} (times in ns since the Unix epoch).
+    List {
+        #[arg(value_name = "REPO")]
+        repo: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        opts: BackupOptions,
+    },
+    /// Make a new local volume with a backed-up snapshot's contents.
+    ///
+    /// Every object is checked against its digest before it is written. Until the restore
+    /// finishes, NEWVOL cannot be opened or served; interrupted, run the same command again
+    /// to go on from where it stopped (or `volume delete NEWVOL`).
+    Restore {
+        #[arg(value_name = "REPO")]
+        repo: String,
+        #[arg(value_name = "VOL@SNAP")]
+        target: String,
+        #[arg(value_name = "NEWVOL")]
+        new_volume: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        opts: BackupOptions,
+    },
+    /// Check a repository: every manifest, and that every object they name is present.
+    ///
+    /// With --read-data every object is read and checked against its digest
+    /// (--read-data-subset PCT: about PCT percent of them). Prints each problem (a damaged
+    /// or missing object is named, with a backup that needs it) and exits 1 if any.
+    Verify {
+        #[arg(value_name = "REPO")]
+        repo: String,
+        #[arg(long, conflicts_with = "read_data_subset")]
+        read_data: bool,
+        #[arg(long, value_name = "PCT")]
+        read_data_subset: Option<f64>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        opts: BackupOptions,
+    },
+    /// Drop a snapshot's backup (its manifest). Its objects go at the next `gc`.
+    Forget {
+        #[arg(value_name = "REPO")]
+        repo: String,
+        #[arg(value_name = "VOL@SNAP")]
+        target: String,
+        #[command(flatten)]
+        opts: BackupOptions,
+    },
+    /// Delete the objects no backup needs, in batched deletes.
+    ///
+    /// Objects younger than --grace are kept: a push still running may need them. Never
+    /// run it with a grace shorter than the longest push.
+    Gc {
+        #[arg(value_name = "REPO")]
+        repo: String,
+        /// e.g. 30m, 24h, 7d; a plain number is seconds.
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        grace: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        opts: BackupOptions,
+    },
 }
 
 #[derive(Debug, Args)]

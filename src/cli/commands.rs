@@ -55,15 +55,17 @@ pub struct Ctx<'a> {
     pub cwd: Option<&'a Path>,
     /// Once set, long commands (import, export) stop early: the daemon is shutting down.
     pub cancel: Option<&'a AtomicBool>,
+    /// The client's `AWS_*` settings (see `control::Request::env`).
+    pub env: Vec<(String, String)>,
 }
 
 impl<'a> Ctx<'a> {
-    fn data_dir(&self) -> &DataDir {
+    pub(super) fn data_dir(&self) -> &DataDir {
         self.volumes.data_dir()
     }
 
     /// `path` as this process must open it.
-    fn resolve(&self, path: &Path) -> PathBuf {
+    pub(super) fn resolve(&self, path: &Path) -> PathBuf {
         match self.cwd {
             Some(cwd) => cwd.join(path),
             None => path.to_path_buf(),
@@ -76,7 +78,7 @@ impl<'a> Ctx<'a> {
             .with_context(|| format!("cannot resolve {}", path.display()))
     }
 
-    fn cancelled(&self) -> impl Fn() -> bool + 'a {
+    pub(super) fn cancelled(&self) -> impl Fn() -> bool + 'a {
         let cancel = self.cancel;
         move || cancel.is_some_and(|c| c.load(Ordering::Relaxed))
     }
@@ -96,7 +98,7 @@ pub struct CreateArgs {
 
 /// Runs `work` on volume `name`. In direct mode the volume is opened for it and closed
 /// again whatever `work` returned; in daemon mode it stays open in the registry.
-fn with_volume<T>(
+pub(super) fn with_volume<T>(
     volumes: Volumes,
     name: &str,
     work: impl FnOnce(&Volume) -> Result<T>,
@@ -143,7 +145,7 @@ fn size_arg(flag: &str, text: &str) -> Result<u64> {
     Ok(size)
 }
 
-fn json_line(out: &mut dyn Write, value: &impl Serialize) -> Result<()> {
+pub(super) fn json_line(out: &mut dyn Write, value: &impl Serialize) -> Result<()> {
     serde_json::to_writer_pretty(&mut *out, value)?;
     writeln!(out)?;
     Ok(())

@@ -9,6 +9,7 @@
 //! through the control socket ([`remote`]) and runs there, in daemon mode ([`serve`]).
 
 mod args;
+mod backup;
 mod commands;
 mod config;
 mod format;
@@ -84,6 +85,17 @@ pub fn main() -> ExitCode {
     let log_early = cli.verbose > 0 || std::env::var_os("RUST_LOG").is_some();
     if log_early {
         init_tracing(cli.verbose, false);
+    }
+    if let Command::Backup(b) = &cli.command
+        && backup::repository_only(b)
+    {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        let result = backup::run_here(b, &mut out);
+        let flushed = out.flush();
+        return exit_code(
+            result.and_then(|()| flushed.map_err(|e| anyhow::anyhow!("writing output: {e}"))),
+        );
     }
     match remote::forward(&cli.data_dir) {
         Ok(Some(code)) => return code,
@@ -178,7 +190,11 @@ pub fn single_line(text: &str) -> String {
 fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     use anyhow::Context;
     // Only a command that creates a volume may create the data directory.
-    let creates = matches!(&cli.command, Command::Volume(VolumeCommand::Create(_)));
+    let creates = matches!(
+        &cli.command,
+        Command::Volume(VolumeCommand::Create(_))
+            | Command::Backup(args::BackupCommand::Restore { .. })
+    );
     let data_dir = if creates {
         DataDir::open(&cli.data_dir)
     } else {
@@ -191,6 +207,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         progress: true,
         cwd: None,
         cancel: None,
+        env: snapvol::daemon::control::forwarded_env(),
     };
     execute(&cli.command, &mut ctx)
 }
@@ -230,6 +247,7 @@ fn execute(command: &Command, ctx: &mut Ctx) -> anyhow::Result<()> {
             force,
         } => commands::export(ctx, target, file, *force),
         Command::Check { volume } => commands::check(ctx, volume.as_deref()),
+        Command::Backup(cmd) => backup::execute(cmd, ctx),
         Command::Serve(_) => anyhow::bail!("serve cannot run inside a daemon"),
     }
 }

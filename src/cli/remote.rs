@@ -49,7 +49,11 @@ pub fn forward(data_dir: &Path) -> Result<Option<ExitCode>> {
         })
         .collect::<Result<Vec<String>>>()?;
     let cwd = std::env::current_dir().context("cannot determine the current directory")?;
-    let request = Request { argv, cwd };
+    let request = Request {
+        argv,
+        cwd,
+        env: control::forwarded_env(),
+    };
     let reply = control::call(stream, &request).with_context(|| {
         format!(
             "running the command in the daemon serving {}",

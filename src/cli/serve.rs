@@ -192,6 +192,7 @@ fn run_request(request: Request, registry: &Arc<Registry>, cancel: &AtomicBool) 
             progress: false,
             cwd: Some(&request.cwd),
             cancel: Some(cancel),
+            env: request.env.clone(),
         };
         super::execute(&cli.command, &mut ctx)
     };

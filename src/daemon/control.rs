@@ -40,6 +40,17 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 pub struct Request {
     pub argv: Vec<String>,
     pub cwd: PathBuf,
+    /// The client's settings for the commands that reach outside the machine (`backup`:
+    /// `AWS_*`), which the daemon's own environment must not stand in for.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+/// The client environment variables a forwarded command carries ([`Request::env`]).
+pub fn forwarded_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +232,7 @@ mod tests {
         let want = Request {
             argv: vec!["volume".into(), "list".into()],
             cwd: "/tmp".into(),
+            env: Vec::new(),
         };
         let line = br#"{"argv":["volume","list"],"cwd":"/tmp"}"#;
         assert_eq!(roundtrip(line).unwrap(), Some(want.clone()));
@@ -284,6 +296,7 @@ mod tests {
         let request = Request {
             argv: vec!["x".repeat(REFUSED_DRAIN_BYTES_MAX)],
             cwd: "/".into(),
+            env: Vec::new(),
         };
         let reply = call(a, &request).unwrap();
         assert_eq!(reply.exit, 1);
@@ -308,6 +321,7 @@ mod tests {
             &Request {
                 argv: vec!["a".into(), "b".into()],
                 cwd: "/".into(),
+                env: Vec::new(),
             },
         )
         .unwrap();

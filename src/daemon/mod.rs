@@ -838,6 +838,7 @@ mod tests {
         let request = control::Request {
             argv: vec!["volume".into(), "list".into()],
             cwd: "/somewhere".into(),
+            env: Vec::new(),
         };
         let stream = UnixStream::connect(&control_path).unwrap();
         let reply = control::call(stream, &request).unwrap();

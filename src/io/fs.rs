@@ -219,3 +219,47 @@ pub fn try_lock(path: &Path) -> io::Result<Option<File>> {
         Err(fs::TryLockError::Error(e)) => Err(e),
     }
 }
+
+/// An append-only file of fixed-size records, made durable on [`AppendLog::sync`]: the
+/// record of finished work that a re-run skips (a backup push's uploaded objects, a
+/// restore's copied ones). A torn last record (a crash in an append) is ignored on read.
+pub struct AppendLog {
+    file: File,
+    record_bytes: usize,
+}
+
+impl AppendLog {
+    /// Opens (creating, mode 0600) the log at `path` and returns it with its whole records.
+    pub fn open(path: &Path, record_bytes: usize) -> io::Result<(AppendLog, Vec<Vec<u8>>)> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        assert!(record_bytes > 0);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let whole = bytes.len() / record_bytes * record_bytes;
+        if whole != bytes.len() {
+            file.set_len(whole as u64)?;
+        }
+        let records = bytes[..whole]
+            .chunks(record_bytes)
+            .map(<[u8]>::to_vec)
+            .collect();
+        Ok((AppendLog { file, record_bytes }, records))
+    }
+
+    pub fn append(&mut self, record: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        assert_eq!(record.len(), self.record_bytes);
+        self.file.write_all(record)
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}

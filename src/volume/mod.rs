@@ -321,6 +321,12 @@ impl Volume {
         self.config.chunk_size_bytes
     }
 
+    /// When the volume was created (`volume.toml`), nanoseconds since the Unix epoch: with
+    /// the name, what tells this volume from an earlier one of the same name.
+    pub fn created_unix_ns(&self) -> u64 {
+        self.config.created_unix_ns
+    }
+
     fn chunk_bytes(&self) -> u64 {
         self.config.chunk_size_bytes as u64
     }
