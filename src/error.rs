@@ -26,6 +26,12 @@ pub enum Error {
          `snapvol backup restore` again to finish it, or `snapvol volume delete {0}`"
     )]
     Incomplete(String),
+    #[error(
+        "volume {0:?} is being received: a `snapvol receive` into it was interrupted; \
+         `snapvol receive --token {0}` finishes a stream that had fully arrived or prints the \
+         token to resume it with, `snapvol receive --abort {0}` drops it"
+    )]
+    Receiving(String),
     #[error("snapshot {volume}@{snapshot} does not exist")]
     NoSuchSnapshot { volume: String, snapshot: String },
     #[error("snapshot {volume}@{snapshot} already exists")]
