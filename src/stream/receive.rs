@@ -417,9 +417,13 @@ pub fn receive(
 
 /// Where the checked records go.
 enum Sink<'a> {
-    /// A full stream: straight into the new (incomplete) volume. Zero ranges are skipped:
-    /// the volume was created all zeros, and no record of this stream (whose snapshot's
-    /// content never changes) ever wrote anything else there.
+    /// A full stream: straight into the new (incomplete) volume, compared against zeros
+    /// without reading it (`Volume::write_over_zeros`), and zero ranges skipped. Sound
+    /// because every byte of the volume is either still zero (as created) or what this
+    /// stream's snapshot holds there (an earlier, interrupted run of the same stream put
+    /// it; the snapshot, named by its identity, never changes; a run whose digest failed
+    /// dropped the whole volume): so where the stream says zeros, or the same bytes, there
+    /// is nothing to write.
     Volume(&'a Volume),
     /// An incremental stream: the spool.
     Spool(Spool),
@@ -522,7 +526,7 @@ fn take_records(
                         in_range(offset_bytes, len, cursor)?;
                         let whole = reader.record_bytes();
                         match sink {
-                            Sink::Volume(v) => v.write(
+                            Sink::Volume(v) => v.write_over_zeros(
                                 offset_bytes,
                                 &whole[DATA_AT..DATA_AT + length_bytes as usize],
                             )?,
