@@ -130,6 +130,10 @@ pub enum Command {
         /// Show progress on stderr.
         #[arg(long)]
         progress: bool,
+        /// Volume bytes between two checkpoints (default 64 MiB; at least 1 MiB). For
+        /// tests, which resume small streams.
+        #[arg(long, value_name = "BYTES", hide = true)]
+        checkpoint_bytes: Option<u64>,
     },
     /// Read a stream that `snapvol send` wrote (from stdin or -i FILE) into volume VOL.
     ///

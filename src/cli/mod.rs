@@ -114,6 +114,9 @@ pub fn main() -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = run(&cli, &mut out);
+    if result.is_err() {
+        sendrecv::remove_output_after_failure();
+    }
     // Output written before a failure (e.g. `check`'s findings) still goes out first.
     let flushed = out.flush();
     let result = result.and_then(|()| flushed.map_err(|e| anyhow::anyhow!("writing output: {e}")));
@@ -264,8 +267,16 @@ fn execute(command: &Command, ctx: &mut Ctx) -> anyhow::Result<()> {
             from,
             resume,
             progress,
+            checkpoint_bytes,
             ..
-        } => sendrecv::send(ctx, target, from.as_deref(), resume.as_deref(), *progress),
+        } => sendrecv::send(
+            ctx,
+            target,
+            from.as_deref(),
+            resume.as_deref(),
+            *progress,
+            *checkpoint_bytes,
+        ),
         Command::Receive {
             volume,
             token: true,

@@ -22,7 +22,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::OnceLock;
 
@@ -118,6 +118,17 @@ pub fn local_ends(cmd: &Command) -> Result<Ends<'static>> {
     }
 }
 
+/// The `-o FILE` this process created: removed again if the send fails (it would hold a
+/// stream cut short).
+static CREATED_OUTPUT: OnceLock<PathBuf> = OnceLock::new();
+
+/// Removes the `-o FILE` this process created, after a failed send.
+pub fn remove_output_after_failure() {
+    if let Some(p) = CREATED_OUTPUT.get() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// `-o FILE`: a new file, mode 0600.
 fn create_output(path: &Path) -> Result<File> {
     let f = OpenOptions::new()
@@ -135,6 +146,7 @@ fn create_output(path: &Path) -> Result<File> {
                 anyhow!("cannot create {}: {e}", path.display())
             }
         })?;
+    let _ = CREATED_OUTPUT.set(path.to_path_buf());
     snapvol::io::fs::make_private(&f)
         .with_context(|| format!("cannot create {}", path.display()))?;
     Ok(f)
@@ -207,6 +219,7 @@ pub fn send(
     from: Option<&str>,
     resume: Option<&str>,
     progress: bool,
+    checkpoint_bytes: Option<u64>,
 ) -> Result<()> {
     let (vol, snap) = snapshot_target(target)?;
     let base = match from {
@@ -247,15 +260,13 @@ pub fn send(
         cancelled: &cancelled,
     };
     let result = with_volume(volumes, &vol, |v| {
-        Ok(stream::send(
-            &dd,
-            v,
-            &snap,
-            base.as_deref(),
-            token.as_ref(),
-            &mut output,
-            &run,
-        )?)
+        let opts = stream::SendOptions {
+            from: base.as_deref(),
+            resume: token.as_ref(),
+            checkpoint_interval_bytes: checkpoint_bytes
+                .unwrap_or(stream::send::CHECKPOINT_INTERVAL_BYTES),
+        };
+        Ok(stream::send(&dd, v, &snap, opts, &mut output, &run)?)
     });
     shown.finish();
     let sent = result.with_context(|| format!("send {target}"))?;
@@ -330,8 +341,12 @@ pub fn forward(data_dir: &Path, cmd: &Command) -> Result<Option<ExitCode>> {
     };
     let mut request = super::remote::request(data_dir)?;
     request.stream = true;
-    relay(stream, &request, input, output, &progress_label)
-        .map(Some)
+    let relayed = relay(stream, &request, input, output, &progress_label);
+    if !matches!(relayed, Ok(0)) {
+        remove_output_after_failure();
+    }
+    relayed
+        .map(|exit| Some(ExitCode::from(exit)))
         .with_context(|| {
             format!(
                 "running the command in the daemon serving {}",
@@ -347,7 +362,7 @@ fn relay(
     input: Option<Box<dyn Read + Send>>,
     mut output: Option<Box<dyn Write + Send>>,
     progress_label: &str,
-) -> Result<ExitCode> {
+) -> Result<u8> {
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line)?;
@@ -408,7 +423,7 @@ fn relay(
                 let _ = std::io::stdout().write_all(reply.stdout.as_bytes());
                 let _ = std::io::stdout().flush();
                 let _ = std::io::stderr().write_all(reply.stderr.as_bytes());
-                return Ok(ExitCode::from(reply.exit.clamp(0, 255) as u8));
+                return Ok(reply.exit.clamp(0, 255) as u8);
             }
             Some(k) => bail!("the daemon sent an unknown frame (kind {k})"),
             None => bail!("the daemon closed the connection without replying (is it shutting down?)"),

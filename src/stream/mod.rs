@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 pub use format::{Guid, Token};
 pub use receive::{Received, receive, resume_token};
-pub use send::{Sent, send};
+pub use send::{SendOptions, Sent, send};
 
 /// The file in the data directory holding the sender's key for checkpoint tags.
 pub const SEND_KEY_FILE: &str = "send.key";

@@ -283,9 +283,12 @@ pub fn receive(
         }
     };
     let begin_record = reader.record_bytes().to_vec();
-    let (resume, first) = match reader.next()? {
-        Some(Record::Resume(p)) => (Some(p), None),
-        other => (None, other),
+    // A damaged second record is reported once the receive is set up (so that it can be
+    // resumed from its start).
+    let (resume, first) = match reader.next() {
+        Ok(Some(Record::Resume(p))) => (Some(p), None),
+        Ok(other) => (None, other.map(Ok)),
+        Err(e) => (None, Some(Err(e))),
     };
 
     let pending = if dir.is_dir() {
@@ -455,7 +458,7 @@ fn take_records(
     begin_record: &[u8],
     state: &mut State,
     resume: Option<Position>,
-    mut first: Option<Record>,
+    mut first: Option<Result<Record>>,
     reader: &mut RecordReader<&mut dyn Read>,
     sink: &mut Sink,
     run: &Run,
@@ -485,7 +488,7 @@ fn take_records(
             loop {
                 run.check_cancelled()?;
                 let rec = match first.take() {
-                    Some(r) => r,
+                    Some(r) => r?,
                     None => match reader.next()? {
                         Some(r) => r,
                         None => {
@@ -622,7 +625,7 @@ fn receive_full(
     begin_record: &[u8],
     mut state: State,
     resume: Option<Position>,
-    first: Option<Record>,
+    first: Option<Result<Record>>,
     reader: &mut RecordReader<&mut dyn Read>,
     run: &Run,
 ) -> Result<u64> {
@@ -772,7 +775,7 @@ fn receive_incremental(
     begin_record: &[u8],
     mut state: State,
     resume: Option<Position>,
-    first: Option<Record>,
+    first: Option<Result<Record>>,
     reader: &mut RecordReader<&mut dyn Read>,
     run: &Run,
 ) -> Result<u64> {

@@ -54,17 +54,44 @@ fn find(vol: &Volume, name: &str) -> Result<SnapshotEntry> {
         })
 }
 
+/// What to send besides the snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct SendOptions<'a> {
+    /// The base snapshot (same volume) of an incremental stream.
+    pub from: Option<&'a str>,
+    /// Go on from the checkpoint of this token.
+    pub resume: Option<&'a Token>,
+    /// Volume bytes covered between checkpoints ([`CHECKPOINT_INTERVAL_BYTES`]; tests use
+    /// less).
+    pub checkpoint_interval_bytes: u64,
+}
+
+impl Default for SendOptions<'_> {
+    fn default() -> Self {
+        SendOptions {
+            from: None,
+            resume: None,
+            checkpoint_interval_bytes: CHECKPOINT_INTERVAL_BYTES,
+        }
+    }
+}
+
 /// Writes the stream of `vol@snapshot` (incremental from `vol@from` if given) to `out`;
 /// with `resume`, only what follows the token's checkpoint.
 pub fn send(
     dd: &DataDir,
     vol: &Volume,
     snapshot: &str,
-    from: Option<&str>,
-    resume: Option<&Token>,
+    opts: SendOptions,
     out: &mut dyn Write,
     run: &Run,
 ) -> Result<Sent> {
+    let SendOptions {
+        from,
+        resume,
+        checkpoint_interval_bytes,
+    } = opts;
+    let checkpoint_interval_bytes = checkpoint_interval_bytes.max(DATA_BYTES_MAX as u64);
     let dir = dd.volume_path(vol.name())?;
     let received = provenance::load(&dir)?;
     let snap = find(vol, snapshot)?;
@@ -216,7 +243,7 @@ pub fn send(
             done += n as u64;
             since_checkpoint += n as u64;
             run.progress.update(done, covered_bytes);
-            if since_checkpoint >= CHECKPOINT_INTERVAL_BYTES {
+            if since_checkpoint >= checkpoint_interval_bytes {
                 w.flush_zeros()?;
                 let mut position = Position {
                     record_count: w.record_count,
