@@ -292,8 +292,9 @@ impl DataDir {
     pub fn open_volume(&self, name: &str) -> Result<Volume> {
         let dir = self.existing_volume_dir(name)?;
         if dir.join(INCOMPLETE_FILE).exists() {
-            let marker = fs::read_small_file(&dir.join(INCOMPLETE_FILE), INCOMPLETE_MARKER_BYTES_MAX)
-                .unwrap_or_default();
+            let marker =
+                fs::read_small_file(&dir.join(INCOMPLETE_FILE), INCOMPLETE_MARKER_BYTES_MAX)
+                    .unwrap_or_default();
             if marker.starts_with(RECEIVE_MARKER_PREFIX) {
                 return Err(Error::Receiving(name.to_string()));
             }

@@ -175,7 +175,11 @@ impl Env {
     fn export(&self, dd: &str, target: &str) -> Vec<u8> {
         let file = self.path(&format!("export-{}", unique()));
         let out = self.run(dd, &["export", target, file.to_str().expect("utf-8")]);
-        assert!(out.status.success(), "{}", describe(&["export", target], &out));
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&["export", target], &out)
+        );
         let bytes = std::fs::read(&file).expect("read export");
         std::fs::remove_file(&file).expect("remove export");
         bytes
@@ -298,7 +302,11 @@ fn full_then_incremental_through_a_pipe_give_identical_snapshots() {
     assert!(tags.contains(&format::TAG_ZEROS), "{tags:?}");
     // Only the changed chunks travel: far less than the volume.
     assert!(inc.len() < MIB, "incremental stream of {} bytes", inc.len());
-    env.pipe_ok(&["send", "v@s2", "--from", "v@s1"], &["receive", "v"], "v@s2");
+    env.pipe_ok(
+        &["send", "v@s2", "--from", "v@s1"],
+        &["receive", "v"],
+        "v@s2",
+    );
     env.assert_same("v@s2", "v@s2");
     env.assert_same("v@s1", "v@s1");
     assert_eq!(env.snapshots("b", "v"), ["s1", "s2"]);
@@ -309,7 +317,8 @@ fn full_then_incremental_through_a_pipe_give_identical_snapshots() {
     let file = env.path("empty.stream");
     std::fs::write(&file, &empty).unwrap();
     assert_eq!(
-        env.ok("b", &["receive", "v", "-i", file.to_str().unwrap()]).trim(),
+        env.ok("b", &["receive", "v", "-i", file.to_str().unwrap()])
+            .trim(),
         "v@s3"
     );
     env.assert_same("v@s3", "v@s3");
@@ -349,8 +358,16 @@ fn an_incremental_from_a_received_volume_goes_on_down_a_chain_and_back() {
     scribble(&mut data, 5, 4);
     env.fill("a", "v", &data);
     env.ok("a", &["snapshot", "create", "v@s2"]);
-    env.pipe_ok(&["send", "v@s2", "--from", "v@s1"], &["receive", "v"], "v@s2");
-    b_to_c(&["send", "v@s2", "--from", "v@s1"], &["receive", "w"], "w@s2");
+    env.pipe_ok(
+        &["send", "v@s2", "--from", "v@s1"],
+        &["receive", "v"],
+        "v@s2",
+    );
+    b_to_c(
+        &["send", "v@s2", "--from", "v@s1"],
+        &["receive", "w"],
+        "w@s2",
+    );
     let from_a = env.export("a", "v@s2");
     let file = env.path("c-export");
     let out = env.run("c", &["export", "w@s2", file.to_str().unwrap()]);
@@ -365,10 +382,18 @@ fn an_incremental_from_a_received_volume_goes_on_down_a_chain_and_back() {
     let back = env.path("back.stream");
     env.ok(
         "b",
-        &["send", "v@s3", "--from", "v@s2", "-o", back.to_str().unwrap()],
+        &[
+            "send",
+            "v@s3",
+            "--from",
+            "v@s2",
+            "-o",
+            back.to_str().unwrap(),
+        ],
     );
     assert_eq!(
-        env.ok("a", &["receive", "v", "-i", back.to_str().unwrap()]).trim(),
+        env.ok("a", &["receive", "v", "-i", back.to_str().unwrap()])
+            .trim(),
         "v@s3"
     );
     env.assert_same("v@s3", "v@s3");
@@ -387,14 +412,9 @@ fn a_damaged_stream_is_refused_and_nothing_is_published() {
 
     // A flipped byte in the begin record, in a data record's header and in its bytes, in
     // the end record: each fails a checksum.
-    for (i, flip_at) in [
-        12,
-        data_at + 9,
-        data_at + data_len / 2,
-        full.len() - 10,
-    ]
-    .into_iter()
-    .enumerate()
+    for (i, flip_at) in [12, data_at + 9, data_at + data_len / 2, full.len() - 10]
+        .into_iter()
+        .enumerate()
     {
         let mut bad = full.clone();
         bad[flip_at] ^= 0x40;
@@ -408,7 +428,11 @@ fn a_damaged_stream_is_refused_and_nothing_is_published() {
         };
         check_error(&["receive", &name], &out, needles);
         assert!(env.volumes("b").is_empty(), "{:?}", env.volumes("b"));
-        let needle = if i == 0 { "does not exist" } else { "is being received" };
+        let needle = if i == 0 {
+            "does not exist"
+        } else {
+            "is being received"
+        };
         env.fails("b", &["snapshot", "list", &name], &[needle]);
     }
     // Each refusal left its resumable receive; dropped, nothing remains.
@@ -428,7 +452,11 @@ fn a_damaged_stream_is_refused_and_nothing_is_published() {
     let mid = inc.len() / 2;
     bad[mid] ^= 1;
     let out = env.receive_bytes(&["receive", "v"], &bad);
-    check_error(&["receive", "v"], &out, &["damaged", "nothing was published"]);
+    check_error(
+        &["receive", "v"],
+        &out,
+        &["damaged", "nothing was published"],
+    );
     assert_eq!(env.snapshots("b", "v"), ["s1"]);
     env.assert_same("v@s1", "v");
     // The same stream undamaged then goes in (it starts the interrupted one again).
@@ -455,10 +483,18 @@ fn a_stream_whose_records_check_but_whose_digest_does_not_is_dropped() {
     let crc = crc32c::crc32c(&s[at..at + len - 4]);
     s[at + len - 4..at + len].copy_from_slice(&crc.to_le_bytes());
     let out = env.receive_bytes(&["receive", "v"], &s);
-    check_error(&["receive", "v"], &out, &["digest does not match", "dropped"]);
+    check_error(
+        &["receive", "v"],
+        &out,
+        &["digest does not match", "dropped"],
+    );
     assert!(env.volumes("b").is_empty());
     assert!(!env.path("b/volumes/v").exists());
-    env.fails("b", &["receive", "--token", "v"], &["no interrupted receive"]);
+    env.fails(
+        "b",
+        &["receive", "--token", "v"],
+        &["no interrupted receive"],
+    );
 }
 
 #[test]
@@ -520,13 +556,21 @@ fn a_truncated_stream_is_refused_and_nothing_is_published() {
     let inc = env.stream(&["send", "v@s2", "--from", "v@s1"]);
     for cut in [inc.len() / 3, inc.len() - 3] {
         let out = env.receive_bytes(&["receive", "v"], &inc[..cut]);
-        check_error(&["receive", "v"], &out, &["cut short", "nothing was published"]);
+        check_error(
+            &["receive", "v"],
+            &out,
+            &["cut short", "nothing was published"],
+        );
         assert_eq!(env.snapshots("b", "v"), ["s1"]);
         env.assert_same("v@s1", "v");
     }
     // A dropped interrupted receive leaves the volume as it was, and no token.
     env.ok("b", &["receive", "--abort", "v"]);
-    env.fails("b", &["receive", "--token", "v"], &["no interrupted receive"]);
+    env.fails(
+        "b",
+        &["receive", "--token", "v"],
+        &["no interrupted receive"],
+    );
     assert!(!env.path("b/volumes/v/receive.spool").exists());
     assert_eq!(env.snapshots("b", "v"), ["s1"]);
 }
@@ -562,7 +606,11 @@ fn a_stream_for_another_base_is_refused_and_nothing_changes() {
         &["wrong base", "u@s1"],
     );
     // Not onto the newest snapshot: b takes s2 and is then offered s1 -> s2 again.
-    env.pipe_ok(&["send", "v@s2", "--from", "v@s1"], &["receive", "v"], "v@s2");
+    env.pipe_ok(
+        &["send", "v@s2", "--from", "v@s1"],
+        &["receive", "v"],
+        "v@s2",
+    );
     refused(
         &["send", "v@s2", "--from", "v@s1"],
         &["receive", "v"],
@@ -582,10 +630,18 @@ fn a_stream_for_another_base_is_refused_and_nothing_changes() {
     );
     assert_eq!(env.snapshots("b", "v"), ["s1", "s2"]);
     env.assert_same("v@s2", "v");
-    env.fails("b", &["receive", "--token", "v"], &["no interrupted receive"]);
+    env.fails(
+        "b",
+        &["receive", "--token", "v"],
+        &["no interrupted receive"],
+    );
     assert_eq!(env.volumes("b"), ["v"]);
     // The right stream still applies.
-    env.pipe_ok(&["send", "v@s3", "--from", "v@s2"], &["receive", "v"], "v@s3");
+    env.pipe_ok(
+        &["send", "v@s3", "--from", "v@s2"],
+        &["receive", "v"],
+        "v@s3",
+    );
     env.assert_same("v@s3", "v");
 }
 
@@ -604,7 +660,11 @@ fn a_volume_written_since_its_base_takes_an_incremental_only_with_force() {
     check_error(&["receive", "v"], &out, &["was written since", "--force"]);
     assert_eq!(env.snapshots("b", "v"), ["s1"]);
     let out = env.receive_bytes(&["receive", "v", "--force"], &inc);
-    assert!(out.status.success(), "{}", describe(&["receive", "--force"], &out));
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&["receive", "--force"], &out)
+    );
     env.assert_same("v@s2", "v@s2");
     env.assert_same("v@s2", "v");
 }
@@ -634,7 +694,10 @@ fn kill_receiver_after_a_checkpoint(env: &Env, vol: &str, args: &[&str], bytes: 
             "no checkpoint within 30 s: {:?}",
             std::fs::read_to_string(env.path(&format!("b/volumes/{vol}/receive.state")))
         );
-        assert!(child.try_wait().unwrap().is_none(), "the receiver ended early");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the receiver ended early"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     child.kill().expect("kill -9");
@@ -669,7 +732,11 @@ fn a_receiver_killed_mid_stream_resumes_from_its_token() {
         "v@s1"
     );
     env.assert_same("v@s1", "v@s1");
-    env.fails("b", &["receive", "--token", "v"], &["no interrupted receive"]);
+    env.fails(
+        "b",
+        &["receive", "--token", "v"],
+        &["no interrupted receive"],
+    );
 
     // The same for an incremental stream, through a pipe from `send --resume`.
     scribble(&mut data, 600, 18);
@@ -681,7 +748,11 @@ fn a_receiver_killed_mid_stream_resumes_from_its_token() {
     env.assert_same("v@s1", "v");
     let token = env.ok("b", &["receive", "--token", "v"]).trim().to_string();
     // The token knows its base: --from may be left out.
-    env.pipe_ok(&["send", "--resume", &token, "v@s2"], &["receive", "v"], "v@s2");
+    env.pipe_ok(
+        &["send", "--resume", &token, "v@s2"],
+        &["receive", "v"],
+        "v@s2",
+    );
     env.assert_same("v@s2", "v@s2");
     env.assert_same("v@s2", "v");
 }
@@ -701,14 +772,28 @@ fn a_resume_token_the_sender_did_not_issue_is_refused() {
     forged.position.next_offset_bytes += 1 << 20;
     env.fails(
         "a",
-        &["send", "--resume", &forged.encode(), "v@s1", "-o", &env.arg("x1")],
+        &[
+            "send",
+            "--resume",
+            &forged.encode(),
+            "v@s1",
+            "-o",
+            &env.arg("x1"),
+        ],
         &["invalid resume token", "does not check out"],
     );
     let mut forged = token;
     forged.position.tag[0] ^= 1;
     env.fails(
         "a",
-        &["send", "--resume", &forged.encode(), "v@s1", "-o", &env.arg("x2")],
+        &[
+            "send",
+            "--resume",
+            &forged.encode(),
+            "v@s1",
+            "-o",
+            &env.arg("x2"),
+        ],
         &["does not check out"],
     );
     // For another snapshot; mistyped.
@@ -721,7 +806,12 @@ fn a_resume_token_the_sender_did_not_issue_is_refused() {
     typo[60] = if typo[60] == b'a' { b'b' } else { b'a' };
     env.fails(
         "a",
-        &["send", "--resume", std::str::from_utf8(&typo).unwrap(), "v@s1"],
+        &[
+            "send",
+            "--resume",
+            std::str::from_utf8(&typo).unwrap(),
+            "v@s1",
+        ],
         &["checksum"],
     );
     // Another sender (its own key) holding the same volume does not vouch for it either.
@@ -739,7 +829,11 @@ fn a_resume_token_the_sender_did_not_issue_is_refused() {
     );
     // The genuine token still resumes.
     let resumed = env.stream(&["send", "--resume", &text, "v@s1"]);
-    assert!(env.receive_bytes(&["receive", "v"], &resumed).status.success());
+    assert!(
+        env.receive_bytes(&["receive", "v"], &resumed)
+            .status
+            .success()
+    );
     env.assert_same("v@s1", "v@s1");
     // A receiver refuses a resumed stream that does not go on from where it stands.
     let out = env.receive_bytes(&["receive", "fresh"], &resumed);
@@ -749,7 +843,18 @@ fn a_resume_token_the_sender_did_not_issue_is_refused() {
 #[test]
 fn a_hundred_incrementals_in_a_row_arrive_intact() {
     let env = Env::new();
-    env.ok("a", &["volume", "create", "v", "--size", "512K", "--chunk-size", "4K"]);
+    env.ok(
+        "a",
+        &[
+            "volume",
+            "create",
+            "v",
+            "--size",
+            "512K",
+            "--chunk-size",
+            "4K",
+        ],
+    );
     let mut data = image(512 * 1024, 20);
     env.fill("a", "v", &data);
     env.ok("a", &["snapshot", "create", "v@i0"]);
@@ -793,7 +898,10 @@ fn progress_is_shown_on_stderr_when_asked() {
         String::from_utf8_lossy(&s.stderr),
         String::from_utf8_lossy(&r.stderr),
     );
-    assert!(se.contains("snapvol: progress: send v@s1: 2 MiB of 2 MiB (100%)"), "{se}");
+    assert!(
+        se.contains("snapvol: progress: send v@s1: 2 MiB of 2 MiB (100%)"),
+        "{se}"
+    );
     assert!(re.contains("snapvol: progress: receive v:"), "{re}");
 }
 
@@ -805,7 +913,11 @@ fn bad_arguments_get_one_error_line() {
     env.ok("a", &["snapshot", "create", "u@s1"]);
     let o = env.arg("o");
     env.fails("a", &["send", "v", "-o", &o], &["expected VOL@SNAP"]);
-    env.fails("a", &["send", "v@nope", "-o", &o], &["v@nope does not exist"]);
+    env.fails(
+        "a",
+        &["send", "v@nope", "-o", &o],
+        &["v@nope does not exist"],
+    );
     env.fails(
         "a",
         &["send", "v@s1", "--from", "u@s1", "-o", &o],
@@ -819,8 +931,16 @@ fn bad_arguments_get_one_error_line() {
     env.ok("a", &["send", "v@s1", "-o", &o]);
     env.fails("a", &["send", "v@s1", "-o", &o], &["exists already"]);
     env.ok("b", &["volume", "create", "v", "--size", "1M"]);
-    env.fails("b", &["receive", "--token", "v"], &["no interrupted receive"]);
-    env.fails("b", &["receive", "--abort", "v"], &["no interrupted receive"]);
+    env.fails(
+        "b",
+        &["receive", "--token", "v"],
+        &["no interrupted receive"],
+    );
+    env.fails(
+        "b",
+        &["receive", "--abort", "v"],
+        &["no interrupted receive"],
+    );
     env.fails("b", &["receive", "x/y"], &["invalid volume name"]);
 }
 
@@ -902,7 +1022,9 @@ impl Drop for Daemon {
 }
 
 fn in_log(path: &Path, needle: &str) -> bool {
-    std::fs::read_to_string(path).unwrap_or_default().contains(needle)
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(needle)
 }
 
 #[test]
@@ -918,10 +1040,17 @@ fn with_a_daemon_on_each_side_streams_go_through_the_daemons() {
     scribble(&mut data, 40, 26);
     env.fill("a", "v", &data);
     env.ok("a", &["snapshot", "create", "v@s2"]);
-    env.pipe_ok(&["send", "v@s2", "--from", "v@s1"], &["receive", "v"], "v@s2");
+    env.pipe_ok(
+        &["send", "v@s2", "--from", "v@s1"],
+        &["receive", "v"],
+        "v@s2",
+    );
     env.assert_same("v@s2", "v@s2");
     env.assert_same("v@s1", "v@s1");
-    assert!(in_log(&da.log, "send v@s2 --from v@s1"), "the daemon ran the send");
+    assert!(
+        in_log(&da.log, "send v@s2 --from v@s1"),
+        "the daemon ran the send"
+    );
     assert!(in_log(&db.log, "receive v"), "the daemon ran the receive");
 
     // Refusals come back as one line, nothing published.
@@ -934,7 +1063,11 @@ fn with_a_daemon_on_each_side_streams_go_through_the_daemons() {
     let n = bad.len();
     bad[n / 3] ^= 4;
     let out = env.receive_bytes(&["receive", "w"], &bad);
-    check_error(&["receive", "w"], &out, &["damaged", "nothing was published"]);
+    check_error(
+        &["receive", "w"],
+        &out,
+        &["damaged", "nothing was published"],
+    );
     assert_eq!(env.volumes("b"), ["keep", "v"]);
     env.ok("b", &["receive", "--abort", "w"]);
 
@@ -948,11 +1081,19 @@ fn with_a_daemon_on_each_side_streams_go_through_the_daemons() {
             break String::from_utf8(out.stdout).unwrap().trim().to_string();
         }
         // The daemon may still be on the cut stream for a moment.
-        assert!(Instant::now() < deadline, "{}", describe(&["--token"], &out));
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            describe(&["--token"], &out)
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(env.volumes("b"), ["keep", "v"]);
-    env.pipe_ok(&["send", "--resume", &token, "v@s2"], &["receive", "w"], "w@s2");
+    env.pipe_ok(
+        &["send", "--resume", &token, "v@s2"],
+        &["receive", "w"],
+        "w@s2",
+    );
     env.assert_same("v@s2", "w@s2");
 
     // --progress comes through the daemon to the client's stderr.
@@ -974,7 +1115,10 @@ fn with_a_daemon_on_each_side_streams_go_through_the_daemons() {
     let s = s.wait_with_output().unwrap();
     assert!(r.status.success(), "{}", describe(&["receive"], &r));
     let se = String::from_utf8_lossy(&s.stderr);
-    assert!(se.contains("snapvol: progress: send v@s3: 8 MiB of 8 MiB (100%)"), "{se}");
+    assert!(
+        se.contains("snapvol: progress: send v@s3: 8 MiB of 8 MiB (100%)"),
+        "{se}"
+    );
     env.assert_same("v@s3", "x@s3");
 
     da.stop();
@@ -982,4 +1126,65 @@ fn with_a_daemon_on_each_side_streams_go_through_the_daemons() {
     // What the daemons received is there without them.
     env.assert_same("v@s3", "x@s3");
     assert_eq!(env.snapshots("b", "v"), ["s1", "s2"]);
+}
+
+#[test]
+fn a_receiver_killed_while_applying_leaves_a_volume_no_one_opens_until_it_is_finished() {
+    let env = Env::new();
+    let data = env.source("v", 32, 27);
+    env.pipe_ok(&["send", "v@s1"], &["receive", "v"], "v@s1");
+    let changed = image(32 * MIB, 28);
+    env.fill("a", "v", &changed);
+    env.ok("a", &["snapshot", "create", "v@s2"]);
+    drop(data);
+    let inc = env.stream(&["send", "v@s2", "--from", "v@s1"]);
+    let marker = env.path("b/volumes/v/incomplete");
+    let mut landed_mid_apply = false;
+    // The kill lands once the apply has begun (the marker is there); a few tries, since
+    // the apply may also finish first.
+    for try_index in 0..5 {
+        // (--force: a retry comes after a restore, which counts as a write since s1.)
+        let mut child = env
+            .command("b", &["receive", "v", "--force"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let bytes = inc.clone();
+        let feeder = std::thread::spawn(move || {
+            let _ = stdin.write_all(&bytes);
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !marker.exists() && child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "no apply within 60 s");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = child.kill();
+        child.wait().unwrap();
+        feeder.join().unwrap();
+        if marker.exists() {
+            landed_mid_apply = true;
+            // Half applied: nobody opens it, and nothing was published.
+            env.fails("b", &["snapshot", "list", "v"], &["is being received"]);
+            env.fails("b", &["volume", "info", "v"], &["receive --token v"]);
+            env.fails("b", &["receive", "--abort", "v"], &["being applied"]);
+            // --token finishes it: the stream had arrived whole.
+            env.fails("b", &["receive", "--token", "v"], &["is applied now"]);
+            eprintln!("the kill landed during the apply at try {try_index}");
+            break;
+        }
+        // The apply had finished: take s2 off again and try once more.
+        assert_eq!(env.snapshots("b", "v"), ["s1", "s2"]);
+        env.ok("b", &["snapshot", "delete", "v@s2"]);
+        env.ok("b", &["restore", "v@s1"]);
+        let safety = env.snapshots("b", "v").pop().unwrap();
+        env.ok("b", &["snapshot", "delete", &format!("v@{safety}")]);
+    }
+    assert!(landed_mid_apply, "the kill never landed during the apply");
+    assert_eq!(env.snapshots("b", "v"), ["s1", "s2"]);
+    env.assert_same("v@s2", "v@s2");
+    env.assert_same("v@s2", "v");
+    env.assert_same("v@s1", "v@s1");
 }

@@ -101,8 +101,7 @@ pub fn local_ends(cmd: &Command) -> Result<Ends<'static>> {
         Command::Receive { input, .. } => {
             let inp: Box<dyn Read + Send> = match input {
                 Some(path) => Box::new(
-                    File::open(path)
-                        .with_context(|| format!("cannot open {}", path.display()))?,
+                    File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
                 ),
                 None => Box::new(std_file(false)?),
             };
@@ -227,7 +226,9 @@ pub fn send(
         Some(f) => {
             let (fv, fs) = snapshot_target(f)?;
             if fv != vol {
-                bail!("--from {f} names another volume than {target}: both must be snapshots of {vol}");
+                bail!(
+                    "--from {f} names another volume than {target}: both must be snapshots of {vol}"
+                );
             }
             Some(fs)
         }
@@ -252,7 +253,11 @@ pub fn send(
         ),
         Ends::Channel(c) => (
             Box::new(ChannelOutput(c)),
-            if progress { Shown::Client(c) } else { Shown::Off },
+            if progress {
+                Shown::Client(c)
+            } else {
+                Shown::Off
+            },
         ),
     };
     let run = Run {
@@ -298,7 +303,11 @@ pub fn receive(ctx: &mut Ctx, volume: &str, force: bool, progress: bool) -> Resu
         ),
         Ends::Channel(c) => (
             Box::new(ChannelInput(c)),
-            if progress { Shown::Client(c) } else { Shown::Off },
+            if progress {
+                Shown::Client(c)
+            } else {
+                Shown::Off
+            },
         ),
     };
     let run = Run {
@@ -426,7 +435,9 @@ fn relay(
                 return Ok(reply.exit.clamp(0, 255) as u8);
             }
             Some(k) => bail!("the daemon sent an unknown frame (kind {k})"),
-            None => bail!("the daemon closed the connection without replying (is it shutting down?)"),
+            None => {
+                bail!("the daemon closed the connection without replying (is it shutting down?)")
+            }
         }
     }
 }

@@ -233,131 +233,6 @@ pub fn refuse(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
     write_reply(stream, reply, Instant::now() + Duration::from_secs(1))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn roundtrip(sent: &[u8]) -> io::Result<Option<Request>> {
-        let (mut a, mut b) = UnixStream::pair().unwrap();
-        let sent = sent.to_vec();
-        let t = std::thread::spawn(move || {
-            let _ = b.write_all(&sent);
-            let _ = b.shutdown(std::net::Shutdown::Write);
-            b
-        });
-        let r = read_request(&mut a, Instant::now() + REQUEST_TIMEOUT);
-        drop(t.join());
-        r
-    }
-
-    #[test]
-    fn requests() {
-        let want = Request {
-            argv: vec!["volume".into(), "list".into()],
-            cwd: "/tmp".into(),
-            env: Vec::new(),
-            stream: false,
-        };
-        let line = br#"{"argv":["volume","list"],"cwd":"/tmp"}"#;
-        assert_eq!(roundtrip(line).unwrap(), Some(want.clone()));
-        let mut with_nl = line.to_vec();
-        with_nl.extend_from_slice(b"\ntrailing garbage");
-        assert_eq!(roundtrip(&with_nl).unwrap(), Some(want));
-        assert_eq!(roundtrip(b"").unwrap(), None);
-        assert!(roundtrip(br#"{"argv":[],"cwd":"rel"}"#).is_err());
-        assert!(roundtrip(br#"{"argv":[],"cwd":"/","x":1}"#).is_err());
-        assert!(roundtrip(b"not json").is_err());
-        let mut big = br#"{"argv":[""#.to_vec();
-        big.resize(REQUEST_BYTES_MAX + 100, b'a');
-        let err = roundtrip(&big).unwrap_err();
-        assert!(err.to_string().contains("larger than"), "{err}");
-    }
-
-    #[test]
-    fn closing_without_a_request_is_a_probe() {
-        let (mut a, b) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            drop(b);
-        });
-        assert_eq!(
-            read_request(&mut a, Instant::now() + REQUEST_TIMEOUT).unwrap(),
-            None
-        );
-        t.join().unwrap();
-    }
-
-    #[test]
-    fn one_deadline_for_the_whole_request() {
-        let (mut a, mut b) = UnixStream::pair().unwrap();
-        // A byte every 20 ms would renew a timeout per read forever.
-        let t = std::thread::spawn(move || {
-            for _ in 0..100 {
-                if b.write_all(b" ").is_err() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        let started = Instant::now();
-        let err = read_request(&mut a, started + Duration::from_millis(200)).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert!(
-            err.to_string().contains("timed out reading the request"),
-            "{err}"
-        );
-        assert!(started.elapsed() < Duration::from_secs(1));
-        drop(a);
-        t.join().unwrap();
-    }
-
-    #[test]
-    fn a_refusal_reaches_a_client_whose_request_was_not_read() {
-        let (a, mut b) = UnixStream::pair().unwrap();
-        // The refusal goes out, and the connection closes, before the request is sent.
-        refuse(&mut b, &Reply::error("busy: 16 control requests in flight")).unwrap();
-        drop(b);
-        let request = Request {
-            argv: vec!["x".repeat(REFUSED_DRAIN_BYTES_MAX)],
-            cwd: "/".into(),
-            env: Vec::new(),
-            stream: false,
-        };
-        let reply = call(a, &request).unwrap();
-        assert_eq!(reply.exit, 1);
-        assert!(reply.stderr.contains("busy: 16"), "{reply:?}");
-    }
-
-    #[test]
-    fn call_gets_the_reply() {
-        let (a, mut b) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || {
-            let deadline = Instant::now() + REQUEST_TIMEOUT;
-            let req = read_request(&mut b, deadline).unwrap().unwrap();
-            let reply = Reply {
-                exit: 3,
-                stdout: req.argv.join(" "),
-                stderr: String::new(),
-            };
-            write_reply(&mut b, &reply, deadline).unwrap();
-        });
-        let reply = call(
-            a,
-            &Request {
-                argv: vec!["a".into(), "b".into()],
-                cwd: "/".into(),
-                env: Vec::new(),
-                stream: false,
-            },
-        )
-        .unwrap();
-        t.join().unwrap();
-        assert_eq!(reply.exit, 3);
-        assert_eq!(reply.stdout, "a b");
-        assert_eq!(Reply::error("x").stderr, "snapvol: error: x\n");
-    }
-}
-
 /// Frame kinds of a streaming reply.
 pub const FRAME_DATA: u8 = 1;
 pub const FRAME_PROGRESS: u8 = 2;
@@ -582,4 +457,129 @@ pub fn read_frame(stream: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Optio
     buf.resize(len, 0);
     stream.read_exact(buf)?;
     Ok(Some(head[0]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(sent: &[u8]) -> io::Result<Option<Request>> {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let sent = sent.to_vec();
+        let t = std::thread::spawn(move || {
+            let _ = b.write_all(&sent);
+            let _ = b.shutdown(std::net::Shutdown::Write);
+            b
+        });
+        let r = read_request(&mut a, Instant::now() + REQUEST_TIMEOUT);
+        drop(t.join());
+        r
+    }
+
+    #[test]
+    fn requests() {
+        let want = Request {
+            argv: vec!["volume".into(), "list".into()],
+            cwd: "/tmp".into(),
+            env: Vec::new(),
+            stream: false,
+        };
+        let line = br#"{"argv":["volume","list"],"cwd":"/tmp"}"#;
+        assert_eq!(roundtrip(line).unwrap(), Some(want.clone()));
+        let mut with_nl = line.to_vec();
+        with_nl.extend_from_slice(b"\ntrailing garbage");
+        assert_eq!(roundtrip(&with_nl).unwrap(), Some(want));
+        assert_eq!(roundtrip(b"").unwrap(), None);
+        assert!(roundtrip(br#"{"argv":[],"cwd":"rel"}"#).is_err());
+        assert!(roundtrip(br#"{"argv":[],"cwd":"/","x":1}"#).is_err());
+        assert!(roundtrip(b"not json").is_err());
+        let mut big = br#"{"argv":[""#.to_vec();
+        big.resize(REQUEST_BYTES_MAX + 100, b'a');
+        let err = roundtrip(&big).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    #[test]
+    fn closing_without_a_request_is_a_probe() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(b);
+        });
+        assert_eq!(
+            read_request(&mut a, Instant::now() + REQUEST_TIMEOUT).unwrap(),
+            None
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn one_deadline_for_the_whole_request() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        // A byte every 20 ms would renew a timeout per read forever.
+        let t = std::thread::spawn(move || {
+            for _ in 0..100 {
+                if b.write_all(b" ").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let started = Instant::now();
+        let err = read_request(&mut a, started + Duration::from_millis(200)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            err.to_string().contains("timed out reading the request"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(a);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_refusal_reaches_a_client_whose_request_was_not_read() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        // The refusal goes out, and the connection closes, before the request is sent.
+        refuse(&mut b, &Reply::error("busy: 16 control requests in flight")).unwrap();
+        drop(b);
+        let request = Request {
+            argv: vec!["x".repeat(REFUSED_DRAIN_BYTES_MAX)],
+            cwd: "/".into(),
+            env: Vec::new(),
+            stream: false,
+        };
+        let reply = call(a, &request).unwrap();
+        assert_eq!(reply.exit, 1);
+        assert!(reply.stderr.contains("busy: 16"), "{reply:?}");
+    }
+
+    #[test]
+    fn call_gets_the_reply() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let deadline = Instant::now() + REQUEST_TIMEOUT;
+            let req = read_request(&mut b, deadline).unwrap().unwrap();
+            let reply = Reply {
+                exit: 3,
+                stdout: req.argv.join(" "),
+                stderr: String::new(),
+            };
+            write_reply(&mut b, &reply, deadline).unwrap();
+        });
+        let reply = call(
+            a,
+            &Request {
+                argv: vec!["a".into(), "b".into()],
+                cwd: "/".into(),
+                env: Vec::new(),
+                stream: false,
+            },
+        )
+        .unwrap();
+        t.join().unwrap();
+        assert_eq!(reply.exit, 3);
+        assert_eq!(reply.stdout, "a b");
+        assert_eq!(Reply::error("x").stderr, "snapvol: error: x\n");
+    }
 }

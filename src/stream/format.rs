@@ -170,7 +170,8 @@ impl Begin {
         let size_bytes = u64_at(body, 8);
         let chunk_size_bytes = u32_at(body, 16);
         crate::volume::config::validate_size(size_bytes).map_err(|e| bad(e.to_string()))?;
-        crate::volume::config::validate_chunk_size(chunk_size_bytes).map_err(|e| bad(e.to_string()))?;
+        crate::volume::config::validate_chunk_size(chunk_size_bytes)
+            .map_err(|e| bad(e.to_string()))?;
         let covered_bytes = u64_at(body, 24);
         if covered_bytes > size_bytes {
             return Err(bad(format!(
@@ -202,8 +203,7 @@ impl Begin {
         let snapshot_name = names.pop().expect("three names");
         let volume_name = names.pop().expect("three names");
         crate::names::validate_name("volume", &volume_name).map_err(|e| bad(e.to_string()))?;
-        crate::names::validate_name("snapshot", &snapshot_name)
-            .map_err(|e| bad(e.to_string()))?;
+        crate::names::validate_name("snapshot", &snapshot_name).map_err(|e| bad(e.to_string()))?;
         let incremental = flags & FLAG_INCREMENTAL != 0;
         if snapshot.is_zero() {
             return Err(bad("the snapshot's identity is zero".into()));
@@ -212,8 +212,7 @@ impl Begin {
             if base.is_zero() {
                 return Err(bad("an incremental stream with no base identity".into()));
             }
-            crate::names::validate_name("snapshot", &base_name)
-                .map_err(|e| bad(e.to_string()))?;
+            crate::names::validate_name("snapshot", &base_name).map_err(|e| bad(e.to_string()))?;
             Some(base)
         } else {
             if !base.is_zero() || !base_name.is_empty() {
@@ -342,7 +341,10 @@ pub fn resume_record(position: &Position) -> Vec<u8> {
 
 /// The header and trailer of a `data` record around `data` (written without copying the
 /// data: header, data, trailer).
-pub fn data_frame(offset_bytes: u64, data: &[u8]) -> ([u8; RECORD_HEADER_BYTES + DATA_FIXED_BYTES], [u8; 4]) {
+pub fn data_frame(
+    offset_bytes: u64,
+    data: &[u8],
+) -> ([u8; RECORD_HEADER_BYTES + DATA_FIXED_BYTES], [u8; 4]) {
     debug_assert!(!data.is_empty() && data.len() <= DATA_BYTES_MAX);
     let mut head = [0u8; RECORD_HEADER_BYTES + DATA_FIXED_BYTES];
     head[0..4].copy_from_slice(&TAG_DATA.to_le_bytes());
@@ -366,11 +368,16 @@ pub enum Record {
         offset_bytes: u64,
         length_bytes: u64,
     },
-    End { record_count: u64, digest: Digest },
+    End {
+        record_count: u64,
+        digest: Digest,
+    },
     Resume(Position),
     Checkpoint(Position),
     /// A record with [`TAG_OPTIONAL`] this build does not know.
-    Skipped { tag: u32 },
+    Skipped {
+        tag: u32,
+    },
 }
 
 impl Record {
@@ -440,7 +447,7 @@ impl<R: Read> RecordReader<R> {
     }
 
     /// The next record; `Ok(None)` at a clean end of the input (between records).
-    pub fn next(&mut self) -> Result<Option<Record>, Error> {
+    pub fn next_record(&mut self) -> Result<Option<Record>, Error> {
         let at = self.offset_bytes;
         self.buf.clear();
         self.buf.resize(RECORD_HEADER_BYTES, 0);
@@ -610,7 +617,9 @@ impl Token {
         let bad = |why: &str| Error::BadToken(why.to_string());
         let text = text.trim();
         if text.len() != 2 * TOKEN_BYTES {
-            return Err(bad("wrong length (copy the whole line `receive --token` printed)"));
+            return Err(bad(
+                "wrong length (copy the whole line `receive --token` printed)",
+            ));
         }
         let b = (0..TOKEN_BYTES)
             .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
@@ -621,7 +630,10 @@ impl Token {
             return Err(bad("it fails its checksum (mistyped or cut?)"));
         }
         if b[0] != TOKEN_VERSION {
-            return Err(bad(&format!("token version {}, this snapvol reads 1", b[0])));
+            return Err(bad(&format!(
+                "token version {}, this snapvol reads 1",
+                b[0]
+            )));
         }
         Ok(Token {
             snapshot: Guid::get(&b[1..25]),
@@ -675,7 +687,7 @@ mod tests {
         let mut r = RecordReader::new(bytes, 0);
         r.read_magic()?;
         let mut out = Vec::new();
-        while let Some(rec) = r.next()? {
+        while let Some(rec) = r.next_record()? {
             out.push(rec);
         }
         Ok(out)
@@ -711,7 +723,13 @@ mod tests {
                 }
             );
             assert_eq!(recs[3], Record::Skipped { tag: 0x8000_0077 });
-            assert!(matches!(recs[4], Record::End { record_count: 2, .. }));
+            assert!(matches!(
+                recs[4],
+                Record::End {
+                    record_count: 2,
+                    ..
+                }
+            ));
         }
     }
 

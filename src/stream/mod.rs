@@ -31,7 +31,10 @@ pub enum Error {
     Empty,
     #[error("the input is not a snapvol send stream (bad magic)")]
     NotAStream,
-    #[error("stream format version {found}; this snapvol reads version {}", format::FORMAT_VERSION)]
+    #[error(
+        "stream format version {found}; this snapvol reads version {}",
+        format::FORMAT_VERSION
+    )]
     Version { found: u32 },
     #[error("the stream was cut short: it ends at byte {offset_bytes} before its end record")]
     Truncated { offset_bytes: u64 },

@@ -46,9 +46,8 @@ pub fn load(dir: &Path) -> Result<Vec<Entry>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
     };
-    let file: FileJson = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Refused(format!("{} is damaged: {e}", path.display()))
-    })?;
+    let file: FileJson = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Refused(format!("{} is damaged: {e}", path.display())))?;
     if file.version != VERSION {
         return Err(Error::Refused(format!(
             "{} has version {}, this snapvol reads {VERSION}",

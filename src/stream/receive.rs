@@ -20,8 +20,8 @@
 //! not there yet), so a crash anywhere in it is completed, never half kept.
 
 use super::format::{
-    self, Begin, DATA_AT, Digest, Position, Record, RecordReader, Token, chain_next,
-    chain_start, hex, unhex,
+    self, Begin, DATA_AT, Digest, Position, Record, RecordReader, Token, chain_next, chain_start,
+    hex, unhex,
 };
 use super::{Error, Host, Result, Run, io_err, provenance};
 use crate::io::fs::{self as iofs, Spool};
@@ -85,7 +85,7 @@ impl State {
     fn begin(&self) -> Result<Begin> {
         let bytes = self.begin_bytes()?;
         let mut r = RecordReader::new(bytes.as_slice(), 0);
-        match r.next() {
+        match r.next_record() {
             Ok(Some(Record::Begin(b))) => Ok(b),
             _ => Err(damaged_state("begin_record is not a begin record")),
         }
@@ -268,7 +268,7 @@ pub fn receive(
 
     let mut reader = RecordReader::new(input, 0);
     reader.read_magic()?;
-    let begin = match reader.next()? {
+    let begin = match reader.next_record()? {
         Some(Record::Begin(b)) => b,
         Some(_) => {
             return Err(Error::Corrupt {
@@ -285,7 +285,7 @@ pub fn receive(
     let begin_record = reader.record_bytes().to_vec();
     // A damaged second record is reported once the receive is set up (so that it can be
     // resumed from its start).
-    let (resume, first) = match reader.next() {
+    let (resume, first) = match reader.next_record() {
         Ok(Some(Record::Resume(p))) => (Some(p), None),
         Ok(other) => (None, other.map(Ok)),
         Err(e) => (None, Some(Err(e))),
@@ -372,9 +372,29 @@ pub fn receive(
     };
 
     let result = match begin.base {
-        None => receive_full(host, name, &dir, &begin, &begin_record, state, resume, first, &mut reader, run),
+        None => receive_full(
+            host,
+            name,
+            &dir,
+            &begin,
+            &begin_record,
+            state,
+            resume,
+            first,
+            &mut reader,
+            run,
+        ),
         Some(_) => receive_incremental(
-            host, name, &dir, &begin, &begin_record, state, resume, first, &mut reader, run,
+            host,
+            name,
+            &dir,
+            &begin,
+            &begin_record,
+            state,
+            resume,
+            first,
+            &mut reader,
+            run,
         ),
     };
     match result {
@@ -489,7 +509,7 @@ fn take_records(
                 run.check_cancelled()?;
                 let rec = match first.take() {
                     Some(r) => r?,
-                    None => match reader.next()? {
+                    None => match reader.next_record()? {
                         Some(r) => r,
                         None => {
                             return Err(Error::Truncated {
@@ -557,7 +577,11 @@ fn take_records(
                     Record::Checkpoint(p) => {
                         if p.record_count != count || p.digest != chain {
                             return Err(Error::DigestMismatch {
-                                expected: format!("{} at record {}", hex(&p.digest), p.record_count),
+                                expected: format!(
+                                    "{} at record {}",
+                                    hex(&p.digest),
+                                    p.record_count
+                                ),
                                 got: format!("{} at record {count}", hex(&chain)),
                             });
                         }
@@ -587,7 +611,7 @@ fn take_records(
                                 got: format!("{} over {count} records", hex(&chain)),
                             });
                         }
-                        if reader.next()?.is_some() {
+                        if reader.next_record()?.is_some() {
                             return Err(Error::Corrupt {
                                 offset_bytes: at,
                                 reason: "records follow the end record".into(),
@@ -596,7 +620,10 @@ fn take_records(
                         return Ok(covered);
                     }
                     Record::Skipped { tag } => {
-                        tracing::debug!(tag, "skipping an optional record this snapvol does not know");
+                        tracing::debug!(
+                            tag,
+                            "skipping an optional record this snapvol does not know"
+                        );
                     }
                     Record::Begin(_) | Record::Resume(_) => {
                         return Err(corrupt("a second begin or resume record".into()));
@@ -725,20 +752,22 @@ fn check_base(name: &str, dir: &Path, vol: &Volume, begin: &Begin, force: bool) 
         )));
     };
     if guid(newest) != base {
-        return Err(Error::Refused(match catalog.iter().find(|s| guid(s) == base) {
-            Some(s) => format!(
-                "the stream is incremental from {from} (here {name}@{}), but the newest \
+        return Err(Error::Refused(
+            match catalog.iter().find(|s| guid(s) == base) {
+                Some(s) => format!(
+                    "the stream is incremental from {from} (here {name}@{}), but the newest \
                  snapshot of volume {name:?} is {}: a stream applies only onto the newest \
                  snapshot",
-                s.name, newest.name
-            ),
-            None => format!(
-                "wrong base: the stream is incremental from {from} (identity {base}), which \
+                    s.name, newest.name
+                ),
+                None => format!(
+                    "wrong base: the stream is incremental from {from} (identity {base}), which \
                  volume {name:?} does not hold; its newest snapshot {name}@{} is {}",
-                newest.name,
-                guid(newest)
-            ),
-        }));
+                    newest.name,
+                    guid(newest)
+                ),
+            },
+        ));
     }
     if catalog.iter().any(|s| s.name == begin.snapshot_name) {
         return Err(Error::Refused(format!(
@@ -781,15 +810,22 @@ fn receive_incremental(
 ) -> Result<u64> {
     let live = Live::open(host, name)?;
     let result = (|| -> Result<u64> {
-        state.base_local_snapshot_id =
-            Some(check_base(name, dir, &live.vol, begin, state.force)?);
+        state.base_local_snapshot_id = Some(check_base(name, dir, &live.vol, begin, state.force)?);
         let spool_path = dir.join(SPOOL_FILE);
         let spool = Spool::open(&spool_path, state.spool_bytes)
             .map_err(io_err(format!("opening {}", spool_path.display())))?;
         save_state(dir, &state)?;
         let mut sink = Sink::Spool(spool);
         let covered = take_records(
-            dir, begin, begin_record, &mut state, resume, first, reader, &mut sink, run,
+            dir,
+            begin,
+            begin_record,
+            &mut state,
+            resume,
+            first,
+            reader,
+            &mut sink,
+            run,
         )?;
         let Sink::Spool(spool) = sink else {
             unreachable!()
@@ -897,7 +933,7 @@ fn apply_incremental(
                 .map_err(io_err(format!("opening {}", spool_path.display())))?;
             let mut input = input.take(state.spool_bytes);
             let mut r = RecordReader::new(&mut input as &mut dyn Read, 0);
-            while let Some(rec) = r.next()? {
+            while let Some(rec) = r.next_record()? {
                 match rec {
                     Record::Data {
                         offset_bytes,

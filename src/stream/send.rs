@@ -10,8 +10,8 @@
 //! checks the tag (it made it, for this very stream) before it goes on from there.
 
 use super::format::{
-    self, Begin, DATA_BYTES_MAX, Digest, Guid, Position, TAG_BEGIN, Token, chain_next,
-    chain_start, checkpoint_tag, write_all_parts,
+    self, Begin, DATA_BYTES_MAX, Digest, Guid, Position, TAG_BEGIN, Token, chain_next, chain_start,
+    checkpoint_tag, write_all_parts,
 };
 use super::provenance;
 use super::{Error, Result, Run, io_err};
@@ -231,7 +231,11 @@ pub fn send(
                 let pe = block_end.min((p / chunk + 1) * chunk);
                 let z = is_zero(&buf[(p - at) as usize..(pe - at) as usize]);
                 if run_zero == Some(!z) {
-                    w.run(run_start, &buf[(run_start - at) as usize..(p - at) as usize], !z)?;
+                    w.run(
+                        run_start,
+                        &buf[(run_start - at) as usize..(p - at) as usize],
+                        !z,
+                    )?;
                     run_start = p;
                 }
                 run_zero = Some(z);

@@ -262,7 +262,12 @@ impl Volume {
     /// ordinary write. Pieces of `data` that are zeros are not written: if the caller was
     /// wrong about the old contents, they keep them.
     pub fn write_over_zeros(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_range(offset, data.len() as u64, Source::Data(data), Old::KnownZeros)
+        self.write_range(
+            offset,
+            data.len() as u64,
+            Source::Data(data),
+            Old::KnownZeros,
+        )
     }
 
     /// Makes the range read as zeros, punching holes where whole 4 KiB pieces allow.
@@ -459,9 +464,9 @@ impl Volume {
             let in_place = known_zeros
                 || preserve_for.is_none()
                     && self.origin.view_at(span_start, span_len, &mut |old_span| {
-                    diffs.clear();
-                    collect_diffs(old_span, span_start, offset, end, src, &mut diffs);
-                });
+                        diffs.clear();
+                        collect_diffs(old_span, span_start, offset, end, src, &mut diffs);
+                    });
             if known_zeros {
                 diffs.clear();
                 collect_diffs(&old[..span_len], span_start, offset, end, src, &mut diffs);
