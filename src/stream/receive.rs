@@ -20,8 +20,8 @@
 //! not there yet), so a crash anywhere in it is completed, never half kept.
 
 use super::format::{
-    self, Begin, DATA_AT, Digest, Position, Record, RecordReader, Token, chain_next, chain_start,
-    hex, unhex,
+    self, Begin, DATA_AT, Position, Record, RecordReader, Token, chain_next, chain_start, hex,
+    unhex,
 };
 use super::{Error, Host, Result, Run, io_err, provenance};
 use crate::io::fs::{self as iofs, Spool};
@@ -95,16 +95,16 @@ impl State {
         let Some(c) = &self.checkpoint else {
             return Ok(None);
         };
-        let digest = |t: &str| -> Result<Digest> {
+        fn bytes<const N: usize>(t: &str) -> Result<[u8; N]> {
             unhex(t)
                 .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| damaged_state("a checkpoint digest is not 32 bytes of hex"))
-        };
+                .ok_or_else(|| damaged_state("a checkpoint digest or tag is not hex of its size"))
+        }
         Ok(Some(Position {
             record_count: c.record_count,
             next_offset_bytes: c.next_offset_bytes,
-            digest: digest(&c.digest)?,
-            tag: digest(&c.tag)?,
+            digest: bytes::<{ format::DIGEST_BYTES }>(&c.digest)?,
+            tag: bytes::<{ format::TAG_BYTES }>(&c.tag)?,
         }))
     }
 
