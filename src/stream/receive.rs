@@ -988,9 +988,8 @@ fn roll_back(vol: &Volume, base_id: u64) -> Result<()> {
     Ok(())
 }
 
-/// Finishes a receive whose stream had arrived whole (phase `applying`); undoes the marker
-/// of an incremental one that crashed before its apply began. Returns the published
-/// `VOL@SNAP`, if any.
+/// Finishes a receive whose stream had arrived whole (phase `applying`). Returns the
+/// published `VOL@SNAP`, if any.
 fn finish_pending(host: Host, name: &str) -> Result<Option<String>> {
     let dir = host.volume_path(name)?;
     if !dir.is_dir() {
@@ -1002,9 +1001,6 @@ fn finish_pending(host: Host, name: &str) -> Result<Option<String>> {
     let begin = state.begin()?;
     let incremental = begin.base.is_some();
     if state.phase == Phase::Receiving {
-        if incremental && has_marker(&dir) {
-            host.data_dir().finish_incomplete_volume(name)?;
-        }
         return Ok(None);
     }
     let dd = host.data_dir();
