@@ -372,6 +372,7 @@ fn relay(
     mut output: Option<Box<dyn Write + Send>>,
     progress_label: &str,
 ) -> Result<u8> {
+    control::grow_stream_buffers(&stream);
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line)?;
