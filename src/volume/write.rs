@@ -28,6 +28,11 @@ pub(super) enum Old {
     KnownZeros,
 }
 
+/// What a chunk of [`Old::KnownZeros`] is compared with (never written: its pages stay the
+/// kernel's shared zero page).
+static ZEROS: [u8; super::config::CHUNK_SIZE_BYTES_MAX as usize] =
+    [0; super::config::CHUNK_SIZE_BYTES_MAX as usize];
+
 thread_local! {
     /// Per-thread buffer for the old contents of a chunk: no allocation per request.
     static OLD_CHUNK: RefCell<PageBuf> = const { RefCell::new(PageBuf::new()) };
@@ -458,9 +463,6 @@ impl Volume {
             // and a first write touches a chunk once.)
             let mut diffs: Vec<(u64, u64)> = Vec::new();
             let known_zeros = preserve_for.is_none() && old_is == Old::KnownZeros;
-            if known_zeros {
-                old[..span_len].fill(0);
-            }
             let in_place = known_zeros
                 || preserve_for.is_none()
                     && self.origin.view_at(span_start, span_len, &mut |old_span| {
@@ -469,7 +471,7 @@ impl Volume {
                     });
             if known_zeros {
                 diffs.clear();
-                collect_diffs(&old[..span_len], span_start, offset, end, src, &mut diffs);
+                collect_diffs(&ZEROS[..span_len], span_start, offset, end, src, &mut diffs);
             } else if !in_place {
                 let old_span = &mut old[..span_len];
                 self.origin.read_at(old_span, span_start).map_err(
