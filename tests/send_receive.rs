@@ -1188,3 +1188,102 @@ fn a_receiver_killed_while_applying_leaves_a_volume_no_one_opens_until_it_is_fin
     env.assert_same("v@s2", "v");
     env.assert_same("v@s1", "v@s1");
 }
+
+/// Connects to `export` over NBD (fixed newstyle, `NBD_OPT_GO`) and holds the connection:
+/// a read-write client of the volume while it is open.
+fn nbd_connect(sock: &Path, export: &str) -> std::os::unix::net::UnixStream {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect NBD");
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+    opt.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
+    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    opt.extend_from_slice(export.as_bytes());
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&opt).unwrap();
+    loop {
+        let mut head = [0u8; 20];
+        s.read_exact(&mut head).unwrap();
+        let reply = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data).unwrap();
+        assert_eq!(reply & (1 << 31), 0, "NBD_OPT_GO refused");
+        if reply == 1 {
+            return s; // NBD_REP_ACK
+        }
+    }
+}
+
+#[test]
+fn with_a_daemon_an_incremental_waits_for_read_write_clients_or_force_disconnects_them() {
+    let env = Env::new();
+    let mut data = env.source("v", 2, 29);
+    env.pipe_ok(&["send", "v@s1"], &["receive", "v"], "v@s1");
+    for s in ["s2", "s3"] {
+        scribble(&mut data, 8, 30);
+        env.fill("a", "v", &data);
+        env.ok("a", &["snapshot", "create", &format!("v@{s}")]);
+    }
+    let db = Daemon::start(&env, "b");
+    let sock = env.path("b-nbd.sock");
+    let client = nbd_connect(&sock, "v");
+    let (_, r) = env.pipe(&["send", "v@s2", "--from", "v@s1"], &["receive", "v"]);
+    check_error(
+        &["receive", "v"],
+        &r,
+        &[
+            "1 read-write NBD client",
+            "the stream arrived whole and is kept",
+        ],
+    );
+    assert_eq!(env.snapshots("b", "v"), ["s1"]);
+    env.assert_same("v@s1", "v");
+    env.fails(
+        "b",
+        &["receive", "--token", "v"],
+        &["read-write NBD client"],
+    );
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = env.run("b", &["receive", "--token", "v"]);
+        if check_applied(&out) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            describe(&["--token"], &out)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(env.snapshots("b", "v"), ["s1", "s2"]);
+    env.assert_same("v@s2", "v");
+
+    // --force disconnects the writer and applies.
+    let mut client = nbd_connect(&sock, "v");
+    env.pipe_ok(
+        &["send", "v@s3", "--from", "v@s2"],
+        &["receive", "v", "--force"],
+        "v@s3",
+    );
+    let mut buf = [0u8; 1];
+    use std::io::Read;
+    assert_eq!(
+        client.read(&mut buf).unwrap_or(0),
+        0,
+        "the client was disconnected"
+    );
+    env.assert_same("v@s3", "v");
+    db.stop();
+}
+
+/// `receive --token` reporting that the stream it found complete is applied now.
+fn check_applied(out: &Output) -> bool {
+    String::from_utf8_lossy(&out.stderr).contains("is applied now")
+}

@@ -63,7 +63,7 @@ fn grow_pipe(f: &File) {
     }
 }
 
-/// This process's stdin (`which` 0) or stdout (1) as a `File`, unbuffered.
+/// A duplicate of this process's stdout (`stdout`) or stdin as a `File`, unbuffered.
 fn std_file(stdout: bool) -> Result<File> {
     let fd = if stdout {
         std::io::stdout().as_fd().try_clone_to_owned()
@@ -76,8 +76,8 @@ fn std_file(stdout: bool) -> Result<File> {
     Ok(f)
 }
 
-/// The local ends of a streaming command: `-i FILE` / `-o FILE` or stdin / stdout. A
-/// relative path is relative to `cwd` (this process's directory when `None`).
+/// The local ends of a streaming command: `-i FILE` / `-o FILE` (relative to this
+/// process's directory), or stdin / stdout (never a terminal).
 pub fn local_ends(cmd: &Command) -> Result<Ends<'static>> {
     match cmd {
         Command::Send { output, .. } => {
@@ -103,7 +103,15 @@ pub fn local_ends(cmd: &Command) -> Result<Ends<'static>> {
                 Some(path) => Box::new(
                     File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
                 ),
-                None => Box::new(std_file(false)?),
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        bail!(
+                            "refusing to read a stream from a terminal: pipe it in (e.g. \
+                             `ssh HOST snapvol send VOL@SNAP | snapvol receive VOL`) or use -i FILE"
+                        );
+                    }
+                    Box::new(std_file(false)?)
+                }
             };
             Ok(Ends::Local {
                 input: Some(inp),
