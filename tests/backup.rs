@@ -527,10 +527,7 @@ fn killed_at_random_moments(sb: &Sandbox, repo: &Repo, objects_present: &dyn Fn(
         // No manifest names a missing object (verify checks presence of all).
         sb.ok("a", repo, &["backup", "verify", &repo.url]);
     }
-    assert!(
-        kills >= 3,
-        "only {kills} pushes were killed before one finished"
-    );
+    assert!(kills >= 3, "only {kills} pushes were killed before one finished");
     let before = objects_present();
     let done = sb.json(
         "a",
@@ -578,10 +575,7 @@ fn killed_at_random_moments(sb: &Sandbox, repo: &Repo, objects_present: &dyn Fn(
         );
     }
     eprintln!("restore: {kills} kills, finished under the last delay: {finished}");
-    assert!(
-        kills >= 3,
-        "only {kills} restores were killed before one finished"
-    );
+    assert!(kills >= 3, "only {kills} restores were killed before one finished");
     if !finished {
         sb.ok("b", repo, &restore);
     }
