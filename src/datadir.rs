@@ -29,8 +29,30 @@ pub const DEFAULT_DATA_DIR: &str = "snapvol-data";
 const VOLUMES_DIR: &str = "volumes";
 /// A volume directory is complete once it holds this file.
 const CONFIG_FILE: &str = "volume.toml";
-/// Present while a volume is incomplete (see [`DataDir::create_incomplete_volume`]).
+/// Present while a volume is incomplete and hidden (see
+/// [`DataDir::create_incomplete_volume`]).
 pub const INCOMPLETE_FILE: &str = "incomplete";
+/// Present while a volume is incomplete but served, being filled (a lazy restore).
+pub const FILLING_FILE: &str = "filling";
+
+/// What an incomplete volume may be used for until it is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incomplete {
+    /// Nothing: it is not listed and does not open.
+    Hidden,
+    /// Served by the daemon while something fills it ([`crate::volume::Filler`]); listed;
+    /// opened only through [`DataDir::open_incomplete_volume`].
+    Filling,
+}
+
+impl Incomplete {
+    fn file(self) -> &'static str {
+        match self {
+            Incomplete::Hidden => INCOMPLETE_FILE,
+            Incomplete::Filling => FILLING_FILE,
+        }
+    }
+}
 /// The work record of what completes an incomplete volume.
 const INCOMPLETE_WORK_FILE: &str = "incomplete.work";
 const INCOMPLETE_MARKER_BYTES_MAX: u64 = 64 << 10;
@@ -120,16 +142,17 @@ impl DataDir {
         &self,
         name: &str,
         opts: &CreateOptions,
+        kind: Incomplete,
         marker: &[u8],
     ) -> Result<()> {
-        self.create_volume_marked(name, opts, Some(marker))
+        self.create_volume_marked(name, opts, Some((kind, marker)))
     }
 
     fn create_volume_marked(
         &self,
         name: &str,
         opts: &CreateOptions,
-        marker: Option<&[u8]>,
+        marker: Option<(Incomplete, &[u8])>,
     ) -> Result<()> {
         validate_name("volume", name)?;
         let dir = self.volume_dir(name);
@@ -149,12 +172,12 @@ impl DataDir {
         }
         fs::create_private_dir_all(&dir)
             .map_err(path_err(format!("creating {}", dir.display())))?;
-        if let Some(marker) = marker
-            && let Err(source) = fs::write_file_atomic(&dir.join(INCOMPLETE_FILE), marker)
+        if let Some((kind, marker)) = marker
+            && let Err(source) = fs::write_file_atomic(&dir.join(kind.file()), marker)
         {
             let _ = fs::remove_dir_all(&dir);
             return Err(Error::Path {
-                context: format!("writing {}", dir.join(INCOMPLETE_FILE).display()),
+                context: format!("writing {}", dir.join(kind.file()).display()),
                 source,
             });
         }
@@ -300,6 +323,9 @@ impl DataDir {
             }
             return Err(Error::Incomplete(name.to_string()));
         }
+        if dir.join(FILLING_FILE).exists() {
+            return Err(Error::Filling(name.to_string()));
+        }
         self.open_volume_in(&dir, name)
     }
 
@@ -341,20 +367,30 @@ impl DataDir {
 
     /// Opens a volume made by [`DataDir::create_incomplete_volume`] that is still
     /// incomplete, with its marker's bytes; `Ok(None)` when the volume is complete.
-    pub fn open_incomplete_volume(&self, name: &str) -> Result<Option<(Volume, Vec<u8>)>> {
+    pub fn open_incomplete_volume(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Volume, Incomplete, Vec<u8>)>> {
         let dir = self.existing_volume_dir(name)?;
-        let marker =
-            match fs::read_small_file(&dir.join(INCOMPLETE_FILE), INCOMPLETE_MARKER_BYTES_MAX) {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        for kind in [Incomplete::Hidden, Incomplete::Filling] {
+            let path = dir.join(kind.file());
+            match fs::read_small_file(&path, INCOMPLETE_MARKER_BYTES_MAX) {
+                Ok(marker) => return Ok(Some((self.open_volume_in(&dir, name)?, kind, marker))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
                     return Err(Error::Path {
-                        context: format!("reading {}", dir.join(INCOMPLETE_FILE).display()),
+                        context: format!("reading {}", path.display()),
                         source,
                     });
                 }
-            };
-        Ok(Some((self.open_volume_in(&dir, name)?, marker)))
+            }
+        }
+        Ok(None)
+    }
+
+    /// True when volume `name` is being filled while served (see [`Incomplete::Filling`]).
+    pub fn is_filling(&self, name: &str) -> bool {
+        self.volume_dir(name).join(FILLING_FILE).exists()
     }
 
     /// A file in an incomplete volume's directory for the work that completes it (e.g. a
@@ -367,7 +403,7 @@ impl DataDir {
     /// The volume must be closed (its data flushed) first.
     pub fn finish_incomplete_volume(&self, name: &str) -> Result<()> {
         let dir = self.existing_volume_dir(name)?;
-        for f in [INCOMPLETE_WORK_FILE, INCOMPLETE_FILE] {
+        for f in [INCOMPLETE_WORK_FILE, INCOMPLETE_FILE, FILLING_FILE] {
             match fs::remove_file(&dir.join(f)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

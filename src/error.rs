@@ -32,6 +32,14 @@ pub enum Error {
          token to resume it with, `snapvol receive --abort {0}` drops it"
     )]
     Receiving(String),
+    #[error(
+        "volume {0:?} is being restored from a backup while served (a lazy restore); until \
+         it is complete it opens only in `snapvol serve`"
+    )]
+    Filling(String),
+    /// A backup repository's error met by the engine (a lazy restore's fetch).
+    #[error("{0}")]
+    Backup(String),
     #[error("snapshot {volume}@{snapshot} does not exist")]
     NoSuchSnapshot { volume: String, snapshot: String },
     #[error("snapshot {volume}@{snapshot} already exists")]

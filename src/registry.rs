@@ -38,6 +38,8 @@ struct Entry {
     writers: Arc<Mutex<Writers>>,
     /// Commits the volume's queued preserved copies in the background.
     committer: Option<Committer>,
+    /// The background fetch of a volume being restored lazily from a backup.
+    fill: Option<Arc<crate::backup::lazy::LazyFill>>,
 }
 
 impl Entry {
@@ -47,15 +49,32 @@ impl Entry {
             volume,
             writers,
             committer,
+            fill: None,
         }
     }
 
-    /// Stops the committer (it holds a reference while it works) and hands back the parts.
-    fn into_parts(mut self) -> (Arc<Volume>, Arc<Mutex<Writers>>) {
+    /// Stops the committer (it holds a reference while it works) and a lazy restore's
+    /// fetch, and hands back the parts.
+    fn into_parts(self) -> (Arc<Volume>, Arc<Mutex<Writers>>) {
+        self.into_parts_with_fill().0
+    }
+
+    /// [`Entry::into_parts`], with the lazy restore's fetch (stopped) kept.
+    #[allow(clippy::type_complexity)]
+    fn into_parts_with_fill(
+        mut self,
+    ) -> (
+        (Arc<Volume>, Arc<Mutex<Writers>>),
+        Option<Arc<crate::backup::lazy::LazyFill>>,
+    ) {
+        let fill = self.fill.take();
+        if let Some(f) = &fill {
+            f.stop();
+        }
         if let Some(c) = self.committer.take() {
             c.stop(&self.volume);
         }
-        (self.volume, self.writers)
+        ((self.volume, self.writers), fill)
     }
 }
 
@@ -197,9 +216,38 @@ impl Registry {
                 hold.reason
             )));
         }
-        let volume = Arc::new(self.data_dir.open_volume(name)?);
-        open.insert(name.to_string(), Entry::new(volume.clone(), Arc::default()));
+        let (volume, fill) = match self.data_dir.open_volume(name) {
+            Ok(v) => (Arc::new(v), None),
+            // Being restored lazily: opened with its filler, which fetches in the background.
+            Err(Error::Filling(_)) => crate::backup::lazy::open(&self.data_dir, name)
+                .map(|(v, f)| (v, Some(f)))
+                .map_err(|e| Error::Backup(format!("volume {name:?}: lazy restore: {e}")))?,
+            Err(e) => return Err(e),
+        };
+        let mut entry = Entry::new(volume.clone(), Arc::default());
+        entry.fill = fill;
+        open.insert(name.to_string(), entry);
         Ok(volume)
+    }
+
+    /// An entry for a volume taken out and put back (it was in use): a lazy restore's
+    /// fetch, stopped by the take, starts again.
+    fn entry_again(
+        &self,
+        name: &str,
+        (volume, writers): (Arc<Volume>, Arc<Mutex<Writers>>),
+        fill: Option<Arc<crate::backup::lazy::LazyFill>>,
+    ) -> Entry {
+        let mut entry = Entry::new(volume.clone(), writers);
+        if let Some(f) = &fill {
+            f.restart(
+                Arc::downgrade(&volume),
+                self.data_dir.clone(),
+                name.to_string(),
+            );
+        }
+        entry.fill = fill;
+        entry
     }
 
     /// Registers a read-write connection to `name` that cannot be disconnected by force.
@@ -271,11 +319,14 @@ impl Registry {
         let Some(entry) = open.remove(name) else {
             return Ok(());
         };
-        let (volume, writers) = entry.into_parts();
+        let ((volume, writers), fill) = entry.into_parts_with_fill();
         match Arc::try_unwrap(volume) {
             Ok(volume) => volume.close(),
             Err(volume) => {
-                open.insert(name.to_string(), Entry::new(volume, writers));
+                open.insert(
+                    name.to_string(),
+                    self.entry_again(name, (volume, writers), fill),
+                );
                 Err(Error::InvalidArgument(format!(
                     "volume {name:?} is in use by connected clients"
                 )))
@@ -302,12 +353,15 @@ impl Registry {
         let volume = match open.remove(name) {
             None => None,
             Some(entry) => {
-                let (volume, writers) = entry.into_parts();
+                let ((volume, writers), fill) = entry.into_parts_with_fill();
                 match Arc::try_unwrap(volume) {
                     Ok(volume) => Some(volume),
                     Err(volume) => {
                         let users = Arc::strong_count(&volume) - 1;
-                        open.insert(name.to_string(), Entry::new(volume, writers));
+                        open.insert(
+                            name.to_string(),
+                            self.entry_again(name, (volume, writers), fill),
+                        );
                         return Err(HoldError::InUse {
                             name: name.to_string(),
                             users,

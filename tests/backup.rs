@@ -527,7 +527,12 @@ fn killed_at_random_moments(sb: &Sandbox, repo: &Repo, objects_present: &dyn Fn(
         // No manifest names a missing object (verify checks presence of all).
         sb.ok("a", repo, &["backup", "verify", &repo.url]);
     }
-    assert!(kills >= 3, "only {kills} pushes were killed before one finished");
+    assert!(
+        kills >= 3,
+        "only {kills} pushes were killed before one finished"
+    );
+    // Each kill may leave up to --jobs objects stored but not yet in the push's record
+    // (their replies never came); those are sent again.
     let before = objects_present();
     let done = sb.json(
         "a",
@@ -539,14 +544,65 @@ fn killed_at_random_moments(sb: &Sandbox, repo: &Repo, objects_present: &dyn Fn(
     // 48 objects, one all zeros.
     let needed = 47;
     let uploaded = u64_of(&done, "objects_uploaded");
-    let already_pushed = done["already_pushed"] == true;
     assert!(
-        already_pushed || uploaded <= needed - before.min(needed) + 2,
+        done["already_pushed"] == true || uploaded <= needed - before.min(needed) + 2 * kills,
         "after {kills} kills, {before} objects present, the last push uploaded {uploaded}: {done}"
     );
     eprintln!(
         "push: {kills} kills, {before} objects present before the last run, it uploaded {uploaded}"
     );
+
+    // One interruption mid-way (some objects recorded), then the push again: it re-sends at
+    // most one window (--jobs) of objects.
+    let base_present = objects_present();
+    sb.ok("a", repo, &["snapshot", "delete", "v@s1"]);
+    let fresh = image(192 * MIB, 12);
+    sb.change("a", &mut fresh.clone(), 0, &fresh);
+    sb.ok("a", repo, &["snapshot", "create", "v@s2"]);
+    let push2 = ["backup", "push", "v@s2", &repo.url, "--jobs", jobs];
+    let mut child = sb
+        .command("a", repo, &push2)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let records = || -> u64 {
+        std::fs::read_dir(sb.path("a").join("backup"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.metadata().map_or(0, |m| m.len() / 32))
+                    .sum::<u64>()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while records() < 6 && child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the push made no progress");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(rng.below(20)));
+    let killed = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    if killed {
+        let before = objects_present() - base_present;
+        let done = sb.json(
+            "a",
+            repo,
+            &[
+                "backup", "push", "v@s2", &repo.url, "--jobs", jobs, "--json",
+            ],
+        );
+        let uploaded = u64_of(&done, "objects_uploaded");
+        let sent_again = uploaded.saturating_sub(needed.saturating_sub(before));
+        eprintln!(
+            "push after one kill: {before} objects present, uploaded {uploaded}, {sent_again} sent again"
+        );
+        assert!(
+            done["already_pushed"] == true || sent_again <= 2,
+            "one kill, {before} objects present, the push after it uploaded {uploaded}: {done}"
+        );
+    }
 
     let restore = ["backup", "restore", &repo.url, "v@s1", "x", "--jobs", jobs];
     let mut kills = 0;
@@ -575,7 +631,10 @@ fn killed_at_random_moments(sb: &Sandbox, repo: &Repo, objects_present: &dyn Fn(
         );
     }
     eprintln!("restore: {kills} kills, finished under the last delay: {finished}");
-    assert!(kills >= 3, "only {kills} restores were killed before one finished");
+    assert!(
+        kills >= 3,
+        "only {kills} restores were killed before one finished"
+    );
     if !finished {
         sb.ok("b", repo, &restore);
     }
@@ -934,6 +993,137 @@ fn an_s3_repository_on_seaweedfs_backs_up_restores_verifies_and_collects() {
     // SAFETY: kill(2) with a child's pid.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
+    drop(serve);
+
+    lazy_restore_is_served_at_once_and_survives_a_daemon_kill(&weed);
+}
+
+/// `restore --lazy`: the volume is readable over NBD at once (every byte right while it
+/// fills); a client's write made while it fills is kept; the daemon killed with SIGKILL
+/// mid-way and started again carries on, and the volume ends complete and right.
+fn lazy_restore_is_served_at_once_and_survives_a_daemon_kill(weed: &Weed) {
+    let sb = Sandbox::new();
+    let repo = weed.repo("lazy");
+    let mut img = sb.volume("a", 128, 31);
+    sb.ok("a", &repo, &["backup", "push", "v@s1", &repo.url]);
+    let none = Repo::file(Path::new("/nonexistent"));
+    sb.fails(
+        "b",
+        &repo,
+        &["backup", "restore", &repo.url, "v@s1", "x", "--lazy"],
+        "snapvol serve",
+    );
+    sb.ok("b", &none, &["volume", "create", "keep", "--size", "1M"]);
+    let socket = sb.path("lazy.sock");
+    let serve = |sb: &Sandbox| {
+        let mut c = Command::new(BIN);
+        c.current_dir(sb.tmp.path())
+            .env_clear()
+            .arg("--data-dir")
+            .arg(sb.path("b"))
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = c.spawn().expect("spawn serve");
+        wait_for(&sb.path("b").join("control.sock"));
+        child
+    };
+    let mut daemon = serve(&sb);
+    let started = Instant::now();
+    sb.ok(
+        "b",
+        &repo,
+        &[
+            "backup", "restore", &repo.url, "v@s1", "x", "--lazy", "--jobs", "1",
+        ],
+    );
+    let uri = format!("nbd+unix:///x?socket={}", socket.display());
+    // A read far into the volume, at once.
+    let head = nbd_read(&uri, 100 * MIB, 4096);
+    assert_eq!(head, img[100 * MIB..100 * MIB + 4096], "first read");
+    eprintln!(
+        "first read {} ms after the restore command started",
+        started.elapsed().as_millis()
+    );
+    // A client's write while it fills, into an object not fetched yet (probably).
+    let patch = vec![0xabu8; 64 << 10];
+    nbd_write(&uri, 90 * MIB, &patch);
+    img[90 * MIB..90 * MIB + patch.len()].copy_from_slice(&patch);
+    sb.fails(
+        "b",
+        &none,
+        &["snapshot", "create", "x@early"],
+        "still being restored",
+    );
+    // Killed mid-way (if it has not finished already), then started again.
+    let info = sb.ok("b", &none, &["volume", "info", "x"]);
+    eprintln!(
+        "before the kill: {}",
+        info.lines().last().unwrap_or_default()
+    );
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let _ = std::fs::remove_file(sb.path("b").join("control.sock"));
+    let mut daemon = serve(&sb);
+    // Everything reads right while (or after) it goes on.
+    let all = nbd_read(&uri, 0, 128 * MIB);
+    assert_same(&all, &img, "the lazily restored volume over NBD");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info = sb.ok("b", &none, &["volume", "info", "x"]);
+        if !info.contains("restoring from backup") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lazy restore did not finish: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sb.ok("b", &none, &["snapshot", "create", "x@done"]);
+    // SAFETY: kill(2) with a child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    assert_same(&sb.export("b", "x@done"), &img, "the finished volume");
+    assert!(!sb.path("b").join("volumes/x/filling").exists());
+}
+
+/// Reads `len` bytes at `offset` of an NBD export with nbdcopy (libnbd).
+fn nbd_read(uri: &str, offset: usize, len: usize) -> Vec<u8> {
+    let out = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(format!(
+            "import nbd,sys\nh=nbd.NBD()\nh.connect_uri({uri:?})\nat,end={offset},{offset}+{len}\nwhile at<end:\n n=min(end-at,8<<20)\n sys.stdout.buffer.write(h.pread(n,at))\n at+=n\nh.shutdown()"
+        ))
+        .output()
+        .expect("python3 nbd");
+    assert!(
+        out.status.success(),
+        "nbd read: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn nbd_write(uri: &str, offset: usize, data: &[u8]) {
+    use std::io::Write;
+    let mut child = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(format!(
+            "import nbd,sys\nh=nbd.NBD()\nh.connect_uri({uri:?})\nh.pwrite(sys.stdin.buffer.read(),{offset})\nh.flush()\nh.shutdown()"
+        ))
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 nbd");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nbd write: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn wait_for(path: &Path) {

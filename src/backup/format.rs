@@ -110,6 +110,8 @@ pub struct Keys {
     digest_key: [u8; 32],
     cipher: Option<XChaCha20Poly1305>,
     key_check: Option<String>,
+    /// The key file's bytes (kept for a lazy restore, which goes on after restarts).
+    material: Option<Vec<u8>>,
 }
 
 impl Keys {
@@ -118,6 +120,7 @@ impl Keys {
             digest_key: blake3::derive_key(CONTEXT_DIGEST, b""),
             cipher: None,
             key_check: None,
+            material: None,
         }
     }
 
@@ -135,7 +138,12 @@ impl Keys {
             digest_key: blake3::derive_key(CONTEXT_DIGEST, material),
             cipher: Some(XChaCha20Poly1305::new((&enc).into())),
             key_check: Some(digest_hex(&blake3::derive_key(CONTEXT_KEY_CHECK, material))),
+            material: Some(material.to_vec()),
         })
+    }
+
+    pub fn material(&self) -> Option<&[u8]> {
+        self.material.as_deref()
     }
 
     pub fn encrypted(&self) -> bool {

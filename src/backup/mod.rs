@@ -12,6 +12,7 @@
 //! objects of pushes still running.
 
 pub mod format;
+pub mod lazy;
 pub mod maintain;
 pub mod push;
 pub mod repo;

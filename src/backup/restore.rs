@@ -11,6 +11,7 @@
 use super::format::{self, HOLE};
 use super::repo::Repo;
 use super::{Error, Result, Run, find_manifest, read_manifest};
+use crate::datadir::Incomplete;
 use crate::io::fs::AppendLog;
 use crate::{CreateOptions, DataDir, Volume};
 use futures::StreamExt;
@@ -66,15 +67,15 @@ pub fn restore(
                 ..Default::default()
             };
             let bytes = serde_json::to_vec(&marker).expect("a marker serializes");
-            dd.create_incomplete_volume(new_name, &opts, &bytes)?;
+            dd.create_incomplete_volume(new_name, &opts, Incomplete::Hidden, &bytes)?;
             match dd.open_incomplete_volume(new_name)? {
-                Some((v, _)) => v,
+                Some((v, _, _)) => v,
                 None => return Err(crate::Error::VolumeExists(new_name.to_string()).into()),
             }
         }
         Err(e) => return Err(e.into()),
         Ok(None) => return Err(crate::Error::VolumeExists(new_name.to_string()).into()),
-        Ok(Some((v, bytes))) => {
+        Ok(Some((v, _, bytes))) => {
             let theirs: Option<Marker> = serde_json::from_slice(&bytes).ok();
             if theirs.as_ref() != Some(&marker) {
                 let _ = v.close();

@@ -243,8 +243,8 @@ pub enum BackupCommand {
     /// Make a new local volume with a backed-up snapshot's contents.
     ///
     /// Every object is checked against its digest before it is written. Until the restore
-    /// finishes, NEWVOL cannot be opened or served; interrupted, run the same command again
-    /// to go on from where it stopped (or `volume delete NEWVOL`).
+    /// finishes, NEWVOL cannot be opened or served (but see --lazy); interrupted, run the
+    /// same command again to go on from where it stopped (or `volume delete NEWVOL`).
     Restore {
         #[arg(value_name = "REPO")]
         repo: String,
@@ -252,6 +252,12 @@ pub enum BackupCommand {
         target: String,
         #[arg(value_name = "NEWVOL")]
         new_volume: String,
+        /// Instant restore: NEWVOL is served at once while it fills in the background; a
+        /// read of data not fetched yet fetches it first. Needs `snapvol serve` running on
+        /// the data directory; a daemon restarted meanwhile carries on. `volume info`
+        /// shows the progress.
+        #[arg(long)]
+        lazy: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]

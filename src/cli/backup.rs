@@ -147,6 +147,7 @@ fn run_command(cmd: &BackupCommand, ctx: &mut Ctx, run: &Run) -> Result<()> {
             target,
             new_volume,
             json,
+            lazy,
             ..
         } => {
             let (vol, snap) = parse_target(target)?;
@@ -154,6 +155,27 @@ fn run_command(cmd: &BackupCommand, ctx: &mut Ctx, run: &Run) -> Result<()> {
                 bail!("restore needs a snapshot: write VOL@SNAP");
             };
             validate_name("volume", new_volume)?;
+            if *lazy {
+                let Volumes::Daemon(registry) = ctx.volumes else {
+                    bail!(
+                        "--lazy serves {new_volume} while it fills: run it while `snapvol serve` \
+                         runs on this data directory"
+                    );
+                };
+                let r = backup::lazy::start(
+                    registry, &vol, &snap, new_volume, &run.repo, &run.keys, run.jobs,
+                )?;
+                if *json {
+                    return json_line(ctx.out, &r);
+                }
+                writeln!(
+                    ctx.out,
+                    "serving {new_volume} now; filling it from {target} in {} in the background \
+                     ({} objects; `volume info {new_volume}` shows the progress)",
+                    r.repository, r.objects_total
+                )?;
+                return Ok(());
+            }
             let dd = match ctx.volumes {
                 Volumes::Direct(dd) => dd,
                 Volumes::Daemon(registry) => registry.data_dir(),

@@ -251,7 +251,7 @@ pub fn volume_info(ctx: &mut Ctx, name: &str, json: bool) -> Result<()> {
     }
     let bytes = |n: u64| format!("{} ({n} bytes)", human_size(n));
     let c = &info.counters;
-    let lines = [
+    let mut lines = vec![
         ("name", info.name.clone()),
         ("size", bytes(info.size)),
         ("chunk size", bytes(u64::from(info.chunk_size))),
@@ -283,6 +283,19 @@ pub fn volume_info(ctx: &mut Ctx, name: &str, json: bool) -> Result<()> {
         ("bytes preserved", bytes(c.bytes_preserved)),
         ("origin bytes written", bytes(c.origin_bytes_written)),
     ];
+    if let Some(f) = info.filling {
+        lines.push((
+            "restoring from backup",
+            format!(
+                "{} of {} fetched ({}%)",
+                human_size(f.done_bytes),
+                human_size(f.total_bytes),
+                (f.done_bytes * 100)
+                    .checked_div(f.total_bytes)
+                    .unwrap_or(100)
+            ),
+        ));
+    }
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     for (key, value) in lines {
         writeln!(ctx.out, "{:<width$} {value}", format!("{key}:"))?;

@@ -199,6 +199,12 @@ impl Live {
     /// The volume `name`, complete or marked incomplete by an interrupted apply.
     fn open(host: Host, name: &str) -> Result<Live> {
         let dd = host.data_dir();
+        if dd.is_filling(name) {
+            return Err(Error::Refused(format!(
+                "volume {name:?} is being restored from a backup (a lazy restore); a stream \
+                 applies to it once that is complete"
+            )));
+        }
         if let Host::Daemon(r) = host
             && r.open_names().iter().any(|n| n == name)
         {
@@ -207,7 +213,7 @@ impl Live {
                 owned: false,
             });
         }
-        if let Some((v, _)) = dd.open_incomplete_volume(name)? {
+        if let Some((v, crate::datadir::Incomplete::Hidden, _)) = dd.open_incomplete_volume(name)? {
             return Ok(Live {
                 vol: Arc::new(v),
                 owned: true,
@@ -350,7 +356,12 @@ pub fn receive(
                     chunk_size_bytes: Some(begin.chunk_size_bytes),
                     ..CreateOptions::default()
                 };
-                dd.create_incomplete_volume(name, &opts, &marker(&begin))?;
+                dd.create_incomplete_volume(
+                    name,
+                    &opts,
+                    crate::datadir::Incomplete::Hidden,
+                    &marker(&begin),
+                )?;
                 _lock = lock(&dir, name)?;
             } else if !dd.has_volume(name) {
                 return Err(Error::NotFound(format!(
@@ -658,7 +669,13 @@ fn receive_full(
 ) -> Result<u64> {
     let dd = host.data_dir();
     let vol = match dd.open_incomplete_volume(name)? {
-        Some((v, _)) => v,
+        Some((v, crate::datadir::Incomplete::Hidden, _)) => v,
+        Some((v, _, _)) => {
+            let _ = v.close();
+            return Err(Error::Refused(format!(
+                "volume {name:?} is being restored from a backup (a lazy restore)"
+            )));
+        }
         None => return Err(crate::Error::VolumeExists(name.to_string()).into()),
     };
     if vol.size_bytes() != begin.size_bytes || vol.chunk_size_bytes() != begin.chunk_size_bytes {
@@ -1012,12 +1029,19 @@ fn finish_pending(host: Host, name: &str) -> Result<Option<String>> {
         closed?;
     } else {
         match dd.open_incomplete_volume(name)? {
-            Some((vol, _)) => {
+            Some((vol, crate::datadir::Incomplete::Hidden, _)) => {
                 let published = publish_full(dd, name, &dir, &vol, &begin);
                 let closed = vol.close();
                 published?;
                 closed?;
                 finish_full(dd, name, &dir)?;
+            }
+            Some((vol, _, _)) => {
+                let _ = vol.close();
+                return Err(Error::Refused(format!(
+                    "volume {name:?} is being restored from a backup (a lazy restore), not \
+                     received"
+                )));
             }
             None => remove_receive_files(&dir)?,
         }

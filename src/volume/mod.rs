@@ -118,6 +118,27 @@ pub struct VolumeStats {
     pub failed: bool,
 }
 
+/// Puts a served volume's contents in place after it was opened (a lazy restore from a
+/// backup, `backup::lazy`). While a volume has one, every client read and write of a range
+/// first makes the filler put that range in place, and snapshots are refused (one would
+/// capture ranges not yet filled).
+pub trait Filler: Send + Sync + std::fmt::Debug {
+    /// Makes `[offset, offset + length)` hold its contents. `for_write`: and durably so, so
+    /// that the filler never writes over what a client writes there after.
+    fn ensure(&self, volume: &Volume, offset: u64, length: u64, for_write: bool) -> Result<()>;
+    /// True when `[offset, offset + length)` holds its contents already (no waiting).
+    fn ready(&self, offset: u64, length: u64) -> bool;
+    /// Bytes in place and bytes in all.
+    fn progress(&self) -> FillProgress;
+}
+
+/// How far a [`Filler`] has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FillProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
 /// `volume info`.
 #[derive(Debug, Clone, Serialize)]
 pub struct VolumeInfo {
@@ -131,6 +152,9 @@ pub struct VolumeInfo {
     pub snapshots: Vec<String>,
     pub preserved_chunks: u64,
     pub counters: Counters,
+    /// Present while the volume is being filled from a backup (a lazy restore).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filling: Option<FillProgress>,
 }
 
 /// One entry of `snapshot list`.
@@ -304,6 +328,10 @@ pub struct Volume {
     checkpoint_journal_bytes: u64,
     /// See `OpenConfig::restore_retry_interval_ms`.
     restore_retry_interval: std::time::Duration,
+    /// What puts the volume's contents in place while it is served (a lazy restore from a
+    /// backup); `filling` says whether there is one, without the lock.
+    filler: parking_lot::RwLock<Option<Arc<dyn Filler>>>,
+    filling: AtomicBool,
     /// The volume lock; `None` only after `close_keeping_lock` took it.
     lock: Mutex<Option<std::fs::File>>,
 }
@@ -352,6 +380,7 @@ impl Volume {
             snapshots: t.snapshots.values().map(|s| s.name.clone()).collect(),
             preserved_chunks: t.map.len(),
             counters: self.counters.load(),
+            filling: self.filler.read().as_ref().map(|f| f.progress()),
         }
     }
 
@@ -447,11 +476,53 @@ impl Volume {
         &self.chunk_locks[(chunk_index % CHUNK_LOCK_COUNT as u64) as usize]
     }
 
+    /// Gives the volume a [`Filler`]: from now on client reads and writes wait for their
+    /// ranges to be filled.
+    pub fn set_filler(&self, filler: Arc<dyn Filler>) {
+        *self.filler.write() = Some(filler);
+        self.filling.store(true, Ordering::Release);
+    }
+
+    /// The filler is done: the volume is an ordinary one again.
+    pub fn clear_filler(&self) {
+        self.filling.store(false, Ordering::Release);
+        *self.filler.write() = None;
+    }
+
+    pub fn is_filling(&self) -> bool {
+        self.filling.load(Ordering::Acquire)
+    }
+
+    /// A client's request touches `[offset, offset + length)`: have the filler put it in
+    /// place first (after the range was checked).
+    fn fill_before(&self, offset: u64, length: u64, for_write: bool) -> Result<()> {
+        if !self.filling.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let filler = self.filler.read().clone();
+        match filler {
+            Some(f) => f.ensure(self, offset, length, for_write),
+            None => Ok(()),
+        }
+    }
+
+    /// The filler's own write: through compare-before-write like any other, without
+    /// waiting for the filler.
+    pub fn fill_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_range_filled(
+            offset,
+            data.len() as u64,
+            write::Source::Data(data),
+            write::Old::Read,
+        )
+    }
+
     /// Reads the live volume.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.resume_paused_restore()?;
         self.ensure_ok()?;
         self.check_range(offset, buf.len() as u64)?;
+        self.fill_before(offset, buf.len() as u64, false)?;
         self.read_ahead_if_streaming(offset, buf.len() as u64);
         self.deferred
             .read_with(self.chunk_bytes(), offset, buf, |b| {
@@ -476,6 +547,12 @@ impl Volume {
         if self.restore_paused.load(Ordering::Acquire)
             || self.ensure_ok().is_err()
             || self.check_range(offset, len as u64).is_err()
+            || (self.filling.load(Ordering::Acquire)
+                && !self
+                    .filler
+                    .read()
+                    .as_ref()
+                    .is_none_or(|f| f.ready(offset, len as u64)))
             || self
                 .deferred
                 .holds_any(self.chunk_bytes(), offset, len as u64)

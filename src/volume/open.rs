@@ -575,6 +575,8 @@ impl Volume {
             closed: AtomicBool::new(access == Access::Check),
             read_only: access == Access::Check,
             checkpoint_journal_bytes: open_config.checkpoint_journal_bytes,
+            filler: parking_lot::RwLock::new(None),
+            filling: AtomicBool::new(false),
             restore_retry_interval: std::time::Duration::from_millis(
                 open_config.restore_retry_interval_ms,
             ),

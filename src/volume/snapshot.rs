@@ -174,6 +174,13 @@ impl Volume {
     pub fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
         self.resume_paused_restore()?; // a snapshot of a partly restored volume is refused
         self.ensure_ok()?;
+        if self.is_filling() {
+            return Err(Error::InvalidArgument(format!(
+                "volume {:?} is still being restored from a backup (see `volume info`); \
+                 snapshots can be taken once it is complete",
+                self.config.name
+            )));
+        }
         validate_name("snapshot", name)?;
         let _barrier = self.barrier.write();
         self.create_snapshot_locked(name)

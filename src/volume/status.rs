@@ -93,6 +93,17 @@ impl Volume {
         };
         let mut out = Vec::new();
         let Some(id) = snapshot_id else {
+            // Not filled yet (a lazy restore): the origin's holes say nothing; all data.
+            if self.is_filling()
+                && !self
+                    .filler
+                    .read()
+                    .as_ref()
+                    .is_none_or(|f| f.ready(offset, length))
+            {
+                push(&mut out, length, true);
+                return Ok(out);
+            }
             origin(offset, length, &mut out)?;
             return Ok(out);
         };

@@ -290,6 +290,21 @@ impl Volume {
         self.resume_paused_restore()?;
         self.ensure_ok()?;
         self.check_range(offset, length)?;
+        self.fill_before(offset, length, true)?;
+        self.write_range_filled(offset, length, src, old)
+    }
+
+    /// [`Volume::write_range`] once the range is filled (or for the filler itself).
+    pub(super) fn write_range_filled(
+        &self,
+        offset: u64,
+        length: u64,
+        src: Source<'_>,
+        old: Old,
+    ) -> Result<()> {
+        self.resume_paused_restore()?;
+        self.ensure_ok()?;
+        self.check_range(offset, length)?;
         if length == 0 {
             return Ok(());
         }
