@@ -413,15 +413,20 @@ fn relay(
         None => stream.shutdown(std::net::Shutdown::Write)?,
     }
     let mut bar: Option<Progress> = None;
-    let mut buf = Vec::with_capacity(RELAY_BYTES + 64);
+    let mut buf = Vec::new();
     loop {
-        let kind = control::read_frame(&mut stream, &mut buf)?;
+        let frame = control::read_frame(&mut stream, &mut buf)?;
+        let (kind, len) = match frame {
+            Some((k, len)) => (Some(k), len),
+            None => (None, 0),
+        };
+        let buf = &buf[..len];
         match kind {
             Some(FRAME_DATA) => {
                 let out = output
                     .as_mut()
                     .ok_or_else(|| anyhow!("the daemon sent data to a command without output"))?;
-                out.write_all(&buf).context("writing the stream")?;
+                out.write_all(buf).context("writing the stream")?;
             }
             Some(FRAME_PROGRESS) if buf.len() == 16 => {
                 let done = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
@@ -436,7 +441,7 @@ fn relay(
                 if let Some(out) = output.as_mut() {
                     out.flush().context("writing the stream")?;
                 }
-                let reply: control::Reply = serde_json::from_slice(&buf)
+                let reply: control::Reply = serde_json::from_slice(buf)
                     .map_err(|e| anyhow!("the daemon's reply is not valid: {e}"))?;
                 let _ = std::io::stdout().write_all(reply.stdout.as_bytes());
                 let _ = std::io::stdout().flush();

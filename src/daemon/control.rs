@@ -457,9 +457,9 @@ pub fn write_reply_frame(
     stream.shutdown(std::net::Shutdown::Write)
 }
 
-/// Reads one frame of a streaming reply into `buf`: its kind, or `None` at the end of the
-/// connection (between frames).
-pub fn read_frame(stream: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<u8>> {
+/// Reads one frame of a streaming reply into `buf[..length]`: its kind and length, or `None`
+/// at the end of the connection (between frames).
+pub fn read_frame(stream: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<(u8, usize)>> {
     let mut head = [0u8; 5];
     let mut got = 0;
     while got < head.len() {
@@ -478,10 +478,12 @@ pub fn read_frame(stream: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Optio
             format!("a frame of {len} bytes from the daemon, over the limit"),
         ));
     }
-    buf.clear();
-    buf.resize(len, 0);
-    stream.read_exact(buf)?;
-    Ok(Some(head[0]))
+    // Grown only, never zero-filled again: a data frame is 1 MiB.
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    stream.read_exact(&mut buf[..len])?;
+    Ok(Some((head[0], len)))
 }
 
 #[cfg(test)]

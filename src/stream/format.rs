@@ -410,7 +410,9 @@ pub struct RecordReader<R> {
     input: R,
     /// Bytes of the stream consumed so far (for messages).
     offset_bytes: u64,
+    /// The last record is `buf[..len]`; `buf` only grows (no zero-filling per record).
     buf: Vec<u8>,
+    len: usize,
 }
 
 impl<R: Read> RecordReader<R> {
@@ -419,7 +421,8 @@ impl<R: Read> RecordReader<R> {
         RecordReader {
             input,
             offset_bytes,
-            buf: Vec::with_capacity(RECORD_HEADER_BYTES + BODY_BYTES_MAX + RECORD_TRAILER_BYTES),
+            buf: vec![0; RECORD_HEADER_BYTES],
+            len: 0,
         }
     }
 
@@ -453,15 +456,14 @@ impl<R: Read> RecordReader<R> {
 
     /// The last record read, whole (header, body, crc).
     pub fn record_bytes(&self) -> &[u8] {
-        &self.buf
+        &self.buf[..self.len]
     }
 
     /// The next record; `Ok(None)` at a clean end of the input (between records).
     pub fn next_record(&mut self) -> Result<Option<Record>, Error> {
         let at = self.offset_bytes;
-        self.buf.clear();
-        self.buf.resize(RECORD_HEADER_BYTES, 0);
-        match read_full(&mut self.input, &mut self.buf) {
+        self.len = 0;
+        match read_full(&mut self.input, &mut self.buf[..RECORD_HEADER_BYTES]) {
             Ok(0) => return Ok(None),
             Ok(RECORD_HEADER_BYTES) => {}
             Ok(n) => {
@@ -483,8 +485,10 @@ impl<R: Read> RecordReader<R> {
             )));
         }
         let total = RECORD_HEADER_BYTES + body_len + RECORD_TRAILER_BYTES;
-        self.buf.resize(total, 0);
-        match read_full(&mut self.input, &mut self.buf[RECORD_HEADER_BYTES..]) {
+        if self.buf.len() < total {
+            self.buf.resize(total, 0);
+        }
+        match read_full(&mut self.input, &mut self.buf[RECORD_HEADER_BYTES..total]) {
             Ok(n) if n == total - RECORD_HEADER_BYTES => {}
             Ok(n) => {
                 return Err(Error::Truncated {
@@ -503,6 +507,7 @@ impl<R: Read> RecordReader<R> {
             )));
         }
         self.offset_bytes += total as u64;
+        self.len = total;
         let body = &self.buf[RECORD_HEADER_BYTES..crc_at];
         let record = match tag {
             TAG_BEGIN => Record::Begin(Begin::decode(body)?),
