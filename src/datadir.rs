@@ -56,6 +56,9 @@ impl Incomplete {
 /// The work record of what completes an incomplete volume.
 const INCOMPLETE_WORK_FILE: &str = "incomplete.work";
 const INCOMPLETE_MARKER_BYTES_MAX: u64 = 64 << 10;
+/// How the marker of a volume a `receive` is filling or applying a stream to starts
+/// (`{"receive":"VOL@SNAP"}`).
+pub const RECEIVE_MARKER_PREFIX: &[u8] = b"{\"receive\"";
 
 #[derive(Debug, Clone)]
 pub struct DataDir {
@@ -335,12 +338,43 @@ impl DataDir {
     pub fn open_volume(&self, name: &str) -> Result<Volume> {
         let dir = self.existing_volume_dir(name)?;
         if dir.join(INCOMPLETE_FILE).exists() {
+            let marker =
+                fs::read_small_file(&dir.join(INCOMPLETE_FILE), INCOMPLETE_MARKER_BYTES_MAX)
+                    .unwrap_or_default();
+            if marker.starts_with(RECEIVE_MARKER_PREFIX) {
+                return Err(Error::Receiving(name.to_string()));
+            }
             return Err(Error::Incomplete(name.to_string()));
         }
         if dir.join(FILLING_FILE).exists() {
             return Err(Error::Filling(name.to_string()));
         }
         self.open_volume_in(&dir, name)
+    }
+
+    /// The directory of volume `name`, whether or not it exists.
+    pub fn volume_path(&self, name: &str) -> Result<PathBuf> {
+        validate_name("volume", name)?;
+        Ok(self.volume_dir(name))
+    }
+
+    /// Whether `name` has a `volume.toml` (complete or incomplete).
+    pub fn has_volume(&self, name: &str) -> bool {
+        validate_name("volume", name).is_ok() && self.volume_dir(name).join(CONFIG_FILE).exists()
+    }
+
+    /// Makes a complete volume incomplete again, with `marker` (as
+    /// [`DataDir::create_incomplete_volume`] leaves it): from now on opening it is refused
+    /// until [`DataDir::finish_incomplete_volume`]. A `receive` does this while it applies a
+    /// stream to the volume, so a crash part-way leaves a volume no one serves until the
+    /// receive is finished. A volume open already stays open.
+    pub fn mark_incomplete(&self, name: &str, marker: &[u8]) -> Result<()> {
+        let dir = self.existing_volume_dir(name)?;
+        let path = dir.join(INCOMPLETE_FILE);
+        fs::write_file_atomic(&path, marker).map_err(|source| Error::Path {
+            context: format!("writing {}", path.display()),
+            source,
+        })
     }
 
     fn open_volume_in(&self, dir: &Path, name: &str) -> Result<Volume> {

@@ -27,6 +27,12 @@ pub enum Error {
     )]
     Incomplete(String),
     #[error(
+        "volume {0:?} is being received: a `snapvol receive` into it was interrupted; \
+         `snapvol receive --token {0}` finishes a stream that had fully arrived or prints the \
+         token to resume it with, `snapvol receive --abort {0}` drops it"
+    )]
+    Receiving(String),
+    #[error(
         "volume {0:?} is being restored from a backup while served (a lazy restore); until \
          it is complete it opens only in `snapvol serve`"
     )]

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod names;
 pub mod nbd;
 pub mod registry;
+pub mod stream;
 pub mod volume;
 
 pub use datadir::DataDir;

@@ -104,6 +104,66 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write a snapshot, or what changed between two, as a stream (to stdout or -o FILE).
+    ///
+    /// Without --from the stream is full: `receive` makes a new volume of it. With --from it
+    /// holds only the chunks that differ between BASE and SNAP (from the mapping table, as
+    /// `diff` finds them), and the receiving volume's newest snapshot must be BASE's copy.
+    /// Between machines: `snapvol send v@s2 --from v@s1 | ssh HOST snapvol receive v`.
+    /// Stream format: docs/FORMAT.md, "Send stream".
+    Send {
+        #[arg(value_name = "VOL@SNAP")]
+        target: String,
+        /// Send only what changed since this older snapshot of the same volume.
+        #[arg(long, value_name = "VOL@BASE")]
+        from: Option<String>,
+        /// Write the stream to FILE (created, mode 0600; an existing file is refused)
+        /// instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Go on with an interrupted receive: TOKEN is what `snapvol receive --token VOL`
+        /// printed on the receiving side. The token is checked against this sender's own
+        /// key (DATA_DIR/send.key): a token it did not issue for this very stream is
+        /// refused.
+        #[arg(long, value_name = "TOKEN")]
+        resume: Option<String>,
+        /// Show progress on stderr.
+        #[arg(long)]
+        progress: bool,
+        /// Volume bytes between two checkpoints (default 64 MiB; at least 1 MiB). For
+        /// tests, which resume small streams.
+        #[arg(long, value_name = "BYTES", hide = true)]
+        checkpoint_bytes: Option<u64>,
+    },
+    /// Read a stream that `snapvol send` wrote (from stdin or -i FILE) into volume VOL.
+    ///
+    /// A full stream creates VOL (the stream's size and chunk size) with the stream's
+    /// snapshot; an incremental one needs VOL's newest snapshot to be the stream's base. The
+    /// snapshot appears only once the whole stream has arrived and checked out; until then
+    /// VOL is served unchanged. Prints VOL@SNAP. Interrupted, `--token` prints the token
+    /// for `snapvol send --resume`.
+    Receive {
+        #[arg(value_name = "VOL")]
+        volume: String,
+        /// Read the stream from FILE instead of stdin.
+        #[arg(short = 'i', long = "input", value_name = "FILE", conflicts_with_all = ["token", "abort"])]
+        input: Option<PathBuf>,
+        /// Print the resume token of VOL's interrupted receive (and read no stream). A
+        /// stream that had arrived whole but was not applied yet is applied instead.
+        #[arg(long, conflicts_with = "abort")]
+        token: bool,
+        /// Drop VOL's interrupted receive (a full stream's unfinished volume, an
+        /// incremental one's staged data).
+        #[arg(long)]
+        abort: bool,
+        /// Discard what was written to VOL since its newest snapshot, and disconnect its
+        /// read-write NBD clients, to apply an incremental stream.
+        #[arg(long, conflicts_with_all = ["token", "abort"])]
+        force: bool,
+        /// Show progress on stderr.
+        #[arg(long, conflicts_with_all = ["token", "abort"])]
+        progress: bool,
+    },
     /// Verify volumes without changing them.
     ///
     /// Prints every problem and note on stdout, one per line, and exits 1 if there is any

@@ -57,6 +57,8 @@ pub struct Ctx<'a> {
     pub cancel: Option<&'a AtomicBool>,
     /// The client's `AWS_*` settings (see `control::Request::env`).
     pub env: Vec<(String, String)>,
+    /// The binary input or output of `send` and `receive`; `None` for other commands.
+    pub ends: Option<super::sendrecv::Ends<'a>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -130,7 +132,7 @@ fn volume_name(text: &str) -> Result<String> {
 }
 
 /// `VOL@SNAP`, where the snapshot part is required.
-fn snapshot_target(text: &str) -> Result<(String, String)> {
+pub(super) fn snapshot_target(text: &str) -> Result<(String, String)> {
     match parse_target(text)? {
         (vol, Some(snap)) => Ok((vol, snap)),
         (_, None) => bail!("expected VOL@SNAP, got {text:?}"),

@@ -15,6 +15,7 @@ mod config;
 mod format;
 mod progress;
 mod remote;
+mod sendrecv;
 mod serve;
 mod transfer;
 
@@ -97,7 +98,12 @@ pub fn main() -> ExitCode {
             result.and_then(|()| flushed.map_err(|e| anyhow::anyhow!("writing output: {e}"))),
         );
     }
-    match remote::forward(&cli.data_dir) {
+    let forwarded = if sendrecv::is_streaming(&cli.command) {
+        sendrecv::forward(&cli.data_dir, &cli.command)
+    } else {
+        remote::forward(&cli.data_dir)
+    };
+    match forwarded {
         Ok(Some(code)) => return code,
         Ok(None) => {}
         Err(e) => return exit_code(Err(e)),
@@ -108,6 +114,9 @@ pub fn main() -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = run(&cli, &mut out);
+    if result.is_err() {
+        sendrecv::remove_output_after_failure();
+    }
     // Output written before a failure (e.g. `check`'s findings) still goes out first.
     let flushed = out.flush();
     let result = result.and_then(|()| flushed.map_err(|e| anyhow::anyhow!("writing output: {e}")));
@@ -194,7 +203,12 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         &cli.command,
         Command::Volume(VolumeCommand::Create(_))
             | Command::Backup(args::BackupCommand::Restore { .. })
-    );
+    ) || matches!(&cli.command, Command::Receive { .. } if sendrecv::is_streaming(&cli.command));
+    let ends = if sendrecv::is_streaming(&cli.command) {
+        Some(sendrecv::local_ends(&cli.command)?)
+    } else {
+        None
+    };
     let data_dir = if creates {
         DataDir::open(&cli.data_dir)
     } else {
@@ -208,6 +222,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         cwd: None,
         cancel: None,
         env: snapvol::daemon::control::forwarded_env(),
+        ends,
     };
     execute(&cli.command, &mut ctx)
 }
@@ -247,6 +262,37 @@ fn execute(command: &Command, ctx: &mut Ctx) -> anyhow::Result<()> {
             force,
         } => commands::export(ctx, target, file, *force),
         Command::Check { volume } => commands::check(ctx, volume.as_deref()),
+        Command::Send {
+            target,
+            from,
+            resume,
+            progress,
+            checkpoint_bytes,
+            ..
+        } => sendrecv::send(
+            ctx,
+            target,
+            from.as_deref(),
+            resume.as_deref(),
+            *progress,
+            *checkpoint_bytes,
+        ),
+        Command::Receive {
+            volume,
+            token: true,
+            ..
+        } => sendrecv::receive_token(ctx, volume),
+        Command::Receive {
+            volume,
+            abort: true,
+            ..
+        } => sendrecv::receive_abort(ctx, volume),
+        Command::Receive {
+            volume,
+            force,
+            progress,
+            ..
+        } => sendrecv::receive(ctx, volume, *force, *progress),
         Command::Backup(cmd) => backup::execute(cmd, ctx),
         Command::Serve(_) => anyhow::bail!("serve cannot run inside a daemon"),
     }

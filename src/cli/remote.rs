@@ -12,14 +12,34 @@ use std::process::ExitCode;
 /// and returns the exit code to use; `Ok(None)` when no daemon serves it (no control
 /// socket, or a stale one) and the command should run here.
 pub fn forward(data_dir: &Path) -> Result<Option<ExitCode>> {
+    let Some(stream) = connect(data_dir)? else {
+        return Ok(None);
+    };
+    let request = request(data_dir)?;
+    let reply = control::call(stream, &request).with_context(|| {
+        format!(
+            "running the command in the daemon serving {}",
+            data_dir.display()
+        )
+    })?;
+    // Output goes out even if the other stream is closed.
+    let _ = std::io::stdout().write_all(reply.stdout.as_bytes());
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().write_all(reply.stderr.as_bytes());
+    Ok(Some(ExitCode::from(reply.exit.clamp(0, 255) as u8)))
+}
+
+/// A connection to the control socket of the daemon serving `data_dir`; `Ok(None)` when
+/// no daemon serves it (no control socket, or a stale one).
+pub fn connect(data_dir: &Path) -> Result<Option<UnixStream>> {
     let socket = control::socket_path(data_dir);
     // No socket file: no daemon. (Checked first, so that a data directory whose path is
     // too long for a socket address still works without a daemon.)
     if std::fs::symlink_metadata(&socket).is_err() {
         return Ok(None);
     }
-    let stream = match UnixStream::connect(&socket) {
-        Ok(s) => s,
+    match UnixStream::connect(&socket) {
+        Ok(s) => Ok(Some(s)),
         // A daemon that died leaves its socket behind: nothing answers.
         Err(e)
             if matches!(
@@ -28,14 +48,18 @@ pub fn forward(data_dir: &Path) -> Result<Option<ExitCode>> {
             ) =>
         {
             tracing::debug!(socket = %socket.display(), "stale control socket: running the command here");
-            return Ok(None);
+            Ok(None)
         }
         Err(e) => bail!(
             "a daemon serves {} but its control socket {} cannot be reached: {e}",
             data_dir.display(),
             socket.display()
         ),
-    };
+    }
+}
+
+/// This process's command line as a control request.
+pub fn request(data_dir: &Path) -> Result<Request> {
     let argv = std::env::args_os()
         .skip(1)
         .map(|a| {
@@ -49,20 +73,10 @@ pub fn forward(data_dir: &Path) -> Result<Option<ExitCode>> {
         })
         .collect::<Result<Vec<String>>>()?;
     let cwd = std::env::current_dir().context("cannot determine the current directory")?;
-    let request = Request {
+    Ok(Request {
         argv,
         cwd,
         env: control::forwarded_env(),
-    };
-    let reply = control::call(stream, &request).with_context(|| {
-        format!(
-            "running the command in the daemon serving {}",
-            data_dir.display()
-        )
-    })?;
-    // Output goes out even if the other stream is closed.
-    let _ = std::io::stdout().write_all(reply.stdout.as_bytes());
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().write_all(reply.stderr.as_bytes());
-    Ok(Some(ExitCode::from(reply.exit.clamp(0, 255) as u8)))
+        stream: false,
+    })
 }

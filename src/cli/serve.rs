@@ -5,7 +5,7 @@ use super::args::{Cli, Command, ServeArgs, TlsArg};
 use super::commands::{Ctx, Volumes};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use snapvol::daemon::control::{Reply, Request};
+use snapvol::daemon::control::{DataChannel, Reply, Request};
 use snapvol::daemon::{Daemon, DaemonError, Handler, Options};
 use snapvol::names::parse_size;
 use snapvol::nbd::{Authz, TlsMode, TlsSetup};
@@ -161,7 +161,12 @@ fn options(args: &ServeArgs) -> Result<Options> {
 
 /// Runs one control request: the command line is parsed as the CLI parses it and run in
 /// daemon mode, with its output captured.
-fn run_request(request: Request, registry: &Arc<Registry>, cancel: &AtomicBool) -> Reply {
+fn run_request(
+    request: Request,
+    channel: Option<&DataChannel>,
+    registry: &Arc<Registry>,
+    cancel: &AtomicBool,
+) -> Reply {
     let argv = std::iter::once("snapvol".to_string()).chain(request.argv);
     let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
@@ -179,6 +184,12 @@ fn run_request(request: Request, registry: &Arc<Registry>, cancel: &AtomicBool) 
             };
         }
     };
+    if channel.is_some() != super::sendrecv::is_streaming(&cli.command) {
+        return Reply::error(
+            "send and receive (with a stream) must come as streaming control requests, and \
+             only they",
+        );
+    }
     if matches!(cli.command, Command::Serve(_)) {
         return Reply::error(
             "a daemon already serves this data directory; serve cannot run through it",
@@ -193,6 +204,7 @@ fn run_request(request: Request, registry: &Arc<Registry>, cancel: &AtomicBool) 
             cwd: Some(&request.cwd),
             cancel: Some(cancel),
             env: request.env.clone(),
+            ends: channel.map(super::sendrecv::Ends::Channel),
         };
         super::execute(&cli.command, &mut ctx)
     };

@@ -8,6 +8,12 @@
 //! `{"exit": N, "stdout": "...", "stderr": "..."}`, then closes the connection. A
 //! connection that sends nothing is a probe ("is a daemon there?") and gets no answer.
 //!
+//! A streaming request (`"stream": true`, used by `send` and `receive`) goes on after the
+//! request line: the client sends its binary input until it closes its write side, and the
+//! daemon answers with frames, `kind u8 ‖ length u32 (LE) ‖ payload`: [`FRAME_DATA`] (the
+//! command's binary output), [`FRAME_PROGRESS`] (`done u64 ‖ total u64`) and last
+//! [`FRAME_REPLY`] (the JSON reply), then closes.
+//!
 //! Only the daemon's own user (and root) may use the socket: it is created mode 0600 and
 //! the peer's uid is checked.
 
@@ -44,6 +50,12 @@ pub struct Request {
     /// `AWS_*`), which the daemon's own environment must not stand in for.
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// A streaming request (`send`, `receive`): after the request line the client sends
+    /// the command's binary input (raw, until it closes its write side), and the daemon
+    /// answers with frames ([`read_frame`]): the command's binary output, progress, and
+    /// last the reply. See [`DataChannel`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
 }
 
 /// The client environment variables a forwarded command carries ([`Request::env`]).
@@ -115,8 +127,18 @@ fn time_left(deadline: Instant, what: &str) -> io::Result<Duration> {
 /// Reads one request: up to a newline or the end of the stream, all of it before
 /// `deadline`. `Ok(None)` for a probe (nothing sent).
 pub fn read_request(stream: &mut UnixStream, deadline: Instant) -> io::Result<Option<Request>> {
+    Ok(read_request_with_rest(stream, deadline)?.map(|(r, _)| r))
+}
+
+/// [`read_request`], with the bytes read past the request's newline (the start of a
+/// streaming request's input).
+pub fn read_request_with_rest(
+    stream: &mut UnixStream,
+    deadline: Instant,
+) -> io::Result<Option<(Request, Vec<u8>)>> {
     const TIMED_OUT: &str = "timed out reading the request";
     let mut buf = Vec::new();
+    let mut rest = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
         stream.set_read_timeout(Some(time_left(deadline, TIMED_OUT)?))?;
@@ -130,6 +152,7 @@ pub fn read_request(stream: &mut UnixStream, deadline: Instant) -> io::Result<Op
         }
         if let Some(nl) = chunk[..n].iter().position(|&b| b == b'\n') {
             buf.extend_from_slice(&chunk[..nl]);
+            rest.extend_from_slice(&chunk[nl + 1..n]);
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
@@ -158,7 +181,7 @@ pub fn read_request(stream: &mut UnixStream, deadline: Instant) -> io::Result<Op
             "the request's cwd must be an absolute path",
         ));
     }
-    Ok(Some(request))
+    Ok(Some((request, rest)))
 }
 
 /// Sends `reply`, all of it before `deadline`, and ends the connection's write side.
@@ -210,6 +233,259 @@ pub fn refuse(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
     write_reply(stream, reply, Instant::now() + Duration::from_secs(1))
 }
 
+/// Frame kinds of a streaming reply.
+pub const FRAME_DATA: u8 = 1;
+pub const FRAME_PROGRESS: u8 = 2;
+pub const FRAME_REPLY: u8 = 3;
+/// Largest frame payload.
+pub const FRAME_BYTES_MAX: usize = 4 << 20;
+/// How often a blocked read or write of a streaming request looks at the shutdown flag.
+const CHANNEL_POLL: Duration = Duration::from_millis(250);
+/// Least time between two progress frames.
+const PROGRESS_FRAME_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Socket buffer asked for on a streaming request's connection, both ways (the kernel caps
+/// it at `net.core.wmem_max` / `rmem_max`): a data frame of 1 MiB then goes across in a few
+/// system calls instead of dozens.
+const STREAM_SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
+
+/// Asks for larger socket buffers on a streaming request's connection; a refusal changes
+/// nothing.
+pub fn grow_stream_buffers(stream: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    let size = STREAM_SOCKET_BUFFER_BYTES;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket, option and c_int value of the stated size.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const size).cast::<libc::c_void>(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// The daemon's side of a streaming request: the client's input, and frames back to it.
+/// Reads and writes block no longer than [`CHANNEL_POLL`] at a time, and fail once the
+/// daemon shuts down.
+pub struct DataChannel<'a> {
+    input: std::sync::Mutex<(UnixStream, Vec<u8>, usize)>,
+    output: std::sync::Mutex<UnixStream>,
+    cancel: &'a std::sync::atomic::AtomicBool,
+    last_progress: std::sync::Mutex<Option<Instant>>,
+}
+
+fn shutting_down() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "the daemon is shutting down")
+}
+
+impl<'a> DataChannel<'a> {
+    /// `rest`: what was read past the request line.
+    pub fn new(
+        stream: &UnixStream,
+        rest: Vec<u8>,
+        cancel: &'a std::sync::atomic::AtomicBool,
+    ) -> io::Result<DataChannel<'a>> {
+        grow_stream_buffers(stream);
+        let input = stream.try_clone()?;
+        input.set_read_timeout(Some(CHANNEL_POLL))?;
+        let output = stream.try_clone()?;
+        output.set_write_timeout(Some(CHANNEL_POLL))?;
+        Ok(DataChannel {
+            input: std::sync::Mutex::new((input, rest, 0)),
+            output: std::sync::Mutex::new(output),
+            cancel,
+            last_progress: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads the client's input; 0 at its end.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut guard = self.input.lock().unwrap_or_else(|e| e.into_inner());
+        let (stream, rest, at) = &mut *guard;
+        if *at < rest.len() {
+            let n = buf.len().min(rest.len() - *at);
+            buf[..n].copy_from_slice(&rest[*at..*at + n]);
+            *at += n;
+            return Ok(n);
+        }
+        loop {
+            if self.cancelled() {
+                return Err(shutting_down());
+            }
+            match stream.read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends one frame.
+    pub fn frame(&self, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > FRAME_BYTES_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a frame of {len} bytes, over the limit of {FRAME_BYTES_MAX}"),
+            ));
+        }
+        let mut head = [0u8; 5];
+        head[0] = kind;
+        head[1..5].copy_from_slice(&(len as u32).to_le_bytes());
+        let mut all: Vec<io::IoSlice> = Vec::with_capacity(parts.len() + 1);
+        all.push(io::IoSlice::new(&head));
+        all.extend(parts.iter().map(|p| io::IoSlice::new(p)));
+        let mut slices: &mut [io::IoSlice] = &mut all;
+        let mut out = self.output.lock().unwrap_or_else(|e| e.into_inner());
+        while !slices.is_empty() {
+            if self.cancelled() {
+                return Err(shutting_down());
+            }
+            match out.write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// A progress frame, at most one per [`PROGRESS_FRAME_INTERVAL`] (and the last one).
+    /// Progress is a courtesy: a failure to send it is ignored (the next data write fails).
+    pub fn progress(&self, done_bytes: u64, total_bytes: u64) {
+        {
+            let mut last = self.last_progress.lock().unwrap_or_else(|e| e.into_inner());
+            if done_bytes < total_bytes
+                && last.is_some_and(|t| t.elapsed() < PROGRESS_FRAME_INTERVAL)
+            {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let mut p = [0u8; 16];
+        p[..8].copy_from_slice(&done_bytes.to_le_bytes());
+        p[8..].copy_from_slice(&total_bytes.to_le_bytes());
+        let _ = self.frame(FRAME_PROGRESS, &[&p]);
+    }
+}
+
+/// The client's input of a streaming request, as a `Read`.
+pub struct ChannelInput<'c, 'a>(pub &'c DataChannel<'a>);
+
+impl Read for ChannelInput<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+/// The command's binary output of a streaming request, as a `Write`: each write is a data
+/// frame (at most [`FRAME_BYTES_MAX`]).
+pub struct ChannelOutput<'c, 'a>(pub &'c DataChannel<'a>);
+
+impl Write for ChannelOutput<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(FRAME_BYTES_MAX);
+        self.0.frame(FRAME_DATA, &[&buf[..n]])?;
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(bufs.len());
+        let mut n = 0;
+        for b in bufs {
+            if n + b.len() > FRAME_BYTES_MAX {
+                break;
+            }
+            n += b.len();
+            parts.push(b);
+        }
+        if parts.is_empty() {
+            return self.write(bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b));
+        }
+        self.0.frame(FRAME_DATA, &parts)?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The reply of a streaming request, as its last frame, all of it before `deadline`; then
+/// the connection's write side is ended.
+pub fn write_reply_frame(
+    stream: &mut UnixStream,
+    reply: &Reply,
+    deadline: Instant,
+) -> io::Result<()> {
+    let json = serde_json::to_vec(reply)?;
+    let mut bytes = Vec::with_capacity(json.len() + 5);
+    bytes.push(FRAME_REPLY);
+    bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    let mut done = 0;
+    while done < bytes.len() {
+        stream.set_write_timeout(Some(time_left(deadline, "timed out writing the reply")?))?;
+        match stream.write(&bytes[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(timeout_as(e, "timed out writing the reply")),
+        }
+    }
+    stream.shutdown(std::net::Shutdown::Write)
+}
+
+/// Reads one frame of a streaming reply into `buf[..length]`: its kind and length, or `None`
+/// at the end of the connection (between frames).
+pub fn read_frame(stream: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<(u8, usize)>> {
+    let mut head = [0u8; 5];
+    let mut got = 0;
+    while got < head.len() {
+        match stream.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > FRAME_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes from the daemon, over the limit"),
+        ));
+    }
+    // Grown only, never zero-filled again: a data frame is 1 MiB.
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    stream.read_exact(&mut buf[..len])?;
+    Ok(Some((head[0], len)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +509,7 @@ mod tests {
             argv: vec!["volume".into(), "list".into()],
             cwd: "/tmp".into(),
             env: Vec::new(),
+            stream: false,
         };
         let line = br#"{"argv":["volume","list"],"cwd":"/tmp"}"#;
         assert_eq!(roundtrip(line).unwrap(), Some(want.clone()));
@@ -297,6 +574,7 @@ mod tests {
             argv: vec!["x".repeat(REFUSED_DRAIN_BYTES_MAX)],
             cwd: "/".into(),
             env: Vec::new(),
+            stream: false,
         };
         let reply = call(a, &request).unwrap();
         assert_eq!(reply.exit, 1);
@@ -322,6 +600,7 @@ mod tests {
                 argv: vec!["a".into(), "b".into()],
                 cwd: "/".into(),
                 env: Vec::new(),
+                stream: false,
             },
         )
         .unwrap();

@@ -132,8 +132,19 @@ impl Default for Options {
 /// Runs one control request. It gets the registry and the shutdown flag (long commands
 /// should stop early once it is set) and returns the reply; it runs on its own thread, and
 /// a panic is answered as an internal error.
-pub type Handler =
-    Arc<dyn Fn(control::Request, &Arc<Registry>, &AtomicBool) -> control::Reply + Send + Sync>;
+///
+/// A streaming request (`send`, `receive`) gets its [`control::DataChannel`]: the client's
+/// binary input, and frames of binary output back to it.
+pub type Handler = Arc<
+    dyn Fn(
+            control::Request,
+            Option<&control::DataChannel>,
+            &Arc<Registry>,
+            &AtomicBool,
+        ) -> control::Reply
+        + Send
+        + Sync,
+>;
 
 /// Asks a running daemon to shut down, as SIGTERM does.
 #[derive(Debug)]
@@ -735,7 +746,7 @@ fn serve_control(
             return;
         }
     }
-    let request = match control::read_request(&mut stream, request_deadline) {
+    let (request, rest) = match control::read_request_with_rest(&mut stream, request_deadline) {
         Ok(Some(r)) => r,
         Ok(None) => {
             tracing::debug!("control probe");
@@ -752,8 +763,15 @@ fn serve_control(
     };
     let argv = request.argv.join(" ");
     let started = Instant::now();
+    let streaming = request.stream;
     let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        handler(request, registry, shutdown)
+        if !streaming {
+            return handler(request, None, registry, shutdown);
+        }
+        match control::DataChannel::new(&stream, rest, shutdown) {
+            Ok(channel) => handler(request, Some(&channel), registry, shutdown),
+            Err(e) => control::Reply::error(&format!("cannot set up the data channel: {e}")),
+        }
     }))
     .unwrap_or_else(|_| {
         tracing::error!(command = %argv, "control command panicked");
@@ -766,7 +784,12 @@ fn serve_control(
         "control request"
     );
     let reply_deadline = Instant::now() + timeouts.reply;
-    if let Err(e) = control::write_reply(&mut stream, &reply, reply_deadline) {
+    let sent = if streaming {
+        control::write_reply_frame(&mut stream, &reply, reply_deadline)
+    } else {
+        control::write_reply(&mut stream, &reply, reply_deadline)
+    };
+    if let Err(e) = sent {
         tracing::warn!(command = %argv, error = %e, "could not send the control reply");
     }
 }
@@ -792,7 +815,10 @@ mod tests {
 
     fn echo() -> Handler {
         Arc::new(
-            |req: control::Request, registry: &Arc<Registry>, _: &AtomicBool| control::Reply {
+            |req: control::Request,
+             _: Option<&control::DataChannel>,
+             registry: &Arc<Registry>,
+             _: &AtomicBool| control::Reply {
                 exit: 0,
                 stdout: format!("{} in {}", req.argv.join(" "), req.cwd.display()),
                 stderr: registry.data_dir().root().display().to_string(),
@@ -839,6 +865,7 @@ mod tests {
             argv: vec!["volume".into(), "list".into()],
             cwd: "/somewhere".into(),
             env: Vec::new(),
+            stream: false,
         };
         let stream = UnixStream::connect(&control_path).unwrap();
         let reply = control::call(stream, &request).unwrap();

@@ -263,3 +263,109 @@ impl AppendLog {
         self.file.sync_data()
     }
 }
+
+/// Creates `path` (mode 0600) holding `bytes`, durably, only if it does not exist yet:
+/// `Ok(false)` when it existed (its content is left as it is). Written under a temporary
+/// name and linked into place, so no reader ever sees it partly written.
+pub fn create_file_once(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&tmp)?;
+        make_private(&f)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `n` bytes from the kernel's random number generator.
+pub fn random_bytes(n: usize) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// A file that only grows by appends until it is cut back to a length known to be
+/// durable: a `receive`'s spool of the records it has checked.
+pub struct Spool {
+    file: File,
+    len_bytes: u64,
+}
+
+impl Spool {
+    /// Opens (creating, mode 0600) the spool at `path`, cut back to `keep_bytes` (an error
+    /// if it holds fewer).
+    pub fn open(path: &Path, keep_bytes: u64) -> io::Result<Spool> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(PRIVATE_FILE_MODE)
+            .open(path)?;
+        make_private(&file)?;
+        let have = file.metadata()?.len();
+        if have < keep_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} holds {have} bytes, fewer than the {keep_bytes} recorded as durable",
+                    path.display()
+                ),
+            ));
+        }
+        file.set_len(keep_bytes)?;
+        Ok(Spool {
+            file,
+            len_bytes: keep_bytes,
+        })
+    }
+
+    pub fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+
+    /// Appends `parts` in order.
+    pub fn append(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        for part in parts {
+            self.file.write_all_at(part, self.len_bytes)?;
+            self.len_bytes += part.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// A handle that makes the spool durable from another thread.
+    pub fn syncer(&self) -> io::Result<SpoolSyncer> {
+        Ok(SpoolSyncer(self.file.try_clone()?))
+    }
+
+    /// Reads the spool from its start (buffered).
+    pub fn reader(path: &Path) -> io::Result<impl io::Read + use<>> {
+        Ok(io::BufReader::with_capacity(2 << 20, File::open(path)?))
+    }
+}
+
+/// See [`Spool::syncer`].
+pub struct SpoolSyncer(File);
+
+impl SpoolSyncer {
+    pub fn sync(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}

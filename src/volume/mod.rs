@@ -509,7 +509,12 @@ impl Volume {
     /// The filler's own write: through compare-before-write like any other, without
     /// waiting for the filler.
     pub fn fill_write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_range_filled(offset, data.len() as u64, write::Source::Data(data))
+        self.write_range_filled(
+            offset,
+            data.len() as u64,
+            write::Source::Data(data),
+            write::Old::Read,
+        )
     }
 
     /// Reads the live volume.

@@ -19,6 +19,20 @@ pub(super) enum Source<'a> {
     Zeroes,
 }
 
+/// What the old contents under a write are taken to be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Old {
+    /// Read from the origin (every ordinary write).
+    Read,
+    /// Zeros, as the caller knows (see [`Volume::write_over_zeros`]): not read.
+    KnownZeros,
+}
+
+/// What a chunk of [`Old::KnownZeros`] is compared with (never written: its pages stay the
+/// kernel's shared zero page).
+static ZEROS: [u8; super::config::CHUNK_SIZE_BYTES_MAX as usize] =
+    [0; super::config::CHUNK_SIZE_BYTES_MAX as usize];
+
 thread_local! {
     /// Per-thread buffer for the old contents of a chunk: no allocation per request.
     static OLD_CHUNK: RefCell<PageBuf> = const { RefCell::new(PageBuf::new()) };
@@ -242,26 +256,42 @@ fn align_down(x: u64, a: u64) -> u64 {
 impl Volume {
     /// Writes through compare-before-write.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_range(offset, data.len() as u64, Source::Data(data))
+        self.write_range(offset, data.len() as u64, Source::Data(data), Old::Read)
+    }
+
+    /// Writes `data` at `offset` where the caller knows the volume reads as zeros (or holds
+    /// `data` already): a fresh volume being filled, as a full `receive` does. The compare
+    /// is made against zeros in memory instead of reading the origin (which, for a sparse
+    /// new origin, costs zero-filling a page-cache page per 4 KiB read), and nothing is
+    /// read ahead. Where the chunk has a preserved copy due or held pieces, this is an
+    /// ordinary write. Pieces of `data` that are zeros are not written: if the caller was
+    /// wrong about the old contents, they keep them.
+    pub fn write_over_zeros(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_range(
+            offset,
+            data.len() as u64,
+            Source::Data(data),
+            Old::KnownZeros,
+        )
     }
 
     /// Makes the range read as zeros, punching holes where whole 4 KiB pieces allow.
     pub fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
-        self.write_range(offset, length, Source::Zeroes)
+        self.write_range(offset, length, Source::Zeroes, Old::Read)
     }
 
     /// Discard (trim): the range reads as zeros afterwards and its space on the origin is
     /// released where whole pieces allow; snapshots keep their data.
     pub fn discard(&self, offset: u64, length: u64) -> Result<()> {
-        self.write_range(offset, length, Source::Zeroes)
+        self.write_range(offset, length, Source::Zeroes, Old::Read)
     }
 
-    fn write_range(&self, offset: u64, length: u64, src: Source<'_>) -> Result<()> {
+    fn write_range(&self, offset: u64, length: u64, src: Source<'_>, old: Old) -> Result<()> {
         self.resume_paused_restore()?;
         self.ensure_ok()?;
         self.check_range(offset, length)?;
         self.fill_before(offset, length, true)?;
-        self.write_range_filled(offset, length, src)
+        self.write_range_filled(offset, length, src, old)
     }
 
     /// [`Volume::write_range`] once the range is filled (or for the filler itself).
@@ -270,6 +300,7 @@ impl Volume {
         offset: u64,
         length: u64,
         src: Source<'_>,
+        old: Old,
     ) -> Result<()> {
         self.resume_paused_restore()?;
         self.ensure_ok()?;
@@ -280,14 +311,14 @@ impl Volume {
         self.counters
             .client_bytes_written
             .fetch_add(length, Ordering::Relaxed);
-        if matches!(src, Source::Data(_)) {
+        if matches!(src, Source::Data(_)) && old == Old::Read {
             // Its compare reads the old data: a stream of writes gets it read ahead.
             self.read_ahead_if_streaming(offset, length);
         }
         self.wait_for_deferred_room()?;
         let result = {
             let _barrier = self.barrier.read();
-            self.write_range_locked(offset, length, src)
+            self.write_range_locked(offset, length, src, old)
         };
         match result {
             // No space for the held data or the origin: the group commit of what is queued
@@ -300,7 +331,7 @@ impl Volume {
             {
                 self.commit_queued()?;
                 let _barrier = self.barrier.read();
-                self.write_range_locked(offset, length, src)
+                self.write_range_locked(offset, length, src, old)
             }
             r => r,
         }
@@ -320,6 +351,7 @@ impl Volume {
         offset: u64,
         length: u64,
         src: Source<'_>,
+        old: Old,
     ) -> Result<()> {
         debug_assert!(length > 0);
         let cs = self.chunk_bytes();
@@ -328,7 +360,7 @@ impl Volume {
             // One chunk (most writes): the same steps without a list of locks or plans.
             let chunk_index = offset / cs;
             let _chunk = self.chunk_lock(chunk_index).write();
-            let mut plans = [self.plan_chunk(chunk_index, offset, length, src)?];
+            let mut plans = [self.plan_chunk(chunk_index, offset, length, src, old)?];
             let mut reserved = self.reserve_plans(&mut plans, src)?;
             let [plan] = plans;
             return self.apply_plan(plan, offset, src, &mut reserved);
@@ -345,7 +377,7 @@ impl Volume {
                 }
                 Source::Zeroes => Source::Zeroes,
             };
-            plans.push(self.plan_chunk(chunk_index, at, part_end - at, part)?);
+            plans.push(self.plan_chunk(chunk_index, at, part_end - at, part, old)?);
             at = part_end;
         }
         let mut reserved = self.reserve_plans(&mut plans, src)?;
@@ -420,6 +452,7 @@ impl Volume {
         offset: u64,
         length: u64,
         src: Source<'_>,
+        old_is: Old,
     ) -> Result<ChunkPlan> {
         let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
         let end = offset + length;
@@ -444,12 +477,17 @@ impl Volume {
             // first writes: pages touched through it count as the daemon's resident memory,
             // and a first write touches a chunk once.)
             let mut diffs: Vec<(u64, u64)> = Vec::new();
-            let in_place = preserve_for.is_none()
-                && self.origin.view_at(span_start, span_len, &mut |old_span| {
-                    diffs.clear();
-                    collect_diffs(old_span, span_start, offset, end, src, &mut diffs);
-                });
-            if !in_place {
+            let known_zeros = preserve_for.is_none() && old_is == Old::KnownZeros;
+            let in_place = known_zeros
+                || preserve_for.is_none()
+                    && self.origin.view_at(span_start, span_len, &mut |old_span| {
+                        diffs.clear();
+                        collect_diffs(old_span, span_start, offset, end, src, &mut diffs);
+                    });
+            if known_zeros {
+                diffs.clear();
+                collect_diffs(&ZEROS[..span_len], span_start, offset, end, src, &mut diffs);
+            } else if !in_place {
                 let old_span = &mut old[..span_len];
                 self.origin.read_at(old_span, span_start).map_err(
                     self.io_err(|| format!("reading chunk {chunk_index} of the origin")),
@@ -699,7 +737,7 @@ impl Volume {
             // No durable copy serves the newest snapshot (the commit should have made one):
             // the write path preserves the chunk before it changes the origin.
             drop(chunk);
-            return self.write_range_locked(chunk_start, len, Source::Data(data));
+            return self.write_range_locked(chunk_start, len, Source::Data(data), Old::Read);
         }
         let mut written = 0u64;
         for &(a, b) in runs {
