@@ -54,16 +54,8 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// What a long command reports as it goes: bytes of the volume done out of a total.
-pub trait Progress: Sync {
-    fn update(&self, done_bytes: u64, total_bytes: u64);
-}
-
-impl<F: Fn(u64, u64) + Sync> Progress for F {
-    fn update(&self, done_bytes: u64, total_bytes: u64) {
-        self(done_bytes, total_bytes)
-    }
-}
+/// What a long command reports as it goes: the same trait as send and receive use.
+pub use crate::stream::Progress;
 
 /// How a command runs, besides what it works on.
 pub struct Run<'a> {

@@ -287,10 +287,12 @@ impl Volume {
     }
 
     fn write_range(&self, offset: u64, length: u64, src: Source<'_>, old: Old) -> Result<()> {
-        self.resume_paused_restore()?;
-        self.ensure_ok()?;
-        self.check_range(offset, length)?;
-        self.fill_before(offset, length, true)?;
+        // The checks run once, in write_range_filled; a volume being filled needs the range
+        // checked before its filler indexes it.
+        if self.is_filling() {
+            self.check_range(offset, length)?;
+            self.fill_before(offset, length, true)?;
+        }
         self.write_range_filled(offset, length, src, old)
     }
 
