@@ -162,6 +162,13 @@ impl DataDir {
         self.check_new_volume_files(name, opts)?;
         let config = crate::volume::plan_volume(name, opts, self.disk.as_ref())?;
         let path_err = |context: String| move |source| Error::Path { context, source };
+        if dir.exists() && self.left_by_an_interrupted_create(&dir) {
+            // Nothing of a user's: an empty directory, or one an incomplete create marked
+            // (the marker is written before any other file, and removed only once
+            // volume.toml exists).
+            tracing::info!(volume = %name, "removing what an interrupted create left");
+            fs::remove_dir_all(&dir).map_err(path_err(format!("removing {}", dir.display())))?;
+        }
         if dir.exists() {
             // Never delete what might be a volume whose volume.toml was lost.
             return Err(Error::InvalidArgument(format!(
@@ -190,6 +197,22 @@ impl DataDir {
             .map_err(path_err("syncing the volumes directory".into()))?;
         tracing::info!(volume = %name, size = config.size_bytes, "volume created");
         Ok(())
+    }
+
+    /// True when `dir` (a volume directory without `volume.toml`) is empty, or holds the
+    /// marker (or its temporary file) of an incomplete volume's create.
+    fn left_by_an_interrupted_create(&self, dir: &Path) -> bool {
+        let Ok(names) = fs::list_files(dir) else {
+            return false;
+        };
+        let markers = [
+            INCOMPLETE_FILE,
+            FILLING_FILE,
+            "incomplete.tmp",
+            "filling.tmp",
+        ];
+        let empty = names.is_empty() && fs::list_dirs(dir).is_ok_and(|d| d.is_empty());
+        empty || names.iter().any(|n| markers.contains(&n.as_str()))
     }
 
     /// Refuses an adopted origin or store that is a file of this data directory (another

@@ -288,10 +288,11 @@ fn damaged_object_is_named(sb: &Sandbox, repo: &Repo, damage: &dyn Fn(&str)) {
         &["backup", "restore", &repo.url, "v@s1", "x"],
         &victim,
     );
-    let listed = sb.ok("b", repo, &["volume", "list"]);
-    assert!(
-        !listed.contains('x'),
-        "an incomplete volume is listed:\n{listed}"
+    let listed = sb.json("b", repo, &["volume", "list", "--json"]);
+    assert_eq!(
+        listed["volumes"],
+        serde_json::json!([]),
+        "an incomplete volume is listed"
     );
     sb.fails("b", repo, &["volume", "info", "x"], "incomplete");
     sb.ok("b", repo, &["volume", "delete", "x"]);
@@ -489,24 +490,37 @@ fn seed() -> u64 {
 }
 
 /// Runs `args` and SIGKILLs it after `delay_ms` (if it is still running); true if killed.
+/// A run that ends by itself must succeed.
 fn run_killed(sb: &Sandbox, data: &str, repo: &Repo, args: &[&str], delay_ms: u64) -> bool {
+    let stderr = sb.path("killed.stderr");
     let mut child: Child = sb
         .command(data, repo, args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .expect("spawn");
     let deadline = Instant::now() + Duration::from_millis(delay_ms);
+    let ended = |status: std::process::ExitStatus| {
+        assert!(
+            status.success(),
+            "snapvol {} failed: {}",
+            args.join(" "),
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        );
+        false
+    };
     while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return false;
+        if let Some(status) = child.try_wait().unwrap() {
+            return ended(status);
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let killed = child.try_wait().unwrap().is_none();
+    if let Some(status) = child.try_wait().unwrap() {
+        return ended(status);
+    }
     let _ = child.kill();
     let _ = child.wait();
-    killed
+    true
 }
 
 /// kill -9 at random moments of a push and of a restore, each followed by a check that the

@@ -16,7 +16,7 @@
 
 use super::format::{self, Digest, HOLE, Keys, Manifest, RepoConfig};
 use super::repo::{GC_MARK_KEY, Repo};
-use super::{Error, Result, Run, list_manifests, read_manifest};
+use super::{Error, Result, Run, read_manifest};
 use crate::Volume;
 use crate::io::fs::AppendLog;
 use bytes::Bytes;
@@ -50,6 +50,8 @@ pub struct PushReport {
     pub objects_uploaded: u64,
     /// Objects resumed from an interrupted push's record.
     pub objects_resumed: u64,
+    /// Requests made to the repository (retries inside the client not counted).
+    pub requests: u64,
     pub seconds: f64,
 }
 
@@ -95,18 +97,25 @@ pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result
         objects_total: object_count,
         objects_uploaded: 0,
         objects_resumed: 0,
+        requests: 0,
         seconds: 0.0,
     };
-    if rt.block_on(repo.get(&key))?.is_some() {
+    // One listing of manifests/: which snapshots the repository holds, and the gc mark.
+    let (all_refs, gc_mark) = rt.block_on(manifests_and_gc_mark(&repo))?;
+    if all_refs.iter().any(|r| r.key == key) {
         report.already_pushed = true;
+        report.requests = repo.requests();
         report.seconds = started.elapsed().as_secs_f64();
         return Ok(report);
     }
-    let gc_mark = rt.block_on(repo.get(GC_MARK_KEY))?;
+    let refs: Vec<_> = all_refs
+        .into_iter()
+        .filter(|r| r.volume == vol.name())
+        .collect();
 
-    // What the repository holds already, from manifests (no object listing).
+    // What the repository holds already, from manifests (no object listing): the base's
+    // objects; without a base, those of the volume's newest manifests.
     let local: Vec<_> = vol.list_snapshots();
-    let refs = rt.block_on(list_manifests(&repo, Some(vol.name())))?;
     let base_ref = refs
         .iter()
         .filter(|r| r.volume_uid == volume_uid && r.snapshot_id < snap.id)
@@ -121,7 +130,12 @@ pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result
     let mut base: Option<Manifest> = None;
     let mut others: Vec<_> = refs.iter().collect();
     others.sort_by_key(|r| std::cmp::Reverse((r.volume_uid, r.snapshot_id)));
-    for r in others.into_iter().take(KNOWN_MANIFESTS_MAX) {
+    let others_max = if base_ref.is_some() {
+        0
+    } else {
+        KNOWN_MANIFESTS_MAX
+    };
+    for r in others.into_iter().take(others_max) {
         let m = rt.block_on(read_manifest(&repo, &run.keys, &r.key))?;
         known.extend(m.objects.iter().copied().filter(|d| *d != HOLE));
         if base_ref.as_ref().is_some_and(|b| b.key == r.key) {
@@ -161,7 +175,12 @@ pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result
     }
 
     // This push's record of uploaded objects, kept across interruptions while no gc runs.
-    let session = session_id(&repo.url, &key, gc_mark.as_deref(), &run.keys);
+    let session = session_id(
+        &repo.url,
+        &key,
+        gc_mark.as_deref().map(str::as_bytes),
+        &run.keys,
+    );
     let state_path = state_dir.join(format!("push-{}.log", &format::digest_hex(&session)[..32]));
     let io_err = |context: String| move |source| Error::Io { context, source };
     crate::io::fs::create_private_dir_all(state_dir)
@@ -290,18 +309,11 @@ pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result
 
     // The snapshot must still be the one read (a restore or delete in between would have
     // failed the reads); a gc that started meanwhile may have deleted known objects.
-    if rt.block_on(repo.get(GC_MARK_KEY))? != gc_mark {
+    // (A base forgotten meanwhile is harmless: objects go only by gc, which marks first.)
+    if rt.block_on(manifests_and_gc_mark(&repo))?.1 != gc_mark {
         return Err(Error::Repo(format!(
             "{}: a gc started while this push ran; run the push again",
             repo.url
-        )));
-    }
-    if let Some(b) = &base
-        && rt.block_on(repo.get(&b.key()))?.is_none()
-    {
-        return Err(Error::Repo(format!(
-            "{}: the base backup {}@{} was forgotten while this push ran; run the push again",
-            repo.url, b.volume, b.snapshot
         )));
     }
     let manifest = Manifest {
@@ -323,6 +335,7 @@ pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result
     let bytes = manifest.encode(&run.keys, nonce);
     rt.block_on(repo.put(&key, Bytes::from(bytes), true))?;
     let _ = crate::io::fs::remove_file(&state_path);
+    report.requests = repo.requests();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -347,6 +360,23 @@ async fn config_for_push(repo: &Repo, keys: &Keys) -> Result<RepoConfig> {
         return repo.existing_config(keys).await;
     }
     Ok(c)
+}
+
+/// Every manifest in the repository and the gc mark's identity (its entity tag, or size and
+/// time), from one listing of `manifests/`.
+async fn manifests_and_gc_mark(repo: &Repo) -> Result<(Vec<super::ManifestRef>, Option<String>)> {
+    let listed = repo.list("manifests").await?;
+    let mark = listed.iter().find(|l| l.key == GC_MARK_KEY).map(|l| {
+        l.e_tag
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", l.size_bytes, l.modified_unix_s))
+    });
+    let mut refs: Vec<_> = listed
+        .iter()
+        .filter_map(|l| super::ManifestRef::parse(&l.key))
+        .collect();
+    refs.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok((refs, mark))
 }
 
 fn session_id(url: &str, key: &str, gc_mark: Option<&[u8]>, keys: &Keys) -> Digest {

@@ -39,12 +39,14 @@ pub struct Listed {
     pub key: String,
     pub size_bytes: u64,
     pub modified_unix_s: i64,
+    pub e_tag: Option<String>,
 }
 
 pub struct Repo {
     store: Arc<dyn ObjectStore>,
     prefix: Option<StorePath>,
     pub url: String,
+    requests: std::sync::atomic::AtomicU64,
 }
 
 /// Makes an `object_store` error one line, naming what was being done.
@@ -111,6 +113,7 @@ impl Repo {
                 store: Arc::new(store),
                 prefix: (!prefix.is_empty()).then(|| StorePath::from(prefix)),
                 url,
+                requests: Default::default(),
             })
         } else if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
@@ -126,12 +129,23 @@ impl Repo {
                 store: Arc::new(store),
                 prefix: None,
                 url,
+                requests: Default::default(),
             })
         } else {
             Err(Error::InvalidArgument(format!(
                 "repository {url:?}: write s3://BUCKET/PREFIX or file:///PATH"
             )))
         }
+    }
+
+    /// Requests made so far (a listing or batched delete counts once per call).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self) {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn path(&self, key: &str) -> StorePath {
@@ -154,6 +168,7 @@ impl Repo {
 
     /// The object at `key`, or `None` if there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, Error> {
+        self.count();
         match self.store.get(&self.path(key)).await {
             Ok(r) => {
                 Ok(Some(r.bytes().await.map_err(|e| {
@@ -172,6 +187,7 @@ impl Repo {
     /// `Ok(false)` returned (servers without conditional puts get a plain put).
     pub async fn put(&self, key: &str, bytes: Bytes, create_only: bool) -> Result<bool, Error> {
         let path = self.path(key);
+        self.count();
         let what = || format!("writing {key}");
         if create_only {
             let opts = PutOptions {
@@ -205,6 +221,7 @@ impl Repo {
     /// Every object under `dir` (a key prefix ending at a `/` boundary).
     pub async fn list(&self, dir: &str) -> Result<Vec<Listed>, Error> {
         let prefix = self.path(dir);
+        self.count();
         let metas: Vec<_> = self
             .store
             .list(Some(&prefix))
@@ -217,6 +234,7 @@ impl Repo {
                 key: self.relative(&m.location),
                 size_bytes: m.size,
                 modified_unix_s: m.last_modified.timestamp(),
+                e_tag: m.e_tag,
             })
             .collect())
     }
@@ -269,4 +287,4 @@ impl Repo {
 pub const CONFIG_KEY: &str = "config";
 /// Written by `gc` before it lists anything: an interrupted push started before it must not
 /// trust the objects it had uploaded.
-pub const GC_MARK_KEY: &str = "gc-started";
+pub const GC_MARK_KEY: &str = "manifests/gc-started";
