@@ -78,5 +78,6 @@ pub fn request(data_dir: &Path) -> Result<Request> {
         cwd,
         env: control::forwarded_env(),
         stream: false,
+        pass_fd: false,
     })
 }

@@ -3,9 +3,10 @@
 //! The stream never goes through the forwarded-command path (no stdin there, and stdout
 //! comes back as a string): without a daemon this process opens the volume and moves the
 //! stream itself; while `snapvol serve` runs, this process makes a *streaming* control
-//! request (`control::Request::stream`) and relays: its stdin (or `-i FILE`) to the
-//! daemon, the daemon's data frames to its stdout (or `-o FILE`), progress frames to a bar
-//! or lines on stderr, and the reply's output and exit status as its own.
+//! request (`control::Request::stream`, `pass_fd`): it hands the daemon the descriptor of
+//! its stdin or stdout (or of `-i FILE` / `-o FILE`) when asked, so the stream goes between
+//! that file and the daemon directly, then shows the daemon's progress frames on stderr and
+//! prints the reply's output, exiting with its status.
 
 use super::args::Command;
 use super::commands::{Ctx, Volumes, snapshot_target, with_volume};
@@ -13,7 +14,7 @@ use super::progress::{Progress, Show};
 use anyhow::{Context, Result, anyhow, bail};
 use snapvol::daemon::control::{
     self, ChannelInput, ChannelOutput, DataChannel, FRAME_DATA, FRAME_PROGRESS, FRAME_REPLY,
-    Request,
+    FRAME_SEND_FD, Request,
 };
 use snapvol::names::validate_name;
 use snapvol::stream::{self, Host, Run, Token};
@@ -30,8 +31,6 @@ use std::sync::OnceLock;
 /// limit for unprivileged users): fewer, larger reads and writes than with the 64 KiB
 /// default.
 const PIPE_BYTES: libc::c_int = 1 << 20;
-/// Unit of the relay between stdin and the daemon.
-const RELAY_BYTES: usize = 1 << 20;
 
 /// The binary ends of a `send` or `receive`.
 pub enum Ends<'a> {
@@ -76,53 +75,54 @@ fn std_file(stdout: bool) -> Result<File> {
     Ok(f)
 }
 
-/// The local ends of a streaming command: `-i FILE` / `-o FILE` (relative to this
-/// process's directory), or stdin / stdout (never a terminal).
-pub fn local_ends(cmd: &Command) -> Result<Ends<'static>> {
+/// The file a streaming command moves its stream through: for `send`, `-o FILE` (a new
+/// file, relative to this process's directory) or stdout; for `receive`, `-i FILE` or stdin
+/// (never a terminal).
+fn local_file(cmd: &Command) -> Result<File> {
     match cmd {
-        Command::Send { output, .. } => {
-            let out: Box<dyn Write + Send> = match output {
-                Some(path) => Box::new(create_output(path)?),
-                None => {
-                    if std::io::stdout().is_terminal() {
-                        bail!(
-                            "refusing to write a binary stream to a terminal: redirect stdout \
-                             (e.g. `| ssh HOST snapvol receive VOL`) or use -o FILE"
-                        );
-                    }
-                    Box::new(std_file(true)?)
+        Command::Send { output, .. } => match output {
+            Some(path) => create_output(path),
+            None => {
+                if std::io::stdout().is_terminal() {
+                    bail!(
+                        "refusing to write a binary stream to a terminal: redirect stdout \
+                         (e.g. `| ssh HOST snapvol receive VOL`) or use -o FILE"
+                    );
                 }
-            };
-            Ok(Ends::Local {
-                input: None,
-                output: Some(out),
-            })
-        }
-        Command::Receive { input, .. } => {
-            let inp: Box<dyn Read + Send> = match input {
-                Some(path) => Box::new(
-                    File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
-                ),
-                None => {
-                    if std::io::stdin().is_terminal() {
-                        bail!(
-                            "refusing to read a stream from a terminal: pipe it in (e.g. \
-                             `ssh HOST snapvol send VOL@SNAP | snapvol receive VOL`) or use -i FILE"
-                        );
-                    }
-                    Box::new(std_file(false)?)
+                std_file(true)
+            }
+        },
+        Command::Receive { input, .. } => match input {
+            Some(path) => {
+                File::open(path).with_context(|| format!("cannot open {}", path.display()))
+            }
+            None => {
+                if std::io::stdin().is_terminal() {
+                    bail!(
+                        "refusing to read a stream from a terminal: pipe it in (e.g. \
+                         `ssh HOST snapvol send VOL@SNAP | snapvol receive VOL`) or use -i FILE"
+                    );
                 }
-            };
-            Ok(Ends::Local {
-                input: Some(inp),
-                output: None,
-            })
-        }
-        _ => Ok(Ends::Local {
-            input: None,
-            output: None,
-        }),
+                std_file(false)
+            }
+        },
+        _ => bail!("not a streaming command"),
     }
+}
+
+/// The local ends of a streaming command (see [`local_file`]).
+pub fn local_ends(cmd: &Command) -> Result<Ends<'static>> {
+    let file = local_file(cmd)?;
+    Ok(match cmd {
+        Command::Send { .. } => Ends::Local {
+            input: None,
+            output: Some(Box::new(file)),
+        },
+        _ => Ends::Local {
+            input: Some(Box::new(file)),
+            output: None,
+        },
+    })
 }
 
 /// The `-o FILE` this process created: removed again if the send fails (it would hold a
@@ -342,15 +342,15 @@ pub fn receive_abort(ctx: &mut Ctx, volume: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs a streaming command in the daemon serving `data_dir`, relaying its stream; the
-/// exit code to use, or `Ok(None)` when no daemon serves the data directory.
+/// Runs a streaming command in the daemon serving `data_dir`: the daemon gets this
+/// process's stream file (stdin, stdout or the named file) itself (`Request::pass_fd`), so
+/// the stream never crosses the control socket; progress and the reply do. The exit code to
+/// use, or `Ok(None)` when no daemon serves the data directory.
 pub fn forward(data_dir: &Path, cmd: &Command) -> Result<Option<ExitCode>> {
     let Some(stream) = super::remote::connect(data_dir)? else {
         return Ok(None);
     };
-    let Ends::Local { input, output } = local_ends(cmd)? else {
-        unreachable!("local ends")
-    };
+    let file = local_file(cmd)?;
     let progress_label = match cmd {
         Command::Send { target, .. } => format!("send {target}"),
         Command::Receive { volume, .. } => format!("receive {volume}"),
@@ -358,7 +358,8 @@ pub fn forward(data_dir: &Path, cmd: &Command) -> Result<Option<ExitCode>> {
     };
     let mut request = super::remote::request(data_dir)?;
     request.stream = true;
-    let relayed = relay(stream, &request, input, output, &progress_label);
+    request.pass_fd = true;
+    let relayed = relay(stream, &request, file, &progress_label);
     if !matches!(relayed, Ok(0)) {
         remove_output_after_failure();
     }
@@ -372,46 +373,21 @@ pub fn forward(data_dir: &Path, cmd: &Command) -> Result<Option<ExitCode>> {
         })
 }
 
-/// The client side of a streaming request.
+/// The client side of a streaming request: hands `file` over when asked, shows progress,
+/// and returns the reply's exit status once its output is printed. (Data frames, which a
+/// daemon sends to a client that did not pass its descriptor, go to `file` too.) Nothing
+/// is written to the connection after the request, so that the daemon can tell this
+/// process's end (the connection closing) from the stream's.
 fn relay(
     mut stream: UnixStream,
     request: &Request,
-    input: Option<Box<dyn Read + Send>>,
-    mut output: Option<Box<dyn Write + Send>>,
+    file: File,
     progress_label: &str,
 ) -> Result<u8> {
-    control::grow_stream_buffers(&stream);
+    use std::os::fd::AsFd;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line)?;
-    match input {
-        Some(mut input) => {
-            let mut to_daemon = stream.try_clone()?;
-            // Not joined: if the daemon answers first (a refused stream), this process
-            // exits with the thread still blocked in a read of its input.
-            std::thread::Builder::new()
-                .name("relay-input".into())
-                .spawn(move || {
-                    let mut buf = vec![0u8; RELAY_BYTES];
-                    loop {
-                        let n = match input.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => n,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Err(e) => {
-                                tracing::warn!("reading the stream: {e}");
-                                break;
-                            }
-                        };
-                        if to_daemon.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                    let _ = to_daemon.shutdown(std::net::Shutdown::Write);
-                })?;
-        }
-        None => stream.shutdown(std::net::Shutdown::Write)?,
-    }
     let mut bar: Option<Progress> = None;
     let mut buf = Vec::new();
     loop {
@@ -422,11 +398,12 @@ fn relay(
         };
         let buf = &buf[..len];
         match kind {
+            Some(FRAME_SEND_FD) => {
+                control::send_fd(&stream, file.as_fd())
+                    .context("handing the stream to the daemon")?;
+            }
             Some(FRAME_DATA) => {
-                let out = output
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("the daemon sent data to a command without output"))?;
-                out.write_all(buf).context("writing the stream")?;
+                (&file).write_all(buf).context("writing the stream")?;
             }
             Some(FRAME_PROGRESS) if buf.len() == 16 => {
                 let done = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
@@ -437,9 +414,6 @@ fn relay(
             Some(FRAME_REPLY) => {
                 if let Some(b) = &bar {
                     b.finish();
-                }
-                if let Some(out) = output.as_mut() {
-                    out.flush().context("writing the stream")?;
                 }
                 let reply: control::Reply = serde_json::from_slice(buf)
                     .map_err(|e| anyhow!("the daemon's reply is not valid: {e}"))?;

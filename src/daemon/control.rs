@@ -12,7 +12,10 @@
 //! request line: the client sends its binary input until it closes its write side, and the
 //! daemon answers with frames, `kind u8 ‖ length u32 (LE) ‖ payload`: [`FRAME_DATA`] (the
 //! command's binary output), [`FRAME_PROGRESS`] (`done u64 ‖ total u64`) and last
-//! [`FRAME_REPLY`] (the JSON reply), then closes.
+//! [`FRAME_REPLY`] (the JSON reply), then closes. With `"pass_fd": true` (what the CLI
+//! sends) the binary input or output does not cross the socket at all: the daemon asks with
+//! [`FRAME_SEND_FD`], the client answers with one byte carrying its descriptor
+//! (`SCM_RIGHTS`) and sends nothing more, and the daemon reads or writes that descriptor.
 //!
 //! Only the daemon's own user (and root) may use the socket: it is created mode 0600 and
 //! the peer's uid is checked.
@@ -56,6 +59,13 @@ pub struct Request {
     /// last the reply. See [`DataChannel`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
+    /// With `stream`: the client hands over the descriptor of its binary input or output
+    /// (its stdin or stdout, or the file it named) instead of relaying the bytes. The
+    /// daemon asks with a [`FRAME_SEND_FD`] frame; the client answers with one byte carrying
+    /// the descriptor (`SCM_RIGHTS`); the daemon then reads or writes it directly, and only
+    /// progress and the reply cross the socket.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pass_fd: bool,
 }
 
 /// The client environment variables a forwarded command carries ([`Request::env`]).
@@ -237,6 +247,10 @@ pub fn refuse(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
 pub const FRAME_DATA: u8 = 1;
 pub const FRAME_PROGRESS: u8 = 2;
 pub const FRAME_REPLY: u8 = 3;
+/// The daemon asks for the client's descriptor (empty payload; see [`Request::pass_fd`]).
+pub const FRAME_SEND_FD: u8 = 4;
+/// How long the daemon waits for the descriptor it asked for.
+const PASS_FD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame payload.
 pub const FRAME_BYTES_MAX: usize = 4 << 20;
 /// How often a blocked read or write of a streaming request looks at the shutdown flag.
@@ -274,6 +288,12 @@ pub fn grow_stream_buffers(stream: &UnixStream) {
 pub struct DataChannel<'a> {
     input: std::sync::Mutex<(UnixStream, Vec<u8>, usize)>,
     output: std::sync::Mutex<UnixStream>,
+    /// The client's own input or output, handed over ([`Request::pass_fd`]). Each read or
+    /// write waits for it to be ready first; a blocking write into a reader that stalls
+    /// holds the command until the reader reads or goes.
+    passed: Option<std::sync::Mutex<std::fs::File>>,
+    /// The connection, to notice the client going away while the passed descriptor waits.
+    control: UnixStream,
     cancel: &'a std::sync::atomic::AtomicBool,
     last_progress: std::sync::Mutex<Option<Instant>>,
 }
@@ -283,23 +303,118 @@ fn shutting_down() -> io::Error {
 }
 
 impl<'a> DataChannel<'a> {
-    /// `rest`: what was read past the request line.
+    /// `rest`: what was read past the request line. With `pass_fd`, asks the client for
+    /// its descriptor and waits (at most [`PASS_FD_TIMEOUT`]) for it.
     pub fn new(
         stream: &UnixStream,
         rest: Vec<u8>,
         cancel: &'a std::sync::atomic::AtomicBool,
+        pass_fd: bool,
     ) -> io::Result<DataChannel<'a>> {
         grow_stream_buffers(stream);
         let input = stream.try_clone()?;
         input.set_read_timeout(Some(CHANNEL_POLL))?;
         let output = stream.try_clone()?;
         output.set_write_timeout(Some(CHANNEL_POLL))?;
-        Ok(DataChannel {
+        let mut channel = DataChannel {
             input: std::sync::Mutex::new((input, rest, 0)),
             output: std::sync::Mutex::new(output),
+            passed: None,
+            control: stream.try_clone()?,
             cancel,
             last_progress: std::sync::Mutex::new(None),
-        })
+        };
+        if pass_fd {
+            channel.frame(FRAME_SEND_FD, &[])?;
+            let deadline = Instant::now() + PASS_FD_TIMEOUT;
+            let fd = loop {
+                match recv_fd(&channel.control) {
+                    Ok(fd) => break fd,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        if channel.cancelled() {
+                            return Err(shutting_down());
+                        }
+                        time_left(deadline, "timed out waiting for the client's descriptor")?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            channel.passed = Some(std::sync::Mutex::new(std::fs::File::from(fd)));
+        }
+        Ok(channel)
+    }
+
+    /// Waits until the passed descriptor is ready for `events` (`POLLIN`, `POLLOUT`); an
+    /// error once the client has gone (its connection readable: it sends nothing after its
+    /// descriptor, so that is its end) or the daemon shuts down.
+    fn wait_passed(&self, file: &std::fs::File, events: libc::c_short) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        loop {
+            if self.cancelled() {
+                return Err(shutting_down());
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: file.as_raw_fd(),
+                    events,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.control.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfd entries of open descriptors, for the stated count.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, CHANNEL_POLL.as_millis() as i32) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if fds[1].revents != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the client went away",
+                ));
+            }
+            if fds[0].revents != 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes the command's binary output: to the passed descriptor, or as data frames.
+    pub fn data(&self, parts: &[&[u8]]) -> io::Result<()> {
+        let Some(passed) = &self.passed else {
+            return self.frame(FRAME_DATA, parts);
+        };
+        let file = passed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<io::IoSlice> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut slices: &mut [io::IoSlice] = &mut all;
+        io::IoSlice::advance_slices(&mut slices, 0);
+        while !slices.is_empty() {
+            // Writable first (a client gone or a shutdown is noticed); then a blocking
+            // write of the whole record. (Non-blocking writes into a pipe went out a few
+            // pages per wakeup, both sides contending for the pipe: half the speed.)
+            self.wait_passed(&file, libc::POLLOUT)?;
+            match (&*file).write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn cancelled(&self) -> bool {
@@ -308,6 +423,19 @@ impl<'a> DataChannel<'a> {
 
     /// Reads the client's input; 0 at its end.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(passed) = &self.passed {
+            let file = passed.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                // Readable first (so that a client gone or a shutdown is noticed); then a
+                // blocking read, which returns what is there.
+                self.wait_passed(&file, libc::POLLIN)?;
+                match (&*file).read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         let mut guard = self.input.lock().unwrap_or_else(|e| e.into_inner());
         let (stream, rest, at) = &mut *guard;
         if *at < rest.len() {
@@ -406,7 +534,7 @@ pub struct ChannelOutput<'c, 'a>(pub &'c DataChannel<'a>);
 impl Write for ChannelOutput<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = buf.len().min(FRAME_BYTES_MAX);
-        self.0.frame(FRAME_DATA, &[&buf[..n]])?;
+        self.0.data(&[&buf[..n]])?;
         Ok(n)
     }
 
@@ -423,13 +551,119 @@ impl Write for ChannelOutput<'_, '_> {
         if parts.is_empty() {
             return self.write(bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b));
         }
-        self.0.frame(FRAME_DATA, &parts)?;
+        self.0.data(&parts)?;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Space for one `SCM_RIGHTS` control message of one descriptor, aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct FdControl([u8; 64]);
+
+/// Sends one byte carrying `fd` (`SCM_RIGHTS`) over `stream` (the client's answer to
+/// [`FRAME_SEND_FD`]).
+pub fn send_fd(stream: &UnixStream, fd: std::os::fd::BorrowedFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    let mut control = FdControl([0; 64]);
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    assert!(space <= control.0.len());
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes, aligned for cmsghdr, so the first header
+    // fits; the data written is one c_int inside CMSG_LEN of it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
+    }
+    loop {
+        // SAFETY: a valid socket and a message whose buffers outlive the call.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n == 1 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if n < 0 && e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(if n < 0 {
+            e
+        } else {
+            io::ErrorKind::WriteZero.into()
+        });
+    }
+}
+
+/// Receives the byte [`send_fd`] sent and the descriptor it carries (close-on-exec).
+fn recv_fd(stream: &UnixStream) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = FdControl([0; 64]);
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len() as _;
+    // SAFETY: a valid socket and a message whose buffers outlive the call.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the client went away before handing over its descriptor",
+        ));
+    }
+    let mut got: Vec<OwnedFd> = Vec::new();
+    // SAFETY: the kernel filled msg_control with msg_controllen bytes of well-formed
+    // control messages; each SCM_RIGHTS one carries (cmsg_len - CMSG_LEN(0)) / 4 open
+    // descriptors, now ours (each is wrapped at once, so all are closed but the one kept).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    got.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 || got.len() != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the client's answer carries {} descriptors, not one",
+                got.len()
+            ),
+        ));
+    }
+    Ok(got.pop().expect("one"))
 }
 
 /// The reply of a streaming request, as its last frame, all of it before `deadline`; then
@@ -510,6 +744,7 @@ mod tests {
             cwd: "/tmp".into(),
             env: Vec::new(),
             stream: false,
+            pass_fd: false,
         };
         let line = br#"{"argv":["volume","list"],"cwd":"/tmp"}"#;
         assert_eq!(roundtrip(line).unwrap(), Some(want.clone()));
@@ -575,6 +810,7 @@ mod tests {
             cwd: "/".into(),
             env: Vec::new(),
             stream: false,
+            pass_fd: false,
         };
         let reply = call(a, &request).unwrap();
         assert_eq!(reply.exit, 1);
@@ -601,6 +837,7 @@ mod tests {
                 cwd: "/".into(),
                 env: Vec::new(),
                 stream: false,
+                pass_fd: false,
             },
         )
         .unwrap();

@@ -764,11 +764,12 @@ fn serve_control(
     let argv = request.argv.join(" ");
     let started = Instant::now();
     let streaming = request.stream;
+    let pass_fd = request.pass_fd;
     let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if !streaming {
             return handler(request, None, registry, shutdown);
         }
-        match control::DataChannel::new(&stream, rest, shutdown) {
+        match control::DataChannel::new(&stream, rest, shutdown, pass_fd) {
             Ok(channel) => handler(request, Some(&channel), registry, shutdown),
             Err(e) => control::Reply::error(&format!("cannot set up the data channel: {e}")),
         }
@@ -866,6 +867,7 @@ mod tests {
             cwd: "/somewhere".into(),
             env: Vec::new(),
             stream: false,
+            pass_fd: false,
         };
         let stream = UnixStream::connect(&control_path).unwrap();
         let reply = control::call(stream, &request).unwrap();
