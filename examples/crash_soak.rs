@@ -6,10 +6,7 @@
 //! last line printed is `states=N violations=V workloads=W seed=S`; the exit status is 1
 //! if any check failed.
 
-#[path = "../tests/crash_support/mod.rs"]
-mod crash_support;
-
-use crash_support::{ExploreConfig, SoakConfig, WORKLOADS, soak, workload};
+use snapvol_test_support::crash::{ExploreConfig, SoakConfig, WORKLOADS, soak, workload};
 use std::time::{Duration, Instant};
 
 fn usage() -> ! {

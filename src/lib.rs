@@ -6,8 +6,6 @@ pub mod backup;
 pub mod daemon;
 pub mod datadir;
 pub mod error;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod io;
 pub mod journal;
 pub mod metrics;

@@ -509,65 +509,6 @@ mod tests {
         (tmp, Registry::new(dd))
     }
 
-    /// A volume failed by a failed sync is brought back by `reopen`, in the same registry
-    /// (no restart): recovery runs and it takes writes again. Refused while in use.
-    #[test]
-    fn reopen_brings_back_a_failed_volume() {
-        use crate::io::sim::IoKind;
-        use crate::io::{FaultDisk, FileDisk};
-        let tmp = tempfile::tempdir().unwrap();
-        let disk = FaultDisk::new(Arc::new(FileDisk));
-        let plan = disk.plan().clone();
-        let dd = DataDir::open_with_disk(tmp.path(), Arc::new(disk)).unwrap();
-        let opts = CreateOptions {
-            size_bytes: Some(1 << 20),
-            ..CreateOptions::default()
-        };
-        dd.create_volume("v", &opts).unwrap();
-        let registry = Registry::new(dd);
-        let v = registry.volume("v").unwrap();
-        v.write(0, &[1; 4096]).unwrap();
-        v.flush().unwrap();
-        v.write(0, &[2; 4096]).unwrap();
-        plan.arm(0, libc::EIO, false, IoKind::Sync as u8);
-        assert!(v.flush().is_err());
-        plan.disarm();
-        assert!(v.failure().is_some());
-        assert!(
-            v.write(4096, &[3; 4096]).is_err(),
-            "a failed volume took a write"
-        );
-        // In use (a connection would hold it like this): refused, nothing changes.
-        match registry.reopen("v") {
-            Err(HoldError::InUse { users: 1, .. }) => {}
-            other => panic!("reopen of a volume in use: {other:?}"),
-        }
-        assert!(registry.volume("v").unwrap().failure().is_some());
-        drop(v);
-        let why = registry.reopen("v").unwrap();
-        assert!(
-            why.as_deref().is_some_and(|w| w.contains("sync")),
-            "{why:?}"
-        );
-        let v = registry.volume("v").unwrap();
-        assert!(v.failure().is_none());
-        let mut buf = [0u8; 4096];
-        v.read(0, &mut buf).unwrap();
-        assert!(
-            buf == [1; 4096] || buf == [2; 4096],
-            "block 0 reads neither write"
-        );
-        v.write(4096, &[4; 4096]).unwrap();
-        v.flush().unwrap();
-        v.read(4096, &mut buf).unwrap();
-        assert_eq!(buf, [4; 4096]);
-        // A healthy volume reopens too (closed with a checkpoint, opened again).
-        drop(v);
-        assert_eq!(registry.reopen("v").unwrap(), None);
-        registry.volume("v").unwrap().read(4096, &mut buf).unwrap();
-        assert_eq!(buf, [4; 4096]);
-    }
-
     #[test]
     fn hold_closed_closes_and_keeps_closed() {
         let (_tmp, reg) = registry_with_volume();

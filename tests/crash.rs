@@ -2,13 +2,11 @@
 //! `SimDisk`, then cut at every point of its trace; a fresh engine recovers every reachable
 //! disk state and the oracle checks every sector and every snapshot.
 
-mod crash_support;
-
-use crash_support::*;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
-use snapvol::io::sim::{FaultPlan, IoKind, SimDisk};
-use snapvol::io::{Disk, FaultDisk, OpenMode, Storage};
+use snapvol::io::{Disk, OpenMode, Storage};
+use snapvol_test_support::crash::*;
+use snapvol_test_support::sim::{FaultDisk, FaultPlan, IoKind, Replayer, SimDisk};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -507,7 +505,7 @@ impl History {
                     .map_err(|e| format!("after a power cut: {e}"))?;
                 let trace = sim.take_trace();
                 let at = point as usize * trace.len() / u16::MAX as usize;
-                let mut replayer = snapvol::io::sim::Replayer::new(paths, initial);
+                let mut replayer = Replayer::new(paths, initial);
                 replayer.advance_to(&trace, at);
                 let applied: Vec<usize> = replayer
                     .pending()

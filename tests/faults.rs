@@ -7,11 +7,9 @@
 //! fail the volume, and once the space comes back the same open volume must take a
 //! snapshot, first writes after it and a flush. See docs/RELIABILITY.md.
 
-mod crash_support;
-
-use crash_support::*;
-use snapvol::io::sim::{Fate, FaultPlan, IoKind, SimDisk};
-use snapvol::io::{Disk, FaultDisk};
+use snapvol::io::Disk;
+use snapvol_test_support::crash::*;
+use snapvol_test_support::sim::{Fate, FaultDisk, FaultPlan, IoKind, SimDisk, TraceEvent};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
@@ -332,7 +330,7 @@ fn faults_during_recovery() {
         .trace
         .iter()
         .position(|e| {
-            matches!(e, snapvol::io::sim::TraceEvent::Mark(t)
+            matches!(e, TraceEvent::Mark(t)
                 if matches!(rec.events[*t as usize], Ev::Restore { .. }))
         })
         .expect("the workload restores");

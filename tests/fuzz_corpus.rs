@@ -1,6 +1,6 @@
 //! Replays every committed fuzz seed (`fuzz/corpus/<target>/*`) through the same entry
-//! points the cargo-fuzz targets call (`snapvol::fuzzing`), so a normal `cargo test` runs
-//! the corpus without cargo-fuzz. Campaigns are `scripts/fuzz TARGET SECONDS`.
+//! points the cargo-fuzz targets call (`snapvol_test_support::fuzzing`), so a normal
+//! `cargo test` runs the corpus without cargo-fuzz. Campaigns are `scripts/fuzz TARGET SECONDS`.
 //!
 //! One test runs every target in turn so it can also check that no entry point leaves a
 //! thread or a scratch directory behind.
@@ -42,7 +42,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 fn every_corpus_file_replays_cleanly() {
     let root = corpus_dir();
     let mut total = 0;
-    for (target, entry) in snapvol::fuzzing::TARGETS {
+    for (target, entry) in snapvol_test_support::fuzzing::TARGETS {
         let seeds = files(&root.join(target));
         assert!(!seeds.is_empty(), "target {target} has no committed seeds");
         for path in seeds {
@@ -54,7 +54,7 @@ fn every_corpus_file_replays_cleanly() {
                 std::panic::resume_unwind(e);
             }
             assert_eq!(
-                snapvol::fuzzing::scratch_dirs_left(),
+                snapvol_test_support::fuzzing::scratch_dirs_left(),
                 0,
                 "{target} left a scratch directory behind on {}",
                 path.display()
@@ -76,7 +76,9 @@ fn every_corpus_file_replays_cleanly() {
     for dir in std::fs::read_dir(&root).unwrap() {
         let name = dir.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
-            snapvol::fuzzing::TARGETS.iter().any(|(t, _)| *t == name),
+            snapvol_test_support::fuzzing::TARGETS
+                .iter()
+                .any(|(t, _)| *t == name),
             "fuzz/corpus/{name} is no fuzz target"
         );
     }
@@ -87,7 +89,7 @@ fn every_corpus_file_replays_cleanly() {
 #[test]
 #[ignore = "writes fuzz/corpus/; run by hand after a format change"]
 fn write_seeds() {
-    for (target, name, bytes) in snapvol::fuzzing::seeds() {
+    for (target, name, bytes) in snapvol_test_support::fuzzing::seeds() {
         let dir = corpus_dir().join(target);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), bytes).unwrap();
@@ -104,7 +106,7 @@ fn replay_one() {
     let input = std::env::var("FUZZ_INPUT").expect("FUZZ_INPUT");
     let data = std::fs::read(&input).unwrap_or_else(|e| panic!("reading {input}: {e}"));
     assert!(
-        snapvol::fuzzing::run(&target, &data),
+        snapvol_test_support::fuzzing::run(&target, &data),
         "no fuzz target {target}"
     );
 }

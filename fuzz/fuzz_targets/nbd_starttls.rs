@@ -1,4 +1,4 @@
-//! `snapvol::fuzzing::nbd_starttls`: see that function for the input and what is checked.
+//! `snapvol_test_support::fuzzing::nbd_starttls`: see that function for the input and what is checked.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| snapvol::fuzzing::nbd_starttls(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| snapvol_test_support::fuzzing::nbd_starttls(data));

@@ -1,4 +1,4 @@
-//! `snapvol::fuzzing::ops`: see that function for the input and what is checked.
+//! `snapvol_test_support::fuzzing::ops`: see that function for the input and what is checked.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| snapvol::fuzzing::ops(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| snapvol_test_support::fuzzing::ops(data));

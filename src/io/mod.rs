@@ -9,14 +9,12 @@ mod file;
 pub mod fs;
 mod map;
 mod mem;
-pub mod sim;
 pub mod users;
 
 pub use counting::{CountingDisk, IoCounts};
 pub use file::FileDisk;
 pub use map::RawBytes;
 pub use mem::{MemDisk, MemStorage};
-pub use sim::{FaultDisk, SimDisk};
 
 use std::fmt::Debug;
 use std::io;

@@ -508,15 +508,74 @@ mod tests {
         assert_eq!(lens, vec![(0, 5, 4096), (1, 2, 100)]);
     }
 
-    /// A scratch file whose writes fail from the `n`-th on (after `arm`), like a file
-    /// system that fills up.
-    fn faulty_deferred() -> (Deferred, Arc<crate::io::sim::FaultPlan>) {
-        use crate::io::{FaultDisk, OpenMode};
-        let disk = FaultDisk::new(Arc::new(MemDisk::default()));
-        let scratch = disk
-            .open(std::path::Path::new("/scratch"), OpenMode::CreateNew)
+    /// A scratch file whose writes and reservations fail with ENOSPC from the `n`-th on
+    /// (counted from `arm`), like a file system that fills up; `disarm` makes room again.
+    /// (The fault-injecting disk of the tests, `snapvol_test_support::FaultDisk`, is not
+    /// usable here: these unit tests would see a second copy of the crate's types.)
+    #[derive(Debug, Default)]
+    struct Filling {
+        inner: Option<Arc<dyn Storage>>,
+        /// Writes still allowed; `None` when disarmed.
+        left: Mutex<Option<u64>>,
+    }
+
+    impl Filling {
+        fn arm(&self, n: u64) {
+            *self.left.lock() = Some(n);
+        }
+        fn disarm(&self) {
+            *self.left.lock() = None;
+        }
+        fn check(&self) -> io::Result<()> {
+            match &mut *self.left.lock() {
+                Some(0) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+                Some(n) => {
+                    *n -= 1;
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
+        fn inner(&self) -> &dyn Storage {
+            self.inner.as_deref().expect("inner storage")
+        }
+    }
+
+    impl Storage for Filling {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner().read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.check()?;
+            self.inner().write_at(buf, offset)
+        }
+        fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.check()?;
+            self.inner().reserve(offset, len)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.inner().sync()
+        }
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.inner().discard(offset, len)
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.inner().len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner().set_len(len)
+        }
+    }
+
+    fn faulty_deferred() -> (Deferred, Arc<Filling>) {
+        let scratch = MemDisk::default()
+            .scratch(std::path::Path::new("/"))
             .unwrap();
-        (Deferred::new(scratch), disk.plan().clone())
+        let filling = Arc::new(Filling {
+            inner: Some(scratch),
+            ..Filling::default()
+        });
+        (Deferred::new(filling.clone()), filling)
     }
 
     /// A put whose second piece cannot be written holds nothing new and changes no held
@@ -525,10 +584,9 @@ mod tests {
     /// origin).
     #[test]
     fn a_failed_put_leaves_the_held_pieces_as_they_were() {
-        use crate::io::sim::IoKind;
         let (d, plan) = faulty_deferred();
         let mut r = d.reserve(8).unwrap();
-        plan.arm(1, libc::ENOSPC, true, IoKind::Write as u8);
+        plan.arm(1);
         // A new chunk: nothing is held afterwards.
         let two = [(0, &[1u8; 4096][..]), (1, &[2u8; 4096][..])];
         assert!(d.put(5, two, &mut r).is_err());
@@ -536,7 +594,7 @@ mod tests {
         // A held chunk: its pieces keep their old bytes, and no piece is added.
         plan.disarm();
         d.put(6, [(0, &[3u8; 4096][..])], &mut r).unwrap();
-        plan.arm(1, libc::ENOSPC, true, IoKind::Write as u8);
+        plan.arm(1);
         let over = [(0, &[4u8; 4096][..]), (1, &[4u8; 4096][..])];
         assert!(d.put(6, over, &mut r).is_err());
         plan.disarm();
@@ -555,14 +613,13 @@ mod tests {
     /// refuses the reservation, and promises given back make room for the next one.
     #[test]
     fn reservations_allocate_ahead_and_are_given_back() {
-        use crate::io::sim::IoKind;
         let (d, plan) = faulty_deferred();
         let r = d.reserve(2).unwrap();
         assert_eq!(
             d.state.lock().reserved_slots as u64,
             SCRATCH_RESERVE_AHEAD_SLOTS
         );
-        plan.arm(0, libc::ENOSPC, true, IoKind::Write as u8);
+        plan.arm(0);
         // Within the reserved step: no further reservation needed.
         let r2 = d.reserve(SCRATCH_RESERVE_AHEAD_SLOTS - 2).unwrap();
         let e = d.reserve(1).unwrap_err();

@@ -21,11 +21,11 @@
 //! The journal targets also try the input with its checksums recomputed, so the fuzzer
 //! reaches the record decoder and replay without forging CRC-32C values.
 
-use crate::io::{Disk, MemDisk, OpenMode, Storage};
-use crate::journal::{Frame, Journal, JournalError, Record, RecoveryMode};
-use crate::nbd::{NbdError, NbdStream, ServerConfig, TlsMode, TlsSetup, serve_connection};
-use crate::volume::{CreateOptions, OpenConfig, StoreFullPolicy};
-use crate::{DataDir, Error, Registry, Volume};
+use snapvol::io::{Disk, MemDisk, OpenMode, Storage};
+use snapvol::journal::{Frame, Journal, JournalError, Record, RecoveryMode};
+use snapvol::nbd::{NbdError, NbdStream, ServerConfig, TlsMode, TlsSetup, serve_connection};
+use snapvol::volume::{CreateOptions, OpenConfig, StoreFullPolicy};
+use snapvol::{DataDir, Error, Registry, Volume};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -138,15 +138,15 @@ impl Scratch {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = scratch_base().join(format!("{SCRATCH_PREFIX}{}-{n}", std::process::id()));
         // A directory of a dead process that had the same pid.
-        let _ = crate::io::fs::remove_dir_all(&path);
-        crate::io::fs::create_private_dir_all(&path).expect("creating a scratch directory");
+        let _ = snapvol::io::fs::remove_dir_all(&path);
+        snapvol::io::fs::create_private_dir_all(&path).expect("creating a scratch directory");
         Scratch { path }
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = crate::io::fs::remove_dir_all(&self.path);
+        let _ = snapvol::io::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -182,7 +182,7 @@ fn mem_file(disk: &MemDisk, path: &Path, bytes: &[u8]) -> Arc<dyn Storage> {
 
 fn capture(root: &Path, disk: &MemDisk, name: &str) -> Image {
     let dir = volume_dir(root, name);
-    let config = crate::io::fs::read_small_file(&dir.join("volume.toml"), 1 << 20)
+    let config = snapvol::io::fs::read_small_file(&dir.join("volume.toml"), 1 << 20)
         .expect("reading volume.toml");
     let files = VOLUME_FILES
         .iter()
@@ -215,7 +215,7 @@ impl Instance {
         let disk = MemDisk::default();
         for image in images {
             let dir = volume_dir(&scratch.path, &image.name);
-            crate::io::fs::create_private_dir_all(&dir).expect("creating a volume directory");
+            snapvol::io::fs::create_private_dir_all(&dir).expect("creating a volume directory");
             std::fs::write(dir.join("volume.toml"), &image.config).expect("writing volume.toml");
             for (f, bytes) in &image.files {
                 let bytes = match replace {
@@ -313,7 +313,7 @@ fn more_history(v: &Volume) {
 const JOURNAL_MAGIC: &[u8; 8] = b"SNAPVJNL";
 const FRAME_MAGIC: u32 = 0x4A56_4E53;
 const FRAME_HEADER: usize = 24;
-const HEADER: usize = crate::journal::JOURNAL_HEADER_BYTES as usize;
+const HEADER: usize = snapvol::journal::JOURNAL_HEADER_BYTES as usize;
 
 fn le32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
@@ -339,7 +339,7 @@ pub fn fix_journal_checksums(file: &[u8]) -> Vec<u8> {
     let mut pos = HEADER;
     while pos + FRAME_HEADER <= f.len() && le32(&f, pos) == Some(FRAME_MAGIC) {
         let payload_len = le32(&f, pos + 4).unwrap_or(u32::MAX) as usize;
-        if payload_len > crate::journal::JOURNAL_FRAME_BYTES_MAX as usize {
+        if payload_len > snapvol::journal::JOURNAL_FRAME_BYTES_MAX as usize {
             break;
         }
         let end = pos + pad8(FRAME_HEADER + payload_len);
@@ -507,7 +507,7 @@ fn check_journal_at(file: &[u8], checkpoint_seq: u64) {
     );
 }
 
-fn check_recovered(rec: &crate::journal::Recovered, checkpoint_seq: u64) {
+fn check_recovered(rec: &snapvol::journal::Recovered, checkpoint_seq: u64) {
     let mut prev: Option<u64> = None;
     for f in &rec.frames {
         assert!(
@@ -1838,7 +1838,7 @@ impl OpsHarness {
     }
 
     /// A client write of `new` at `offset`, through `f`.
-    fn write(&mut self, offset: u64, new: &[u8], f: impl FnOnce(&Volume) -> crate::Result<()>) {
+    fn write(&mut self, offset: u64, new: &[u8], f: impl FnOnce(&Volume) -> snapvol::Result<()>) {
         let result = f(self.vol());
         let (s, e) = (offset as usize, offset as usize + new.len());
         match result {
@@ -2144,7 +2144,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut j = Journal::create(st.clone()).expect("journal");
     let empty = read_all(st.as_ref());
     j.append(&[
-        Record::Preserve(vec![crate::journal::PreserveEntry {
+        Record::Preserve(vec![snapvol::journal::PreserveEntry {
             chunk_index: 3,
             until_snapshot_id: 1,
             store_index: 0,

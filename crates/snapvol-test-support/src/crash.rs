@@ -4,10 +4,10 @@
 //! snapshot may read after a crash), and the explorer that replays a recorded trace and
 //! recovers a fresh engine on every reachable disk state. `docs/RELIABILITY.md` describes
 //! the fault model and the oracle.
-#![allow(dead_code)]
 
-use snapvol::io::sim::{Fate, FaultPlan, IoKind, Replayer, SimDisk, TraceEvent};
-use snapvol::io::{Disk, FaultDisk};
+use crate::sim::FaultDisk;
+use crate::sim::{Fate, FaultPlan, IoKind, Replayer, SimDisk, TraceEvent};
+use snapvol::io::Disk;
 use snapvol::volume::OpenConfig;
 use snapvol::{CreateOptions, DataDir, Error, StoreFullPolicy, Volume};
 use std::collections::{BTreeMap, HashMap};
@@ -237,7 +237,7 @@ pub struct Client {
 pub struct Outcome {
     pub id: u32,
     pub what: String,
-    pub faults: Vec<snapvol::io::sim::InjectedFault>,
+    pub faults: Vec<crate::sim::InjectedFault>,
     pub error: Option<String>,
     pub volume_failed: bool,
 }
@@ -260,10 +260,6 @@ impl Client {
             plan: None,
             outcomes: Mutex::new(Vec::new()),
         }
-    }
-
-    fn injected_count(&self) -> usize {
-        self.plan.as_ref().map_or(0, |p| p.injected().len())
     }
 
     fn id(&self) -> u32 {
@@ -1624,7 +1620,7 @@ fn choices(
         .copied()
         .filter(|&i| match &trace[i] {
             TraceEvent::Op {
-                op: snapvol::io::sim::SimOp::Write { data, .. },
+                op: crate::sim::SimOp::Write { data, .. },
                 ..
             } => data.len() > SECTOR / 2,
             _ => false,
@@ -1949,7 +1945,7 @@ impl FaultRun {
 pub const ENOSPC_KINDS: u8 = IoKind::Write as u8 | IoKind::SetLen as u8;
 
 /// Which pending operations survive a simulated power cut, from a seed.
-pub fn random_fate(seed: u64) -> impl FnMut(usize, usize, &snapvol::io::sim::SimOp) -> Fate {
+pub fn random_fate(seed: u64) -> impl FnMut(usize, usize, &crate::sim::SimOp) -> Fate {
     move |file, i, _| {
         if mix(seed, ((file as u64) << 32) | i as u64) & 1 == 1 {
             Fate::Applied
@@ -1977,13 +1973,13 @@ pub fn describe_trace(rec: &Recorded, from: usize, to: usize) -> String {
             TraceEvent::Op { file, op } => {
                 let name = rec.paths[*file].file_name().unwrap().to_string_lossy();
                 match op {
-                    snapvol::io::sim::SimOp::Write { offset, data } => {
+                    crate::sim::SimOp::Write { offset, data } => {
                         format!("write {name} @{offset} len {}", data.len())
                     }
-                    snapvol::io::sim::SimOp::Discard { offset, len } => {
+                    crate::sim::SimOp::Discard { offset, len } => {
                         format!("discard {name} @{offset} len {len}")
                     }
-                    snapvol::io::sim::SimOp::SetLen { len } => format!("set_len {name} {len}"),
+                    crate::sim::SimOp::SetLen { len } => format!("set_len {name} {len}"),
                 }
             }
             TraceEvent::Sync { file } => format!(

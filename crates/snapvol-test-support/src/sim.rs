@@ -20,8 +20,8 @@
 //! Not modelled: file creation and removal are durable at once (directory entries are
 //! not), and `len` never fails.
 
-use super::{Disk, OpenMode, Storage};
 use parking_lot::Mutex;
+use snapvol::io::{Disk, OpenMode, Storage};
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -198,7 +198,7 @@ impl SimDisk {
     }
 
     /// A disk holding `files`, all durable. With `track` false it behaves like
-    /// [`super::MemDisk`] (no durability bookkeeping, `crash_images` returns the current
+    /// [`snapvol::io::MemDisk`] (no durability bookkeeping, `crash_images` returns the current
     /// images), which is faster for a run that is never cut.
     pub fn with_files(files: impl IntoIterator<Item = (PathBuf, Vec<u8>)>, track: bool) -> Self {
         let mut st = SimState {
