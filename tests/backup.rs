@@ -653,6 +653,34 @@ fn killed_at_random_moments(sb: &Sandbox, repo: &Repo, objects_present: &dyn Fn(
         sb.ok("b", repo, &restore);
     }
     assert_same(&sb.export("b", "x"), &img, "restore after kills");
+
+    // gc of the objects only v@s1 needed, killed at random moments: after each kill every
+    // manifest's objects are there; run to its end, it leaves exactly v@s2's objects.
+    sb.ok("a", repo, &["backup", "forget", &repo.url, "v@s1"]);
+    let gc = ["backup", "gc", &repo.url, "--grace", "0", "--jobs", jobs];
+    let (mut kills, mut present) = (0, Vec::new());
+    for _ in 0..25 {
+        if !run_killed(sb, "a", repo, &gc, 1 + rng.below(30)) {
+            break;
+        }
+        kills += 1;
+        present.push(objects_present());
+        sb.ok("a", repo, &["backup", "verify", &repo.url]);
+    }
+    let last = sb.json(
+        "a",
+        repo,
+        &["backup", "gc", &repo.url, "--grace", "0", "--json"],
+    );
+    assert_eq!(u64_of(&last, "objects_kept"), needed, "{last}");
+    assert_eq!(objects_present(), needed, "objects left after gc");
+    eprintln!(
+        "gc: {kills} kills (objects present after each: {present:?}), the last run deleted {}",
+        u64_of(&last, "objects_deleted")
+    );
+    sb.ok("a", repo, &["backup", "verify", &repo.url, "--read-data"]);
+    sb.ok("c", repo, &["backup", "restore", &repo.url, "v@s2", "y"]);
+    assert_same(&sb.export("c", "y"), &fresh, "restore after gc kills");
 }
 
 #[test]

@@ -178,44 +178,98 @@ impl Keys {
     }
 }
 
-/// Encodes an object for `plain` (volume bytes), whose digest is `digest`.
-pub fn encode_object(keys: &Keys, digest: &Digest, plain: &[u8]) -> Vec<u8> {
+/// Bytes of each sample [`worth_compressing`] compresses.
+const COMPRESS_SAMPLE_BYTES: usize = 32 << 10;
+/// Samples per object.
+const COMPRESS_SAMPLE_COUNT: usize = 4;
+
+/// `data` compressed with zstd at [`ZSTD_LEVEL`], by a context kept per thread (making
+/// one costs about as much as compressing a sample).
+fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+        }
+        c.as_mut().expect("made above").compress(data)
+    })
+}
+
+/// Whether zstd is worth running over `plain`: a small object is simply tried; of a large
+/// one, a few samples spread over it are compressed first, and the object is stored raw if
+/// they gain under 3% together (random or already compressed data then costs a few
+/// percent of a full compression). An object whose compressible parts all fall between
+/// the samples is stored raw: a matter of size, never of correctness.
+fn worth_compressing(plain: &[u8]) -> bool {
+    let sample_total = COMPRESS_SAMPLE_BYTES * COMPRESS_SAMPLE_COUNT;
+    if plain.len() <= 2 * sample_total {
+        return true;
+    }
+    let stride = (plain.len() - COMPRESS_SAMPLE_BYTES) / (COMPRESS_SAMPLE_COUNT - 1);
+    let compressed: usize = (0..COMPRESS_SAMPLE_COUNT)
+        .map(|i| {
+            let at = i * stride;
+            let sample = &plain[at..at + COMPRESS_SAMPLE_BYTES];
+            compress(sample).map_or(sample.len(), |c| c.len())
+        })
+        .sum();
+    compressed * 100 < sample_total * 97
+}
+
+/// Encodes an object for `plain` (volume bytes), whose digest is `digest`: its bytes are
+/// the concatenation of the returned parts (a raw, unencrypted object shares `plain`'s
+/// memory instead of copying it).
+pub fn encode_object_parts(keys: &Keys, digest: &Digest, plain: bytes::Bytes) -> Vec<bytes::Bytes> {
     let plain_len = u32::try_from(plain.len()).expect("objects are at most 64 MiB");
-    let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL).expect("zstd compresses a buffer");
-    let (mut flags, body): (u8, &[u8]) = if compressed.len() < plain.len() {
-        (OBJECT_FLAG_ZSTD, &compressed)
+    assert!(plain_len <= OBJECT_SIZE_BYTES_MAX);
+    let compressed = worth_compressing(&plain)
+        .then(|| compress(&plain).expect("zstd compresses a buffer"))
+        .filter(|c| c.len() < plain.len());
+    let mut flags = if compressed.is_some() {
+        OBJECT_FLAG_ZSTD
     } else {
-        (0, plain)
+        0
     };
     if keys.cipher.is_some() {
         flags |= OBJECT_FLAG_ENCRYPTED;
     }
-    let mut out = Vec::with_capacity(OBJECT_HEADER_BYTES + body.len() + TAG_BYTES);
-    out.extend_from_slice(OBJECT_MAGIC);
-    out.push(BACKUP_FORMAT_VERSION as u8);
-    out.push(flags);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&plain_len.to_le_bytes());
-    match &keys.cipher {
-        None => out.extend_from_slice(body),
-        Some(cipher) => {
+    let mut header = Vec::with_capacity(OBJECT_HEADER_BYTES);
+    header.extend_from_slice(OBJECT_MAGIC);
+    header.push(BACKUP_FORMAT_VERSION as u8);
+    header.push(flags);
+    header.extend_from_slice(&[0, 0]);
+    header.extend_from_slice(&plain_len.to_le_bytes());
+    debug_assert_eq!(header.len(), OBJECT_HEADER_BYTES);
+    let body: bytes::Bytes = match (&keys.cipher, compressed) {
+        (None, None) => plain,
+        (None, Some(c)) => c.into(),
+        (Some(cipher), c) => {
             // The nonce is the digest's first 24 bytes: an object's bytes are a function of
             // its content (equal content, equal ciphertext), and different content has a
             // different digest.
-            let aad = object_aad(&out[..OBJECT_HEADER_BYTES], digest);
-            let sealed = cipher
+            let aad = object_aad(&header, digest);
+            cipher
                 .encrypt(
                     &nonce_of(&digest[..NONCE_BYTES]),
                     Payload {
-                        msg: body,
+                        msg: c.as_deref().unwrap_or(&plain),
                         aad: &aad,
                     },
                 )
-                .expect("encryption of a bounded buffer");
-            out.extend_from_slice(&sealed);
+                .expect("encryption of a bounded buffer")
+                .into()
         }
-    }
-    out
+    };
+    vec![header.into(), body]
+}
+
+/// [`encode_object_parts`] in one buffer.
+pub fn encode_object(keys: &Keys, digest: &Digest, plain: &[u8]) -> Vec<u8> {
+    encode_object_parts(keys, digest, bytes::Bytes::copy_from_slice(plain)).concat()
 }
 
 fn nonce_of(bytes: &[u8]) -> XNonce {
@@ -230,7 +284,11 @@ fn object_aad(header: &[u8], digest: &Digest) -> Vec<u8> {
 
 /// Decodes an object named `digest` into its volume bytes, checking everything: header,
 /// authentication (encrypted), length and the digest of the content.
-pub fn decode_object(keys: &Keys, digest: &Digest, bytes: &[u8]) -> Result<Vec<u8>, Error> {
+pub fn decode_object(
+    keys: &Keys,
+    digest: &Digest,
+    bytes: &bytes::Bytes,
+) -> Result<bytes::Bytes, Error> {
     let name = digest_hex(digest);
     let bad = |why: &str| Error::DamagedObject {
         object: name.clone(),
@@ -258,12 +316,11 @@ pub fn decode_object(keys: &Keys, digest: &Digest, bytes: &[u8]) -> Result<Vec<u
             "not encrypted, but the repository is"
         }));
     }
-    let opened;
-    let body: &[u8] = match &keys.cipher {
-        None => &bytes[OBJECT_HEADER_BYTES..],
+    let body: bytes::Bytes = match &keys.cipher {
+        None => bytes.slice(OBJECT_HEADER_BYTES..),
         Some(cipher) => {
             let aad = object_aad(&bytes[..OBJECT_HEADER_BYTES], digest);
-            opened = cipher
+            cipher
                 .decrypt(
                     &nonce_of(&digest[..NONCE_BYTES]),
                     Payload {
@@ -271,22 +328,22 @@ pub fn decode_object(keys: &Keys, digest: &Digest, bytes: &[u8]) -> Result<Vec<u
                         aad: &aad,
                     },
                 )
-                .map_err(|_| bad("fails authentication (damaged, or another key)"))?;
-            &opened
+                .map_err(|_| bad("fails authentication (damaged, or another key)"))?
+                .into()
         }
     };
     let plain = if flags & OBJECT_FLAG_ZSTD != 0 {
-        let p = zstd::bulk::decompress(body, plain_len)
+        let p = zstd::bulk::decompress(&body, plain_len)
             .map_err(|e| bad(&format!("does not decompress: {e}")))?;
         if p.len() != plain_len {
             return Err(bad("decompresses to the wrong length"));
         }
-        p
+        p.into()
     } else {
         if body.len() != plain_len {
             return Err(bad("wrong length"));
         }
-        body.to_vec()
+        body
     };
     if keys.digest(&plain) != *digest {
         return Err(bad("content does not match its name (digest mismatch)"));
@@ -570,16 +627,18 @@ mod tests {
             let d = k.digest(&plain);
             let o = encode_object(k, &d, &plain);
             assert!(o.len() < plain.len() / 10, "compressed");
-            assert_eq!(decode_object(k, &d, &o).unwrap(), plain);
+            assert_eq!(decode_object(k, &d, &o.clone().into()).unwrap(), plain);
             let mut damaged = o.clone();
             let last = damaged.len() - 1;
             damaged[last] ^= 1;
-            let e = decode_object(k, &d, &damaged).unwrap_err().to_string();
+            let e = decode_object(k, &d, &damaged.into())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(&digest_hex(&d)), "{e}");
         }
         let d = keys.digest(&plain);
         let o = encode_object(&keys, &d, &plain);
-        assert!(decode_object(&other, &d, &o).is_err());
+        assert!(decode_object(&other, &d, &o.into()).is_err());
         assert_ne!(keys.digest(&plain), Keys::plain().digest(&plain));
         assert!(
             keys.check_against(&RepoConfig {
@@ -593,13 +652,35 @@ mod tests {
     }
 
     #[test]
-    fn incompressible_objects_are_stored_raw() {
-        let plain: Vec<u8> = (0..1u32 << 20)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+    fn incompressible_objects_are_stored_raw_and_compressible_ones_compressed() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..4u32 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
             .collect();
         let k = Keys::plain();
-        let d = k.digest(&plain);
-        let o = encode_object(&k, &d, &plain);
-        assert_eq!(decode_object(&k, &d, &o).unwrap(), plain);
+        for (plain, compressed) in [
+            (random.clone(), false),
+            (random[..100_000].to_vec(), false),
+            // Text-like: every sample compresses.
+            (
+                random.iter().map(|b| b'a' + b % 4).collect::<Vec<u8>>(),
+                true,
+            ),
+            (vec![7u8; 100_000], true),
+        ] {
+            let d = k.digest(&plain);
+            let o = encode_object(&k, &d, &plain);
+            assert_eq!(o[9] & OBJECT_FLAG_ZSTD != 0, compressed, "{}", plain.len());
+            if !compressed {
+                assert_eq!(o.len(), OBJECT_HEADER_BYTES + plain.len());
+                assert_eq!(&o[OBJECT_HEADER_BYTES..], &plain[..]);
+            }
+            assert_eq!(decode_object(&k, &d, &o.clone().into()).unwrap(), plain);
+        }
     }
 }

@@ -252,7 +252,7 @@ impl LazyFill {
     /// Fetches claimed objects `claimed` (at most `jobs` at once) and writes them into the
     /// volume; on any failure the ones not written go back to missing.
     fn fetch(&self, vol: &Volume, claimed: &[u64]) -> Result<()> {
-        let results: Vec<Result<(u64, Vec<u8>)>> = self.rt.block_on(async {
+        let results: Vec<Result<(u64, bytes::Bytes)>> = self.rt.block_on(async {
             let futures = claimed.iter().map(|&i| {
                 let d = self.objects[i as usize];
                 let keys = self.keys.clone();

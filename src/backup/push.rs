@@ -22,6 +22,7 @@ use crate::io::fs::AppendLog;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use object_store::PutPayload;
 use serde::Serialize;
 use std::collections::HashSet;
 use std::path::Path;
@@ -56,8 +57,8 @@ pub struct PushReport {
 }
 
 enum Prepared {
-    /// Index, digest, and `Some(encoded bytes)` if it must be uploaded.
-    Object(u64, Digest, Option<Bytes>),
+    /// Index, digest, and `Some(the encoded object's parts)` if it must be uploaded.
+    Object(u64, Digest, Option<Vec<Bytes>>),
 }
 
 pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result<PushReport> {
@@ -225,7 +226,6 @@ pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result
             let next = &next;
             let bytes_read = &bytes_read;
             s.spawn(move || {
-                let mut buf = vec![0u8; object_bytes as usize];
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&index) = work_ref.get(k) else { break };
@@ -233,18 +233,20 @@ pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result
                         run.check_cancelled()?;
                         let offset = index * object_bytes;
                         let len = object_bytes.min(size - offset) as usize;
-                        vol.read_snapshot_id(snap_id, offset, &mut buf[..len])?;
+                        // A buffer of its own per object: a raw object is uploaded from it
+                        // without a copy.
+                        let mut buf = vec![0u8; len];
+                        vol.read_snapshot_id(snap_id, offset, &mut buf)?;
                         bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                        let plain = &buf[..len];
-                        if plain.iter().all(|&b| b == 0) {
+                        if buf.iter().all(|&b| b == 0) {
                             return Ok(Prepared::Object(index, HOLE, None));
                         }
-                        let d = keys.digest(plain);
+                        let d = keys.digest(&buf);
                         if known_ref.contains(&d) {
                             return Ok(Prepared::Object(index, d, None));
                         }
-                        let enc = format::encode_object(keys, &d, plain);
-                        Ok(Prepared::Object(index, d, Some(Bytes::from(enc))))
+                        let parts = format::encode_object_parts(keys, &d, Bytes::from(buf));
+                        Ok(Prepared::Object(index, d, Some(parts)))
                     })();
                     let failed = item.is_err();
                     if tx.blocking_send(item).is_err() || failed {
@@ -269,11 +271,12 @@ pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result
                             objects[index as usize] = d;
                             let len = object_bytes.min(size - index * object_bytes);
                             match data {
-                                Some(bytes) if sent_digests.insert(d) => {
+                                Some(parts) if sent_digests.insert(d) => {
                                     let repo = &repo;
                                     inflight.push(async move {
-                                        let n = bytes.len() as u64;
-                                        repo.put(&format::object_key(&d), bytes, false).await?;
+                                        let n: u64 = parts.iter().map(|p| p.len() as u64).sum();
+                                        let payload: PutPayload = parts.into_iter().collect();
+                                        repo.put(&format::object_key(&d), payload, false).await?;
                                         Ok::<_, Error>((d, n, len))
                                     });
                                 }

@@ -44,6 +44,13 @@ pub struct Listed {
 
 pub struct Repo {
     store: Arc<dyn ObjectStore>,
+    /// The store that uploads content objects (`objects/`): the same one, except that on
+    /// S3 their bodies are sent as `UNSIGNED-PAYLOAD` unless the user set
+    /// `AWS_UNSIGNED_PAYLOAD` either way. An object is named by the digest of its content,
+    /// which every restore and verify checks, so signing its body (a SHA-256 of every
+    /// byte: a third of a push's CPU, measured) protects nothing the digest does not;
+    /// manifests, the config and the gc mark stay signed.
+    objects_store: Arc<dyn ObjectStore>,
     prefix: Option<StorePath>,
     pub url: String,
     requests: std::sync::atomic::AtomicU64,
@@ -68,6 +75,30 @@ fn short_text(text: &str) -> String {
         (Some(code), None) => code,
         _ => text.replace(['\n', '\r'], " "),
     }
+}
+
+/// A server's error that may pass (HTTP 5xx, "please try again").
+fn transient(e: &object_store::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if [
+            "InternalError",
+            "ServiceUnavailable",
+            "SlowDown",
+            "500 ",
+            "502 ",
+            "503 ",
+            "504 ",
+        ]
+        .iter()
+        .any(|needle| text.contains(needle))
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A "not found" that is about the bucket, not the key.
@@ -103,14 +134,22 @@ impl Repo {
                 max_retries: REQUEST_RETRIES_MAX,
                 retry_timeout: REQUEST_RETRY_TIMEOUT,
             };
-            let store = b
-                .with_bucket_name(bucket)
-                .with_retry(retry)
-                .build()
-                .map_err(|e| store_err(&url, "configuring the S3 client", e))?;
+            let b = b.with_bucket_name(bucket).with_retry(retry);
+            let user_chose = spec
+                .env
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("AWS_UNSIGNED_PAYLOAD"));
+            let configure = |e| store_err(&url, "configuring the S3 client", e);
+            let store: Arc<dyn ObjectStore> = Arc::new(b.clone().build().map_err(configure)?);
+            let objects_store: Arc<dyn ObjectStore> = if user_chose {
+                store.clone()
+            } else {
+                Arc::new(b.with_unsigned_payload(true).build().map_err(configure)?)
+            };
             let prefix = prefix.trim_matches('/');
             Ok(Repo {
-                store: Arc::new(store),
+                store,
+                objects_store,
                 prefix: (!prefix.is_empty()).then(|| StorePath::from(prefix)),
                 url,
                 requests: Default::default(),
@@ -123,10 +162,13 @@ impl Repo {
             }
             std::fs::create_dir_all(path)
                 .map_err(|e| Error::Repo(format!("{url}: cannot create {path}: {e}")))?;
-            let store = LocalFileSystem::new_with_prefix(path)
-                .map_err(|e| store_err(&url, "opening the directory", e))?;
+            let store: Arc<dyn ObjectStore> = Arc::new(
+                LocalFileSystem::new_with_prefix(path)
+                    .map_err(|e| store_err(&url, "opening the directory", e))?,
+            );
             Ok(Repo {
-                store: Arc::new(store),
+                objects_store: store.clone(),
+                store,
                 prefix: None,
                 url,
                 requests: Default::default(),
@@ -185,8 +227,19 @@ impl Repo {
 
     /// Puts `bytes` at `key`. With `create_only`, an existing object is left alone and
     /// `Ok(false)` returned (servers without conditional puts get a plain put).
-    pub async fn put(&self, key: &str, bytes: Bytes, create_only: bool) -> Result<bool, Error> {
+    pub async fn put(
+        &self,
+        key: &str,
+        payload: impl Into<PutPayload>,
+        create_only: bool,
+    ) -> Result<bool, Error> {
+        let payload: PutPayload = payload.into();
         let path = self.path(key);
+        let store = if key.starts_with("objects/") {
+            &self.objects_store
+        } else {
+            &self.store
+        };
         self.count();
         let what = || format!("writing {key}");
         if create_only {
@@ -194,11 +247,22 @@ impl Repo {
                 mode: PutMode::Create,
                 ..Default::default()
             };
-            match self
-                .store
-                .put_opts(&path, PutPayload::from(bytes.clone()), opts)
-                .await
-            {
+            // The client does not retry a conditional put (a retry of one that succeeded
+            // would be refused), so a server's passing failure is retried here: a retry
+            // that finds the object says it exists (perhaps by the first try), as a lost
+            // race would: the caller reads what is there.
+            let mut attempt = 0;
+            let first = loop {
+                let r = store.put_opts(&path, payload.clone(), opts.clone()).await;
+                match r {
+                    Err(e) if attempt < REQUEST_RETRIES_MAX && transient(&e) => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    }
+                    r => break r,
+                }
+            };
+            match first {
                 Ok(_) => return Ok(true),
                 Err(object_store::Error::AlreadyExists { .. })
                 | Err(object_store::Error::Precondition { .. }) => return Ok(false),
@@ -211,8 +275,8 @@ impl Repo {
                 Err(e) => return Err(store_err(&self.url, &what(), e)),
             }
         }
-        self.store
-            .put(&path, PutPayload::from(bytes))
+        store
+            .put(&path, payload)
             .await
             .map_err(|e| store_err(&self.url, &what(), e))?;
         Ok(true)
