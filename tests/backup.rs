@@ -7,6 +7,8 @@
 //! (CI), which makes a missing server a failure.
 
 use serde_json::Value;
+use snapvol_test_support::cli::{self, assert_same, describe, interop_required, unique};
+use snapvol_test_support::daemon::Daemon;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -36,16 +38,6 @@ impl Repo {
 /// A temporary directory with data directories `NAME/` and room for files.
 struct Sandbox {
     tmp: TempDir,
-}
-
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "snapvol {}\nexit: {:?}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 impl Sandbox {
@@ -154,15 +146,7 @@ impl Sandbox {
 
 /// Deterministic pseudo-random bytes (xorshift64*) with runs of zeros (holes) in them.
 fn image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    v.truncate(len);
+    let mut v = cli::image(len, seed);
     // A whole object of zeros, and a zero run inside another.
     let hole = (len / OBJECT_BYTES / 2) * OBJECT_BYTES;
     if len >= 3 * OBJECT_BYTES {
@@ -170,13 +154,6 @@ fn image(len: usize, seed: u64) -> Vec<u8> {
         v[OBJECT_BYTES / 2..OBJECT_BYTES].fill(0);
     }
     v
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i}");
-    }
 }
 
 fn u64_of(v: &Value, key: &str) -> u64 {
@@ -754,10 +731,6 @@ fn a_full_local_disk_during_restore_leaves_an_incomplete_volume_that_finishes_la
 
 // ---- SeaweedFS ----------------------------------------------------------------------
 
-fn interop_required() -> bool {
-    std::env::var("SNAPVOL_INTEROP_REQUIRED").is_ok_and(|v| v == "1")
-}
-
 fn weed_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SNAPVOL_WEED") {
         return Some(PathBuf::from(p));
@@ -1024,18 +997,12 @@ fn an_s3_repository_on_seaweedfs_backs_up_restores_verifies_and_collects() {
         .arg("--data-dir")
         .arg(sb.path("a"))
         .args(["serve", "--socket"])
-        .arg(sb.path("nbd.sock"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut daemon = serve.spawn().expect("spawn serve");
-    wait_for(&sb.path("a").join("control.sock"));
+        .arg(sb.path("nbd.sock"));
+    let daemon = Daemon::start(serve, sb.path("serve.log"));
     sb.ok("a", &repo, &["backup", "push", "v@s1", &repo.url]);
     sb.ok("a", &repo, &["backup", "restore", &repo.url, "v@s1", "x"]);
     assert_same(&sb.export("a", "x"), &img, "restore through the daemon");
-    // SAFETY: kill(2) with a child's pid.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    assert!(daemon.wait().unwrap().success());
-    drop(serve);
+    daemon.stop();
 
     lazy_restore_is_served_at_once_and_survives_a_daemon_kill(&weed);
 }
@@ -1064,12 +1031,8 @@ fn lazy_restore_is_served_at_once_and_survives_a_daemon_kill(weed: &Weed) {
             .arg("--data-dir")
             .arg(sb.path("b"))
             .args(["serve", "--socket"])
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = c.spawn().expect("spawn serve");
-        wait_for(&sb.path("b").join("control.sock"));
-        child
+            .arg(&socket);
+        Daemon::start(c, sb.path(&format!("serve-{}.log", unique())))
     };
     let mut daemon = serve(&sb);
     let started = Instant::now();
@@ -1104,10 +1067,9 @@ fn lazy_restore_is_served_at_once_and_survives_a_daemon_kill(weed: &Weed) {
         "before the kill: {}",
         info.lines().last().unwrap_or_default()
     );
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    daemon.kill9();
     let _ = std::fs::remove_file(sb.path("b").join("control.sock"));
-    let mut daemon = serve(&sb);
+    let daemon = serve(&sb);
     // Everything reads right while (or after) it goes on.
     let all = nbd_read(&uri, 0, 128 * MIB);
     assert_same(&all, &img, "the lazily restored volume over NBD");
@@ -1124,9 +1086,7 @@ fn lazy_restore_is_served_at_once_and_survives_a_daemon_kill(weed: &Weed) {
         std::thread::sleep(Duration::from_millis(200));
     }
     sb.ok("b", &none, &["snapshot", "create", "x@done"]);
-    // SAFETY: kill(2) with a child's pid.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    assert!(daemon.wait().unwrap().success());
+    daemon.stop();
     assert_same(&sb.export("b", "x@done"), &img, "the finished volume");
     assert!(!sb.path("b").join("volumes/x/filling").exists());
 }
@@ -1166,16 +1126,4 @@ fn nbd_write(uri: &str, offset: usize, data: &[u8]) {
         "nbd write: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -5,9 +5,10 @@
 mod fs_modes;
 use fs_modes::{mode_of, umask_000};
 use serde_json::Value;
+use snapvol_test_support::cli::{self, assert_same, command, describe};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_snapvol");
@@ -19,50 +20,22 @@ struct Sandbox {
     data: PathBuf,
 }
 
-/// Runs the binary with a clean environment (no SNAPVOL_DATA_DIR, no RUST_LOG).
-fn snapvol_command(cwd: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(cwd)
-        .env_remove("SNAPVOL_DATA_DIR")
-        .env_remove("RUST_LOG");
-    cmd
-}
-
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "snapvol {}\nexit: {:?}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Checks the error contract: exit `code`; for exit 1, stderr is exactly one line
-/// `snapvol: error: ...` containing `needle` (case-insensitive). Returns a complaint or None.
+/// `snapvol: error: ...` containing `needle` (case-insensitive); for exit 2 (a usage
+/// error), clap's message contains it. Returns a complaint or None.
 fn error_contract(args: &[&str], out: &Output, code: i32, needle: &str) -> Option<String> {
+    if code == 1 {
+        return cli::error_line(args, out, &[needle], true).err();
+    }
     let stderr = String::from_utf8_lossy(&out.stderr);
     let complaint = if out.status.code() != Some(code) {
         format!("expected exit {code}")
     } else if stderr.contains("panicked") {
         "panicked".to_string()
-    } else if code == 2 {
-        // clap usage error: clap's own format.
-        if stderr.to_lowercase().contains(&needle.to_lowercase()) {
-            return None;
-        }
-        format!("stderr lacks {needle:?}")
+    } else if code == 2 && stderr.to_lowercase().contains(&needle.to_lowercase()) {
+        return None;
     } else {
-        let lines: Vec<&str> = stderr.lines().collect();
-        if lines.len() != 1 {
-            format!("expected exactly one stderr line, got {}", lines.len())
-        } else if !lines[0].starts_with("snapvol: error: ") {
-            "stderr line does not start with `snapvol: error: `".to_string()
-        } else if !lines[0].to_lowercase().contains(&needle.to_lowercase()) {
-            format!("error line lacks {needle:?}")
-        } else {
-            return None;
-        }
+        format!("stderr lacks {needle:?}")
     };
     Some(format!("{complaint}\n{}", describe(args, out)))
 }
@@ -92,7 +65,7 @@ impl Sandbox {
 
     /// Runs `snapvol --data-dir DATA ARGS...`.
     fn snapvol(&self, args: &[&str]) -> Output {
-        snapvol_command(self.tmp.path())
+        command(BIN, self.tmp.path())
             .arg("--data-dir")
             .arg(&self.data)
             .args(args)
@@ -147,15 +120,7 @@ impl Sandbox {
 /// Deterministic pseudo-random bytes (xorshift64*), with a zero run in the middle so images
 /// have holes.
 fn image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
+    let mut out = cli::image(len, seed);
     let zeros = len / 4..len / 4 + len / 8;
     out[zeros].fill(0);
     out
@@ -165,13 +130,6 @@ fn u64_field(v: &Value, key: &str) -> u64 {
     v[key]
         .as_u64()
         .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i}");
-    }
 }
 
 /// Volume `v`: 4 MiB, 64 KiB chunks, imported from `image(4 MiB, 1)`.
@@ -501,7 +459,7 @@ fn volume_lifecycle() {
         "prune-oldest",
     ]);
     // The global flag also works after the subcommand.
-    let out = snapvol_command(sb.tmp.path())
+    let out = command(BIN, sb.tmp.path())
         .args(["volume", "create", "late", "--size", "64KiB", "--data-dir"])
         .arg(&sb.data)
         .output()
@@ -570,7 +528,7 @@ fn volume_lifecycle() {
 fn data_dir_from_env_and_default() {
     let tmp = tempfile::tempdir().unwrap();
     let env_dir = tmp.path().join("from-env");
-    let out = snapvol_command(tmp.path())
+    let out = command(BIN, tmp.path())
         .env("SNAPVOL_DATA_DIR", &env_dir)
         .args(["volume", "create", "e", "--size", "1M"])
         .output()
@@ -578,7 +536,7 @@ fn data_dir_from_env_and_default() {
     assert!(out.status.success(), "{}", describe(&["env"], &out));
     assert!(env_dir.join("volumes").join("e").is_dir());
 
-    let out = snapvol_command(tmp.path())
+    let out = command(BIN, tmp.path())
         .args(["volume", "create", "d", "--size", "1M"])
         .output()
         .unwrap();
@@ -690,7 +648,7 @@ fn progress_lines_without_a_terminal() {
         (vec!["export", "p", &file], "export p: "),
         (vec!["import", "p", &file], "import p: "),
     ] {
-        let run = snapvol_command(sb.tmp.path())
+        let run = command(BIN, sb.tmp.path())
             .env("SNAPVOL_PROGRESS_INTERVAL_MS", "1")
             .arg("--data-dir")
             .arg(&sb.data)
@@ -1184,7 +1142,7 @@ fn files_are_private_whatever_the_umask() {
     let sb = Sandbox::new();
     let run = |args: &[&str]| {
         let out = umask_000(
-            snapvol_command(sb.tmp.path())
+            command(BIN, sb.tmp.path())
                 .arg("--data-dir")
                 .arg(&sb.data)
                 .args(args),

@@ -5,264 +5,19 @@
 
 mod fs_modes;
 use fs_modes::{mode_of, umask_000};
+use snapvol_test_support::cli::{Sandbox, assert_same, command, describe, image, unique};
+use snapvol_test_support::daemon::Daemon;
+use snapvol_test_support::nbd::{Export, ReadWrite};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_snapvol");
 const MIB: usize = 1 << 20;
-const READY: &str = "snapvol: serving ";
-
-/// Runs the binary in `cwd` with a clean environment (no SNAPVOL_DATA_DIR, no RUST_LOG).
-fn snapvol_command(cwd: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(cwd)
-        .env_remove("SNAPVOL_DATA_DIR")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    cmd
-}
-
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "snapvol {}\nexit: {:?}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*).
-fn image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i}");
-    }
-}
-
-/// A temporary directory holding a data directory `data/`, used with `--data-dir data`
-/// from the directory itself.
-struct Sandbox {
-    tmp: TempDir,
-}
-
-impl Sandbox {
-    fn new() -> Sandbox {
-        Sandbox {
-            tmp: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn root(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.root().join(name)
-    }
-
-    fn data(&self) -> PathBuf {
-        self.path("data")
-    }
-
-    /// Writes `name` (a path relative to the sandbox), creating its directory.
-    fn write_file(&self, name: &str, bytes: &[u8]) {
-        let path = self.path(name);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        std::fs::write(path, bytes).expect("write file");
-    }
-
-    fn read_file(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.path(name)).expect("read file")
-    }
-
-    /// `snapvol --data-dir data ARGS...` run in the sandbox.
-    fn snapvol(&self, args: &[&str]) -> Output {
-        snapvol_command(self.root())
-            .args(["--data-dir", "data"])
-            .args(args)
-            .output()
-            .expect("run snapvol")
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.snapvol(args);
-        assert!(
-            out.status.success(),
-            "expected success\n{}",
-            describe(args, &out)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
-    }
-
-    /// Runs a command that must fail with exit 1 and one error line containing `needle`.
-    fn fails(&self, args: &[&str], needle: &str) -> String {
-        let out = self.snapvol(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(
-            out.status.code() == Some(1)
-                && stderr.lines().count() == 1
-                && stderr.starts_with("snapvol: error: ")
-                && stderr.contains(needle),
-            "expected one error line containing {needle:?}\n{}",
-            describe(args, &out)
-        );
-        stderr
-    }
-
-    /// Starts `snapvol --data-dir data serve ARGS...` in the sandbox.
-    fn serve(&self, args: &[&str]) -> Daemon {
-        let mut cmd = snapvol_command(self.root());
-        cmd.args(["--data-dir", "data", "serve"]).args(args);
-        Daemon::start(cmd, self.path(&format!("serve-{}.log", unique())))
-    }
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// A running `snapvol serve`, its stderr going to a log file. Killed if dropped running.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-    /// From the ready line: `127.0.0.1:PORT` and `unix:PATH`.
-    endpoints: Vec<String>,
-}
-
-impl Daemon {
-    /// Spawns `cmd` and waits for the ready line; panics with the log if it does not come.
-    fn start(mut cmd: Command, log: PathBuf) -> Daemon {
-        let log_file = File::create(&log).expect("create log");
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn snapvol serve");
-        let mut daemon = Daemon {
-            child,
-            log,
-            endpoints: Vec::new(),
-        };
-        match daemon.wait_ready() {
-            Ok(endpoints) => daemon.endpoints = endpoints,
-            Err(why) => panic!("snapvol serve not ready: {why}\nlog:\n{}", daemon.log()),
-        }
-        daemon
-    }
-
-    fn wait_ready(&mut self) -> Result<Vec<String>, String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = self.log();
-            if let Some(line) = log.lines().find(|l| l.starts_with(READY)) {
-                let (_, list) = line
-                    .split_once(" on ")
-                    .ok_or_else(|| format!("odd ready line {line:?}"))?;
-                return Ok(list.split(", ").map(str::to_string).collect());
-            }
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Err(format!("exited with {status}"));
-            }
-            if Instant::now() > deadline {
-                return Err("no ready line within 30 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn tcp_addr(&self) -> String {
-        self.endpoints
-            .iter()
-            .find(|e| !e.starts_with("unix:"))
-            .expect("a TCP endpoint")
-            .clone()
-    }
-
-    fn unix_path(&self) -> PathBuf {
-        let e = self
-            .endpoints
-            .iter()
-            .find_map(|e| e.strip_prefix("unix:"))
-            .expect("a unix endpoint");
-        PathBuf::from(e)
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
-        // SAFETY: sending a signal to our own child process.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill");
-    }
-
-    /// Sends SIGTERM and waits (at most 20 s) for the exit.
-    fn terminate(mut self) -> (ExitStatus, String) {
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return (status, self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "snapvol serve still running 20 s after SIGTERM\nlog:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, which must end it with exit 0 and no panic; returns the log.
-    fn stop(self) -> String {
-        let (status, log) = self.terminate();
-        assert!(status.success(), "exit {status} after SIGTERM\nlog:\n{log}");
-        assert!(
-            !log.contains("panicked"),
-            "panic in the daemon\nlog:\n{log}"
-        );
-        log
-    }
-
-    /// Like a crash: SIGKILL, nothing cleaned up.
-    fn kill(mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("wait");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Replaces what legitimately differs between two runs of the same commands: timestamps
 /// (`2026-01-02T03:04:05[.123]Z`) and `"created_unix_ns": N`.
@@ -340,8 +95,8 @@ fn run_both_ways(
     files: &[(&str, &[u8])],
     steps: &[(&[&str], i32)],
 ) -> (Sandbox, Sandbox, Daemon) {
-    let direct = Sandbox::new();
-    let served = Sandbox::new();
+    let direct = Sandbox::new(BIN);
+    let served = Sandbox::new(BIN);
     for sb in [&direct, &served] {
         for args in setup {
             sb.ok(args);
@@ -354,7 +109,7 @@ fn run_both_ways(
     // in a command only works if it is resolved against the client's directory.
     let elsewhere = served.path("elsewhere");
     std::fs::create_dir(&elsewhere).expect("mkdir");
-    let mut cmd = snapvol_command(&elsewhere);
+    let mut cmd = command(BIN, &elsewhere);
     cmd.arg("--data-dir").arg(served.data()).args([
         "serve",
         "--socket",
@@ -524,14 +279,14 @@ fn every_command_gives_the_same_result_through_the_daemon() {
 
 #[test]
 fn one_daemon_per_data_directory_and_stale_sockets_are_replaced() {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     let sock = sb.path("nbd.sock");
     let sock_arg = sock.to_str().expect("utf-8");
-    let first = sb.serve(&["--socket", sock_arg]);
+    let mut first = sb.serve(&["--socket", sock_arg]);
     sb.ok(&["volume", "create", "v", "--size", "1M"]);
 
     // A second daemon on the same data directory is refused, and touches nothing.
-    let out = snapvol_command(sb.root())
+    let out = command(BIN, sb.root())
         .args(["--data-dir", "data", "serve", "--listen", "127.0.0.1:0"])
         .output()
         .expect("run");
@@ -542,8 +297,8 @@ fn one_daemon_per_data_directory_and_stale_sockets_are_replaced() {
         "{stderr}"
     );
     // Another NBD server's socket is not taken over either.
-    let other = Sandbox::new();
-    let out = snapvol_command(other.root())
+    let other = Sandbox::new(BIN);
+    let out = command(BIN, other.root())
         .args(["--data-dir", "data", "serve", "--socket", sock_arg])
         .output()
         .expect("run");
@@ -557,7 +312,7 @@ fn one_daemon_per_data_directory_and_stale_sockets_are_replaced() {
 
     // A crashed daemon leaves its sockets behind: the CLI runs the command itself, and a
     // new daemon replaces them.
-    first.kill();
+    first.kill9();
     assert!(sb.path("data/control.sock").exists() && sock.exists());
     assert!(sb.ok(&["volume", "list"]).contains("v "));
     sb.ok(&["snapshot", "create", "v@direct"]);
@@ -572,7 +327,7 @@ fn one_daemon_per_data_directory_and_stale_sockets_are_replaced() {
 
 #[test]
 fn sigterm_exits_zero_removes_its_sockets_and_keeps_the_data() {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     sb.ok(&["volume", "create", "v", "--size", "4M"]);
     let sock = sb.path("nbd.sock");
     let sock_arg = sock.to_str().expect("utf-8");
@@ -614,11 +369,11 @@ fn serve_without_arguments_serves_a_default_volume_on_the_nbd_port() {
     }
     // The log goes elsewhere: the working directory stays empty but for the data.
     let logs = tempfile::tempdir().expect("tempdir");
-    let mut cmd = snapvol_command(tmp.path());
+    let mut cmd = command(BIN, tmp.path());
     cmd.arg("serve");
     let daemon = Daemon::start(cmd, logs.path().join("serve.log"));
     assert_eq!(daemon.endpoints, ["127.0.0.1:10809"]);
-    let info = snapvol_command(tmp.path())
+    let info = command(BIN, tmp.path())
         .args(["volume", "info", "default", "--json"])
         .output()
         .expect("run");
@@ -655,142 +410,13 @@ fn serve_without_arguments_serves_a_default_volume_on_the_nbd_port() {
     );
 }
 
-/// A minimal NBD client: fixed-newstyle handshake with `NBD_OPT_GO`, then simple replies
-/// (no structured replies are negotiated). Enough to hold a connection as a writer or a
-/// reader of a snapshot.
-struct Nbd {
-    stream: Box<dyn ReadWrite>,
-    size: u64,
-    read_only: bool,
-    next_cookie: u64,
-}
-
-trait ReadWrite: Read + Write + Send {}
-impl<T: Read + Write + Send> ReadWrite for T {}
-
-const NBD_FLAG_READ_ONLY: u16 = 1 << 1;
-
-impl Nbd {
-    fn unix(path: &Path, export: &str) -> std::io::Result<Nbd> {
-        Nbd::handshake(Box::new(UnixStream::connect(path)?), export)
-    }
-
-    fn tcp(addr: &str, export: &str) -> std::io::Result<Nbd> {
-        Nbd::handshake(Box::new(TcpStream::connect(addr)?), export)
-    }
-
-    fn handshake(mut s: Box<dyn ReadWrite>, export: &str) -> std::io::Result<Nbd> {
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting)?;
-        assert_eq!(&greeting[..8], b"NBDMAGIC");
-        assert_eq!(&greeting[8..16], b"IHAVEOPT");
-        // Client flags: fixed newstyle, no zeroes.
-        s.write_all(&3u32.to_be_bytes())?;
-        let mut opt = Vec::new();
-        opt.extend_from_slice(b"IHAVEOPT");
-        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
-        opt.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
-        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        opt.extend_from_slice(export.as_bytes());
-        opt.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&opt)?;
-        let (mut size, mut flags) = (None, 0u16);
-        loop {
-            let mut head = [0u8; 20];
-            s.read_exact(&mut head)?;
-            let reply = u32::from_be_bytes(head[12..16].try_into().expect("4"));
-            let len = u32::from_be_bytes(head[16..20].try_into().expect("4")) as usize;
-            let mut data = vec![0u8; len];
-            s.read_exact(&mut data)?;
-            match reply {
-                1 => break, // NBD_REP_ACK
-                3 if data.len() >= 12 && data[..2] == [0, 0] => {
-                    // NBD_INFO_EXPORT
-                    size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8")));
-                    flags = u16::from_be_bytes(data[10..12].try_into().expect("2"));
-                }
-                3 => {}
-                r if r & (1 << 31) != 0 => {
-                    return Err(std::io::Error::other(format!(
-                        "NBD_OPT_GO refused ({r:#x}): {}",
-                        String::from_utf8_lossy(&data)
-                    )));
-                }
-                r => panic!("unexpected option reply {r:#x}"),
-            }
-        }
-        Ok(Nbd {
-            stream: s,
-            size: size.expect("NBD_INFO_EXPORT"),
-            read_only: flags & NBD_FLAG_READ_ONLY != 0,
-            next_cookie: 1,
-        })
-    }
-
-    /// Sends one request and reads its simple reply; an NBD error is an `Err` as well.
-    fn request(
-        &mut self,
-        kind: u16,
-        offset: u64,
-        len: u32,
-        data: &[u8],
-    ) -> std::io::Result<Vec<u8>> {
-        let cookie = self.next_cookie;
-        self.next_cookie += 1;
-        let mut req = Vec::with_capacity(28 + data.len());
-        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&kind.to_be_bytes());
-        req.extend_from_slice(&cookie.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&len.to_be_bytes());
-        req.extend_from_slice(data);
-        self.stream.write_all(&req)?;
-        let mut head = [0u8; 16];
-        self.stream.read_exact(&mut head)?;
-        assert_eq!(
-            head[..4],
-            0x6744_6698u32.to_be_bytes(),
-            "simple reply magic"
-        );
-        let error = u32::from_be_bytes(head[4..8].try_into().expect("4"));
-        assert_eq!(head[8..16], cookie.to_be_bytes(), "cookie");
-        if error != 0 {
-            return Err(std::io::Error::other(format!("NBD error {error}")));
-        }
-        let mut payload = vec![0u8; if kind == 0 { len as usize } else { 0 }];
-        self.stream.read_exact(&mut payload)?;
-        Ok(payload)
-    }
-
-    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        self.request(0, offset, len as u32, &[])
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.request(1, offset, data.len() as u32, data).map(drop)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.request(3, 0, 0, &[]).map(drop)
-    }
-
-    /// NBD_CMD_DISC: no reply; the server closes the connection.
-    fn disconnect(mut self) {
-        let mut req = Vec::new();
-        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&2u16.to_be_bytes());
-        req.extend_from_slice(&[0u8; 20]);
-        let _ = self.stream.write_all(&req);
-        let _ = self.stream.read_to_end(&mut Vec::new());
-    }
-}
+/// A connection to an export through the daemon (the test NBD client, simple replies).
+type Nbd = Export<Box<dyn ReadWrite>>;
 
 /// Sandbox with volume `v` (4 MiB, 64 KiB chunks) holding `image(4 MiB, 1)` and snapshot
 /// `v@s`, served on a unix socket.
 fn served_volume() -> (Sandbox, Daemon, Vec<u8>) {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     sb.ok(&[
         "volume",
         "create",
@@ -815,9 +441,9 @@ fn restore_refuses_connected_writers_unless_forced() {
     let sock = daemon.unix_path();
     let mut writer = Nbd::unix(&sock, "v").expect("connect writer");
     assert_eq!(writer.size, 4 * MIB as u64);
-    assert!(!writer.read_only);
+    assert!(!writer.read_only());
     let mut reader = Nbd::unix(&sock, "v@s").expect("connect snapshot reader");
-    assert!(reader.read_only);
+    assert!(reader.read_only());
     let new = vec![0xA5u8; 128 * 1024];
     writer.write(MIB as u64, &new).expect("write");
     writer.flush().expect("flush");
@@ -940,7 +566,7 @@ fn sigterm_with_connected_clients_exits_zero_and_keeps_their_writes() {
 
 #[test]
 fn connections_beyond_the_limit_are_closed() {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     sb.ok(&["volume", "create", "v", "--size", "1M"]);
     let daemon = sb.serve(&["--listen", "127.0.0.1:0", "--max-connections", "1"]);
     let addr = daemon.tcp_addr();
@@ -969,7 +595,7 @@ fn connections_beyond_the_limit_are_closed() {
 fn slow_control_clients_are_cut_off_and_others_told_busy() {
     const REQUEST_TIMEOUT_MS: u64 = 3000;
     const CONTROL_REQUESTS_MAX: usize = 16;
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     sb.ok(&["volume", "create", "v", "--size", "1M"]);
     let timeout = REQUEST_TIMEOUT_MS.to_string();
     let daemon = sb.serve(&[
@@ -1027,7 +653,7 @@ fn slow_control_clients_are_cut_off_and_others_told_busy() {
 /// Runs `snapvol --data-dir data ARGS...` in the sandbox; fails the test if it has not
 /// ended within 20 s (a command blocked in the daemon).
 fn snapvol_within_20s(sb: &Sandbox, args: &[&str]) -> Output {
-    let mut child = snapvol_command(sb.root())
+    let mut child = command(BIN, sb.root())
         .args(["--data-dir", "data"])
         .args(args)
         .stdout(Stdio::piped())
@@ -1144,9 +770,9 @@ fn exports_to_a_fifo_or_socket_are_refused_without_blocking() {
 
 #[test]
 fn sockets_and_files_are_private_whatever_the_umask() {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     let start = |extra: &[&str]| {
-        let mut cmd = snapvol_command(sb.root());
+        let mut cmd = command(BIN, sb.root());
         cmd.args(["--data-dir", "data", "serve", "--socket", "nbd.sock"])
             .args(extra);
         umask_000(&mut cmd);
@@ -1204,7 +830,7 @@ fn sockets_and_files_are_private_whatever_the_umask() {
 /// given on the command line win, and a bad file is one error line naming the key.
 #[test]
 fn serve_takes_its_options_from_a_config_file() {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     std::fs::create_dir(sb.path("conf")).unwrap();
     std::fs::write(
         sb.path("conf/snapvol.toml"),
@@ -1219,7 +845,7 @@ log-level = "info"
 "#,
     )
     .unwrap();
-    let mut cmd = snapvol_command(sb.root());
+    let mut cmd = command(BIN, sb.root());
     cmd.args(["serve", "--config", "conf/snapvol.toml"]);
     let daemon = Daemon::start(cmd, sb.path("serve-config.log"));
     // Relative to the file (itself named relative to the working directory).
@@ -1229,7 +855,7 @@ log-level = "info"
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
-    let info = snapvol_command(sb.root())
+    let info = command(BIN, sb.root())
         .args([
             "--data-dir",
             "cfgdata",
@@ -1245,7 +871,7 @@ log-level = "info"
     daemon.stop();
 
     // A flag on the command line wins over the file's key.
-    let mut cmd = snapvol_command(sb.root());
+    let mut cmd = command(BIN, sb.root());
     cmd.args([
         "serve",
         "--config",
@@ -1266,7 +892,7 @@ log-level = "info"
         ("max-connections = 0\n", "key `max-connections`"),
     ] {
         std::fs::write(sb.path("bad.toml"), text).unwrap();
-        let out = snapvol_command(sb.root())
+        let out = command(BIN, sb.root())
             .args(["serve", "--config", "bad.toml"])
             .output()
             .unwrap();
@@ -1286,13 +912,13 @@ log-level = "info"
 /// SIGTERM starts the shutdown.
 #[test]
 fn serve_notifies_ready_and_stopping() {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     let notify_path = sb.path("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     notify
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let mut cmd = snapvol_command(sb.root());
+    let mut cmd = command(BIN, sb.root());
     cmd.env("NOTIFY_SOCKET", &notify_path).args([
         "--data-dir",
         "data",
@@ -1325,7 +951,7 @@ fn the_systemd_unit_verifies() {
         return;
     };
     assert!(found.status.success());
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     let unit = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/contrib/snapvol.service"
@@ -1394,7 +1020,7 @@ fn prometheus_scrapes_the_metrics_while_a_client_writes() {
         eprintln!("skipped: no prometheus/promtool/qemu-io");
         return;
     }
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     let (daemon, metrics_port) = serve_with_metrics(&sb);
     // promtool on the exposition (the Prometheus text format a plain GET gets).
     let text = http_get(metrics_port, "/metrics", "").expect("GET /metrics");
@@ -1536,7 +1162,7 @@ fn the_grafana_dashboard_uses_only_exported_metrics() {
     ))
     .unwrap();
     let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     let (daemon, port) = serve_with_metrics(&sb);
     // A request, so that the per-command series exist.
     let out = Command::new("qemu-io")

@@ -11,6 +11,7 @@
 //! output, which names each failed check with the command, what was expected and what came.
 //! See tests/interop/lib.sh.
 
+use snapvol_test_support::cli::interop_required;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -23,10 +24,6 @@ const SKIP: i32 = 77;
 
 fn interop_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
-}
-
-fn required() -> bool {
-    std::env::var("SNAPVOL_INTEROP_REQUIRED").is_ok_and(|v| v == "1")
 }
 
 /// Time limit for one script; the whole suite is meant to take about 3 minutes.
@@ -100,7 +97,7 @@ fn interop(script: &str, args: &[&str], against: &str) {
     let (code, output) = run("bash", &argv, against);
     match code {
         Some(0) => println!("{output}"),
-        Some(SKIP) if !required() => {
+        Some(SKIP) if !interop_required() => {
             let why = output
                 .lines()
                 .find(|l| l.starts_with("SKIP"))

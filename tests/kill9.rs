@@ -63,9 +63,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use snapvol_test_support::cli::{PYTHON, python_has_libnbd};
+use snapvol_test_support::daemon::Daemon;
+
 const BIN: &str = env!("CARGO_BIN_EXE_snapvol");
-const PYTHON: &str = "/usr/bin/python3";
-const READY: &str = "snapvol: serving ";
 const BLOCK: u64 = 4096;
 const VOLUME: &str = "vol";
 /// At most this many snapshots are kept; deletes make room.
@@ -77,30 +78,6 @@ const REPORT_MAX: usize = 25;
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/kill9/nbd_io.py")
-}
-
-/// SNAPVOL_INTEROP_REQUIRED set (to anything but "" or "0"): the tools must be there.
-fn required() -> bool {
-    std::env::var("SNAPVOL_INTEROP_REQUIRED").is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
-/// Whether the libnbd python module is usable; panics if it is not but required.
-fn have_libnbd() -> bool {
-    let ok = Command::new(PYTHON)
-        .args(["-c", "import nbd"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            !required(),
-            "{PYTHON} cannot import nbd (python3-libnbd), but SNAPVOL_INTEROP_REQUIRED is set"
-        );
-        eprintln!("kill9: skipped: {PYTHON} cannot import nbd (install python3-libnbd)");
-    }
-    ok
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -174,101 +151,26 @@ fn wait_limited(child: &mut Child, limit: Duration) -> Option<std::process::Exit
     }
 }
 
-/// A running `snapvol serve`. Killed if dropped running.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-    tcp: String,
+/// `snapvol serve` of `data` on a loopback TCP port and `socket`, logging to `log`, not
+/// waited for.
+fn spawn_daemon(data: &Path, socket: &Path, log: PathBuf) -> Daemon {
+    let mut cmd = snapvol(data, &["serve", "--listen", "127.0.0.1:0", "--socket"]);
+    cmd.arg(socket);
+    Daemon::spawn(cmd, log)
 }
 
-impl Daemon {
-    fn start(data: &Path, socket: &Path, log: PathBuf) -> Result<Daemon, String> {
-        let mut d = Daemon::spawn(data, socket, log);
-        d.wait_ready()?;
-        Ok(d)
+/// [`spawn_daemon`], ready and serving the one volume.
+fn start_daemon(data: &Path, socket: &Path, log: PathBuf) -> Result<Daemon, String> {
+    let mut d = spawn_daemon(data, socket, log);
+    d.wait_ready()?;
+    if !d.ready_line.starts_with("snapvol: serving 1 volume(s) on ") {
+        return Err(format!(
+            "the volume is not served: {}\nlog:\n{}",
+            d.ready_line,
+            d.log()
+        ));
     }
-
-    fn spawn(data: &Path, socket: &Path, log: PathBuf) -> Daemon {
-        let file = File::create(&log).expect("create serve log");
-        let child = snapvol(data, &["serve", "--listen", "127.0.0.1:0", "--socket"])
-            .arg(socket)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn snapvol serve");
-        Daemon {
-            child,
-            log,
-            tcp: String::new(),
-        }
-    }
-
-    fn wait_ready(&mut self) -> Result<(), String> {
-        let d = self;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = d.log_text();
-            // Whole lines only: the ready line is written in several pieces.
-            let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-            if let Some(line) = whole.lines().find(|l| l.starts_with(READY)) {
-                if !line.starts_with("snapvol: serving 1 volume(s) on ") {
-                    return Err(format!("the volume is not served: {line}\nlog:\n{text}"));
-                }
-                d.tcp = line
-                    .split(" on ")
-                    .nth(1)
-                    .and_then(|l| l.split(", ").find(|e| !e.starts_with("unix:")))
-                    .ok_or_else(|| format!("no TCP endpoint in {line:?}"))?
-                    .to_string();
-                return Ok(());
-            }
-            if let Some(status) = d.child.try_wait().expect("try_wait") {
-                return Err(format!("snapvol serve exited with {status}\nlog:\n{text}"));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("snapvol serve not ready within 30 s\nlog:\n{text}"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL (unless it has exited already) and waitpid.
-    fn kill9(&mut self) -> std::process::ExitStatus {
-        self.child.kill().expect("SIGKILL snapvol serve");
-        self.child.wait().expect("waitpid snapvol serve")
-    }
-
-    fn sigterm(&self) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
-        // SAFETY: signalling our own child, which has not been waited for.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    }
-
-    /// SIGTERM; must exit 0 within 30 s.
-    fn stop(mut self) -> Result<(), String> {
-        self.sigterm();
-        match wait_limited(&mut self.child, Duration::from_secs(30)) {
-            Some(s) if s.success() => Ok(()),
-            Some(s) => Err(format!("SIGTERM: exit {s}\nlog:\n{}", self.log_text())),
-            None => Err(format!(
-                "SIGTERM: still running after 30 s\n{}",
-                self.log_text()
-            )),
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    Ok(d)
 }
 
 // ------------------------------------------------------------------------------ the log
@@ -892,7 +794,7 @@ impl Harness {
 
     fn start_daemon(&mut self, cycle: u64) -> Result<(), String> {
         let log = self.root.join(format!("serve-{cycle}.log"));
-        self.daemon = Some(Daemon::start(&self.data, &self.socket, log)?);
+        self.daemon = Some(start_daemon(&self.data, &self.socket, log)?);
         Ok(())
     }
 
@@ -920,7 +822,7 @@ impl Harness {
                 .map_err(|e| format!("cycle {cycle} of {cycles}: {e}"))?;
         }
         // A clean stop after all that: exit 0, and a clean check.
-        self.daemon.take().expect("daemon").stop()?;
+        self.daemon.take().expect("daemon").try_stop()?;
         let out = snapvol(&self.data, &["check", VOLUME])
             .output()
             .expect("run snapvol check");
@@ -936,7 +838,7 @@ impl Harness {
         if self.variant.restores && !self.snaps.is_empty() && self.rng.chance(12) {
             return self.restore_cycle(cycle);
         }
-        let tcp = self.daemon.as_ref().expect("daemon").tcp.clone();
+        let tcp = self.daemon.as_ref().expect("daemon").tcp_addr();
 
         // 1. The writer.
         let state = self.root.join("state");
@@ -1051,12 +953,12 @@ impl Harness {
         let mut daemon = self.daemon.take().expect("daemon");
         let sigterm = self.rng.chance(15);
         if sigterm {
-            daemon.sigterm();
+            daemon.signal(libc::SIGTERM);
             std::thread::sleep(Duration::from_micros(self.rng.range(0, 40_000)));
             self.stats.kills_during_shutdown += 1;
         }
         let status = daemon.kill9();
-        let serve_log = daemon.log_text();
+        let serve_log = daemon.log();
         let mut problems = server_log_problems(&serve_log);
         if sigterm && status.code().is_some_and(|c| c != 0) {
             problems.push(format!("exit {status} after SIGTERM\n{serve_log}"));
@@ -1248,7 +1150,7 @@ impl Harness {
         self.mark("KILL");
         let mut daemon = self.daemon.take().expect("daemon");
         daemon.kill9();
-        let serve_log = daemon.log_text();
+        let serve_log = daemon.log();
         self.finish_op(child, &target, "RESTORE");
         let log = self.take_round_log()?;
         let op = log.restores.first().expect("the restore's markers").clone();
@@ -1371,11 +1273,11 @@ impl Harness {
             let log = self
                 .root
                 .join(format!("serve-{cycle}-recovery-{restarts}.log"));
-            let mut d = Daemon::spawn(&self.data, &self.socket, log);
+            let mut d = spawn_daemon(&self.data, &self.socket, log);
             std::thread::sleep(Duration::from_micros(self.rng.range(0, 60_000)));
             d.kill9();
             self.stats.kills_during_recovery += 1;
-            problems.extend(server_log_problems(&d.log_text()));
+            problems.extend(server_log_problems(&d.log()));
             let out = snapvol(&self.data, &["check", VOLUME])
                 .output()
                 .expect("run snapvol check");
@@ -1689,7 +1591,7 @@ fn cycles() -> u64 {
 
 #[test]
 fn sigkill_4k_chunks() {
-    if !have_libnbd() {
+    if !python_has_libnbd() {
         return;
     }
     let v = Variant {
@@ -1706,7 +1608,7 @@ fn sigkill_4k_chunks() {
 
 #[test]
 fn sigkill_64k_chunks() {
-    if !have_libnbd() {
+    if !python_has_libnbd() {
         return;
     }
     let v = Variant {
@@ -1723,7 +1625,7 @@ fn sigkill_64k_chunks() {
 
 #[test]
 fn sigkill_64k_chunks_prune_oldest() {
-    if !have_libnbd() {
+    if !python_has_libnbd() {
         return;
     }
     let v = Variant {
@@ -1743,7 +1645,7 @@ fn sigkill_64k_chunks_prune_oldest() {
 /// into the origin file.
 #[test]
 fn harness_detects_a_rolled_back_block() {
-    if !have_libnbd() {
+    if !python_has_libnbd() {
         return;
     }
     let v = Variant {

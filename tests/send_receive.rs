@@ -6,6 +6,8 @@
 //! incrementals in a row.
 
 use snapvol::stream::format;
+use snapvol_test_support::cli::{assert_error, describe, image, in_data_dir, unique};
+use snapvol_test_support::daemon::Daemon;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -14,32 +16,6 @@ use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_snapvol");
 const MIB: usize = 1 << 20;
-const READY: &str = "snapvol: serving ";
-
-/// Deterministic pseudo-random bytes (xorshift64*).
-fn image(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "snapvol {}\nexit: {:?}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// A temporary directory with two data directories, `a` (sender) and `b` (receiver).
 struct Env {
     tmp: TempDir,
@@ -61,13 +37,7 @@ impl Env {
     }
 
     fn command(&self, dd: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.current_dir(self.tmp.path())
-            .env_remove("SNAPVOL_DATA_DIR")
-            .env_remove("RUST_LOG")
-            .args(["--data-dir", dd])
-            .args(args);
-        cmd
+        in_data_dir(BIN, self.tmp.path(), dd, args)
     }
 
     fn run(&self, dd: &str, args: &[&str]) -> Output {
@@ -92,7 +62,7 @@ impl Env {
     /// containing every needle; the line.
     fn fails(&self, dd: &str, args: &[&str], needles: &[&str]) -> String {
         let out = self.run(dd, args);
-        check_error(args, &out, needles)
+        assert_error(args, &out, needles)
     }
 
     /// `a: send SEND_ARGS | b: receive RECV_ARGS`: both outputs.
@@ -234,26 +204,6 @@ impl Env {
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
         v["checkpoint"]["record_count"].as_u64()
     }
-}
-
-fn check_error(args: &[&str], out: &Output, needles: &[&str]) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert!(
-        out.status.code() == Some(1)
-            && lines.len() == 1
-            && lines[0].starts_with("snapvol: error: ")
-            && needles.iter().all(|n| lines[0].contains(n)),
-        "expected one error line containing {needles:?}\n{}",
-        describe(args, out)
-    );
-    lines[0].to_string()
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Changes `count` 4 KiB pieces of `data` (pseudo-randomly placed, from `seed`).
@@ -426,7 +376,7 @@ fn a_damaged_stream_is_refused_and_nothing_is_published() {
         } else {
             &["damaged at byte", "nothing was published"]
         };
-        check_error(&["receive", &name], &out, needles);
+        assert_error(&["receive", &name], &out, needles);
         assert!(env.volumes("b").is_empty(), "{:?}", env.volumes("b"));
         let needle = if i == 0 {
             "does not exist"
@@ -452,7 +402,7 @@ fn a_damaged_stream_is_refused_and_nothing_is_published() {
     let mid = inc.len() / 2;
     bad[mid] ^= 1;
     let out = env.receive_bytes(&["receive", "v"], &bad);
-    check_error(
+    assert_error(
         &["receive", "v"],
         &out,
         &["damaged", "nothing was published"],
@@ -483,7 +433,7 @@ fn a_stream_whose_records_check_but_whose_digest_does_not_is_dropped() {
     let crc = crc32c::crc32c(&s[at..at + len - 4]);
     s[at + len - 4..at + len].copy_from_slice(&crc.to_le_bytes());
     let out = env.receive_bytes(&["receive", "v"], &s);
-    check_error(
+    assert_error(
         &["receive", "v"],
         &out,
         &["digest does not match", "dropped"],
@@ -521,14 +471,14 @@ fn a_record_outside_the_volume_or_going_backwards_is_refused() {
         } else {
             "goes back before"
         };
-        check_error(&["receive", name], &out, &[needle, "nothing was published"]);
+        assert_error(&["receive", name], &out, &[needle, "nothing was published"]);
         assert!(env.volumes("b").is_empty());
     }
     // Not a stream at all, and an empty input.
     let out = env.receive_bytes(&["receive", "x"], b"this is not a stream");
-    check_error(&["receive", "x"], &out, &["not a snapvol send stream"]);
+    assert_error(&["receive", "x"], &out, &["not a snapvol send stream"]);
     let out = env.receive_bytes(&["receive", "x"], b"");
-    check_error(&["receive", "x"], &out, &["empty"]);
+    assert_error(&["receive", "x"], &out, &["empty"]);
     assert!(!env.path("b/volumes/x").exists());
 }
 
@@ -540,7 +490,7 @@ fn a_truncated_stream_is_refused_and_nothing_is_published() {
     let end_at = records(&full).last().unwrap().0;
     for cut in [5, 20, full.len() / 2, end_at, full.len() - 1] {
         let out = env.receive_bytes(&["receive", "v"], &full[..cut]);
-        check_error(&["receive", "v"], &out, &["cut short"]);
+        assert_error(&["receive", "v"], &out, &["cut short"]);
         assert!(env.volumes("b").is_empty(), "cut at {cut}");
     }
     // The whole stream afterwards starts over and goes in.
@@ -556,7 +506,7 @@ fn a_truncated_stream_is_refused_and_nothing_is_published() {
     let inc = env.stream(&["send", "v@s2", "--from", "v@s1"]);
     for cut in [inc.len() / 3, inc.len() - 3] {
         let out = env.receive_bytes(&["receive", "v"], &inc[..cut]);
-        check_error(
+        assert_error(
             &["receive", "v"],
             &out,
             &["cut short", "nothing was published"],
@@ -587,7 +537,7 @@ fn a_stream_for_another_base_is_refused_and_nothing_changes() {
     }
     let refused = |send: &[&str], recv: &[&str], needles: &[&str]| {
         let (_, r) = env.pipe(send, recv);
-        check_error(recv, &r, needles);
+        assert_error(recv, &r, needles);
     };
     // b holds s1 only: a stream from s2 does not apply.
     refused(
@@ -657,7 +607,7 @@ fn a_volume_written_since_its_base_takes_an_incremental_only_with_force() {
     env.fill("b", "v", &image(2 * MIB, 16));
     let inc = env.stream(&["send", "v@s2", "--from", "v@s1"]);
     let out = env.receive_bytes(&["receive", "v"], &inc);
-    check_error(&["receive", "v"], &out, &["was written since", "--force"]);
+    assert_error(&["receive", "v"], &out, &["was written since", "--force"]);
     assert_eq!(env.snapshots("b", "v"), ["s1"]);
     let out = env.receive_bytes(&["receive", "v", "--force"], &inc);
     assert!(
@@ -837,7 +787,7 @@ fn a_resume_token_the_sender_did_not_issue_is_refused() {
     env.assert_same("v@s1", "v@s1");
     // A receiver refuses a resumed stream that does not go on from where it stands.
     let out = env.receive_bytes(&["receive", "fresh"], &resumed);
-    check_error(&["receive", "fresh"], &out, &["has none"]);
+    assert_error(&["receive", "fresh"], &out, &["has none"]);
 }
 
 #[test]
@@ -971,54 +921,12 @@ fn writing_over_zeros_fills_a_fresh_volume_and_is_a_plain_write_once_a_snapshot_
 
 // ---- with a daemon on each side ----
 
-/// A running `snapvol serve` (a unix socket only), killed if dropped running.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(env: &Env, dd: &str) -> Daemon {
-        let log = env.path(&format!("serve-{dd}-{}.log", unique()));
-        let sock = env.path(&format!("{dd}-nbd.sock"));
-        let child = env
-            .command(dd, &["serve", "--socket", sock.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn serve");
-        let mut d = Daemon { child, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&d.log)
-            .unwrap_or_default()
-            .contains(READY)
-        {
-            assert!(
-                d.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
-                "serve not ready: {}",
-                std::fs::read_to_string(&d.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn stop(mut self) {
-        // SAFETY: a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "serve exit {status}");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `snapvol serve` of data directory `dd` (a unix socket only).
+fn start_daemon(env: &Env, dd: &str) -> Daemon {
+    let log = env.path(&format!("serve-{dd}-{}.log", unique()));
+    let sock = env.path(&format!("{dd}-nbd.sock"));
+    let cmd = env.command(dd, &["serve", "--socket", sock.to_str().unwrap()]);
+    Daemon::start(cmd, log)
 }
 
 fn in_log(path: &Path, needle: &str) -> bool {
@@ -1033,8 +941,8 @@ fn with_a_daemon_on_each_side_streams_go_through_the_daemons() {
     // Volumes first (serve would create `default` in an empty data directory).
     let mut data = env.source("v", 8, 25);
     env.ok("b", &["volume", "create", "keep", "--size", "1M"]);
-    let da = Daemon::start(&env, "a");
-    let db = Daemon::start(&env, "b");
+    let da = start_daemon(&env, "a");
+    let db = start_daemon(&env, "b");
 
     env.pipe_ok(&["send", "v@s1"], &["receive", "v"], "v@s1");
     scribble(&mut data, 40, 26);
@@ -1048,22 +956,25 @@ fn with_a_daemon_on_each_side_streams_go_through_the_daemons() {
     env.assert_same("v@s2", "v@s2");
     env.assert_same("v@s1", "v@s1");
     assert!(
-        in_log(&da.log, "send v@s2 --from v@s1"),
+        in_log(da.log_path(), "send v@s2 --from v@s1"),
         "the daemon ran the send"
     );
-    assert!(in_log(&db.log, "receive v"), "the daemon ran the receive");
+    assert!(
+        in_log(db.log_path(), "receive v"),
+        "the daemon ran the receive"
+    );
 
     // Refusals come back as one line, nothing published.
     let (_, r) = env.pipe(&["send", "v@s2", "--from", "v@s1"], &["receive", "v"]);
-    check_error(&["receive", "v"], &r, &["holds this stream's snapshot"]);
+    assert_error(&["receive", "v"], &r, &["holds this stream's snapshot"]);
     let (_, r) = env.pipe(&["send", "v@s2"], &["receive", "keep"]);
-    check_error(&["receive", "keep"], &r, &["exists"]);
+    assert_error(&["receive", "keep"], &r, &["exists"]);
     let full = env.stream(&["send", "v@s2", "--checkpoint-bytes", "1048576"]);
     let mut bad = full.clone();
     let n = bad.len();
     bad[n / 3] ^= 4;
     let out = env.receive_bytes(&["receive", "w"], &bad);
-    check_error(
+    assert_error(
         &["receive", "w"],
         &out,
         &["damaged", "nothing was published"],
@@ -1229,11 +1140,11 @@ fn with_a_daemon_an_incremental_waits_for_read_write_clients_or_force_disconnect
         env.fill("a", "v", &data);
         env.ok("a", &["snapshot", "create", &format!("v@{s}")]);
     }
-    let db = Daemon::start(&env, "b");
+    let db = start_daemon(&env, "b");
     let sock = env.path("b-nbd.sock");
     let client = nbd_connect(&sock, "v");
     let (_, r) = env.pipe(&["send", "v@s2", "--from", "v@s1"], &["receive", "v"]);
-    check_error(
+    assert_error(
         &["receive", "v"],
         &r,
         &[

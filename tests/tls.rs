@@ -13,72 +13,22 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use std::fs::File;
+use snapvol_test_support::cli::{Sandbox, have_tools, python_has_libnbd};
+use snapvol_test_support::daemon::Daemon;
+use snapvol_test_support::nbd::{
+    Client, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_LIST, OPT_REPLY_MAGIC, OPT_STARTTLS, REP_ACK,
+    REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TLS_REQD, REP_INFO, REP_SERVER, TF_READ_ONLY,
+    option_bytes, req,
+};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_snapvol");
-const READY: &str = "snapvol: serving ";
-
-// The protocol constants the raw client needs.
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_LIST: u32 = 3;
-const OPT_STARTTLS: u32 = 5;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_ERR_POLICY: u32 = (1 << 31) | 2;
-const REP_ERR_INVALID: u32 = (1 << 31) | 3;
-const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
-const TF_READ_ONLY: u16 = 1 << 1;
-
-fn required() -> bool {
-    std::env::var("SNAPVOL_INTEROP_REQUIRED").is_ok_and(|v| v == "1")
-}
-
-/// Whether every tool is installed; if not, the test is skipped (or fails when required).
-fn have_tools(tools: &[&str]) -> bool {
-    for t in tools {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            assert!(
-                !required(),
-                "{t} is not installed (SNAPVOL_INTEROP_REQUIRED=1)"
-            );
-            eprintln!("SKIP: {t} is not installed");
-            return false;
-        }
-    }
-    true
-}
-
-fn python_has_libnbd() -> bool {
-    let ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok || !required(),
-        "python3-libnbd is not installed (SNAPVOL_INTEROP_REQUIRED=1)"
-    );
-    ok
-}
 
 fn text(out: &Output) -> String {
     format!(
@@ -230,170 +180,28 @@ impl Pki {
 // ---------------------------------------------------------------------------------------
 // The daemon.
 
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
+/// `serve ARGS` must refuse to start with one error line containing `needle`.
+fn serve_fails(sb: &Sandbox, args: &[&str], needle: &str) {
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    let out = sb.snapvol(&all);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("snapvol: error: "))
+        .collect();
+    assert!(
+        out.status.code() == Some(1) && errors.len() == 1 && errors[0].contains(needle),
+        "serve {args:?}: expected one error line containing {needle:?}\n{}",
+        text(&out)
+    );
 }
 
-struct Sandbox {
-    tmp: TempDir,
-}
-
-impl Sandbox {
-    fn new() -> Sandbox {
-        Sandbox {
-            tmp: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn snapvol(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .current_dir(self.tmp.path())
-            .env_remove("SNAPVOL_DATA_DIR")
-            .env_remove("RUST_LOG")
-            .args(["--data-dir", "data"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run snapvol")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.snapvol(args);
-        assert!(out.status.success(), "snapvol {args:?}\n{}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `serve ARGS` must refuse to start with one error line containing `needle`.
-    fn serve_fails(&self, args: &[&str], needle: &str) {
-        let mut all = vec!["serve"];
-        all.extend_from_slice(args);
-        let out = self.snapvol(&all);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let errors: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.starts_with("snapvol: error: "))
-            .collect();
-        assert!(
-            out.status.code() == Some(1) && errors.len() == 1 && errors[0].contains(needle),
-            "serve {args:?}: expected one error line containing {needle:?}\n{}",
-            text(&out)
-        );
-    }
-
-    fn serve(&self, args: &[&str]) -> Daemon {
-        let log = self.path(&format!("serve-{}.log", unique()));
-        let child = Command::new(BIN)
-            .current_dir(self.tmp.path())
-            .env_remove("SNAPVOL_DATA_DIR")
-            .env_remove("RUST_LOG")
-            .args(["--data-dir", "data", "serve", "-v"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn serve");
-        let mut d = Daemon {
-            child,
-            log,
-            endpoints: Vec::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = d.log();
-            if let Some(line) = log.lines().find(|l| l.starts_with(READY)) {
-                let list = line.split_once(" on ").expect("ready line").1;
-                d.endpoints = list.split(", ").map(str::to_string).collect();
-                return d;
-            }
-            if let Some(status) = d.child.try_wait().expect("try_wait") {
-                panic!("serve exited with {status}\n{log}");
-            }
-            assert!(Instant::now() < deadline, "serve not ready\n{log}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-    endpoints: Vec<String>,
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn port(&self) -> u16 {
-        self.endpoints
-            .iter()
-            .find(|e| !e.starts_with("unix:"))
-            .and_then(|e| e.rsplit_once(':'))
-            .and_then(|(_, p)| p.parse().ok())
-            .expect("a TCP endpoint")
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port())
-    }
-
-    /// Threads of the daemon serving NBD connections (named `nbd-N`, `nbd-tls`,
-    /// `nbd-worker`).
-    fn nbd_threads(&self) -> usize {
-        let dir = format!("/proc/{}/task", self.child.id());
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|e| {
-                        std::fs::read_to_string(e.path().join("comm"))
-                            .is_ok_and(|c| c.starts_with("nbd-"))
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
-    }
-
-    /// Waits (at most 15 s) until no connection is being served any more.
-    fn wait_idle(&self, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.nbd_threads() > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: connection threads still running after 15 s\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM; it must exit 0 without a panic.
-    fn stop(mut self) -> String {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait");
-        let log = self.log();
-        assert!(status.success(), "exit {status}\n{log}");
-        assert!(!log.contains("panicked"), "panic in the daemon\n{log}");
-        log
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `serve -v ARGS`, ready.
+fn serve(sb: &Sandbox, args: &[&str]) -> Daemon {
+    let mut all = vec!["-v"];
+    all.extend_from_slice(args);
+    sb.serve(&all)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -407,43 +215,17 @@ fn greet(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).expect("greeting");
-    assert_eq!(u64::from_be_bytes(g[..8].try_into().unwrap()), NBDMAGIC);
-    assert_eq!(u64::from_be_bytes(g[8..16].try_into().unwrap()), IHAVEOPT);
-    s.write_all(&3u32.to_be_bytes()).expect("client flags");
+    Client::new(&mut s).handshake();
     s
 }
 
-fn option_bytes(opt: u32, data: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    b.extend_from_slice(&opt.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    b
-}
-
 fn send_option(s: &mut dyn Stream, opt: u32, data: &[u8]) {
-    s.write_all(&option_bytes(opt, data)).expect("send option");
-    s.flush().expect("flush");
+    Client::new(s).option(opt, data);
 }
 
 /// One option reply: (option, type, data).
 fn read_reply(s: &mut dyn Stream) -> (u32, u32, Vec<u8>) {
-    let mut h = [0u8; 20];
-    s.read_exact(&mut h).expect("option reply");
-    assert_eq!(
-        u64::from_be_bytes(h[..8].try_into().unwrap()),
-        REPLY_MAGIC,
-        "reply magic"
-    );
-    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-    let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-    let mut data = vec![0u8; len as usize];
-    s.read_exact(&mut data).expect("reply data");
-    (opt, kind, data)
+    Client::new(s).opt_reply()
 }
 
 /// NBD_OPT_LIST: the export names, or the error reply type.
@@ -494,25 +276,7 @@ fn go(s: &mut dyn Stream, name: &str) -> Result<u16, u32> {
 
 /// A simple-reply request; returns the error field of the reply.
 fn request(s: &mut dyn Stream, kind: u16, offset: u64, len: u32, payload: &[u8]) -> u32 {
-    let mut r = Vec::new();
-    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    r.extend_from_slice(&0u16.to_be_bytes());
-    r.extend_from_slice(&kind.to_be_bytes());
-    r.extend_from_slice(&7u64.to_be_bytes());
-    r.extend_from_slice(&offset.to_be_bytes());
-    r.extend_from_slice(&len.to_be_bytes());
-    r.extend_from_slice(payload);
-    s.write_all(&r).expect("request");
-    s.flush().expect("flush");
-    let mut h = [0u8; 16];
-    s.read_exact(&mut h).expect("reply");
-    assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6744_6698);
-    let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
-    if kind == 0 && error == 0 {
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data).expect("read data");
-    }
-    error
+    Client::new(s).errno(req(kind, 0, offset, u64::from(len)), payload)
 }
 
 /// A client config presenting a certificate for "alice" signed by the test CA.
@@ -596,7 +360,7 @@ struct Setup {
 }
 
 fn setup(extra: &[&str]) -> Setup {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     let pki = Pki::new(&sb.path("pki"));
     sb.ok(&["volume", "create", "default", "--size", "64M"]);
     sb.ok(&["volume", "create", "other", "--size", "16M"]);
@@ -614,7 +378,7 @@ fn setup(extra: &[&str]) -> Setup {
         "authz.toml",
     ];
     args.extend_from_slice(extra);
-    let daemon = sb.serve(&args);
+    let daemon = serve(&sb, &args);
     Setup { sb, pki, daemon }
 }
 
@@ -627,7 +391,7 @@ fn uri(port: u16, export: &str, dir: &Path) -> String {
 
 #[test]
 fn start_up_errors_are_one_line_each() {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     let pki = Pki::new(&sb.path("pki"));
     let good = pki.server_dir();
     let good = good.to_str().unwrap();
@@ -658,7 +422,7 @@ fn start_up_errors_are_one_line_each() {
     };
     let check = |args: Vec<String>, needle: &str| {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        sb.serve_fails(&a, needle);
+        serve_fails(&sb, &a, needle);
     };
 
     // Missing files.
@@ -728,8 +492,8 @@ fn start_up_errors_are_one_line_each() {
     let mut args = tls(good);
     args[1] = "0.0.0.0:0".into();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    sb.serve(&a).stop();
-    let d = sb.serve(&["--listen", "0.0.0.0:0", "--insecure"]);
+    serve(&sb, &a).stop();
+    let d = serve(&sb, &["--listen", "0.0.0.0:0", "--insecure"]);
     assert!(d.log().contains("--insecure"), "{}", d.log());
     d.stop();
 }
@@ -927,7 +691,7 @@ fn option_phase_rules_under_require() {
         daemon,
         sb: _sb,
     } = setup(&[]);
-    let addr = daemon.addr();
+    let addr = daemon.loopback_addr();
     let config = alice_config(&pki);
 
     // Before TLS: everything but STARTTLS and ABORT is refused with TLS_REQD ...
@@ -980,7 +744,7 @@ fn plaintext_after_starttls_is_never_parsed() {
     let Setup {
         daemon, sb: _sb, ..
     } = setup(&[]);
-    let addr = daemon.addr();
+    let addr = daemon.loopback_addr();
     // STARTTLS and, in the same write, a LIST and an EXPORT_NAME in plaintext: the server
     // must answer STARTTLS, then take what follows as the TLS handshake (and fail it),
     // never answer the injected options.
@@ -995,7 +759,7 @@ fn plaintext_after_starttls_is_never_parsed() {
     assert!(
         !rest
             .windows(8)
-            .any(|w| w == REPLY_MAGIC.to_be_bytes().as_slice()),
+            .any(|w| w == OPT_REPLY_MAGIC.to_be_bytes().as_slice()),
         "an injected option was answered: {rest:02x?}"
     );
     // At most a TLS alert (content type 21) came.
@@ -1007,7 +771,7 @@ fn plaintext_after_starttls_is_never_parsed() {
 #[test]
 fn bad_tls_records_and_cut_connections_end_cleanly() {
     let Setup { pki, daemon, sb } = setup(&[]);
-    let addr = daemon.addr();
+    let addr = daemon.loopback_addr();
     let config = alice_config(&pki);
 
     // A record longer than TLS allows, after the handshake (in the option phase and in
@@ -1075,7 +839,7 @@ fn bad_tls_records_and_cut_connections_end_cleanly() {
 
 #[test]
 fn unix_socket_clients_are_known_by_uid_and_group() {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     sb.ok(&["volume", "create", "default", "--size", "16M"]);
     sb.ok(&["volume", "create", "other", "--size", "16M"]);
     // SAFETY: no preconditions.
@@ -1094,14 +858,17 @@ fn unix_socket_clients_are_known_by_uid_and_group() {
     std::fs::set_permissions(sb.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let sock = sock_dir.join("nbd.sock");
-    let daemon = sb.serve(&[
-        "--socket",
-        sock.to_str().unwrap(),
-        "--socket-mode",
-        "666",
-        "--authz",
-        "authz.toml",
-    ]);
+    let daemon = serve(
+        &sb,
+        &[
+            "--socket",
+            sock.to_str().unwrap(),
+            "--socket-mode",
+            "666",
+            "--authz",
+            "authz.toml",
+        ],
+    );
     let connect = || {
         let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -1164,7 +931,7 @@ fn unix_socket_clients_are_known_by_uid_and_group() {
 #[test]
 fn restore_force_and_sigterm_end_tls_connections() {
     let Setup { pki, daemon, sb } = setup(&[]);
-    let addr = daemon.addr();
+    let addr = daemon.loopback_addr();
     let config = alice_config(&pki);
     // A writer over TLS holds restore off until --force kicks it (through the socket
     // pair's end; the pump then closes the TLS session).
@@ -1202,7 +969,7 @@ fn a_stalled_tls_handshake_ends_at_the_handshake_deadline() {
     let Setup {
         daemon, sb: _sb, ..
     } = setup(&["--handshake-timeout-ms", "1500"]);
-    let addr = daemon.addr();
+    let addr = daemon.loopback_addr();
     // STARTTLS acknowledged, then nothing (and, second case, half a ClientHello).
     for partial in [&[][..], &[22u8, 3, 1, 0, 200, 1, 0][..]] {
         let mut s = greet(&addr);
@@ -1228,19 +995,22 @@ fn a_stalled_tls_handshake_ends_at_the_handshake_deadline() {
 
 #[test]
 fn tls_on_serves_plaintext_and_tls_clients() {
-    let sb = Sandbox::new();
+    let sb = Sandbox::new(BIN);
     let pki = Pki::new(&sb.path("pki"));
     sb.ok(&["volume", "create", "default", "--size", "16M"]);
     let server = pki.server_dir();
-    let daemon = sb.serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        "on",
-        "--tls-certificates",
-        server.to_str().unwrap(),
-    ]);
-    let addr = daemon.addr();
+    let daemon = serve(
+        &sb,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            "on",
+            "--tls-certificates",
+            server.to_str().unwrap(),
+        ],
+    );
+    let addr = daemon.loopback_addr();
     // Plaintext.
     let mut s = greet(&addr);
     assert_eq!(list(&mut s).unwrap(), vec!["default"]);

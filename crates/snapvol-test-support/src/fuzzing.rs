@@ -21,6 +21,7 @@
 //! The journal targets also try the input with its checksums recomputed, so the fuzzer
 //! reaches the record decoder and replay without forging CRC-32C values.
 
+use crate::nbd::*;
 use snapvol::io::{Disk, MemDisk, OpenMode, Storage};
 use snapvol::journal::{Frame, Journal, JournalError, Record, RecoveryMode};
 use snapvol::nbd::{NbdError, NbdStream, ServerConfig, TlsMode, TlsSetup, serve_connection};
@@ -827,62 +828,11 @@ pub fn nbd_starttls(data: &[u8]) {
     after_connection(&inst, registry);
 }
 
-// NBD constants, spelled out here from the protocol so the checks do not trust the server.
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_LIST: u32 = 3;
-const OPT_STARTTLS: u32 = 5;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_LIST_META_CONTEXT: u32 = 9;
-const OPT_SET_META_CONTEXT: u32 = 10;
-const OPT_EXTENDED_HEADERS: u32 = 11;
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_META_CONTEXT: u32 = 4;
-const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
-const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
+// The NBD constants are the test client's (`crate::nbd`), spelled out there from the
+// protocol so the checks do not trust the server.
 /// TLS record content types: alert, handshake.
 const TLS_ALERT: u8 = 21;
 const TLS_HANDSHAKE: u8 = 22;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
-const SIMPLE_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
-const EXTENDED_MAGIC: u32 = 0x6e8a_278c;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_CACHE: u16 = 5;
-const CMD_WRITE_ZEROES: u16 = 6;
-const CMD_BLOCK_STATUS: u16 = 7;
-const FLAG_FUA: u16 = 1;
-const FLAG_NO_HOLE: u16 = 1 << 1;
-const FLAG_DF: u16 = 1 << 2;
-const FLAG_REQ_ONE: u16 = 1 << 3;
-const FLAG_FAST_ZERO: u16 = 1 << 4;
-const FLAG_PAYLOAD_LEN: u16 = 1 << 5;
-const REPLY_FLAG_DONE: u16 = 1;
-const TYPE_NONE: u16 = 0;
-const TYPE_OFFSET_DATA: u16 = 1;
-const TYPE_OFFSET_HOLE: u16 = 2;
-const TYPE_BLOCK_STATUS: u16 = 5;
-const TYPE_BLOCK_STATUS_EXT: u16 = 6;
-const TYPE_ERROR: u16 = 0x8001;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    Structured,
-    Extended,
-}
 
 /// Big-endian reads that say `None` at the end of the buffer.
 fn be(b: &[u8], at: usize, n: usize) -> Option<u64> {
@@ -1201,7 +1151,7 @@ fn check_replies(
                 } else if data_len > 0 {
                     a.pieces.push((0, out[o + 16..o + 16 + data_len].to_vec()));
                 }
-                (REPLY_FLAG_DONE, TYPE_NONE, cookie, 16, data_len)
+                (REPLY_DONE, TYPE_NONE, cookie, 16, data_len)
             }
             STRUCTURED_MAGIC => {
                 assert_eq!(
@@ -1275,7 +1225,7 @@ fn check_replies(
                 other => panic!("unknown reply chunk type {other}"),
             }
         }
-        if flags & REPLY_FLAG_DONE != 0 {
+        if flags & REPLY_DONE != 0 {
             let a = answers.entry(cookie).or_default();
             a.done += 1;
             assert!(
