@@ -21,6 +21,8 @@ pub const RECORD_TRAILER_BYTES: usize = 4;
 pub const DATA_BYTES_MAX: usize = 1 << 20;
 /// Largest body of any record (a reader refuses more before reading it).
 pub const BODY_BYTES_MAX: usize = DATA_BYTES_MAX + 64;
+/// Largest whole record (header, body, crc): what a reader holds at most.
+pub const RECORD_BYTES_MAX: usize = RECORD_HEADER_BYTES + BODY_BYTES_MAX + RECORD_TRAILER_BYTES;
 /// Set in a tag: a reader that does not know the tag skips the record.
 pub const TAG_OPTIONAL: u32 = 1 << 31;
 
@@ -410,7 +412,8 @@ pub struct RecordReader<R> {
     input: R,
     /// Bytes of the stream consumed so far (for messages).
     offset_bytes: u64,
-    /// The last record is `buf[..len]`; `buf` only grows (no zero-filling per record).
+    /// The last record is `buf[..len]`; `buf` only grows (no zero-filling per record), to
+    /// the largest record read, at most [`RECORD_BYTES_MAX`].
     buf: Vec<u8>,
     len: usize,
 }
@@ -454,6 +457,11 @@ impl<R: Read> RecordReader<R> {
         self.offset_bytes
     }
 
+    /// Bytes the reader holds for records (at most [`RECORD_BYTES_MAX`]).
+    pub fn buffer_bytes(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// The last record read, whole (header, body, crc).
     pub fn record_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
@@ -486,6 +494,7 @@ impl<R: Read> RecordReader<R> {
         }
         let total = RECORD_HEADER_BYTES + body_len + RECORD_TRAILER_BYTES;
         if self.buf.len() < total {
+            self.buf.reserve_exact(total - self.buf.len());
             self.buf.resize(total, 0);
         }
         match read_full(&mut self.input, &mut self.buf[RECORD_HEADER_BYTES..total]) {

@@ -480,6 +480,54 @@ impl Syncer<'_> {
     }
 }
 
+/// A slot for the newest value of a producer, taken by one consumer: a put replaces what
+/// was not taken yet, so it holds one value at most however fast the producer is.
+struct Latest<T> {
+    /// The waiting value, and whether the slot is closed.
+    slot: std::sync::Mutex<(Option<T>, bool)>,
+    ready: std::sync::Condvar,
+}
+
+impl<T> Latest<T> {
+    fn new() -> Latest<T> {
+        Latest {
+            slot: std::sync::Mutex::new((None, false)),
+            ready: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Replaces the waiting value; false once the slot is closed.
+    fn put(&self, value: T) -> bool {
+        let mut g = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1 {
+            return false;
+        }
+        g.0 = Some(value);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Waits for a value; `None` once the slot is closed and empty.
+    fn take(&self) -> Option<T> {
+        let mut g = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(v) = g.0.take() {
+                return Some(v);
+            }
+            if g.1 {
+                return None;
+            }
+            g = self.ready.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// No more puts; the waiting value is still taken.
+    fn close(&self) {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.ready.notify_all();
+    }
+}
+
 /// The records after `begin` (and `resume`) up to `end`: checked, chained, handed to
 /// `sink`, with checkpoints made durable as they come. Returns the volume bytes covered.
 #[allow(clippy::too_many_arguments)]
@@ -503,17 +551,20 @@ fn take_records(
     let mut cursor = resume.map_or(0, |p| p.next_offset_bytes);
     let mut covered = 0u64;
     let size = begin.size_bytes;
-    let (tx, rx) = std::sync::mpsc::channel::<State>();
+    // One checkpoint waiting at most: a newer one replaces it (a stream of checkpoints
+    // faster than the syncs queues nothing).
+    let next = Latest::new();
     std::thread::scope(|s| {
-        let persister = s.spawn(move || -> Result<()> {
-            while let Ok(mut st) = rx.recv() {
-                while let Ok(newer) = rx.try_recv() {
-                    st = newer;
+        let persister = s.spawn(|| -> Result<()> {
+            let persisted = (|| {
+                while let Some(st) = next.take() {
+                    syncer.sync()?;
+                    save_state(dir, &st)?;
                 }
-                syncer.sync()?;
-                save_state(dir, &st)?;
-            }
-            Ok(())
+                Ok(())
+            })();
+            next.close();
+            persisted
         });
         let taken = (|| -> Result<u64> {
             loop {
@@ -607,7 +658,7 @@ fn take_records(
                         if let Sink::Spool(sp) = sink {
                             state.spool_bytes = sp.len_bytes();
                         }
-                        if tx.send(state.clone()).is_err() {
+                        if !next.put(state.clone()) {
                             // The persister stopped: its error is reported below.
                             return Ok(covered);
                         }
@@ -643,7 +694,7 @@ fn take_records(
                 run.progress.update(covered, begin.covered_bytes);
             }
         })();
-        drop(tx);
+        next.close();
         let persisted = persister
             .join()
             .unwrap_or_else(|_| Err(Error::Refused("the checkpoint thread panicked".into())));
@@ -1127,4 +1178,31 @@ fn drop_receive(host: Host, name: &str) -> Result<()> {
         dd.finish_incomplete_volume(name)?;
     }
     remove_receive_files(&dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Latest;
+
+    #[test]
+    fn the_checkpoint_slot_keeps_only_the_newest_and_drains_after_close() {
+        let slot = Latest::new();
+        for i in 0..100_000u64 {
+            assert!(slot.put(i));
+        }
+        assert_eq!(slot.take(), Some(99_999));
+        assert!(slot.put(7));
+        slot.close();
+        assert!(!slot.put(8), "a put after close is refused");
+        assert_eq!(slot.take(), Some(7), "the waiting value is still taken");
+        assert_eq!(slot.take(), None);
+        // A consumer waiting on another thread is woken by close.
+        let slot = Latest::<u64>::new();
+        std::thread::scope(|s| {
+            let t = s.spawn(|| slot.take());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            slot.close();
+            assert_eq!(t.join().unwrap(), None);
+        });
+    }
 }

@@ -17,6 +17,7 @@
 //! | `journal_replay` | a journal file, replayed by opening a volume                           |
 //! | `metadata`       | a `meta.redb` file, opened with its volume                             |
 //! | `ops`            | volume operations, checked against an in-memory model                  |
+//! | `stream_receive` | one byte choosing the receiving side, then a send stream               |
 //!
 //! The journal targets also try the input with its checksums recomputed, so the fuzzer
 //! reaches the record decoder and replay without forging CRC-32C values.
@@ -36,6 +37,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Once, OnceLock};
 use std::time::Duration;
 
+mod stream;
+pub use stream::{fix_stream, stream_receive};
+
 /// A fuzz target: name and entry point.
 pub type Target = (&'static str, fn(&[u8]));
 
@@ -48,6 +52,7 @@ pub const TARGETS: &[Target] = &[
     ("journal_replay", journal_replay),
     ("metadata", metadata),
     ("ops", ops),
+    ("stream_receive", stream_receive),
 ];
 
 /// Runs target `name` on `data`; false if there is no such target.
@@ -2157,6 +2162,11 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ops_seeds()
             .into_iter()
             .map(|(n, b)| ("ops", n.to_string(), b)),
+    );
+    out.extend(
+        stream::seeds()
+            .into_iter()
+            .map(|(n, b)| ("stream_receive", n.to_string(), b)),
     );
     out.extend(
         request_seeds()
