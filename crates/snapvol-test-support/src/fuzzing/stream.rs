@@ -25,10 +25,10 @@
 //! interrupted receive is dropped (`receive --abort`).
 
 use super::{Scratch, create, pattern};
-use crate::io::MemDisk;
-use crate::stream::format::{self, Begin, Record, RecordReader};
-use crate::stream::{self, Host, Run, SendOptions};
-use crate::{DataDir, Volume};
+use snapvol::io::MemDisk;
+use snapvol::stream::format::{self, Begin, Record, RecordReader};
+use snapvol::stream::{self, Host, Run, SendOptions};
+use snapvol::{DataDir, Volume};
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
