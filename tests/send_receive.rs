@@ -199,7 +199,12 @@ impl Env {
 
     /// The checkpoint `b`'s interrupted receive into `vol` reached (records), if any.
     fn checkpoint_records(&self, vol: &str) -> Option<u64> {
-        let state = self.path(&format!("b/volumes/{vol}/receive.state"));
+        self.checkpoint_records_in("b", vol)
+    }
+
+    /// The checkpoint an interrupted receive into `dd`'s `vol` reached (records), if any.
+    fn checkpoint_records_in(&self, dd: &str, vol: &str) -> Option<u64> {
+        let state = self.path(&format!("{dd}/volumes/{vol}/receive.state"));
         let text = std::fs::read_to_string(state).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
         v["checkpoint"]["record_count"].as_u64()
@@ -1197,4 +1202,140 @@ fn with_a_daemon_an_incremental_waits_for_read_write_clients_or_force_disconnect
 /// `receive --token` reporting that the stream it found complete is applied now.
 fn check_applied(out: &Output) -> bool {
     String::from_utf8_lossy(&out.stderr).contains("is applied now")
+}
+
+/// Bytes from `from` to `to` while `go` is set (paused while it is not), 64 KiB at a time
+/// with a pause between (a slow link); ends at the end of `from` or when `to` fails.
+fn relay(
+    mut from: impl std::io::Read + Send + 'static,
+    mut to: impl Write + Send + 'static,
+    go: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut moved = 0u64;
+        loop {
+            while !go.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => return moved,
+                Ok(n) => n,
+            };
+            if to.write_all(&buf[..n]).is_err() {
+                return moved;
+            }
+            moved += n as u64;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+}
+
+/// A child's exit within `limit`, or a panic naming `what`.
+fn wait_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not end within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_daemon_stopped_mid_stream_exits_cleanly_and_the_stream_resumes_after_a_restart() {
+    // One daemon runs both ends: `a: send v@s1 | a: receive w`, through a slow relay that
+    // stops reading once the receive has made a checkpoint durable (so the send is blocked
+    // on a full pipe and the receive waits for bytes when the SIGTERM comes).
+    let env = Env::new();
+    env.source("v", 32, 31);
+    let daemon = Daemon::start(&env, "a");
+    let mut sender = env
+        .command("a", &["send", "v@s1", "--checkpoint-bytes", "1048576"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn send");
+    let mut receiver = env
+        .command("a", &["receive", "w"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn receive");
+    let go = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let relayed = relay(
+        sender.stdout.take().unwrap(),
+        receiver.stdin.take().unwrap(),
+        go.clone(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.checkpoint_records_in("a", "w").unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "no checkpoint within 60 s");
+        assert!(
+            sender.try_wait().unwrap().is_none(),
+            "the sender ended early"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    go.store(false, std::sync::atomic::Ordering::SeqCst);
+    // Long enough for the pipe behind the relay to fill.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut daemon = daemon;
+    let stopped = Instant::now();
+    // SAFETY: a signal to our own child process.
+    unsafe { libc::kill(daemon.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = wait_within(
+        &mut daemon.child,
+        Duration::from_secs(10),
+        "the daemon after SIGTERM",
+    );
+    let took = stopped.elapsed();
+    assert!(
+        status.success(),
+        "serve exit {status}\n{}",
+        std::fs::read_to_string(&daemon.log).unwrap_or_default()
+    );
+    drop(daemon);
+    go.store(true, std::sync::atomic::Ordering::SeqCst);
+    let s = sender.wait_with_output().unwrap();
+    let r = receiver.wait_with_output().unwrap();
+    relayed.join().unwrap();
+    eprintln!("the daemon stopped {} ms after SIGTERM", took.as_millis());
+    check_error(&["send"], &s, &["send v@s1", "shutting down"]);
+    check_error(
+        &["receive", "w"],
+        &r,
+        &[
+            "receive w",
+            "shutting down",
+            "nothing was published",
+            "--token w",
+        ],
+    );
+    // Nothing published; a token to go on with, which resumes once the daemon is back.
+    assert_eq!(env.volumes("a"), ["v"]);
+    let token = env.ok("a", &["receive", "--token", "w"]).trim().to_string();
+    let daemon = Daemon::start(&env, "a");
+    let mut s = env
+        .command("a", &["send", "--resume", &token, "v@s1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let r = env
+        .command("a", &["receive", "w"])
+        .stdin(s.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(s.wait().unwrap().success());
+    assert!(r.status.success(), "{}", describe(&["receive", "w"], &r));
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "w@s1");
+    daemon.stop();
+    assert_eq!(env.export("a", "v@s1"), env.export("a", "w@s1"));
 }

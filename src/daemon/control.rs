@@ -289,17 +289,20 @@ pub struct DataChannel<'a> {
     input: std::sync::Mutex<(UnixStream, Vec<u8>, usize)>,
     output: std::sync::Mutex<UnixStream>,
     /// The client's own input or output, handed over ([`Request::pass_fd`]). Each read or
-    /// write waits for it to be ready first; a blocking write into a reader that stalls
-    /// holds the command until the reader reads or goes.
+    /// write waits for it to be ready first; writes never block ([`PassedOut`]).
     passed: Option<std::sync::Mutex<std::fs::File>>,
+    /// How output goes into `passed` (made on the first write).
+    passed_out: std::sync::Mutex<Option<PassedOut>>,
     /// The connection, to notice the client going away while the passed descriptor waits.
     control: UnixStream,
     cancel: &'a std::sync::atomic::AtomicBool,
     last_progress: std::sync::Mutex<Option<Instant>>,
 }
 
+/// Not `ErrorKind::Interrupted`: readers and writers retry that kind (`read_exact`,
+/// `write_all`, the stream's own loops), and a shutdown must end them.
 fn shutting_down() -> io::Error {
-    io::Error::new(io::ErrorKind::Interrupted, "the daemon is shutting down")
+    io::Error::other("the daemon is shutting down")
 }
 
 impl<'a> DataChannel<'a> {
@@ -320,6 +323,7 @@ impl<'a> DataChannel<'a> {
             input: std::sync::Mutex::new((input, rest, 0)),
             output: std::sync::Mutex::new(output),
             passed: None,
+            passed_out: std::sync::Mutex::new(None),
             control: stream.try_clone()?,
             cancel,
             last_progress: std::sync::Mutex::new(None),
@@ -394,23 +398,30 @@ impl<'a> DataChannel<'a> {
     }
 
     /// Writes the command's binary output: to the passed descriptor, or as data frames.
+    /// No write blocks: a reader that stalls leaves the command waiting in `poll`, where a
+    /// client gone or a shutdown ends it (see [`PassedOut`]).
     pub fn data(&self, parts: &[&[u8]]) -> io::Result<()> {
         let Some(passed) = &self.passed else {
             return self.frame(FRAME_DATA, parts);
         };
         let file = passed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = self.passed_out.lock().unwrap_or_else(|e| e.into_inner());
+        let out = out.get_or_insert_with(|| PassedOut::new(&file));
         let mut all: Vec<io::IoSlice> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
         let mut slices: &mut [io::IoSlice] = &mut all;
         io::IoSlice::advance_slices(&mut slices, 0);
         while !slices.is_empty() {
-            // Writable first (a client gone or a shutdown is noticed); then a blocking
-            // write of the whole record. (Non-blocking writes into a pipe went out a few
-            // pages per wakeup, both sides contending for the pipe: half the speed.)
+            // Writable first (a client gone or a shutdown is noticed); then as much as
+            // goes without blocking.
             self.wait_passed(&file, libc::POLLOUT)?;
-            match (&*file).write_vectored(slices) {
+            match out.write(&file, slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -515,6 +526,76 @@ impl<'a> DataChannel<'a> {
         p[..8].copy_from_slice(&done_bytes.to_le_bytes());
         p[8..].copy_from_slice(&total_bytes.to_le_bytes());
         let _ = self.frame(FRAME_PROGRESS, &[&p]);
+    }
+}
+
+/// How the daemon writes into a passed descriptor without blocking, and without setting
+/// `O_NONBLOCK` on it (that flag belongs to the open file description, which the client
+/// and whoever else holds its stdout share).
+enum PassedOut {
+    /// A pipe or FIFO, opened again through `/proc/self/fd` for writing with `O_NONBLOCK`:
+    /// a description of the daemon's own.
+    Pipe(std::fs::File),
+    /// A socket: `sendmsg` with `MSG_DONTWAIT`.
+    Socket,
+    /// Anything else (a file, `/dev/null`): written as it is, which does not wait for a
+    /// reader.
+    Direct,
+}
+
+impl PassedOut {
+    fn new(file: &std::fs::File) -> PassedOut {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let Ok(kind) = file.metadata().map(|m| m.file_type()) else {
+            return PassedOut::Direct;
+        };
+        if kind.is_socket() {
+            return PassedOut::Socket;
+        }
+        if !kind.is_fifo() {
+            return PassedOut::Direct;
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        {
+            Ok(f) => PassedOut::Pipe(f),
+            Err(e) => {
+                // No /proc: blocking writes, which a stalled reader can hold.
+                tracing::warn!(error = %e, "cannot reopen the client's pipe non-blocking");
+                PassedOut::Direct
+            }
+        }
+    }
+
+    fn write(&self, file: &std::fs::File, slices: &[io::IoSlice]) -> io::Result<usize> {
+        match self {
+            PassedOut::Pipe(f) => (&*f).write_vectored(slices),
+            PassedOut::Direct => (&*file).write_vectored(slices),
+            PassedOut::Socket => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                // IoSlice is ABI-compatible with iovec on unix; sendmsg only reads them.
+                msg.msg_iov = slices.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = slices.len().min(64) as _;
+                // SAFETY: a valid socket and a message whose buffers outlive the call.
+                let n = unsafe {
+                    libc::sendmsg(
+                        file.as_raw_fd(),
+                        &msg,
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
+        }
     }
 }
 
