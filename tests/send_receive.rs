@@ -1231,21 +1231,6 @@ fn relay(
     })
 }
 
-/// A child's exit within `limit`, or a panic naming `what`.
-fn wait_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not end within {} s", limit.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_daemon_stopped_mid_stream_exits_cleanly_and_the_stream_resumes_after_a_restart() {
     // One daemon runs both ends: `a: send v@s1 | a: receive w`, through a slow relay that
@@ -1253,7 +1238,7 @@ fn a_daemon_stopped_mid_stream_exits_cleanly_and_the_stream_resumes_after_a_rest
     // on a full pipe and the receive waits for bytes when the SIGTERM comes).
     let env = Env::new();
     env.source("v", 32, 31);
-    let daemon = Daemon::start(&env, "a");
+    let daemon = start_daemon(&env, "a");
     let mut sender = env
         .command("a", &["send", "v@s1", "--checkpoint-bytes", "1048576"])
         .stdin(Stdio::null())
@@ -1288,18 +1273,13 @@ fn a_daemon_stopped_mid_stream_exits_cleanly_and_the_stream_resumes_after_a_rest
     std::thread::sleep(Duration::from_millis(500));
     let mut daemon = daemon;
     let stopped = Instant::now();
-    // SAFETY: a signal to our own child process.
-    unsafe { libc::kill(daemon.child.id() as libc::pid_t, libc::SIGTERM) };
-    let status = wait_within(
-        &mut daemon.child,
-        Duration::from_secs(10),
-        "the daemon after SIGTERM",
-    );
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_for_exit(Duration::from_secs(10));
     let took = stopped.elapsed();
     assert!(
-        status.success(),
-        "serve exit {status}\n{}",
-        std::fs::read_to_string(&daemon.log).unwrap_or_default()
+        status.is_some_and(|s| s.success()),
+        "serve after SIGTERM: {status:?} (None: still running at 10 s)\n{}",
+        daemon.log()
     );
     drop(daemon);
     go.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1307,8 +1287,8 @@ fn a_daemon_stopped_mid_stream_exits_cleanly_and_the_stream_resumes_after_a_rest
     let r = receiver.wait_with_output().unwrap();
     relayed.join().unwrap();
     eprintln!("the daemon stopped {} ms after SIGTERM", took.as_millis());
-    check_error(&["send"], &s, &["send v@s1", "shutting down"]);
-    check_error(
+    assert_error(&["send"], &s, &["send v@s1", "shutting down"]);
+    assert_error(
         &["receive", "w"],
         &r,
         &[
@@ -1321,7 +1301,7 @@ fn a_daemon_stopped_mid_stream_exits_cleanly_and_the_stream_resumes_after_a_rest
     // Nothing published; a token to go on with, which resumes once the daemon is back.
     assert_eq!(env.volumes("a"), ["v"]);
     let token = env.ok("a", &["receive", "--token", "w"]).trim().to_string();
-    let daemon = Daemon::start(&env, "a");
+    let daemon = start_daemon(&env, "a");
     let mut s = env
         .command("a", &["send", "--resume", &token, "v@s1"])
         .stdin(Stdio::null())
