@@ -114,33 +114,25 @@ async fn put(
     jobs: usize,
 ) -> (u64, u64) {
     let count = plan(size_bytes, object_bytes, jobs);
-    futures::stream::iter(0..count)
-        .map(|index| {
-            let (store, prefix, file) = (store.clone(), prefix.clone(), file.clone());
-            async move {
-                let offset = index * object_bytes;
-                let len = object_bytes.min(size_bytes - offset) as usize;
-                let data = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len];
-                    file.read_exact_at(&mut buf, offset).map(|()| buf)
-                })
+    let requests = futures::stream::iter(0..count).map(|index| {
+        let (store, prefix, file) = (store.clone(), prefix.clone(), file.clone());
+        async move {
+            let offset = index * object_bytes;
+            let len = object_bytes.min(size_bytes - offset) as usize;
+            let data = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, offset).map(|()| buf)
+            })
+            .await
+            .expect("read task")
+            .expect("read FILE");
+            store
+                .put(&key(&prefix, index), PutPayload::from(data))
                 .await
-                .expect("read task")
-                .expect("read FILE");
-                store
-                    .put(&key(&prefix, index), PutPayload::from(data))
-                    .await
-                    .map(|_| len as u64)
-            }
-        })
-        .buffer_unordered(jobs)
-        .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
-        .await
-        .map(|bytes| (bytes, count))
-        .unwrap_or_else(|e| {
-            eprintln!("s3_baseline: {e}");
-            std::process::exit(1)
-        })
+                .map(|_| len as u64)
+        }
+    });
+    (all_bytes(requests, jobs).await, count)
 }
 
 async fn get(
@@ -152,23 +144,30 @@ async fn get(
     jobs: usize,
 ) -> (u64, u64) {
     let count = plan(size_bytes, object_bytes, jobs);
-    futures::stream::iter(0..count)
-        .map(|index| {
-            let (store, prefix, file) = (store.clone(), prefix.clone(), file.clone());
-            async move {
-                let data = store.get(&key(&prefix, index)).await?.bytes().await?;
-                let len = data.len() as u64;
-                tokio::task::spawn_blocking(move || file.write_all_at(&data, index * object_bytes))
-                    .await
-                    .expect("write task")
-                    .expect("write FILE");
-                Ok::<u64, object_store::Error>(len)
-            }
-        })
+    let requests = futures::stream::iter(0..count).map(|index| {
+        let (store, prefix, file) = (store.clone(), prefix.clone(), file.clone());
+        async move {
+            let data = store.get(&key(&prefix, index)).await?.bytes().await?;
+            let len = data.len() as u64;
+            tokio::task::spawn_blocking(move || file.write_all_at(&data, index * object_bytes))
+                .await
+                .expect("write task")
+                .expect("write FILE");
+            Ok::<u64, object_store::Error>(len)
+        }
+    });
+    (all_bytes(requests, jobs).await, count)
+}
+
+/// Runs the requests, `jobs` at a time: the bytes they moved. Exits on the first error.
+async fn all_bytes<F>(requests: impl futures::Stream<Item = F>, jobs: usize) -> u64
+where
+    F: std::future::Future<Output = Result<u64, object_store::Error>>,
+{
+    requests
         .buffer_unordered(jobs)
         .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
         .await
-        .map(|bytes| (bytes, count))
         .unwrap_or_else(|e| {
             eprintln!("s3_baseline: {e}");
             std::process::exit(1)

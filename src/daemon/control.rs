@@ -299,6 +299,15 @@ pub struct DataChannel<'a> {
     last_progress: std::sync::Mutex<Option<Instant>>,
 }
 
+/// A read or write on a descriptor with a timeout (or none ready) that did nothing this
+/// time: poll again (checking for cancellation in between).
+fn try_again(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
 /// Not `ErrorKind::Interrupted`: readers and writers retry that kind (`read_exact`,
 /// `write_all`, the stream's own loops), and a shutdown must end them.
 fn shutting_down() -> io::Error {
@@ -334,14 +343,7 @@ impl<'a> DataChannel<'a> {
             let fd = loop {
                 match recv_fd(&channel.control) {
                     Ok(fd) => break fd,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock
-                                | io::ErrorKind::TimedOut
-                                | io::ErrorKind::Interrupted
-                        ) =>
-                    {
+                    Err(e) if try_again(&e) => {
                         if channel.cancelled() {
                             return Err(shutting_down());
                         }
@@ -461,13 +463,7 @@ impl<'a> DataChannel<'a> {
             }
             match stream.read(buf) {
                 Ok(n) => return Ok(n),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if try_again(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -497,13 +493,7 @@ impl<'a> DataChannel<'a> {
             match out.write_vectored(slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if try_again(&e) => {}
                 Err(e) => return Err(e),
             }
         }
