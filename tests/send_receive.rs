@@ -1319,3 +1319,62 @@ fn a_daemon_stopped_mid_stream_exits_cleanly_and_the_stream_resumes_after_a_rest
     daemon.stop();
     assert_eq!(env.export("a", "v@s1"), env.export("a", "w@s1"));
 }
+
+#[test]
+fn a_stalled_stream_does_not_hold_up_the_daemon_and_ends_when_its_client_dies() {
+    // `send v@s1 | (a reader that never reads)`: the daemon's write into the full pipe
+    // stalls. Other commands keep being answered; killing the send's client ends the
+    // stream though the pipe stays open, and the daemon stops cleanly afterwards.
+    let env = Env::new();
+    env.source("v", 32, 41);
+    let daemon = start_daemon(&env, "a");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut sender = env
+        .command("a", &["send", "v@s1"])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn send");
+    // Until the daemon has filled the pipe (and is blocked on it).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(sender.try_wait().unwrap().is_none(), "the send ended early");
+    let started = Instant::now();
+    let list = env.ok("a", &["volume", "list"]);
+    assert!(list.contains('v'), "{list}");
+    env.ok("a", &["snapshot", "create", "v@other"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "other commands waited {} ms behind a stalled stream",
+        started.elapsed().as_millis()
+    );
+    sender.kill().unwrap();
+    sender.wait().unwrap();
+    // Its stream ends (with the pipe still open and unread): the daemon saw the client go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !daemon
+        .log()
+        .contains("command=--data-dir a send v@s1 exit=1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled send still runs 5 s after its client died\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A new stream of the same snapshot goes through while the old pipe stays unread.
+    let again = env
+        .command("a", &["send", "v@s1", "-o", "again.stream"])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", describe(&["send"], &again));
+    let stopped = Instant::now();
+    daemon.stop();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "the daemon took {} ms to stop after the stalled stream's client died",
+        stopped.elapsed().as_millis()
+    );
+    drop(reader);
+}
