@@ -267,11 +267,6 @@ pub fn encode_object_parts(keys: &Keys, digest: &Digest, plain: bytes::Bytes) ->
     vec![header.into(), body]
 }
 
-/// [`encode_object_parts`] in one buffer.
-pub fn encode_object(keys: &Keys, digest: &Digest, plain: &[u8]) -> Vec<u8> {
-    encode_object_parts(keys, digest, bytes::Bytes::copy_from_slice(plain)).concat()
-}
-
 fn nonce_of(bytes: &[u8]) -> XNonce {
     XNonce::try_from(bytes).expect("nonces are 24 bytes")
 }
@@ -585,6 +580,11 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`encode_object_parts`] in one buffer.
+    fn encode_object(keys: &Keys, digest: &Digest, plain: &[u8]) -> Vec<u8> {
+        encode_object_parts(keys, digest, bytes::Bytes::copy_from_slice(plain)).concat()
+    }
 
     fn manifest() -> Manifest {
         Manifest {

@@ -276,7 +276,7 @@ pub fn push(vol: &Volume, snapshot: &str, state_dir: &Path, run: &Run) -> Result
                                     inflight.push(async move {
                                         let n: u64 = parts.iter().map(|p| p.len() as u64).sum();
                                         let payload: PutPayload = parts.into_iter().collect();
-                                        repo.put(&format::object_key(&d), payload, false).await?;
+                                        repo.put_object(&d, payload).await?;
                                         Ok::<_, Error>((d, n, len))
                                     });
                                 }

@@ -3,7 +3,7 @@
 //! every key the rest of `backup/` names is relative to the repository's prefix.
 
 use super::Error;
-use super::format::{Keys, RepoConfig};
+use super::format::{Digest, Keys, RepoConfig};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -44,7 +44,7 @@ pub struct Listed {
 
 pub struct Repo {
     store: Arc<dyn ObjectStore>,
-    /// The store that uploads content objects (`objects/`): the same one, except that on
+    /// The store that uploads content objects ([`Repo::put_object`]): the same one, except that on
     /// S3 their bodies are sent as `UNSIGNED-PAYLOAD` unless the user set
     /// `AWS_UNSIGNED_PAYLOAD` either way. An object is named by the digest of its content,
     /// which every restore and verify checks, so signing its body (a SHA-256 of every
@@ -225,6 +225,18 @@ impl Repo {
         }
     }
 
+    /// Uploads the content object named `digest` (a plain put: equal names, equal
+    /// content), through the store that sends object bodies unsigned.
+    pub async fn put_object(&self, digest: &Digest, payload: PutPayload) -> Result<(), Error> {
+        let key = super::format::object_key(digest);
+        self.count();
+        self.objects_store
+            .put(&self.path(&key), payload)
+            .await
+            .map_err(|e| store_err(&self.url, &format!("writing {key}"), e))?;
+        Ok(())
+    }
+
     /// Puts `bytes` at `key`. With `create_only`, an existing object is left alone and
     /// `Ok(false)` returned (servers without conditional puts get a plain put).
     pub async fn put(
@@ -235,11 +247,7 @@ impl Repo {
     ) -> Result<bool, Error> {
         let payload: PutPayload = payload.into();
         let path = self.path(key);
-        let store = if key.starts_with("objects/") {
-            &self.objects_store
-        } else {
-            &self.store
-        };
+        let store = &self.store;
         self.count();
         let what = || format!("writing {key}");
         if create_only {
