@@ -1378,3 +1378,83 @@ fn a_stalled_stream_does_not_hold_up_the_daemon_and_ends_when_its_client_dies() 
     );
     drop(reader);
 }
+
+#[test]
+fn streams_beyond_the_limit_are_told_busy_and_other_commands_still_run() {
+    // STREAMS_MAX sends stalled on pipes nobody reads hold every stream slot: one more
+    // stream is refused at once with "busy" (its output file not left behind), commands
+    // that are not streams still run, and once one stalled client dies a stream goes
+    // through again.
+    let streams_max = snapvol::daemon::STREAMS_MAX;
+    let env = Env::new();
+    env.source("v", 32, 43);
+    let daemon = start_daemon(&env, "a");
+    let mut stalled = Vec::new();
+    for _ in 0..streams_max {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        let sender = env
+            .command("a", &["send", "v@s1"])
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn send");
+        stalled.push((sender, reader));
+    }
+    // Until every stalled send holds its slot (and has had time to fill its pipe).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.log().matches("stream started").count() < streams_max {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (sender, _) in &mut stalled {
+        if sender.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut sender.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("a stalled send ended: {err}\n{}", daemon.log());
+        }
+    }
+    let started = Instant::now();
+    let busy = format!("busy: {streams_max} send/receive streams running");
+    env.fails("a", &["send", "v@s1", "-o", "busy.stream"], &[&busy]);
+    assert!(
+        !env.path("busy.stream").exists(),
+        "a refused send left its output file"
+    );
+    env.fails("a", &["receive", "w", "-i", "/dev/null"], &[&busy]);
+    env.ok("a", &["snapshot", "create", "v@other"]);
+    assert!(env.ok("a", &["volume", "list"]).contains('v'));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the refusals and commands took {} ms",
+        started.elapsed().as_millis()
+    );
+    // One stalled client dies: its slot comes back and a stream goes through.
+    let (mut first, first_reader) = stalled.remove(0);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = env
+            .command("a", &["send", "v@s1", "-o", "again.stream"])
+            .output()
+            .unwrap();
+        if again.status.success() {
+            break;
+        }
+        assert!(
+            String::from_utf8_lossy(&again.stderr).contains("busy:") && Instant::now() < deadline,
+            "{}",
+            describe(&["send"], &again)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (mut sender, _) in stalled {
+        sender.kill().unwrap();
+        sender.wait().unwrap();
+    }
+    let log = daemon.stop();
+    assert!(log.contains("too many send/receive streams"), "{log}");
+    drop(first_reader);
+}

@@ -69,6 +69,12 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
 /// Control requests in flight at once by default; more are answered "busy".
 pub const CONTROL_REQUESTS_MAX: usize = 16;
 
+/// `send`/`receive` streams run at once by default; more are answered "busy". A stream
+/// holds its control thread (and its record buffers) for as long as it runs, hours for a
+/// large volume: fewer than [`CONTROL_REQUESTS_MAX`], so that streams never take every
+/// control thread and a snapshot create or a `volume list` always finds room.
+pub const STREAMS_MAX: usize = 4;
+
 /// Who may connect to a unix socket: its file's mode and group, set whatever the umask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketAccess {
@@ -98,6 +104,9 @@ pub struct Options {
     pub max_connections: usize,
     /// Control requests run at once; more are answered "busy".
     pub control_requests_max: usize,
+    /// Of those, streaming requests (`send`, `receive`) run at once; more are answered
+    /// "busy". Less than `control_requests_max` (checked by [`Daemon::bind`]).
+    pub streams_max: usize,
     /// How long a control client has to send its whole request (from its connection on).
     pub control_request_timeout: Duration,
     /// How long a control client has to take its whole reply.
@@ -119,6 +128,7 @@ impl Default for Options {
             unix: Vec::new(),
             max_connections: 64,
             control_requests_max: CONTROL_REQUESTS_MAX,
+            streams_max: STREAMS_MAX,
             control_request_timeout: control::REQUEST_TIMEOUT,
             control_reply_timeout: control::REPLY_TIMEOUT,
             unix_access: SocketAccess::default(),
@@ -302,6 +312,8 @@ pub struct Daemon {
     listeners: Vec<Listener>,
     control: Option<(UnixListener, SocketFile)>,
     control_pool: Arc<ControlPool>,
+    /// Streaming requests running now (at most `options.streams_max`).
+    streams: Arc<StreamSlots>,
     wake_rx: UnixStream,
     wake_tx: UnixStream,
     stop_requested: Arc<AtomicBool>,
@@ -336,6 +348,12 @@ impl Daemon {
         options: Options,
         handler: Handler,
     ) -> Result<Daemon, DaemonError> {
+        assert!(
+            options.streams_max < options.control_requests_max,
+            "streams_max {} must leave control threads for other commands (control_requests_max {})",
+            options.streams_max,
+            options.control_requests_max
+        );
         let root = registry.data_dir().root().to_path_buf();
         let control_path = control::socket_path(&root);
         if let Probe::Answers = probe(&control_path) {
@@ -395,6 +413,7 @@ impl Daemon {
             s.set_nonblocking(true)
                 .map_err(io_err("creating a socket pair"))?;
         }
+        let streams = Arc::new(StreamSlots::new(options.streams_max));
         Ok(Daemon {
             registry,
             options,
@@ -402,6 +421,7 @@ impl Daemon {
             listeners,
             control: Some(control),
             control_pool: Arc::default(),
+            streams,
             wake_rx,
             wake_tx,
             stop_requested: Arc::new(AtomicBool::new(false)),
@@ -615,6 +635,7 @@ impl Daemon {
             let handler = self.handler.clone();
             let shutdown = shutdown.clone();
             let pool = self.control_pool.clone();
+            let streams = self.streams.clone();
             let timeouts = ControlTimeouts {
                 request: self.options.control_request_timeout,
                 reply: self.options.control_reply_timeout,
@@ -624,7 +645,7 @@ impl Daemon {
                 .spawn(move || {
                     let mut job = Some(job);
                     while let Some((stream, leave)) = job.take() {
-                        serve_control(stream, &handler, &registry, &shutdown, timeouts);
+                        serve_control(stream, &handler, &registry, &shutdown, &streams, timeouts);
                         drop(leave);
                         job = pool.next();
                     }
@@ -709,6 +730,49 @@ fn accept_failed(what: &str, e: &io::Error) {
     }
 }
 
+/// Counts the streaming requests running, up to a limit.
+#[derive(Debug)]
+struct StreamSlots {
+    running: AtomicUsize,
+    max: usize,
+}
+
+/// One running stream's place in [`StreamSlots`]; given back when dropped.
+struct StreamSlot<'a> {
+    slots: &'a StreamSlots,
+    /// Streams running when this one started (itself included).
+    running: usize,
+}
+
+impl StreamSlots {
+    fn new(max: usize) -> StreamSlots {
+        StreamSlots {
+            running: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// A place for one more stream, or `None` when `max` are running.
+    fn take(&self) -> Option<StreamSlot<'_>> {
+        self.running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|before| StreamSlot {
+                slots: self,
+                running: before + 1,
+            })
+    }
+}
+
+impl Drop for StreamSlot<'_> {
+    fn drop(&mut self) {
+        let before = self.slots.running.fetch_sub(1, Ordering::AcqRel);
+        assert!(before > 0, "a stream slot given back twice");
+    }
+}
+
 /// The time limits of one control request.
 #[derive(Debug, Clone, Copy)]
 struct ControlTimeouts {
@@ -728,6 +792,7 @@ fn serve_control(
     handler: &Handler,
     registry: &Arc<Registry>,
     shutdown: &AtomicBool,
+    streams: &StreamSlots,
     timeouts: ControlTimeouts,
 ) {
     let request_deadline = Instant::now() + timeouts.request;
@@ -769,6 +834,18 @@ fn serve_control(
         if !streaming {
             return handler(request, None, registry, shutdown);
         }
+        let Some(slot) = streams.take() else {
+            tracing::warn!(
+                command = %argv,
+                limit = streams.max,
+                "stream refused: too many send/receive streams running"
+            );
+            return control::Reply::error(&format!(
+                "busy: {} send/receive streams running (the limit); try again when one ends",
+                streams.max
+            ));
+        };
+        tracing::info!(command = %argv, running = slot.running, "stream started");
         match control::DataChannel::new(&stream, rest, shutdown, pass_fd) {
             Ok(channel) => handler(request, Some(&channel), registry, shutdown),
             Err(e) => control::Reply::error(&format!("cannot set up the data channel: {e}")),

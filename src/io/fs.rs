@@ -266,9 +266,12 @@ impl AppendLog {
 
 /// Creates `path` (mode 0600) holding `bytes`, durably, only if it does not exist yet:
 /// `Ok(false)` when it existed (its content is left as it is). Written under a temporary
-/// name and linked into place, so no reader ever sees it partly written.
+/// name and linked into place, so no reader ever sees it partly written. Safe to race
+/// (threads of one daemon included: each call has a temporary name of its own).
 pub fn create_file_once(path: &Path, bytes: &[u8]) -> io::Result<bool> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{call}", std::process::id()));
     {
         let mut f = OpenOptions::new()
             .write(true)
@@ -367,5 +370,40 @@ pub struct SpoolSyncer(File);
 impl SpoolSyncer {
     pub fn sync(&self) -> io::Result<()> {
         self.0.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_file_once_races_between_threads_of_one_process() {
+        // Concurrent first sends in one daemon each make the data directory's send key:
+        // exactly one creates it, every other call finds it, none fails.
+        const THREADS: usize = 8;
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("key.{round}"));
+            let barrier = std::sync::Barrier::new(THREADS);
+            let created: Vec<bool> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|i| {
+                        let (path, barrier) = (&path, &barrier);
+                        s.spawn(move || {
+                            barrier.wait();
+                            create_file_once(path, &[i as u8; 32]).unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(created.iter().filter(|c| **c).count(), 1, "{created:?}");
+            let bytes = fs::read(&path).unwrap();
+            assert_eq!(bytes.len(), 32);
+            assert!(bytes.iter().all(|b| *b == bytes[0]));
+            // No temporary file is left behind.
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        }
     }
 }
