@@ -205,7 +205,17 @@ impl stream::Progress for Shown<'_> {
     }
 }
 
-impl Shown<'_> {
+impl<'a> Shown<'a> {
+    /// Where a stream's progress goes: nowhere without `--progress`, else beside the ends
+    /// (this process's stderr, or the daemon's client).
+    fn new(ends: &Ends<'a>, progress: bool, label: impl FnOnce() -> String) -> Shown<'a> {
+        match (progress, ends) {
+            (false, _) => Shown::Off,
+            (true, Ends::Local { .. }) => Shown::Here(LocalProgress::new(label())),
+            (true, Ends::Channel(c)) => Shown::Client(c),
+        }
+    }
+
     fn finish(&self) {
         if let Shown::Here(p) = self {
             p.finish();
@@ -250,23 +260,12 @@ pub fn send(
     let cancelled = move || cancelled();
     let volumes = ctx.volumes;
     let dd = ctx.data_dir().clone();
-    let (mut output, shown): (Box<dyn Write + '_>, Shown) = match ends {
-        Ends::Local { output, .. } => (
-            output.ok_or_else(|| anyhow!("send: no output for the stream"))?,
-            if progress {
-                Shown::Here(LocalProgress::new(format!("send {target}")))
-            } else {
-                Shown::Off
-            },
-        ),
-        Ends::Channel(c) => (
-            Box::new(ChannelOutput(c)),
-            if progress {
-                Shown::Client(c)
-            } else {
-                Shown::Off
-            },
-        ),
+    let shown = Shown::new(&ends, progress, || format!("send {target}"));
+    let mut output: Box<dyn Write + '_> = match ends {
+        Ends::Local { output, .. } => {
+            output.ok_or_else(|| anyhow!("send: no output for the stream"))?
+        }
+        Ends::Channel(c) => Box::new(ChannelOutput(c)),
     };
     let run = Run {
         progress: &shown,
@@ -300,23 +299,12 @@ pub fn receive(ctx: &mut Ctx, volume: &str, force: bool, progress: bool) -> Resu
         .ok_or_else(|| anyhow!("receive: no input for the stream"))?;
     let cancelled = ctx.cancelled();
     let cancelled = move || cancelled();
-    let (mut input, shown): (Box<dyn Read + '_>, Shown) = match ends {
-        Ends::Local { input, .. } => (
-            input.ok_or_else(|| anyhow!("receive: no input for the stream"))?,
-            if progress {
-                Shown::Here(LocalProgress::new(format!("receive {volume}")))
-            } else {
-                Shown::Off
-            },
-        ),
-        Ends::Channel(c) => (
-            Box::new(ChannelInput(c)),
-            if progress {
-                Shown::Client(c)
-            } else {
-                Shown::Off
-            },
-        ),
+    let shown = Shown::new(&ends, progress, || format!("receive {volume}"));
+    let mut input: Box<dyn Read + '_> = match ends {
+        Ends::Local { input, .. } => {
+            input.ok_or_else(|| anyhow!("receive: no input for the stream"))?
+        }
+        Ends::Channel(c) => Box::new(ChannelInput(c)),
     };
     let run = Run {
         progress: &shown,

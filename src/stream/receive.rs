@@ -382,31 +382,17 @@ pub fn receive(
         }
     };
 
+    let incoming = Incoming {
+        dir: &dir,
+        begin: &begin,
+        begin_record: &begin_record,
+        resume,
+        first,
+        reader: &mut reader,
+    };
     let result = match begin.base {
-        None => receive_full(
-            host,
-            name,
-            &dir,
-            &begin,
-            &begin_record,
-            state,
-            resume,
-            first,
-            &mut reader,
-            run,
-        ),
-        Some(_) => receive_incremental(
-            host,
-            name,
-            &dir,
-            &begin,
-            &begin_record,
-            state,
-            resume,
-            first,
-            &mut reader,
-            run,
-        ),
+        None => receive_full(host, name, incoming, state, run),
+        Some(_) => receive_incremental(host, name, incoming, state, run),
     };
     match result {
         Ok(covered_bytes) => Ok(Received {
@@ -528,20 +514,32 @@ impl<T> Latest<T> {
     }
 }
 
+/// The stream being received, from its `begin` on: where its files go, what was read
+/// already, and the rest of it.
+struct Incoming<'a, 'r> {
+    /// The receive's directory (state, spool, lock).
+    dir: &'a Path,
+    begin: &'a Begin,
+    /// The begin record's bytes (the digest chain starts from them).
+    begin_record: &'a [u8],
+    /// Where an interrupted receive got to, when the stream resumes it.
+    resume: Option<Position>,
+    /// The record read after `begin` (or its error), not yet taken.
+    first: Option<Result<Record>>,
+    reader: &'a mut RecordReader<&'r mut dyn Read>,
+}
+
 /// The records after `begin` (and `resume`) up to `end`: checked, chained, handed to
 /// `sink`, with checkpoints made durable as they come. Returns the volume bytes covered.
-#[allow(clippy::too_many_arguments)]
-fn take_records(
-    dir: &Path,
-    begin: &Begin,
-    begin_record: &[u8],
-    state: &mut State,
-    resume: Option<Position>,
-    mut first: Option<Result<Record>>,
-    reader: &mut RecordReader<&mut dyn Read>,
-    sink: &mut Sink,
-    run: &Run,
-) -> Result<u64> {
+fn take_records(incoming: Incoming, state: &mut State, sink: &mut Sink, run: &Run) -> Result<u64> {
+    let Incoming {
+        dir,
+        begin,
+        begin_record,
+        resume,
+        mut first,
+        reader,
+    } = incoming;
     let syncer = match sink {
         Sink::Volume(v) => Syncer::Volume(v),
         Sink::Spool(s) => Syncer::Spool(s.syncer().map_err(io_err("opening the receive spool"))?),
@@ -705,19 +703,14 @@ fn take_records(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn receive_full(
     host: Host,
     name: &str,
-    dir: &Path,
-    begin: &Begin,
-    begin_record: &[u8],
+    incoming: Incoming,
     mut state: State,
-    resume: Option<Position>,
-    first: Option<Result<Record>>,
-    reader: &mut RecordReader<&mut dyn Read>,
     run: &Run,
 ) -> Result<u64> {
+    let (dir, begin) = (incoming.dir, incoming.begin);
     let dd = host.data_dir();
     let vol = match dd.open_incomplete_volume(name)? {
         Some((v, crate::datadir::Incomplete::Hidden, _)) => v,
@@ -736,17 +729,7 @@ fn receive_full(
         )));
     }
     save_state(dir, &state)?;
-    let taken = take_records(
-        dir,
-        begin,
-        begin_record,
-        &mut state,
-        resume,
-        first,
-        reader,
-        &mut Sink::Volume(&vol),
-        run,
-    );
+    let taken = take_records(incoming, &mut state, &mut Sink::Volume(&vol), run);
     let covered = match taken {
         Ok(c) => c,
         Err(e) => {
@@ -758,7 +741,7 @@ fn receive_full(
         vol.flush()?;
         state.phase = Phase::Applying;
         save_state(dir, &state)?;
-        publish_full(dd, name, dir, &vol, begin)
+        publish_full(name, dir, &vol, begin)
     })();
     let closed = vol.close();
     published?;
@@ -769,8 +752,7 @@ fn receive_full(
 
 /// Takes the received snapshot of a full stream (unless it is there already) and records
 /// its identity.
-fn publish_full(dd: &DataDir, name: &str, dir: &Path, vol: &Volume, begin: &Begin) -> Result<()> {
-    let _ = dd;
+fn publish_full(name: &str, dir: &Path, vol: &Volume, begin: &Begin) -> Result<()> {
     let entry = match vol
         .snapshot_catalog()
         .into_iter()
@@ -863,19 +845,14 @@ fn check_base(name: &str, dir: &Path, vol: &Volume, begin: &Begin, force: bool) 
     Ok(newest.id)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn receive_incremental(
     host: Host,
     name: &str,
-    dir: &Path,
-    begin: &Begin,
-    begin_record: &[u8],
+    incoming: Incoming,
     mut state: State,
-    resume: Option<Position>,
-    first: Option<Result<Record>>,
-    reader: &mut RecordReader<&mut dyn Read>,
     run: &Run,
 ) -> Result<u64> {
+    let (dir, begin) = (incoming.dir, incoming.begin);
     let live = Live::open(host, name)?;
     let result = (|| -> Result<u64> {
         state.base_local_snapshot_id = Some(check_base(name, dir, &live.vol, begin, state.force)?);
@@ -884,17 +861,7 @@ fn receive_incremental(
             .map_err(io_err(format!("opening {}", spool_path.display())))?;
         save_state(dir, &state)?;
         let mut sink = Sink::Spool(spool);
-        let covered = take_records(
-            dir,
-            begin,
-            begin_record,
-            &mut state,
-            resume,
-            first,
-            reader,
-            &mut sink,
-            run,
-        )?;
+        let covered = take_records(incoming, &mut state, &mut sink, run)?;
         let Sink::Spool(spool) = sink else {
             unreachable!()
         };
@@ -1081,7 +1048,7 @@ fn finish_pending(host: Host, name: &str) -> Result<Option<String>> {
     } else {
         match dd.open_incomplete_volume(name)? {
             Some((vol, crate::datadir::Incomplete::Hidden, _)) => {
-                let published = publish_full(dd, name, &dir, &vol, &begin);
+                let published = publish_full(name, &dir, &vol, &begin);
                 let closed = vol.close();
                 published?;
                 closed?;
