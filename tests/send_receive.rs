@@ -1458,3 +1458,59 @@ fn streams_beyond_the_limit_are_told_busy_and_other_commands_still_run() {
     assert!(log.contains("too many send/receive streams"), "{log}");
     drop(first_reader);
 }
+
+/// `stream` (begin, data and zeros records, end; no checkpoint) with `optional` records of
+/// an unknown optional tag put right after `begin`, its chained digest and end made anew:
+/// a stream a future sender could write.
+fn with_optional_records(stream: &[u8], optional: usize) -> Vec<u8> {
+    let recs = records(stream);
+    let (begin_at, begin_tag, begin_len) = recs[0];
+    assert_eq!(begin_tag, format::TAG_BEGIN);
+    let mut out = stream[..begin_at + begin_len].to_vec();
+    let mut chain = format::chain_start(&stream[begin_at..begin_at + begin_len]);
+    let mut count = 0u64;
+    let extra = format::record(format::TAG_OPTIONAL | 0x77, b"from a newer snapvol");
+    for _ in 0..optional {
+        chain = format::chain_next(&chain, &[&extra]);
+        out.extend_from_slice(&extra);
+    }
+    for &(at, tag, len) in &recs[1..] {
+        match tag {
+            format::TAG_DATA | format::TAG_ZEROS => {
+                chain = format::chain_next(&chain, &[&stream[at..at + len]]);
+                count += 1;
+                out.extend_from_slice(&stream[at..at + len]);
+            }
+            format::TAG_END => out.extend(format::end_record(count, &chain)),
+            other => panic!("unexpected record tag {other:#x} in a 1 MiB stream"),
+        }
+    }
+    out
+}
+
+#[test]
+fn a_stream_that_stops_advancing_is_refused() {
+    // Optional records a receiver skips are allowed, but not without end: after
+    // IDLE_RECORDS_MAX in a row that cover nothing the stream is refused (an endless
+    // stream of them would otherwise hold the receive, and a daemon thread, forever).
+    let max = snapvol::stream::receive::IDLE_RECORDS_MAX as usize;
+    let env = Env::new();
+    env.source("v", 1, 53);
+    let stream = env.stream(&["send", "v@s1"]);
+    let taken = env.receive_bytes(&["receive", "w"], &with_optional_records(&stream, max));
+    assert!(
+        taken.status.success(),
+        "{}",
+        describe(&["receive", "w"], &taken)
+    );
+    env.assert_same("v@s1", "w@s1");
+    let out = env.receive_bytes(&["receive", "x"], &with_optional_records(&stream, max + 1));
+    assert_error(
+        &["receive", "x"],
+        &out,
+        &[&format!(
+            "more than {max} records in a row cover no new bytes"
+        )],
+    );
+    assert!(!env.volumes("b").contains(&"x".to_string()));
+}

@@ -38,6 +38,10 @@ pub const SPOOL_FILE: &str = "receive.spool";
 pub const LOCK_FILE: &str = "receive.lock";
 const STATE_VERSION: u32 = 1;
 const STATE_BYTES_MAX: u64 = 64 << 10;
+/// Records in a row a receive takes that cover no new volume bytes (checkpoints at the
+/// same offset, optional records it skips); one more refuses the stream. A sender writes
+/// a checkpoint only after data, so its streams have one or two in a row.
+pub const IDLE_RECORDS_MAX: u32 = 64;
 /// How long `receive --force` waits for the read-write clients it disconnected to go.
 const WRITERS_GONE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Copy unit of `--force`'s roll-back to the base.
@@ -548,6 +552,9 @@ fn take_records(incoming: Incoming, state: &mut State, sink: &mut Sink, run: &Ru
     let mut count = resume.map_or(0, |p| p.record_count);
     let mut cursor = resume.map_or(0, |p| p.next_offset_bytes);
     let mut covered = 0u64;
+    // Records in a row that moved nothing forward (checkpoints that cover nothing new,
+    // optional records this snapvol skips): a stream of only those would run forever.
+    let mut idle_records = 0u32;
     let size = begin.size_bytes;
     // One checkpoint waiting at most: a newer one replaces it (a stream of checkpoints
     // faster than the syncs queues nothing).
@@ -583,6 +590,18 @@ fn take_records(incoming: Incoming, state: &mut State, sink: &mut Sink, run: &Ru
                     offset_bytes: at,
                     reason,
                 };
+                let advances = match &rec {
+                    Record::Data { .. } | Record::Zeros { .. } | Record::End { .. } => true,
+                    Record::Checkpoint(p) => p.next_offset_bytes > cursor,
+                    Record::Skipped { .. } | Record::Begin(_) | Record::Resume(_) => false,
+                };
+                idle_records = if advances { 0 } else { idle_records + 1 };
+                if idle_records > IDLE_RECORDS_MAX {
+                    return Err(corrupt(format!(
+                        "more than {IDLE_RECORDS_MAX} records in a row cover no new bytes \
+                         (checkpoints or optional records): the stream does not advance"
+                    )));
+                }
                 let in_range = |off: u64, len: u64, cursor: u64| -> Result<()> {
                     if off < cursor {
                         return Err(corrupt(format!(
