@@ -1320,6 +1320,31 @@ fn a_daemon_stopped_mid_stream_exits_cleanly_and_the_stream_resumes_after_a_rest
     assert_eq!(env.export("a", "v@s1"), env.export("a", "w@s1"));
 }
 
+/// `a: send v@s1` into a pipe nobody reads (the daemon's write into it stalls once the
+/// pipe is full): the client and the pipe's read end, kept open.
+fn stalled_send(env: &Env) -> (std::process::Child, std::io::PipeReader) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let sender = env
+        .command("a", &["send", "v@s1"])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn send");
+    (sender, reader)
+}
+
+/// Waits until `count` streams have started in `daemon`, then long enough for each to fill
+/// its pipe and stall.
+fn wait_for_streams(daemon: &Daemon, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.log().matches("stream started").count() < count {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 #[test]
 fn a_stalled_stream_does_not_hold_up_the_daemon_and_ends_when_its_client_dies() {
     // `send v@s1 | (a reader that never reads)`: the daemon's write into the full pipe
@@ -1328,16 +1353,8 @@ fn a_stalled_stream_does_not_hold_up_the_daemon_and_ends_when_its_client_dies() 
     let env = Env::new();
     env.source("v", 32, 41);
     let daemon = start_daemon(&env, "a");
-    let (reader, writer) = std::io::pipe().expect("pipe");
-    let mut sender = env
-        .command("a", &["send", "v@s1"])
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn send");
-    // Until the daemon has filled the pipe (and is blocked on it).
-    std::thread::sleep(Duration::from_millis(1500));
+    let (mut sender, reader) = stalled_send(&env);
+    wait_for_streams(&daemon, 1);
     assert!(sender.try_wait().unwrap().is_none(), "the send ended early");
     let started = Instant::now();
     let list = env.ok("a", &["volume", "list"]);
@@ -1391,23 +1408,9 @@ fn streams_beyond_the_limit_are_told_busy_and_other_commands_still_run() {
     let daemon = start_daemon(&env, "a");
     let mut stalled = Vec::new();
     for _ in 0..streams_max {
-        let (reader, writer) = std::io::pipe().expect("pipe");
-        let sender = env
-            .command("a", &["send", "v@s1"])
-            .stdin(Stdio::null())
-            .stdout(writer)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn send");
-        stalled.push((sender, reader));
+        stalled.push(stalled_send(&env));
     }
-    // Until every stalled send holds its slot (and has had time to fill its pipe).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while daemon.log().matches("stream started").count() < streams_max {
-        assert!(Instant::now() < deadline, "{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_streams(&daemon, streams_max);
     for (sender, _) in &mut stalled {
         if sender.try_wait().unwrap().is_some() {
             let mut err = String::new();
