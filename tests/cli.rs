@@ -328,6 +328,19 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
             1,
             "refuse or prune-oldest",
         ),
+        (
+            vec![
+                "volume",
+                "create",
+                "x",
+                "--size",
+                "1M",
+                "--compare",
+                "never",
+            ],
+            1,
+            "--compare must be always or cached, not \"never\"",
+        ),
         (vec!["volume", "create", "x"], 1, "size"),
         // duplicates
         (
@@ -457,6 +470,8 @@ fn volume_lifecycle() {
         "1048576",
         "--on-store-full",
         "prune-oldest",
+        "--compare",
+        "cached",
     ]);
     // The global flag also works after the subcommand.
     let out = command(BIN, sb.tmp.path())
@@ -487,6 +502,14 @@ fn volume_lifecycle() {
     }
     let info = sb.json(&["volume", "info", "a.b_c", "--json"]);
     assert_eq!(info["on_store_full"], "prune-oldest");
+    assert_eq!(info["compare"], "cached");
+    let compare_line = |vol: &str| {
+        let human = sb.ok(&["volume", "info", vol]);
+        let line = human.lines().find(|l| l.starts_with("compare:"));
+        line.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    assert_eq!(compare_line("a.b_c").as_deref(), Some("compare: cached"));
+    assert_eq!(compare_line("vol-1").as_deref(), Some("compare: always"));
 
     let human = sb.ok(&["volume", "info", "vol-1"]);
     for want in ["vol-1", "8 MiB", "128 KiB", "origin bytes written:"] {

@@ -2,7 +2,7 @@
 //! Everything goes through `DataDir` with an in-memory disk (or a faulty wrapper of it).
 
 use snapvol::io::{Disk, MemDisk, OpenMode, Storage};
-use snapvol::{CreateOptions, DataDir, Error, StoreFullPolicy, Volume};
+use snapvol::{ComparePolicy, CreateOptions, DataDir, Error, StoreFullPolicy, Volume};
 use snapvol_test_support::sim::{FaultDisk, IoKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -747,4 +747,114 @@ fn reopen_brings_back_a_failed_volume() {
     assert_eq!(registry.reopen("v").unwrap(), None);
     registry.volume("v").unwrap().read(4096, &mut buf).unwrap();
     assert_eq!(buf, [4; 4096]);
+}
+
+/// Drops `path`'s pages from the page cache (written back first), as memory pressure
+/// would on a volume larger than memory.
+fn evict_from_cache(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: posix_fadvise takes an open descriptor and plain integers.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+}
+
+/// Whether `[offset, offset + len)` of `path` is all in the page cache (as the engine asks).
+fn cached(path: &Path, offset: u64, len: usize) -> bool {
+    let s = snapvol::io::FileDisk
+        .open(path, OpenMode::Existing)
+        .unwrap();
+    let mut buf = vec![0u8; len];
+    s.read_at_if_cached(&mut buf, offset).unwrap()
+}
+
+#[test]
+fn compare_cached_compares_what_is_in_memory_and_writes_the_rest_through() {
+    // On a real file origin, two volumes alike but for the policy: an identical rewrite of
+    // cached data is skipped by both; of data evicted from the cache, `cached` writes it
+    // (no read) and `always` reads and skips it. Snapshots are whole either way: a first
+    // write after a snapshot reads the old data to preserve it whatever the policy.
+    const SIZE: u64 = 1 << 20;
+    const CHUNK: usize = 64 << 10;
+    // On the checkout's file system (a disk), not /tmp (which may be tmpfs, whose pages
+    // cannot be evicted).
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dd = DataDir::open(tmp.path()).unwrap();
+    let data: Vec<u8> = (0..SIZE as usize)
+        .map(|i| (i * 7 % 251) as u8 + 1)
+        .collect();
+    for (name, policy) in [("c", ComparePolicy::Cached), ("a", ComparePolicy::Always)] {
+        let opts = CreateOptions {
+            size_bytes: Some(SIZE),
+            compare: policy,
+            ..Default::default()
+        };
+        dd.create_volume(name, &opts).unwrap();
+        let v = dd.open_volume(name).unwrap();
+        assert_eq!(v.info().compare, policy);
+        let origin = tmp.path().join("volumes").join(name).join("origin.raw");
+        v.write(0, &data).unwrap();
+        v.flush().unwrap();
+        let skipped = |v: &Volume| v.info().counters.bytes_skipped_identical;
+        let written = |v: &Volume| v.info().counters.origin_bytes_written;
+
+        // In memory: compared, skipped.
+        assert!(
+            cached(&origin, 0, CHUNK),
+            "{name}: just written, yet not cached"
+        );
+        let before = skipped(&v);
+        v.write(0, &data[..CHUNK]).unwrap();
+        assert_eq!(skipped(&v) - before, CHUNK as u64, "{name}: cached rewrite");
+
+        // Not in memory: `cached` writes it through, `always` reads and skips it.
+        evict_from_cache(&origin);
+        let at = 4 * CHUNK;
+        assert!(
+            !cached(&origin, at as u64, CHUNK),
+            "{name}: eviction did not take"
+        );
+        let (skipped_before, written_before) = (skipped(&v), written(&v));
+        v.write(at as u64, &data[at..at + CHUNK]).unwrap();
+        let (skipped_now, written_now) =
+            (skipped(&v) - skipped_before, written(&v) - written_before);
+        match policy {
+            ComparePolicy::Cached => {
+                assert_eq!((skipped_now, written_now), (0, CHUNK as u64), "{name}");
+            }
+            ComparePolicy::Always => {
+                assert_eq!((skipped_now, written_now), (CHUNK as u64, 0), "{name}");
+            }
+        }
+        assert_eq!(read_all(&v, None), data, "{name}: live data");
+
+        // A first write after a snapshot, into evicted data: preserved whatever the policy.
+        v.create_snapshot("s1").unwrap();
+        evict_from_cache(&origin);
+        let new = vec![0xabu8; CHUNK];
+        v.write(8 * CHUNK as u64, &new).unwrap();
+        assert_eq!(read_all(&v, Some("s1")), data, "{name}: snapshot");
+        let mut live = data.clone();
+        live[8 * CHUNK..9 * CHUNK].copy_from_slice(&new);
+        assert_eq!(
+            read_all(&v, None),
+            live,
+            "{name}: live after the first write"
+        );
+        v.close().unwrap();
+
+        // The policy is part of the volume's configuration: it survives a reopen.
+        let v = dd.open_volume(name).unwrap();
+        assert_eq!(v.info().compare, policy);
+        v.close().unwrap();
+        let toml =
+            std::fs::read_to_string(tmp.path().join("volumes").join(name).join("volume.toml"))
+                .unwrap();
+        assert_eq!(
+            toml.contains("compare = \"cached\""),
+            policy == ComparePolicy::Cached,
+            "{toml}"
+        );
+    }
 }

@@ -457,6 +457,12 @@ pub struct VolumeCreateArgs {
     /// every snapshot) or prune-oldest (delete the oldest snapshots until it fits).
     #[arg(long, value_name = "POLICY")]
     pub on_store_full: Option<String>,
+    /// How writes find what changed: always (compare with the old data, reading it from
+    /// the disk when it is not in memory; identical data is never written) or cached
+    /// (compare only where the old data is in memory, else write without reading: fewer
+    /// reads on volumes larger than memory, identical data there is written).
+    #[arg(long, value_name = "POLICY")]
+    pub compare: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

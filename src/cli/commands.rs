@@ -11,7 +11,7 @@ use serde::Serialize;
 use snapvol::names::{parse_size, parse_target, validate_name};
 use snapvol::registry::HoldError;
 use snapvol::volume::{DiffRange, SnapshotInfo, VolumeInfo};
-use snapvol::{CreateOptions, DataDir, Registry, StoreFullPolicy, Volume};
+use snapvol::{ComparePolicy, CreateOptions, DataDir, Registry, StoreFullPolicy, Volume};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -96,6 +96,7 @@ pub struct CreateArgs {
     pub snapshot_stores: Vec<PathBuf>,
     pub store_size: Option<String>,
     pub on_store_full: Option<String>,
+    pub compare: Option<String>,
 }
 
 /// Runs `work` on volume `name`. In direct mode the volume is opened for it and closed
@@ -181,6 +182,10 @@ pub fn volume_create(ctx: &mut Ctx, args: &CreateArgs) -> Result<()> {
         None => StoreFullPolicy::default(),
         Some(text) => StoreFullPolicy::from_str(text)?,
     };
+    let compare = match args.compare.as_deref() {
+        None => ComparePolicy::default(),
+        Some(text) => ComparePolicy::from_str(text)?,
+    };
     let opts = CreateOptions {
         size_bytes,
         chunk_size_bytes,
@@ -196,6 +201,7 @@ pub fn volume_create(ctx: &mut Ctx, args: &CreateArgs) -> Result<()> {
             .collect::<Result<_>>()?,
         store_size_bytes,
         on_store_full,
+        compare,
     };
     ctx.data_dir().create_volume(&name, &opts)?;
     Ok(())
@@ -269,6 +275,7 @@ pub fn volume_info(ctx: &mut Ctx, name: &str, json: bool) -> Result<()> {
                 StoreFullPolicy::PruneOldest => "prune-oldest".to_string(),
             },
         ),
+        ("compare", info.compare.as_str().to_string()),
         (
             "snapshots",
             if info.snapshots.is_empty() {

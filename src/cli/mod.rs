@@ -241,6 +241,7 @@ fn execute(command: &Command, ctx: &mut Ctx) -> anyhow::Result<()> {
                     snapshot_stores: a.snapshot_stores.clone(),
                     store_size: a.store_size.clone(),
                     on_store_full: a.on_store_full.clone(),
+                    compare: a.compare.clone(),
                 },
             ),
             VolumeCommand::List { json } => commands::volume_list(ctx, *json),

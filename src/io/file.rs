@@ -249,6 +249,51 @@ impl Storage for FileStorage {
         Ok(())
     }
 
+    fn read_at_if_cached(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<bool> {
+        while !buf.is_empty() {
+            let Ok(off) = libc::off_t::try_from(offset) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "offset too large",
+                ));
+            };
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: preadv2 writes at most `iov_len` bytes into `iov_base`, which points at
+            // `buf`, borrowed mutably for the call; the descriptor stays open (self.file).
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Some of it is not in the cache.
+                    Some(libc::EAGAIN) => return Ok(false),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                        return Err(io::Error::new(io::ErrorKind::Unsupported, e));
+                    }
+                    _ => return Err(e),
+                }
+            }
+            match n as usize {
+                0 => {
+                    // Past the end: the contract says zeros (no device needed).
+                    buf.fill(0);
+                    return Ok(true);
+                }
+                // A short read stops where the cache does (the next call says EAGAIN) or at
+                // the end of the file (the next call reads 0 bytes).
+                got => {
+                    let rest = std::mem::take(&mut buf);
+                    buf = &mut rest[got..];
+                    offset += got as u64;
+                }
+            }
+        }
+        Ok(true)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if let Some(direct) = self.direct.get()
             && direct_aligned(buf, offset)

@@ -109,6 +109,13 @@ impl std::fmt::Debug for PageBuf {
 #[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads `[offset, offset + buf.len())` like `read_at`, but only if none of it has to
+    /// come from the device (all of it is in the page cache): `Ok(true)` with `buf` filled,
+    /// `Ok(false)` (`buf` then holds nothing meaningful) when some of it would. An engine
+    /// that cannot tell fails with [`io::ErrorKind::Unsupported`]; the caller then reads.
+    fn read_at_if_cached(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn sync(&self) -> io::Result<()>;
     /// Writes `buf` at `offset` and makes that write durable (what `write_at` then `sync`

@@ -1,6 +1,6 @@
 //! `volume.toml`: a volume's fixed configuration, written once at create time.
 
-use super::StoreFullPolicy;
+use super::{ComparePolicy, StoreFullPolicy};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -38,6 +38,10 @@ pub struct VolumeConfig {
     pub stores: Vec<StoreConfig>,
     pub store_size_bytes: Option<u64>,
     pub on_store_full: StoreFullPolicy,
+    /// Absent (the default, `always`) in files written before it existed and whenever it is
+    /// `always`, so those files read the same in every version.
+    #[serde(default, skip_serializing_if = "ComparePolicy::is_always")]
+    pub compare: ComparePolicy,
     pub created_unix_ns: u64,
 }
 

@@ -63,6 +63,47 @@ impl std::str::FromStr for StoreFullPolicy {
     }
 }
 
+/// How a write finds out which of its bytes differ from the old data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ComparePolicy {
+    /// Always compare (the method): old data not in memory is read from the origin first,
+    /// so identical writes are never written, at the price of a read per write on a volume
+    /// larger than memory.
+    #[default]
+    Always,
+    /// Compare only where the old data is in the page cache; elsewhere write the new data
+    /// without reading (identical data there is written). Where a snapshot needs the old
+    /// data preserved it is read whatever the policy.
+    Cached,
+}
+
+impl ComparePolicy {
+    pub fn is_always(&self) -> bool {
+        *self == ComparePolicy::Always
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ComparePolicy::Always => "always",
+            ComparePolicy::Cached => "cached",
+        }
+    }
+}
+
+impl std::str::FromStr for ComparePolicy {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "always" => Ok(Self::Always),
+            "cached" => Ok(Self::Cached),
+            _ => Err(crate::error::Error::InvalidArgument(format!(
+                "--compare must be always or cached, not {s:?}"
+            ))),
+        }
+    }
+}
+
 /// Options for `DataDir::create_volume`.
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
@@ -78,6 +119,7 @@ pub struct CreateOptions {
     /// (or the device size for a block device).
     pub store_size_bytes: Option<u64>,
     pub on_store_full: StoreFullPolicy,
+    pub compare: ComparePolicy,
 }
 
 /// Persistent I/O counters of a volume.
@@ -149,6 +191,7 @@ pub struct VolumeInfo {
     pub snapshot_stores: Vec<String>,
     pub store_size: Option<u64>,
     pub on_store_full: StoreFullPolicy,
+    pub compare: ComparePolicy,
     pub snapshots: Vec<String>,
     pub preserved_chunks: u64,
     pub counters: Counters,
@@ -377,6 +420,7 @@ impl Volume {
                 .collect(),
             store_size: self.config.store_size_bytes,
             on_store_full: self.config.on_store_full,
+            compare: self.config.compare,
             snapshots: t.snapshots.values().map(|s| s.name.clone()).collect(),
             preserved_chunks: t.map.len(),
             counters: self.counters.load(),
