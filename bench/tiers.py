@@ -173,6 +173,22 @@ class SnapvolTierPeer(TierPeer):
         return json.loads(hn.ctl(self.data, ["volume", "info", "v", "--json"])["stdout"])["counters"]
 
 
+class SnapvolCachedPeer(SnapvolTierPeer):
+    """snapvol with `volume create --compare cached` (the larger-than-memory option)."""
+
+    id = "snapvol-cached"
+    label = "snapvol --compare cached, filled by nbdcopy"
+
+    def create(self):
+        os.makedirs(self.dir, exist_ok=True)
+        self.data = os.path.join(self.dir, "data")
+        hn.run([self.h.snapvol, "--data-dir", self.data, "volume", "create", "v",
+                "--size", hn.fmt_size(self.size), "--compare", "cached"])
+        self.setup_commands = [f"snapvol volume create v --size {hn.fmt_size(self.size)} "
+                               "--compare cached",
+                               "nbdcopy --flush SEED nbd+unix:///v?socket=S"]
+
+
 class SnapvolImportPeer(SnapvolTierPeer):
     """snapvol filled by `snapvol import` (before the daemon starts) instead of nbdcopy."""
 
@@ -353,6 +369,7 @@ def tier_peers(h, tier, size):
         ]
     return [
         SnapvolTierPeer(h, tier, size),
+        SnapvolCachedPeer(h, tier, size),
         NbdkitTierPeer(h, tier, size),
         NbdkitTierPeer(h, tier, size, cache_none=True),
         QemuTierPeer(h, tier, size, "raw", ["--cache=none", "--aio=io_uring"], "qemu-raw-direct",

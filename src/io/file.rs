@@ -249,49 +249,62 @@ impl Storage for FileStorage {
         Ok(())
     }
 
-    fn read_at_if_cached(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<bool> {
-        while !buf.is_empty() {
-            let Ok(off) = libc::off_t::try_from(offset) else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "offset too large",
-                ));
-            };
-            let iov = libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            };
-            // SAFETY: preadv2 writes at most `iov_len` bytes into `iov_base`, which points at
-            // `buf`, borrowed mutably for the call; the descriptor stays open (self.file).
-            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // Some of it is not in the cache.
-                    Some(libc::EAGAIN) => return Ok(false),
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
-                        return Err(io::Error::new(io::ErrorKind::Unsupported, e));
-                    }
-                    _ => return Err(e),
-                }
-            }
-            match n as usize {
-                0 => {
-                    // Past the end: the contract says zeros (no device needed).
-                    buf.fill(0);
-                    return Ok(true);
-                }
-                // A short read stops where the cache does (the next call says EAGAIN) or at
-                // the end of the file (the next call reads 0 bytes).
-                got => {
-                    let rest = std::mem::take(&mut buf);
-                    buf = &mut rest[got..];
-                    offset += got as u64;
-                }
-            }
+    fn read_at_if_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if buf.is_empty() {
+            return Ok(true);
         }
-        Ok(true)
+        // Asked with cachestat(2) (Linux 6.5), which reads nothing: `preadv2(RWF_NOWAIT)`
+        // says EAGAIN for pages not in the cache but starts reading them all the same
+        // (measured: 4 KiB read from the disk per write on a volume larger than memory).
+        // The number is 451 on every architecture; the libc crate does not name it here.
+        const SYS_CACHESTAT: libc::c_long = 451;
+        #[repr(C)]
+        struct CachestatRange {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Cachestat {
+            nr_cache: u64,
+            nr_dirty: u64,
+            nr_writeback: u64,
+            nr_evicted: u64,
+            nr_recently_evicted: u64,
+        }
+        let range = CachestatRange {
+            off: offset,
+            len: buf.len() as u64,
+        };
+        let mut stat = Cachestat::default();
+        // SAFETY: cachestat reads `range` and writes one `Cachestat` (the kernel's struct
+        // layout: five u64) through the pointers, both valid for the call; the descriptor
+        // stays open (self.file); flags must be 0.
+        let rc = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.file.as_raw_fd(),
+                &range as *const CachestatRange,
+                &mut stat as *mut Cachestat,
+                0 as libc::c_uint,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+                    io::Error::new(io::ErrorKind::Unsupported, e)
+                }
+                _ => e,
+            });
+        }
+        const PAGE_BYTES: u64 = 4096;
+        let pages = (offset + buf.len() as u64 - 1) / PAGE_BYTES - offset / PAGE_BYTES + 1;
+        if stat.nr_cache < pages {
+            return Ok(false);
+        }
+        // All there a moment ago: a read that finds a page evicted since just waits for it.
+        self.read_at(buf, offset).map(|()| true)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
