@@ -298,8 +298,17 @@ impl Storage for FileStorage {
                 _ => e,
             });
         }
-        const PAGE_BYTES: u64 = 4096;
-        let pages = (offset + buf.len() as u64 - 1) / PAGE_BYTES - offset / PAGE_BYTES + 1;
+        // cachestat counts pages of the kernel's page size.
+        static PAGE_BYTES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let page_bytes = *PAGE_BYTES.get_or_init(|| {
+            // SAFETY: sysconf has no memory effects.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            u64::try_from(page)
+                .ok()
+                .filter(|p| p.is_power_of_two())
+                .unwrap_or(4096)
+        });
+        let pages = (offset + buf.len() as u64 - 1) / page_bytes - offset / page_bytes + 1;
         if stat.nr_cache < pages {
             return Ok(false);
         }
