@@ -765,8 +765,7 @@ fn cached(path: &Path, offset: u64, len: usize) -> bool {
     let s = snapvol::io::FileDisk
         .open(path, OpenMode::Existing)
         .unwrap();
-    let mut buf = vec![0u8; len];
-    s.read_at_if_cached(&mut buf, offset).unwrap()
+    s.is_cached(offset, len as u64).unwrap()
 }
 
 #[test]

@@ -268,13 +268,7 @@ pub fn volume_info(ctx: &mut Ctx, name: &str, json: bool) -> Result<()> {
             info.store_size
                 .map_or_else(|| "unlimited".to_string(), bytes),
         ),
-        (
-            "on store full",
-            match info.on_store_full {
-                StoreFullPolicy::Refuse => "refuse".to_string(),
-                StoreFullPolicy::PruneOldest => "prune-oldest".to_string(),
-            },
-        ),
+        ("on store full", info.on_store_full.as_str().to_string()),
         ("compare", info.compare.as_str().to_string()),
         (
             "snapshots",

@@ -249,8 +249,8 @@ impl Storage for FileStorage {
         Ok(())
     }
 
-    fn read_at_if_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-        if buf.is_empty() {
+    fn is_cached(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if len == 0 {
             return Ok(true);
         }
         // Asked with cachestat(2) (Linux 6.5), which reads nothing: `preadv2(RWF_NOWAIT)`
@@ -272,10 +272,10 @@ impl Storage for FileStorage {
             nr_evicted: u64,
             nr_recently_evicted: u64,
         }
-        let range = CachestatRange {
-            off: offset,
-            len: buf.len() as u64,
-        };
+        let unsupported = |why: String| io::Error::new(io::ErrorKind::Unsupported, why);
+        let page_bytes =
+            super::page_bytes().ok_or_else(|| unsupported("no page size".into()))? as u64;
+        let range = CachestatRange { off: offset, len };
         let mut stat = Cachestat::default();
         // SAFETY: cachestat reads `range` and writes one `Cachestat` (the kernel's struct
         // layout: five u64) through the pointers, both valid for the call; the descriptor
@@ -293,27 +293,14 @@ impl Storage for FileStorage {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
                 Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
-                    io::Error::new(io::ErrorKind::Unsupported, e)
+                    unsupported(e.to_string())
                 }
                 _ => e,
             });
         }
         // cachestat counts pages of the kernel's page size.
-        static PAGE_BYTES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        let page_bytes = *PAGE_BYTES.get_or_init(|| {
-            // SAFETY: sysconf has no memory effects.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-            u64::try_from(page)
-                .ok()
-                .filter(|p| p.is_power_of_two())
-                .unwrap_or(4096)
-        });
-        let pages = (offset + buf.len() as u64 - 1) / page_bytes - offset / page_bytes + 1;
-        if stat.nr_cache < pages {
-            return Ok(false);
-        }
-        // All there a moment ago: a read that finds a page evicted since just waits for it.
-        self.read_at(buf, offset).map(|()| true)
+        let pages = (offset + len - 1) / page_bytes - offset / page_bytes + 1;
+        Ok(stat.nr_cache >= pages)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

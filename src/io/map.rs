@@ -61,9 +61,7 @@ unsafe impl Send for Installed {}
 fn install() -> Option<&'static Installed> {
     INSTALLED
         .get_or_init(|| {
-            // SAFETY: sysconf has no memory effects.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-            let page_bytes = usize::try_from(page).ok().filter(|p| p.is_power_of_two())?;
+            let page_bytes = super::page_bytes()?;
             // SAFETY: zeroed is a valid `sigaction` (no handler, empty mask, no flags);
             // `sigaction` reads `action` and writes `previous`, both live locals.
             unsafe {

@@ -100,6 +100,16 @@ impl std::fmt::Debug for PageBuf {
 
 /// One file or block device.
 ///
+/// The kernel's page size, if it is a power of two (asked once).
+pub(crate) fn page_bytes() -> Option<usize> {
+    static PAGE_BYTES: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *PAGE_BYTES.get_or_init(|| {
+        // SAFETY: sysconf has no memory effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(page).ok().filter(|p| p.is_power_of_two())
+    })
+}
+
 /// Contract (every engine must honour it; tests in `io::tests` check each engine):
 /// - `read_at` fills the whole buffer; bytes past the end read as zeros.
 /// - `write_at` writes the whole buffer, extending the file if needed.
@@ -109,11 +119,10 @@ impl std::fmt::Debug for PageBuf {
 #[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// Reads `[offset, offset + buf.len())` like `read_at`, but only if none of it has to
-    /// come from the device (all of it is in the page cache): `Ok(true)` with `buf` filled,
-    /// `Ok(false)` (`buf` then holds nothing meaningful) when some of it would. An engine
-    /// that cannot tell fails with [`io::ErrorKind::Unsupported`]; the caller then reads.
-    fn read_at_if_cached(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+    /// Whether all of `[offset, offset + len)` is in memory, so that reading it needs no
+    /// device I/O (asked without reading anything). An engine that cannot tell fails with
+    /// [`io::ErrorKind::Unsupported`].
+    fn is_cached(&self, _offset: u64, _len: u64) -> io::Result<bool> {
         Err(io::ErrorKind::Unsupported.into())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;

@@ -50,6 +50,15 @@ pub enum StoreFullPolicy {
     PruneOldest,
 }
 
+impl StoreFullPolicy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StoreFullPolicy::Refuse => "refuse",
+            StoreFullPolicy::PruneOldest => "prune-oldest",
+        }
+    }
+}
+
 impl std::str::FromStr for StoreFullPolicy {
     type Err = crate::error::Error;
     fn from_str(s: &str) -> Result<Self> {

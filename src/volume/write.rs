@@ -480,36 +480,27 @@ impl Volume {
             // and a first write touches a chunk once.)
             let mut diffs: Vec<(u64, u64)> = Vec::new();
             let known_zeros = preserve_for.is_none() && old_is == Old::KnownZeros;
-            // `--compare cached`: where nothing needs the old data kept, compare only if it
-            // is in memory; else the write goes through without a read.
-            let cached_only = preserve_for.is_none()
+            // `--compare cached`: where nothing needs the old data kept and it is not in
+            // memory, the write goes through without a read (an engine that cannot tell
+            // compares as always); where it is in memory, the compare below as always.
+            let write_through = preserve_for.is_none()
                 && old_is == Old::Read
                 && self.config.compare == ComparePolicy::Cached
-                && matches!(src, Source::Data(_));
-            let compared_cached = cached_only
-                && match self
-                    .origin
-                    .read_at_if_cached(&mut old[..span_len], span_start)
-                {
-                    Ok(true) => {
-                        collect_diffs(&old[..span_len], span_start, offset, end, src, &mut diffs);
-                        true
-                    }
-                    Ok(false) => {
-                        diffs.push((offset, end));
-                        true
-                    }
-                    // The engine cannot tell: compare as always.
+                && matches!(src, Source::Data(_))
+                && match self.origin.is_cached(span_start, span_len as u64) {
+                    Ok(cached) => !cached,
                     Err(e) if e.kind() == std::io::ErrorKind::Unsupported => false,
                     Err(e) => {
-                        return Err(self
-                            .io_err(|| format!("reading chunk {chunk_index} of the origin"))(
-                            e
-                        ));
+                        return Err(self.io_err(|| {
+                            format!("asking whether chunk {chunk_index} of the origin is in memory")
+                        })(e));
                     }
                 };
+            if write_through {
+                diffs.push((offset, end));
+            }
             let in_place = known_zeros
-                || compared_cached
+                || write_through
                 || preserve_for.is_none()
                     && self.origin.view_at(span_start, span_len, &mut |old_span| {
                         diffs.clear();
