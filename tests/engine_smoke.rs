@@ -422,6 +422,75 @@ fn origin_writeback_starts_after_every_8_mib_written_and_not_for_identical_data(
     v.close().unwrap();
 }
 
+/// First writes after a snapshot copy whole chunks: each asks for its whole chunk to be read
+/// (one device read instead of the written span now and the rest at the commit), and first
+/// writes chunk after chunk are read ahead as a stream (measured: in-order first writes on
+/// a 4 GiB volume in a 512 MiB cgroup 6.5k -> 8.5-9.0k IOPS). First writes far apart are
+/// not taken for a stream: nothing past the chunks written is asked for.
+#[test]
+fn first_writes_read_their_chunks_ahead_and_in_order_ones_as_a_stream() {
+    use snapvol::io::{CountingDisk, IoCounts, MemDisk};
+    use std::sync::Arc;
+    const CHUNK: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemDisk::default());
+    // Each phase on a fresh counter over the same files, so that its hints are its own.
+    let phase = |chunks: &mut dyn Iterator<Item = u64>| -> IoCounts {
+        let counting = Arc::new(CountingDisk::new(mem.clone()));
+        let dd = DataDir::open_with_disk(dir.path(), counting.clone()).unwrap();
+        let v = dd.open_volume("v").unwrap();
+        for chunk_index in chunks {
+            v.write(chunk_index * CHUNK, &[2u8; 4096]).unwrap();
+        }
+        v.close().unwrap();
+        let r = dd.check_volume("v").unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        counting.counts()
+    };
+    {
+        let dd = DataDir::open_with_disk(dir.path(), mem.clone()).unwrap();
+        dd.create_volume(
+            "v",
+            &CreateOptions {
+                size_bytes: Some(1024 * CHUNK),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let v = dd.open_volume("v").unwrap();
+        v.write(0, &vec![1u8; (1024 * CHUNK) as usize]).unwrap();
+        v.create_snapshot("s").unwrap();
+        v.close().unwrap();
+    }
+    assert_eq!(
+        phase(&mut std::iter::empty()).reads_hinted,
+        0,
+        "opening hints nothing"
+    );
+
+    // Far apart (37 chunks, 2.3 MiB, between writes): each chunk is asked for, no more.
+    let far: Vec<u64> = (0..20u64).map(|k| 512 + (k * 37) % 512).collect();
+    let end_max = far.iter().map(|c| (c + 1) * CHUNK).max().unwrap();
+    let c = phase(&mut far.iter().copied());
+    assert!(
+        c.reads_hinted >= 20,
+        "each first write hints its chunk: {c:?}"
+    );
+    assert!(
+        c.read_hint_end_max <= end_max,
+        "hinted up to {} past the last chunk written ({end_max})",
+        c.read_hint_end_max
+    );
+
+    // In order (one 4 KiB write per chunk): read ahead as a stream, megabytes past them.
+    let c = phase(&mut (0..24u64));
+    assert!(
+        c.read_hint_end_max >= 24 * CHUNK + (4 << 20),
+        "in-order first writes hinted only up to {}",
+        c.read_hint_end_max
+    );
+}
+
 /// Issue 13: a restore that runs out of space pauses instead of failing the volume. The
 /// data directory on a 40 MiB tmpfs, a 16 MiB volume whose every chunk changed since
 /// snapshot `s1` (its copies take another 16 MiB): the restore, which copies the current
