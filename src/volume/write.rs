@@ -463,15 +463,17 @@ impl Volume {
             return self.plan_merge(chunk_index, offset, length, src);
         }
         let preserve_for = self.tables.read().preserve_target(chunk_index);
-        if preserve_for.is_some() {
-            // The group commit will copy the whole chunk: one device read of all of it now
-            // (started, not waited for) rather than the span below and the rest later; and
-            // copies of chunk after chunk (first writes in order) are read ahead as a stream.
+        let span_start = align_down(offset, PIECE_BYTES);
+        let span_end = (align_down(end - 1, PIECE_BYTES) + PIECE_BYTES).min(chunk_end);
+        if preserve_for.is_some() && (span_start, span_end) != (chunk_start, chunk_end) {
+            // The group commit copies the whole chunk, the compare below reads only the span
+            // written: ask for all of the chunk now (started, not waited for), one device
+            // read instead of the span now and the rest at the commit. And first writes
+            // smaller than their chunks, chunk after chunk, are a stream of copies that the
+            // writes' own ranges do not show: read ahead as one.
             let _ = self.origin.will_need(chunk_start, chunk_end - chunk_start); // a hint
             self.read_ahead_if_streaming(chunk_start, chunk_end - chunk_start);
         }
-        let span_start = align_down(offset, PIECE_BYTES);
-        let span_end = (align_down(end - 1, PIECE_BYTES) + PIECE_BYTES).min(chunk_end);
         let span_len = (span_end - span_start) as usize;
 
         OLD_CHUNK.with(|cell| {
