@@ -98,8 +98,6 @@ impl std::fmt::Debug for PageBuf {
     }
 }
 
-/// One file or block device.
-///
 /// The kernel's page size, if it is a power of two (asked once).
 pub(crate) fn page_bytes() -> Option<usize> {
     static PAGE_BYTES: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
@@ -110,6 +108,8 @@ pub(crate) fn page_bytes() -> Option<usize> {
     })
 }
 
+/// One file or block device.
+///
 /// Contract (every engine must honour it; tests in `io::tests` check each engine):
 /// - `read_at` fills the whole buffer; bytes past the end read as zeros.
 /// - `write_at` writes the whole buffer, extending the file if needed.
