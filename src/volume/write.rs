@@ -54,10 +54,6 @@ pub(super) const DEFERRED_PIECES_MAX: u64 = 65_536;
 const PENDING_GROW_MIN: usize = 64;
 const PENDING_GROW_MAX: usize = 4096;
 
-/// How many chunks ahead of the one it copies a group commit asks the origin to read (so
-/// that many device reads are in flight for chunks not in memory: 2 MiB at 64 KiB chunks).
-const COPY_READ_AHEAD_CHUNKS: usize = 32;
-
 /// The most a group commit copies into a store in one write (consecutive slots).
 const COPY_RUN_BYTES_MAX: u64 = 1 << 20;
 
@@ -1191,22 +1187,9 @@ impl Volume {
         self.ensure_ok()?;
         let mut entries = Vec::with_capacity(batch.len());
         let mut buf = PageBuf::new(); // aligned: the copies go around the page cache
-        // The copies read chunks of the origin one by one; ask for the next few ahead, so
-        // chunks not in memory are read from the device in parallel, not one at a time.
-        let due: Vec<u64> = batch
-            .iter()
-            .filter(|q| q.copy_due)
-            .map(|q| q.entry.chunk_index)
-            .collect();
-        let read_ahead = |chunk_index: u64| {
-            let (start, end) = self.chunk_range(chunk_index);
-            let _ = self.origin.will_need(start, end - start); // a hint only
-        };
-        due.iter()
-            .take(COPY_READ_AHEAD_CHUNKS)
-            .for_each(|&c| read_ahead(c));
+        // The chunks copied here were asked for when their first write was planned
+        // (`plan_chunk`), so reading them one by one here finds them read or on their way.
         let run_chunks_max = (COPY_RUN_BYTES_MAX / self.chunk_bytes()).max(1) as usize;
-        let mut copied = 0usize;
         let mut batch = batch.into_iter().peekable();
         while let Some(q) = batch.next() {
             if !q.copy_due {
@@ -1231,12 +1214,6 @@ impl Volume {
                     "copying chunk {chunk_index} into the snapshot store failed ({e}); acknowledged writes may be lost"
                 ))
             };
-            for _ in 0..run.len() {
-                if let Some(&ahead) = due.get(copied + COPY_READ_AHEAD_CHUNKS) {
-                    read_ahead(ahead);
-                }
-                copied += 1;
-            }
             // ENOSPC on a run's one write (a file system that cannot reserve) falls back to
             // copying chunk by chunk, which finds how far there is space.
             let whole = run.len() > 1
