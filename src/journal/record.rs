@@ -10,14 +10,23 @@
 //! | 4    | `RestoreBegin`    | target_snapshot_id u64, safety_snapshot_id u64              |
 //! | 5    | `RestoreProgress` | target_snapshot_id u64, next_chunk_index u64                |
 //! | 6    | `RestoreEnd`      | target_snapshot_id u64                                      |
+//! | 7    | `Preserve` (parts) | count u32, then per entry the kind 1 fields, parts u16, flags u8 (bit 0: extends) |
+//!
+//! A `Preserve` whose entries are all whole (`parts` all ones) and none extends is written
+//! as kind 1, which builds before partial records read; any other as kind 7, which they
+//! refuse (an unknown kind) rather than misread.
 
 /// Longest snapshot name a `SnapshotCreate` record holds, in bytes.
 pub const SNAPSHOT_NAME_BYTES_MAX: usize = 64;
 
 /// `kind u8` + `body_len u32`.
 pub(crate) const RECORD_HEADER_BYTES: u64 = 5;
-/// One encoded [`PreserveEntry`].
+/// One encoded [`PreserveEntry`] of kind 1.
 const PRESERVE_ENTRY_BYTES: u64 = 30;
+/// One encoded [`PreserveEntry`] of kind 7 (`parts u16, flags u8` more).
+const PRESERVE_PARTS_ENTRY_BYTES: u64 = 33;
+/// `flags` bit 0 of a kind 7 entry: [`PreserveEntry::extends`].
+const FLAG_EXTENDS: u8 = 1;
 /// `snapshot_id u64, created_unix_ns u64, name_len u8`.
 const SNAPSHOT_CREATE_FIXED_BYTES: u64 = 17;
 
@@ -27,6 +36,7 @@ const KIND_SNAPSHOT_DELETE: u8 = 3;
 const KIND_RESTORE_BEGIN: u8 = 4;
 const KIND_RESTORE_PROGRESS: u8 = 5;
 const KIND_RESTORE_END: u8 = 6;
+const KIND_PRESERVE_PARTS: u8 = 7;
 
 /// One chunk whose old contents were preserved into a snapshot store slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +45,23 @@ pub struct PreserveEntry {
     pub until_snapshot_id: u64,
     pub store_index: u16,
     pub slot_index: u64,
+    /// Of the whole chunk as the snapshot saw it.
     pub data_crc32c: u32,
+    /// The parts of the chunk in the slot (bit `i`: part `i`, 1/16 of the chunk);
+    /// all ones: the whole chunk.
+    pub parts: u16,
+    /// More parts of an existing (partial) record, same slot: applied only if that record
+    /// is still there (a snapshot delete may have freed it meanwhile).
+    pub extends: bool,
+}
+
+impl PreserveEntry {
+    /// Every part of the chunk.
+    pub const PARTS_ALL: u16 = u16::MAX;
+
+    fn is_plain(&self) -> bool {
+        self.parts == Self::PARTS_ALL && !self.extends
+    }
 }
 
 /// One work item in the journal.
@@ -69,7 +95,10 @@ impl Record {
     /// The on-disk kind byte.
     pub fn kind(&self) -> u8 {
         match self {
-            Record::Preserve(_) => KIND_PRESERVE,
+            Record::Preserve(entries) if entries.iter().all(PreserveEntry::is_plain) => {
+                KIND_PRESERVE
+            }
+            Record::Preserve(_) => KIND_PRESERVE_PARTS,
             Record::SnapshotCreate { .. } => KIND_SNAPSHOT_CREATE,
             Record::SnapshotDelete { .. } => KIND_SNAPSHOT_DELETE,
             Record::RestoreBegin { .. } => KIND_RESTORE_BEGIN,
@@ -81,7 +110,12 @@ impl Record {
     fn body_len(&self) -> u64 {
         match self {
             Record::Preserve(entries) => {
-                4u64.saturating_add((entries.len() as u64).saturating_mul(PRESERVE_ENTRY_BYTES))
+                let entry_bytes = if self.kind() == KIND_PRESERVE {
+                    PRESERVE_ENTRY_BYTES
+                } else {
+                    PRESERVE_PARTS_ENTRY_BYTES
+                };
+                4u64.saturating_add((entries.len() as u64).saturating_mul(entry_bytes))
             }
             Record::SnapshotCreate { name, .. } => {
                 SNAPSHOT_CREATE_FIXED_BYTES.saturating_add(name.len() as u64)
@@ -117,6 +151,7 @@ impl Record {
         out.extend_from_slice(&(self.body_len() as u32).to_le_bytes());
         match self {
             Record::Preserve(entries) => {
+                let with_parts = self.kind() == KIND_PRESERVE_PARTS;
                 out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
                 for e in entries {
                     out.extend_from_slice(&e.chunk_index.to_le_bytes());
@@ -124,6 +159,10 @@ impl Record {
                     out.extend_from_slice(&e.store_index.to_le_bytes());
                     out.extend_from_slice(&e.slot_index.to_le_bytes());
                     out.extend_from_slice(&e.data_crc32c.to_le_bytes());
+                    if with_parts {
+                        out.extend_from_slice(&e.parts.to_le_bytes());
+                        out.push(if e.extends { FLAG_EXTENDS } else { 0 });
+                    }
                 }
             }
             Record::SnapshotCreate {
@@ -258,25 +297,45 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Record, String> {
     // `ok_or` fallbacks only keep the code free of panics.
     let short = || format!("body of {len} bytes is too short");
     let record = match kind {
-        KIND_PRESERVE => {
+        KIND_PRESERVE | KIND_PRESERVE_PARTS => {
+            let with_parts = kind == KIND_PRESERVE_PARTS;
+            let entry_bytes = if with_parts {
+                PRESERVE_PARTS_ENTRY_BYTES
+            } else {
+                PRESERVE_ENTRY_BYTES
+            };
             let count = c
                 .u32()
                 .ok_or_else(|| format!("body of {len} bytes has no entry count"))?;
-            let want = 4 + u64::from(count) * PRESERVE_ENTRY_BYTES;
+            let want = 4 + u64::from(count) * entry_bytes;
             if want != len {
                 return Err(format!(
                     "entry count {count} needs a body of {want} bytes, body_len is {len}"
                 ));
             }
             let mut entries = Vec::with_capacity(count as usize);
-            for _ in 0..count {
-                entries.push(PreserveEntry {
+            for i in 0..count {
+                let mut e = PreserveEntry {
                     chunk_index: c.u64().ok_or_else(short)?,
                     until_snapshot_id: c.u64().ok_or_else(short)?,
                     store_index: c.u16().ok_or_else(short)?,
                     slot_index: c.u64().ok_or_else(short)?,
                     data_crc32c: c.u32().ok_or_else(short)?,
-                });
+                    parts: PreserveEntry::PARTS_ALL,
+                    extends: false,
+                };
+                if with_parts {
+                    e.parts = c.u16().ok_or_else(short)?;
+                    let flags = c.u8().ok_or_else(short)?;
+                    if flags & !FLAG_EXTENDS != 0 {
+                        return Err(format!("entry {i} has unknown flags {flags:#04x}"));
+                    }
+                    if e.parts == 0 {
+                        return Err(format!("entry {i} holds no part of its chunk"));
+                    }
+                    e.extends = flags & FLAG_EXTENDS != 0;
+                }
+                entries.push(e);
             }
             Record::Preserve(entries)
         }

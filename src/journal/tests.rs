@@ -37,6 +37,8 @@ fn entry(i: u64) -> PreserveEntry {
         store_index: (i % 7) as u16,
         slot_index: i * 11,
         data_crc32c: (i as u32).wrapping_mul(0x9E37_79B9),
+        parts: PreserveEntry::PARTS_ALL,
+        extends: false,
     }
 }
 
@@ -52,7 +54,22 @@ fn every_kind() -> Vec<Vec<Record>> {
             store_index: u16::MAX,
             slot_index: u64::MAX,
             data_crc32c: u32::MAX,
+            parts: PreserveEntry::PARTS_ALL,
+            extends: false,
         }])],
+        // Kind 7: partial records and extensions, beside whole ones.
+        vec![Record::Preserve(vec![
+            PreserveEntry {
+                parts: 0x0001,
+                ..entry(2)
+            },
+            PreserveEntry {
+                parts: PreserveEntry::PARTS_ALL,
+                extends: true,
+                ..entry(3)
+            },
+            entry(4),
+        ])],
         vec![Record::SnapshotCreate {
             snapshot_id: 7,
             name: "daily-1".into(),
@@ -1176,21 +1193,24 @@ fn append_is_one_write_without_sync_and_a_failed_write_changes_nothing() {
 // Properties
 
 fn arb_record() -> impl Strategy<Value = Record> {
+    let parts = prop_oneof![3 => Just(PreserveEntry::PARTS_ALL), 1 => 1..=u16::MAX];
     let entry = (
-        any::<u64>(),
-        any::<u64>(),
-        any::<u16>(),
-        any::<u64>(),
-        any::<u32>(),
+        (any::<u64>(), any::<u64>(), any::<u16>()),
+        (any::<u64>(), any::<u32>(), parts, any::<bool>()),
     )
         .prop_map(
-            |(chunk_index, until_snapshot_id, store_index, slot_index, data_crc32c)| {
+            |(
+                (chunk_index, until_snapshot_id, store_index),
+                (slot_index, data_crc32c, parts, extends),
+            )| {
                 PreserveEntry {
                     chunk_index,
                     until_snapshot_id,
                     store_index,
                     slot_index,
                     data_crc32c,
+                    parts,
+                    extends,
                 }
             },
         );

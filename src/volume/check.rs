@@ -22,8 +22,26 @@ impl Volume {
             .collect();
         let mut buf = vec![0u8; cs as usize];
         let chunk_count = self.config.chunk_count();
+        // The previous record, if partial: (chunk, until).
+        let mut partial_before: Option<(u64, u64)> = None;
         for (chunk_index, until, loc) in t.map.iter() {
             let at = format!("mapping entry (chunk {chunk_index}, until snapshot {until})");
+            if let Some((c, u)) = partial_before.take()
+                && c == chunk_index
+            {
+                problems.push(format!(
+                    "{at}: follows a partial record of its chunk (until snapshot {u}); only a chunk's newest record may be partial"
+                ));
+            }
+            if loc.is_partial() {
+                partial_before = Some((chunk_index, until));
+                if self.part_bytes(chunk_index).is_none() {
+                    problems.push(format!(
+                        "{at}: is partial (parts {:#06x}), but this chunk is copied whole",
+                        loc.parts
+                    ));
+                }
+            }
             if chunk_index >= chunk_count {
                 problems.push(format!(
                     "{at}: chunk is past the end of the volume ({chunk_count} chunks)"
@@ -67,26 +85,27 @@ impl Volume {
                 }
                 _ => {}
             }
-            match self
-                .stores
-                .read_slot(loc.store_index, loc.slot_index, &mut buf)
-            {
+            match self.read_preserved(chunk_index, until, loc, &mut buf) {
+                Err(crate::error::Error::Corrupt { .. }) => {
+                    let crc = crc32c::crc32c(&buf);
+                    problems.push(format!(
+                        "{at}: preserved data in store {} slot {} ({}){} has checksum {crc:08x}, expected {:08x}",
+                        loc.store_index,
+                        loc.slot_index,
+                        store.path.display(),
+                        if loc.is_partial() {
+                            format!(" with the origin's parts outside {:#06x}", loc.parts)
+                        } else {
+                            String::new()
+                        },
+                        loc.data_crc32c
+                    ));
+                }
                 Err(e) => problems.push(format!(
                     "{at}: reading store {} slot {}: {e}",
                     loc.store_index, loc.slot_index
                 )),
-                Ok(()) => {
-                    let crc = crc32c::crc32c(&buf);
-                    if crc != loc.data_crc32c {
-                        problems.push(format!(
-                            "{at}: preserved data in store {} slot {} ({}) has checksum {crc:08x}, expected {:08x}",
-                            loc.store_index,
-                            loc.slot_index,
-                            store.path.display(),
-                            loc.data_crc32c
-                        ));
-                    }
-                }
+                Ok(()) => {}
             }
         }
         let total = problems.len();

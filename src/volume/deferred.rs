@@ -207,6 +207,18 @@ impl Deferred {
         !self.is_empty() && self.state.lock().chunks.contains_key(&chunk_index)
     }
 
+    /// The parts of `chunk_index` (each `pieces_per_part` pieces, 16 at most) in which a
+    /// piece is held, as a mask (bit `i`: part `i`).
+    pub fn held_parts(&self, chunk_index: u64, pieces_per_part: u32) -> u16 {
+        debug_assert!(pieces_per_part > 0);
+        let st = self.state.lock();
+        st.chunks.get(&chunk_index).map_or(0, |pieces| {
+            pieces
+                .iter()
+                .fold(0u16, |m, (i, _)| m | 1 << (i / pieces_per_part).min(15))
+        })
+    }
+
     /// Whether any held piece overlaps `[offset, offset + len)`. A `false` holds for what was
     /// acknowledged before the call: pieces leave only once they are on the origin (under
     /// the lock, see `drain_chunk`), and a piece held later belongs to a concurrent write.
@@ -364,9 +376,21 @@ impl Deferred {
     /// Hands `chunk_index`'s pieces (in piece order) to `apply`, which writes them to the
     /// origin, then drops them. The lock is held meanwhile, so no reader sees neither the
     /// pieces nor the written origin. If `apply` fails the pieces stay held.
+    #[cfg(test)]
     pub fn drain_chunk(
         &self,
         chunk_index: u64,
+        apply: impl FnOnce(&[(u32, &[u8])]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.drain_chunk_pieces(chunk_index, |_| true, apply)
+    }
+
+    /// As [`Deferred::drain_chunk`], for the pieces `drain` picks (by piece index) only;
+    /// the others stay held.
+    pub fn drain_chunk_pieces(
+        &self,
+        chunk_index: u64,
+        drain: impl Fn(u32) -> bool,
         apply: impl FnOnce(&[(u32, &[u8])]) -> io::Result<()>,
     ) -> io::Result<()> {
         let mut guard = self.state.lock();
@@ -374,27 +398,42 @@ impl Deferred {
         let Some(pieces) = st.chunks.get(&chunk_index) else {
             return Ok(());
         };
-        let total: usize = pieces.iter().map(|(_, h)| h.len_bytes as usize).sum();
+        let picked: Vec<(u32, Held)> = pieces.iter().filter(|&(i, _)| drain(i)).collect();
+        if picked.is_empty() {
+            return Ok(());
+        }
+        let total: usize = picked.iter().map(|(_, h)| h.len_bytes as usize).sum();
         let mut data = vec![0u8; total];
         let mut at = 0usize;
-        for (_, h) in pieces.iter() {
+        for (_, h) in &picked {
             let n = h.len_bytes as usize;
             self.scratch
                 .read_at(&mut data[at..at + n], slot_offset(h.scratch_slot))?;
             at += n;
         }
-        let mut views = Vec::with_capacity(pieces.len());
+        let mut views = Vec::with_capacity(picked.len());
         let mut at = 0usize;
-        for (piece_index, h) in pieces.iter() {
+        for &(piece_index, h) in &picked {
             let n = h.len_bytes as usize;
             views.push((piece_index, &data[at..at + n]));
             at += n;
         }
         apply(&views)?;
-        let pieces = st.chunks.remove(&chunk_index).expect("held above");
-        st.piece_count -= pieces.len() as u64;
+        if picked.len() == pieces.len() {
+            st.chunks.remove(&chunk_index);
+        } else {
+            let kept: BTreeMap<u32, Held> = pieces.iter().filter(|&(i, _)| !drain(i)).collect();
+            let kept = if kept.len() == 1 {
+                let (&i, &h) = kept.iter().next().expect("one");
+                Pieces::One(i, h)
+            } else {
+                Pieces::Many(Box::new(kept))
+            };
+            st.chunks.insert(chunk_index, kept);
+        }
+        st.piece_count -= picked.len() as u64;
         st.free_slots
-            .extend(pieces.iter().map(|(_, h)| h.scratch_slot));
+            .extend(picked.iter().map(|(_, h)| h.scratch_slot));
         if st.chunks.is_empty() && st.reserved_slots > 0 && st.promised_slots == 0 {
             // All drained and nothing promised: start the scratch file over and drop its
             // pages and their space (best effort; they are garbage, and writing them back

@@ -15,7 +15,13 @@
 //! once it grows past `delta_limit` (so an insert costs O(log n) and the merge is amortised
 //! over many inserts; growing one segment never copies the whole table). A record that does
 //! not fit the packed fields (a chunk index or snapshot id of 2^48 or more, a slot index of
-//! 2^47 - 1 or more) stays in the delta for good, so no id is ever refused. Queries by
+//! 2^46 - 1 or more, or 2^30 or more for a partial record) stays in the delta for good, so
+//! no id is ever refused.
+//!
+//! A record may be **partial** (docs/design/piece-copies.md): its slot holds only the parts
+//! of the chunk in its `parts` mask (a part is 1/16 of the chunk); the others are still on
+//! the origin, unchanged since the record's snapshot. Only a chunk's newest record may be
+//! partial (invariant P, kept by the write path and checked by `check`). Queries by
 //! snapshot id (snapshot delete, diff) scan the table in chunk order: about 20-40 ms per
 //! million records.
 //!
@@ -31,7 +37,23 @@ use std::collections::BTreeMap;
 pub struct Loc {
     pub store_index: u16,
     pub slot_index: u64,
+    /// The checksum of the whole chunk as its snapshot saw it (slot and origin parts
+    /// together, for a partial record).
     pub data_crc32c: u32,
+    /// The parts of the chunk in the slot (bit `i`: part `i`, 1/16 of the chunk);
+    /// [`PARTS_ALL`]: the whole chunk.
+    pub parts: u16,
+}
+
+/// Every part of a chunk: a whole record.
+pub const PARTS_ALL: u16 = u16::MAX;
+/// Parts per chunk (one bit each in [`Loc::parts`]).
+pub const PART_COUNT: u32 = 16;
+
+impl Loc {
+    pub fn is_partial(&self) -> bool {
+        self.parts != PARTS_ALL
+    }
 }
 
 /// Records per segment at most (24 B each: 1.5 MiB).
@@ -42,11 +64,16 @@ const DELTA_LIMIT_SHIFT: u32 = 6;
 
 /// Chunk indexes and snapshot ids below this fit a packed record.
 const KEY_PART_LIMIT: u64 = 1 << 48;
-const SLOT_BITS: u32 = 47;
+/// The low 46 bits of `Packed::loc`: the slot of a whole record, or the mask (16 bits) and
+/// the slot (30 bits) of a partial one.
+const SLOT_BITS: u32 = 46;
 const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
 /// Slot field value of a removed (dead) record; real slots are below it.
 const SLOT_DEAD: u64 = SLOT_MASK;
-const DIRTY_BIT: u64 = 1 << SLOT_BITS;
+const PARTIAL_SLOT_BITS: u32 = 30;
+const PARTIAL_SLOT_MASK: u64 = (1 << PARTIAL_SLOT_BITS) - 1;
+const PARTIAL_BIT: u64 = 1 << SLOT_BITS;
+const DIRTY_BIT: u64 = 1 << (SLOT_BITS + 1);
 
 /// One record in 24 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +84,9 @@ struct Packed {
     /// `until` low 32 bits.
     key_lo: u32,
     data_crc32c: u32,
-    /// `store_index << 48 | dirty << 47 | slot_index` (`SLOT_DEAD`: removed).
+    /// `store_index << 48 | dirty << 47 | partial << 46 | low`, where `low` is the slot
+    /// index of a whole record (`SLOT_DEAD`: removed) or `parts << 30 | slot_index` of a
+    /// partial one.
     loc: u64,
 }
 
@@ -70,7 +99,11 @@ fn key_packable((chunk_index, until): Key) -> bool {
 }
 
 fn loc_packable(loc: &Loc) -> bool {
-    loc.slot_index < SLOT_DEAD
+    if loc.is_partial() {
+        loc.slot_index <= PARTIAL_SLOT_MASK
+    } else {
+        loc.slot_index < SLOT_DEAD
+    }
 }
 
 impl Packed {
@@ -80,10 +113,15 @@ impl Packed {
             key_packable(key),
             "key {key:?} does not fit a packed record"
         );
-        let (store, slot, crc) = match loc {
+        let (store, low, crc) = match loc {
             Some(l) => {
                 assert!(loc_packable(&l), "slot {} does not fit", l.slot_index);
-                (l.store_index, l.slot_index, l.data_crc32c)
+                let low = if l.is_partial() {
+                    PARTIAL_BIT | u64::from(l.parts) << PARTIAL_SLOT_BITS | l.slot_index
+                } else {
+                    l.slot_index
+                };
+                (l.store_index, low, l.data_crc32c)
             }
             None => (0, SLOT_DEAD, 0),
         };
@@ -91,7 +129,7 @@ impl Packed {
             key_hi: chunk_index << 16 | until >> 32,
             key_lo: until as u32,
             data_crc32c: crc,
-            loc: u64::from(store) << 48 | u64::from(dirty) << SLOT_BITS | slot,
+            loc: u64::from(store) << 48 | if dirty { DIRTY_BIT } else { 0 } | low,
         }
     }
 
@@ -108,11 +146,19 @@ impl Packed {
     }
 
     fn loc(&self) -> Option<Loc> {
-        let slot_index = self.loc & SLOT_MASK;
-        (slot_index != SLOT_DEAD).then_some(Loc {
+        let low = self.loc & SLOT_MASK;
+        let (slot_index, parts) = if self.loc & PARTIAL_BIT != 0 {
+            (low & PARTIAL_SLOT_MASK, (low >> PARTIAL_SLOT_BITS) as u16)
+        } else if low == SLOT_DEAD {
+            return None;
+        } else {
+            (low, PARTS_ALL)
+        };
+        Some(Loc {
             store_index: (self.loc >> 48) as u16,
             slot_index,
             data_crc32c: self.data_crc32c,
+            parts,
         })
     }
 
@@ -126,17 +172,18 @@ fn ord_key(key: Key) -> (u64, u32) {
     (key.0 << 16 | key.1 >> 32, key.1 as u32)
 }
 
-/// A delta entry (16 bytes): `loc()` `None` is a removal not yet checkpointed.
+/// A delta entry (24 bytes): `loc()` `None` is a removal not yet checkpointed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     slot_index: u64,
     data_crc32c: u32,
     store_index: u16,
+    parts: u16,
     live: bool,
     dirty: bool,
 }
 
-const _: () = assert!(std::mem::size_of::<Entry>() == 16);
+const _: () = assert!(std::mem::size_of::<Entry>() == 24);
 
 impl Entry {
     fn new(loc: Option<Loc>, dirty: bool) -> Entry {
@@ -144,11 +191,13 @@ impl Entry {
             store_index: 0,
             slot_index: 0,
             data_crc32c: 0,
+            parts: PARTS_ALL,
         });
         Entry {
             slot_index: l.slot_index,
             data_crc32c: l.data_crc32c,
             store_index: l.store_index,
+            parts: l.parts,
             live: loc.is_some(),
             dirty,
         }
@@ -159,6 +208,7 @@ impl Entry {
             store_index: self.store_index,
             slot_index: self.slot_index,
             data_crc32c: self.data_crc32c,
+            parts: self.parts,
         })
     }
 
@@ -705,28 +755,44 @@ mod tests {
             store_index: 0,
             slot_index,
             data_crc32c: 0,
+            parts: PARTS_ALL,
         }
     }
 
     #[test]
     fn packed_record_round_trips() {
-        let l = Loc {
+        let whole = Loc {
             store_index: u16::MAX,
             slot_index: SLOT_DEAD - 1,
             data_crc32c: u32::MAX,
+            parts: PARTS_ALL,
         };
-        for key in [
-            (0, 0),
-            (KEY_PART_LIMIT - 1, KEY_PART_LIMIT - 1),
-            (5, 1 << 32),
-        ] {
-            for dirty in [false, true] {
-                let p = Packed::new(key, Some(l), dirty);
-                assert_eq!((p.key(), p.loc(), p.dirty()), (key, Some(l), dirty));
-                let d = Packed::new(key, None, dirty);
-                assert_eq!((d.key(), d.loc(), d.dirty()), (key, None, dirty));
+        let partials = [0u16, 1, 0x8000, PARTS_ALL - 1].map(|parts| Loc {
+            store_index: u16::MAX,
+            slot_index: PARTIAL_SLOT_MASK,
+            data_crc32c: 7,
+            parts,
+        });
+        for l in std::iter::once(whole).chain(partials) {
+            assert!(loc_packable(&l));
+            for key in [
+                (0, 0),
+                (KEY_PART_LIMIT - 1, KEY_PART_LIMIT - 1),
+                (5, 1 << 32),
+            ] {
+                for dirty in [false, true] {
+                    let p = Packed::new(key, Some(l), dirty);
+                    assert_eq!((p.key(), p.loc(), p.dirty()), (key, Some(l), dirty));
+                    let d = Packed::new(key, None, dirty);
+                    assert_eq!((d.key(), d.loc(), d.dirty()), (key, None, dirty));
+                }
             }
         }
+        let too_far = Loc {
+            slot_index: PARTIAL_SLOT_MASK + 1,
+            ..partials[0]
+        };
+        assert!(!loc_packable(&too_far));
         assert!(ord_key((1, 0)) > ord_key((0, KEY_PART_LIMIT - 1)));
     }
 
@@ -781,16 +847,22 @@ mod tests {
     }
 
     fn arb_op() -> impl Strategy<Value = Op> {
-        let slot = prop_oneof![9 => 0u64..1000, 1 => (SLOT_DEAD - 1)..(SLOT_DEAD + 2)];
+        let slot = prop_oneof![
+            9 => 0u64..1000,
+            1 => (PARTIAL_SLOT_MASK - 1)..(PARTIAL_SLOT_MASK + 2),
+            1 => (SLOT_DEAD - 1)..(SLOT_DEAD + 2),
+        ];
+        let parts = prop_oneof![3 => Just(PARTS_ALL), 1 => any::<u16>()];
         prop_oneof![
-            6 => (arb_part(), arb_part(), any::<u16>(), slot, any::<u32>()).prop_map(
-                |(c, u, store_index, slot_index, data_crc32c)| Op::Insert(
+            6 => (arb_part(), arb_part(), any::<u16>(), slot, any::<u32>(), parts).prop_map(
+                |(c, u, store_index, slot_index, data_crc32c, parts)| Op::Insert(
                     c,
                     u,
                     Loc {
                         store_index,
                         slot_index,
-                        data_crc32c
+                        data_crc32c,
+                        parts,
                     }
                 )
             ),

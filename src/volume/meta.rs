@@ -5,19 +5,27 @@
 //! flipped bit is reported by name instead of read as a wrong mapping.
 
 use super::Counters;
-use super::map::{Loc, PreserveMap};
+use super::map::{Loc, PARTS_ALL, PreserveMap};
 use crate::io::{RedbBackend, Storage};
 use parking_lot::Mutex;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Version of the metadata layout in `meta.redb` (see docs/FORMAT.md).
-pub const META_FORMAT_VERSION: u32 = 1;
+/// Version of the metadata layout in `meta.redb` (see docs/FORMAT.md): 2 while the file
+/// holds partial records (table `mapping_parts`), which builds reading only version 1 must
+/// refuse; 1 otherwise, as those builds wrote it.
+pub const META_FORMAT_VERSION: u32 = 2;
+/// The version of a file without partial records.
+const META_FORMAT_VERSION_WHOLE: u32 = 1;
 
+/// Whole records.
 const MAPPING: TableDefinition<(u64, u64), [u8; 18]> = TableDefinition::new("mapping");
+/// Partial records (a key is in one of the two tables, never both).
+const MAPPING_PARTS: TableDefinition<(u64, u64), [u8; 20]> =
+    TableDefinition::new("mapping_parts");
 const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const STATE_KEY: &str = "volume";
@@ -172,6 +180,39 @@ fn decode_loc(chunk_index: u64, until: u64, v: &[u8; 18]) -> Result<Loc, MetaErr
         store_index: u16::from_le_bytes([v[0], v[1]]),
         slot_index: le_u64(&v[2..]),
         data_crc32c: le_u32(&v[10..]),
+        parts: PARTS_ALL,
+    })
+}
+
+/// A partial record: the whole record's 14 bytes, `parts u16`, then the checksum.
+fn encode_partial_loc(chunk_index: u64, until: u64, loc: Loc) -> [u8; 20] {
+    debug_assert!(loc.is_partial());
+    let mut v = [0u8; 20];
+    v[..14].copy_from_slice(&encode_loc(chunk_index, until, loc)[..14]);
+    v[14..16].copy_from_slice(&loc.parts.to_le_bytes());
+    let crc = mapping_crc(chunk_index, until, &v[..16]);
+    v[16..20].copy_from_slice(&crc.to_le_bytes());
+    v
+}
+
+fn decode_partial_loc(chunk_index: u64, until: u64, v: &[u8; 20]) -> Result<Loc, MetaError> {
+    let bad = |why: &str| {
+        MetaError::Corrupt(format!(
+            "partial mapping entry (chunk {chunk_index}, until snapshot {until}) {why}"
+        ))
+    };
+    if mapping_crc(chunk_index, until, &v[..16]) != le_u32(&v[16..]) {
+        return Err(bad("fails its checksum"));
+    }
+    let parts = u16::from_le_bytes([v[14], v[15]]);
+    if parts == 0 || parts == PARTS_ALL {
+        return Err(bad(&format!("has parts mask {parts:#06x}")));
+    }
+    Ok(Loc {
+        store_index: u16::from_le_bytes([v[0], v[1]]),
+        slot_index: le_u64(&v[2..]),
+        data_crc32c: le_u32(&v[10..]),
+        parts,
     })
 }
 
@@ -207,14 +248,14 @@ fn decode_snapshot(id: u64, v: &[u8]) -> Result<SnapMeta, MetaError> {
     })
 }
 
-fn encode_state(s: &VolumeState) -> [u8; STATE_BYTES] {
+fn encode_state(s: &VolumeState, version: u32) -> [u8; STATE_BYTES] {
     let mut v = [0u8; STATE_BYTES];
     let mut at = 0;
     let mut put = |b: &[u8]| {
         v[at..at + b.len()].copy_from_slice(b);
         at += b.len();
     };
-    put(&META_FORMAT_VERSION.to_le_bytes());
+    put(&version.to_le_bytes());
     put(&s.checkpoint_seq.to_le_bytes());
     put(&s.next_snapshot_id.to_le_bytes());
     put(&s.counters.client_bytes_written.to_le_bytes());
@@ -244,9 +285,9 @@ fn decode_state(v: &[u8]) -> Result<VolumeState, MetaError> {
         return Err(bad("fails its checksum".into()));
     }
     let version = le_u32(v);
-    if version != META_FORMAT_VERSION {
+    if !(META_FORMAT_VERSION_WHOLE..=META_FORMAT_VERSION).contains(&version) {
         return Err(bad(format!(
-            "format version {version}, this build reads {META_FORMAT_VERSION}"
+            "format version {version}, this build reads {META_FORMAT_VERSION_WHOLE} to {META_FORMAT_VERSION}"
         )));
     }
     let u = |i: usize| le_u64(&v[4 + 8 * i..]);
@@ -367,7 +408,28 @@ impl Meta {
             Some(v) => decode_state(v.value())?,
             None => return Err(MetaError::Corrupt("volume state record is missing".into())),
         };
+        // Partial records first (few, next to the whole ones), then both in key order.
+        let mut partial: Vec<((u64, u64), Loc)> = Vec::new();
+        match txn.open_table(MAPPING_PARTS) {
+            Ok(table) => {
+                for row in table.iter().map_err(db_err)? {
+                    let (k, v) = row.map_err(db_err)?;
+                    let (chunk_index, until) = k.value();
+                    let loc = decode_partial_loc(chunk_index, until, &v.value())?;
+                    partial.push(((chunk_index, until), loc));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {} // version 1: none
+            Err(e) => return Err(db_err(e)),
+        }
+        let mut partial = partial.into_iter().peekable();
         let mut map = PreserveMap::default();
+        let both = |key: (u64, u64)| {
+            MetaError::Corrupt(format!(
+                "mapping entry (chunk {}, until snapshot {}) is both whole and partial",
+                key.0, key.1
+            ))
+        };
         for row in txn
             .open_table(MAPPING)
             .map_err(db_err)?
@@ -375,12 +437,17 @@ impl Meta {
             .map_err(db_err)?
         {
             let (k, v) = row.map_err(db_err)?;
-            let (chunk_index, until) = k.value();
-            map.push_loaded(
-                chunk_index,
-                until,
-                decode_loc(chunk_index, until, &v.value())?,
-            );
+            let key = k.value();
+            while let Some((pk, ploc)) = partial.next_if(|&(pk, _)| pk <= key) {
+                if pk == key {
+                    return Err(both(key));
+                }
+                map.push_loaded(pk.0, pk.1, ploc);
+            }
+            map.push_loaded(key.0, key.1, decode_loc(key.0, key.1, &v.value())?);
+        }
+        for (pk, ploc) in partial {
+            map.push_loaded(pk.0, pk.1, ploc);
         }
         map.finish_load();
         let mut snapshots = BTreeMap::new();
@@ -429,20 +496,46 @@ impl Meta {
         dirty: &Dirty,
     ) -> Result<(), MetaError> {
         let txn = db.begin_write().map_err(db_err)?;
+        let version;
         {
             let mut mapping = txn.open_table(MAPPING).map_err(db_err)?;
+            let mut parts = txn.open_table(MAPPING_PARTS).map_err(db_err)?;
+            // A record moves from `mapping_parts` to `mapping` when it becomes whole (never
+            // back); while `mapping_parts` is empty, nothing there needs removing.
+            let mut parts_count = parts.len().map_err(db_err)?;
             for ((chunk_index, until), loc) in map.dirty_records() {
+                let key = (chunk_index, until);
                 match loc {
+                    Some(loc) if loc.is_partial() => {
+                        if parts
+                            .insert(key, encode_partial_loc(chunk_index, until, loc))
+                            .map_err(db_err)?
+                            .is_none()
+                        {
+                            parts_count += 1;
+                        }
+                    }
                     Some(loc) => {
                         mapping
-                            .insert((chunk_index, until), encode_loc(chunk_index, until, loc))
+                            .insert(key, encode_loc(chunk_index, until, loc))
                             .map_err(db_err)?;
+                        if parts_count > 0 && parts.remove(key).map_err(db_err)?.is_some() {
+                            parts_count -= 1;
+                        }
                     }
                     None => {
-                        mapping.remove((chunk_index, until)).map_err(db_err)?;
+                        mapping.remove(key).map_err(db_err)?;
+                        if parts_count > 0 && parts.remove(key).map_err(db_err)?.is_some() {
+                            parts_count -= 1;
+                        }
                     }
                 }
             }
+            version = if parts_count > 0 {
+                META_FORMAT_VERSION
+            } else {
+                META_FORMAT_VERSION_WHOLE
+            };
             let mut snaps = txn.open_table(SNAPSHOTS).map_err(db_err)?;
             for (&id, s) in &dirty.snapshots {
                 match s {
@@ -457,7 +550,7 @@ impl Meta {
                 }
             }
             let mut st = txn.open_table(STATE).map_err(db_err)?;
-            st.insert(STATE_KEY, encode_state(state).as_slice())
+            st.insert(STATE_KEY, encode_state(state, version).as_slice())
                 .map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
@@ -481,11 +574,19 @@ mod tests {
             store_index: 1,
             slot_index: 5,
             data_crc32c: 77,
+            parts: PARTS_ALL,
+        };
+        let partial = Loc {
+            parts: 0x0003,
+            slot_index: 6,
+            ..loc
         };
         let mut map = PreserveMap::default();
         map.insert(3, 2, loc);
         map.insert(4, 2, loc);
         map.remove(4, 2);
+        map.insert(6, 2, partial);
+        map.insert(7, 2, partial);
         dirty.snapshots.insert(
             2,
             Some(SnapMeta {
@@ -509,19 +610,43 @@ mod tests {
             }),
         };
         meta.checkpoint(&state, &map, &dirty).unwrap();
+        let version = |meta: &Meta| {
+            let db = meta.db.lock();
+            let txn = db.as_ref().unwrap().begin_read().unwrap();
+            let st = txn.open_table(STATE).unwrap();
+            le_u32(st.get(STATE_KEY).unwrap().unwrap().value())
+        };
+        assert_eq!(version(&meta), 2, "partial records need version 2");
         map.mark_clean();
         map.remove(3, 2);
         map.insert(5, 1, loc);
+        // (6, 2) becomes whole, (7, 2) goes: no partial record is left.
+        map.insert(6, 2, Loc { parts: PARTS_ALL, ..partial });
+        map.remove(7, 2);
+        map.insert(8, 1, partial);
         meta.checkpoint(&state, &map, &Dirty::default()).unwrap();
         drop(meta);
-        let l = Meta::open(st).unwrap().load().unwrap();
+        let meta = Meta::open(st.clone()).unwrap();
+        let l = meta.load().unwrap();
         assert_eq!(l.state, state);
         assert_eq!(
             l.map.iter().collect::<Vec<_>>(),
-            vec![(5, 1, loc)],
-            "the second checkpoint removed (3, 2) and added (5, 1)"
+            vec![
+                (5, 1, loc),
+                (6, 2, Loc { parts: PARTS_ALL, ..partial }),
+                (8, 1, partial)
+            ],
+            "the second checkpoint removed (3, 2) and (7, 2), added (5, 1) and (8, 1), completed (6, 2)"
         );
         assert_eq!(l.snapshots[&2].name, "s");
+        let mut map = l.map;
+        map.insert(8, 1, Loc { parts: PARTS_ALL, ..partial });
+        meta.checkpoint(&state, &map, &Dirty::default()).unwrap();
+        assert_eq!(version(&meta), 1, "back to version 1 once no record is partial");
+        drop(meta);
+        let l = Meta::open(st).unwrap().load().unwrap();
+        assert_eq!(l.map.iter().filter(|r| r.2.is_partial()).count(), 0);
+        assert_eq!(l.map.len(), 3);
     }
 
     #[test]
@@ -533,6 +658,7 @@ mod tests {
                 store_index: 0,
                 slot_index: 1,
                 data_crc32c: 2,
+                parts: PARTS_ALL,
             },
         );
         let mut w = v;
@@ -540,5 +666,17 @@ mod tests {
         let e = decode_loc(3, 2, &w).unwrap_err().to_string();
         assert!(e.contains("chunk 3"), "{e}");
         assert!(decode_loc(3, 3, &v).is_err());
+        let partial = Loc {
+            store_index: 0,
+            slot_index: 1,
+            data_crc32c: 2,
+            parts: 0x10,
+        };
+        let v = encode_partial_loc(3, 2, partial);
+        assert_eq!(decode_partial_loc(3, 2, &v).unwrap(), partial);
+        let mut w = v;
+        w[14] ^= 1;
+        let e = decode_partial_loc(3, 2, &w).unwrap_err().to_string();
+        assert!(e.contains("chunk 3") && e.contains("checksum"), "{e}");
     }
 }

@@ -347,6 +347,9 @@ pub struct Volume {
     /// space (their entries are committed): written by the next commit or flush, which
     /// fails with ENOSPC while any are left. Lock order: before any chunk lock.
     undrained: Mutex<std::collections::BTreeSet<u64>>,
+    /// Extensions `drain_held` queued for pieces held after their commit took the chunk's
+    /// parts (see there): a flush that sees this change makes another round.
+    leftover_extensions: AtomicU64,
     /// Counts writes to the origin (incremented after each).
     origin_writes: AtomicU64,
     /// The `origin_writes` value the last successful origin sync covered; the mutex makes
@@ -387,6 +390,9 @@ pub struct Volume {
     /// The volume lock; `None` only after `close_keeping_lock` took it.
     lock: Mutex<Option<std::fs::File>>,
 }
+
+/// Most group commit rounds of one flush (see `flush_durable`).
+const FLUSH_ROUNDS_MAX: u32 = 3;
 
 impl Volume {
     pub fn name(&self) -> &str {
@@ -674,7 +680,16 @@ impl Volume {
     /// snapshot create and close).
     pub(super) fn flush_durable(&self) -> Result<()> {
         self.ensure_ok()?;
-        self.commit_queued()?;
+        // Pieces held by writes before this flush are all in parts the second round's
+        // copies take (it reads the held parts after they were held); a third round only
+        // serves writes that came during the flush, and ends the rounds.
+        for _ in 0..FLUSH_ROUNDS_MAX {
+            let leftovers = self.leftover_extensions.load(Ordering::Acquire);
+            self.commit_queued()?;
+            if self.leftover_extensions.load(Ordering::Acquire) == leftovers {
+                break;
+            }
+        }
         let target = self.origin_writes.load(Ordering::Acquire);
         let mut synced = self.origin_synced_writes.lock();
         // A sync that failed while this flush waited failed the volume.

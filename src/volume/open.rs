@@ -554,6 +554,7 @@ impl Volume {
             deferred: Deferred::new(scratch),
             origin_space: super::write::OriginSpace::new(origin_holes),
             undrained: Mutex::new(std::collections::BTreeSet::new()),
+            leftover_extensions: AtomicU64::new(0),
             // Whatever an earlier process left unsynced is synced by the first flush.
             origin_writes: AtomicU64::new(1),
             origin_synced_writes: Mutex::new(0),

@@ -2,6 +2,7 @@
 //! and `Tables::apply`, the one function that turns a journal record into table changes
 //! (used live and on replay, so both give the same tables).
 
+use super::map::Loc;
 use super::meta::{RestoreState, SnapMeta};
 use super::{DiffRange, SNAPSHOT_COUNT_MAX, SnapshotInfo, Tables, Volume};
 use crate::error::{Error, Result};
@@ -13,19 +14,63 @@ thread_local! {
     static SLOT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// What a change to a chunk must preserve first (see `Tables::preserve_need`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct PreserveNeed {
+    /// A new record for this snapshot (the newest): no record serves it.
+    pub new_until: Option<u64>,
+    /// A partial record `(until, loc)` that must take more parts: with `new_until`, the
+    /// chunk's previous record, to be completed (all parts) in the same group commit
+    /// (invariant P); alone, the record serving the newest snapshot, which must take the
+    /// parts the change touches that it lacks.
+    pub extend: Option<(u64, Loc)>,
+}
+
+impl PreserveNeed {
+    pub fn is_none(&self) -> bool {
+        self.new_until.is_none() && self.extend.is_none()
+    }
+}
+
 impl Tables {
-    /// The snapshot a write to this chunk must preserve the old content for, if any: the
-    /// newest snapshot, unless a record already serves it.
-    pub(super) fn preserve_target(&self, chunk_index: u64) -> Option<u64> {
-        let (&newest, _) = self.snapshots.last_key_value()?;
+    /// What a change to this chunk must preserve first: nothing when no snapshot exists or
+    /// a whole record serves the newest snapshot.
+    pub(super) fn preserve_need(&self, chunk_index: u64) -> PreserveNeed {
+        let none = PreserveNeed::default();
+        let Some((&newest, _)) = self.snapshots.last_key_value() else {
+            return none;
+        };
         if self.newest_preserved.contains(chunk_index, newest) {
-            debug_assert!(self.map.lookup(chunk_index, newest).is_some());
-            return None;
+            debug_assert!(
+                self.map
+                    .lookup(chunk_index, newest)
+                    .is_some_and(|(_, l)| !l.is_partial())
+            );
+            return none;
         }
         match self.map.lookup(chunk_index, newest) {
-            Some(_) => None,
-            None => Some(newest),
+            Some((until, loc)) if loc.is_partial() => PreserveNeed {
+                new_until: None,
+                extend: Some((until, loc)),
+            },
+            Some(_) => none,
+            None => PreserveNeed {
+                new_until: Some(newest),
+                extend: self
+                    .map
+                    .prev_until(chunk_index, newest)
+                    .and_then(|u| self.map.lookup(chunk_index, u))
+                    .filter(|(_, l)| l.is_partial()),
+            },
         }
+    }
+
+    /// The record `(chunk_index, until)` exactly, if there.
+    pub(super) fn record(&self, chunk_index: u64, until: u64) -> Option<Loc> {
+        self.map
+            .lookup(chunk_index, until)
+            .filter(|&(u, _)| u == until)
+            .map(|(_, l)| l)
     }
 
     /// Fills the `newest_preserved` cache from the whole table (after loading it).
@@ -35,8 +80,8 @@ impl Tables {
             return;
         };
         let record_count = self.map.len();
-        for (chunk_index, until, _) in self.map.iter() {
-            if until >= newest {
+        for (chunk_index, until, loc) in self.map.iter() {
+            if until >= newest && !loc.is_partial() {
                 self.newest_preserved
                     .insert(chunk_index, newest, record_count);
             }
@@ -88,26 +133,49 @@ impl Tables {
         match record {
             Record::Preserve(entries) => {
                 for e in entries {
-                    // A snapshot pruned or deleted since the writer decided to preserve may
-                    // leave this copy serving nobody: free it instead of keeping garbage.
-                    if !self
-                        .map
-                        .record_needed(e.chunk_index, e.until_snapshot_id, &self.snapshots)
-                    {
-                        freed.push((e.store_index, e.slot_index));
-                        continue;
-                    }
-                    let loc = super::map::Loc {
-                        store_index: e.store_index,
-                        slot_index: e.slot_index,
-                        data_crc32c: e.data_crc32c,
+                    let loc = if e.extends {
+                        // More parts of a record in place: only if it is still there (a
+                        // delete since may have freed it, and its slot with it).
+                        match self.record(e.chunk_index, e.until_snapshot_id) {
+                            Some(old)
+                                if (old.store_index, old.slot_index)
+                                    == (e.store_index, e.slot_index) =>
+                            {
+                                Loc {
+                                    parts: old.parts | e.parts,
+                                    ..old
+                                }
+                            }
+                            _ => continue,
+                        }
+                    } else {
+                        // A snapshot pruned or deleted since the writer decided to preserve
+                        // may leave this copy serving nobody: free it instead of keeping
+                        // garbage.
+                        if !self.map.record_needed(
+                            e.chunk_index,
+                            e.until_snapshot_id,
+                            &self.snapshots,
+                        ) {
+                            freed.push((e.store_index, e.slot_index));
+                            continue;
+                        }
+                        Loc {
+                            store_index: e.store_index,
+                            slot_index: e.slot_index,
+                            data_crc32c: e.data_crc32c,
+                            parts: e.parts,
+                        }
                     };
                     // The map flags the change for the next checkpoint.
-                    if let Some(old) = self.map.insert(e.chunk_index, e.until_snapshot_id, loc) {
+                    if let Some(old) = self.map.insert(e.chunk_index, e.until_snapshot_id, loc)
+                        && (old.store_index, old.slot_index) != (loc.store_index, loc.slot_index)
+                    {
                         freed.push((old.store_index, old.slot_index));
                     }
                     if let Some((&newest, _)) = self.snapshots.last_key_value()
                         && e.until_snapshot_id >= newest
+                        && !loc.is_partial()
                     {
                         let record_count = self.map.len();
                         self.newest_preserved
@@ -219,6 +287,14 @@ impl Volume {
         // Completed writes must be durable before the snapshot is, or a crash could give
         // the snapshot older data than it had when it was acknowledged.
         self.flush_durable()?;
+        if !self.deferred.is_empty() {
+            // No writer runs (the barrier is held), so a flush leaves nothing held; if it
+            // did, the new snapshot would read the origin without those writes.
+            return Err(self.fail(format!(
+                "{} pieces of acknowledged writes are still held after a flush (a bug); the volume stops rather than take a snapshot without them",
+                self.deferred.piece_count()
+            )));
+        }
         let mut js = self.journal.lock();
         let snapshot_id = self.tables.read().next_snapshot_id;
         let created_unix_ns = now_unix_ns();
@@ -291,14 +367,15 @@ impl Volume {
         let t = self.tables.read();
         let mut exclusive: std::collections::HashMap<u64, u64> = Default::default();
         let mut prev: Option<(u64, u64)> = None; // (chunk, until) of the previous record
-        for (chunk_index, until, _) in t.map.iter() {
+        for (chunk_index, until, loc) in t.map.iter() {
             let lo = match prev {
                 Some((c, u)) if c == chunk_index => u + 1,
                 _ => 0,
             };
             let mut holders = t.snapshots.range(lo..=until).map(|(&id, _)| id);
             if let (Some(only), None) = (holders.next(), holders.next()) {
-                *exclusive.entry(only).or_default() += self.chunk_bytes();
+                *exclusive.entry(only).or_default() +=
+                    self.chunk_bytes() / 16 * u64::from(loc.parts.count_ones());
             }
             prev = Some((chunk_index, until));
         }
@@ -350,28 +427,7 @@ impl Volume {
                     .read_at(out, at)
                     .map_err(self.io_err(|| "reading the origin"))?,
                 Some((until, loc)) => {
-                    let read = |slot: &mut [u8]| -> Result<()> {
-                        self.stores
-                            .read_slot(loc.store_index, loc.slot_index, slot)
-                            .map_err(self.io_err(|| {
-                                format!("reading store {} slot {}", loc.store_index, loc.slot_index)
-                            }))?;
-                        let crc = crc32c::crc32c(slot);
-                        if crc != loc.data_crc32c {
-                            return Err(Error::Corrupt {
-                                volume: self.config.name.clone(),
-                                what: format!(
-                                    "preserved chunk {chunk_index} (until snapshot {until}) in store {} slot {}",
-                                    loc.store_index, loc.slot_index
-                                ),
-                                detail: format!(
-                                    "checksum {crc:08x}, expected {:08x}",
-                                    loc.data_crc32c
-                                ),
-                            });
-                        }
-                        Ok(())
-                    };
+                    let read = |slot: &mut [u8]| self.read_preserved(chunk_index, until, loc, slot);
                     if out.len() as u64 == cs {
                         // A whole chunk: straight into the caller's buffer.
                         read(out)?;
@@ -388,6 +444,55 @@ impl Volume {
                 }
             }
             at = part_end;
+        }
+        Ok(())
+    }
+
+    /// Reads the preserved copy `(chunk_index, until)` at `loc` into `slot` (one chunk
+    /// long) and verifies its checksum: the slot's parts, and the origin's where a partial
+    /// record lacks them (unchanged there, by invariant P). The caller holds the chunk's
+    /// lock, so no writer copies and overwrites a part meanwhile.
+    pub(super) fn read_preserved(
+        &self,
+        chunk_index: u64,
+        until: u64,
+        loc: Loc,
+        slot: &mut [u8],
+    ) -> Result<()> {
+        debug_assert_eq!(slot.len() as u64, self.chunk_bytes());
+        self.stores
+            .read_slot(loc.store_index, loc.slot_index, slot)
+            .map_err(self.io_err(|| {
+                format!("reading store {} slot {}", loc.store_index, loc.slot_index)
+            }))?;
+        if loc.is_partial() {
+            let part_bytes = self.chunk_bytes() / u64::from(super::map::PART_COUNT);
+            let chunk_start = chunk_index * self.chunk_bytes();
+            for (a, b) in part_runs(!loc.parts) {
+                let (a, b) = (a as u64 * part_bytes, b as u64 * part_bytes);
+                self.origin
+                    .read_at(&mut slot[a as usize..b as usize], chunk_start + a)
+                    .map_err(self.io_err(|| {
+                        format!("reading chunk {chunk_index} of the origin (a partial copy's other parts)")
+                    }))?;
+            }
+        }
+        let crc = crc32c::crc32c(slot);
+        if crc != loc.data_crc32c {
+            return Err(Error::Corrupt {
+                volume: self.config.name.clone(),
+                what: format!(
+                    "preserved chunk {chunk_index} (until snapshot {until}) in store {} slot {}{}",
+                    loc.store_index,
+                    loc.slot_index,
+                    if loc.is_partial() {
+                        format!(" (parts {:#06x}, the others on the origin)", loc.parts)
+                    } else {
+                        String::new()
+                    }
+                ),
+                detail: format!("checksum {crc:08x}, expected {:08x}", loc.data_crc32c),
+            });
         }
         Ok(())
     }
@@ -423,5 +528,37 @@ impl Volume {
             }
         }
         Ok(ranges)
+    }
+}
+
+/// The runs of set bits of a parts mask, as `[first, end)` part indexes in order.
+pub(super) fn part_runs(parts: u16) -> impl Iterator<Item = (u32, u32)> {
+    let mut at = 0u32;
+    std::iter::from_fn(move || {
+        while at < 16 && parts & (1 << at) == 0 {
+            at += 1;
+        }
+        if at >= 16 {
+            return None;
+        }
+        let start = at;
+        while at < 16 && parts & (1 << at) != 0 {
+            at += 1;
+        }
+        Some((start, at))
+    })
+}
+
+#[cfg(test)]
+mod part_tests {
+    use super::part_runs;
+
+    #[test]
+    fn part_runs_are_the_runs_of_set_bits() {
+        let runs = |m| part_runs(m).collect::<Vec<_>>();
+        assert_eq!(runs(0), vec![]);
+        assert_eq!(runs(u16::MAX), vec![(0, 16)]);
+        assert_eq!(runs(0b1011_0001), vec![(0, 1), (4, 6), (7, 8)]);
+        assert_eq!(runs(0x8000), vec![(15, 16)]);
     }
 }

@@ -197,6 +197,19 @@ impl Stores {
             .write_at(data, self.offset(slot_index)?)
     }
 
+    /// Writes `data` into one slot from `offset_bytes` on (the parts of a partial copy).
+    pub fn write_slot_part(
+        &self,
+        store_index: u16,
+        slot_index: u64,
+        offset_bytes: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        debug_assert!(offset_bytes + data.len() as u64 <= self.chunk_size_bytes);
+        self.storage(store_index)?
+            .write_at(data, self.offset(slot_index)? + offset_bytes)
+    }
+
     /// Writes `data` (whole slots) into consecutive slots from `slot_index`.
     pub fn write_slots(&self, store_index: u16, slot_index: u64, data: &[u8]) -> io::Result<()> {
         debug_assert!(

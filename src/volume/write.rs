@@ -2,6 +2,8 @@
 
 use super::config::PIECE_BYTES;
 use super::deferred::ScratchReservation;
+use super::map::{Loc, PART_COUNT, PARTS_ALL};
+use super::snapshot::{PreserveNeed, part_runs};
 use super::{CHUNK_LOCK_COUNT, ComparePolicy, StoreFullPolicy, Volume};
 use crate::error::{Error, Result};
 use crate::io::PageBuf;
@@ -60,11 +62,40 @@ const COPY_RUN_BYTES_MAX: u64 = 1 << 20;
 /// A mapping entry waiting for its group commit.
 #[derive(Debug)]
 pub(super) struct Queued {
+    /// A new record (its slot reserved), or more parts of an existing partial record
+    /// (`entry.extends`; a completion when `entry.parts` is all of them).
     pub entry: PreserveEntry,
     /// The chunk's old contents are still only on the origin (where `deferred` keeps them
     /// by holding the chunk's new pieces): the commit copies them into the entry's slot
-    /// before it syncs the stores. `false`: the copy is in the slot already (restore).
+    /// before it syncs the stores (for a new partial record the parts of the held pieces,
+    /// for an extension the parts the record lacks). `false`: the copy is in the slot
+    /// already (restore).
     pub copy_due: bool,
+    /// The next queued entry must go in the same journal frame (this one completes the
+    /// older record of the chunk the next one preserves anew: invariant P).
+    pub paired: bool,
+}
+
+/// Where `extend_copy` takes the old bytes of the parts it copies from.
+enum CopyFrom<'a> {
+    /// The whole chunk, read from the origin already.
+    Chunk(&'a [u8]),
+    /// The origin, read into this buffer.
+    Origin(&'a mut PageBuf),
+}
+
+/// An entry that gives the existing record `(chunk_index, until)` at `loc` these `parts`
+/// (at least): copied into its slot by the group commit.
+fn extension(chunk_index: u64, until: u64, loc: Loc, parts: u16) -> PreserveEntry {
+    PreserveEntry {
+        chunk_index,
+        until_snapshot_id: until,
+        store_index: loc.store_index,
+        slot_index: loc.slot_index,
+        data_crc32c: loc.data_crc32c,
+        parts,
+        extends: true,
+    }
 }
 
 /// Runs of a chunk whose new contents differ from the origin: `[start, end)` in bytes from
@@ -105,10 +136,11 @@ enum Action {
     Nothing,
     /// Write the differing ranges to the origin in place.
     InPlace,
-    /// First change since the snapshot `until`: a slot for the copy (`entry`, once
-    /// reserved), the pieces held, the entry queued for the group commit.
+    /// A change that must be preserved first (`need`): for a first change since the
+    /// newest snapshot, a slot for the copy (`entry`, once reserved); the pieces held, the
+    /// entries queued for the group commit.
     Copy {
-        until: u64,
+        need: PreserveNeed,
         entry: Option<PreserveEntry>,
     },
     /// The chunk's pieces are held already: merge these into them.
@@ -412,6 +444,28 @@ impl Volume {
             .collect()
     }
 
+    /// The bytes of one part of this chunk, if its copies may be partial: chunks of at least
+    /// 16 pieces (64 KiB), whole (the last chunk of a volume may be short: copied whole).
+    pub(super) fn part_bytes(&self, chunk_index: u64) -> Option<u64> {
+        let cs = self.chunk_bytes();
+        let part = cs / u64::from(PART_COUNT);
+        let (start, end) = self.chunk_range(chunk_index);
+        (part >= PIECE_BYTES && part.is_multiple_of(PIECE_BYTES) && end - start == cs)
+            .then_some(part)
+    }
+
+    /// The parts of the chunk that `[a, b)` (absolute, inside the chunk, non-empty)
+    /// overlaps; all of them where copies are whole.
+    fn parts_of(&self, chunk_index: u64, a: u64, b: u64) -> u16 {
+        let Some(part) = self.part_bytes(chunk_index) else {
+            return PARTS_ALL;
+        };
+        let start = chunk_index * self.chunk_bytes();
+        debug_assert!(start <= a && a < b && b <= start + self.chunk_bytes());
+        let (first, last) = ((a - start) / part, (b - 1 - start) / part);
+        (first..=last).fold(0u16, |m, i| m | 1 << i)
+    }
+
     /// `[start, end)` of a chunk on the volume (the last chunk may end early).
     fn chunk_range(&self, chunk_index: u64) -> (u64, u64) {
         let start = chunk_index * self.chunk_bytes();
@@ -458,11 +512,20 @@ impl Volume {
         if self.deferred.contains(chunk_index) {
             return self.plan_merge(chunk_index, offset, length, src);
         }
-        let preserve_for = self.tables.read().preserve_target(chunk_index);
         let span_start = align_down(offset, PIECE_BYTES);
         let span_end = (align_down(end - 1, PIECE_BYTES) + PIECE_BYTES).min(chunk_end);
-        if preserve_for.is_some() && (span_start, span_end) != (chunk_start, chunk_end) {
-            // The group commit copies the whole chunk, the compare below reads only the span
+        let mut need = self.tables.read().preserve_need(chunk_index);
+        if need.new_until.is_none()
+            && let Some((_, loc)) = need.extend
+            && self.parts_of(chunk_index, span_start, span_end) & !loc.parts == 0
+        {
+            // The record serving the newest snapshot holds every part this write touches.
+            need = PreserveNeed::default();
+        }
+        let preserving = !need.is_none();
+        if need.new_until.is_some() && (span_start, span_end) != (chunk_start, chunk_end) {
+            // The group commit reads the whole chunk (for the copy's checksum, and all of it
+            // for a whole copy), the compare below reads only the span
             // written: ask for all of the chunk now (started, not waited for), one device
             // read instead of the span now and the rest at the commit. And first writes
             // smaller than their chunks, chunk after chunk, are a stream of copies that the
@@ -484,11 +547,11 @@ impl Volume {
             // first writes: pages touched through it count as the daemon's resident memory,
             // and a first write touches a chunk once.)
             let mut diffs: Vec<(u64, u64)> = Vec::new();
-            let known_zeros = preserve_for.is_none() && old_is == Old::KnownZeros;
+            let known_zeros = !preserving && old_is == Old::KnownZeros;
             // `--compare cached`: where nothing needs the old data kept and it is not in
             // memory, the write goes through without a read (an engine that cannot tell
             // compares as always); where it is in memory, the compare below as always.
-            let write_through = preserve_for.is_none()
+            let write_through = !preserving
                 && old_is == Old::Read
                 && self.config.compare == ComparePolicy::Cached
                 && matches!(src, Source::Data(_))
@@ -509,7 +572,7 @@ impl Volume {
             // 69-96k IOPS steady writes through the map, 105-115k with the pread).
             let in_place = known_zeros
                 || write_through
-                || preserve_for.is_none()
+                || !preserving
                     && self.config.compare == ComparePolicy::Always
                     && self.origin.view_at(span_start, span_len, &mut |old_span| {
                         diffs.clear();
@@ -539,12 +602,22 @@ impl Volume {
                 plan.action = Action::Nothing;
                 return Ok(plan);
             }
-            let Some(until) = preserve_for else {
+            if !preserving {
                 return Ok(plan);
-            };
+            }
+            if need.new_until.is_none()
+                && let Some((_, loc)) = need.extend
+                && plan
+                    .diffs
+                    .iter()
+                    .all(|&(a, b)| self.parts_of(chunk_index, a, b) & !loc.parts == 0)
+            {
+                // What differs lies in parts the record holds already.
+                return Ok(plan);
+            }
             // The new contents of every differing piece (old bytes plus the write), to be
             // held until the entry's group commit if a slot can be had for the copy.
-            plan.action = Action::Copy { until, entry: None };
+            plan.action = Action::Copy { need, entry: None };
             for &(a, b) in &plan.diffs {
                 let mut p = align_down(a, PIECE_BYTES);
                 while p < b {
@@ -629,10 +702,13 @@ impl Volume {
         let mut reserved = Reserved { scratch: None };
         let result = (|| {
             for plan in plans.iter_mut() {
-                if let Action::Copy { until, entry } = &mut plan.action {
-                    match self.reserve_copy(plan.chunk_index, *until)? {
+                if let Action::Copy { need, entry } = &mut plan.action
+                    && let Some(until) = need.new_until
+                {
+                    match self.reserve_copy(plan.chunk_index, until)? {
                         Some(e) => *entry = Some(e),
-                        // The policy pruned every snapshot that needed the copy.
+                        // The policy pruned every snapshot that needed the copy (the
+                        // oldest first, so the one whose record a completion was for too).
                         None => plan.action = Action::InPlace,
                     }
                 }
@@ -692,21 +768,60 @@ impl Volume {
                 // After the writes, so a flush that reads the count covers them.
                 self.origin_writes.fetch_add(1, Ordering::Release);
             }
-            Action::Copy { entry, .. } => {
-                let entry = entry.expect("reserve_plans reserved a slot for every copy");
+            Action::Copy { need, entry } => {
+                debug_assert_eq!(entry.is_some(), need.new_until.is_some());
                 let scratch = reserved.scratch.as_mut().expect("scratch reserved");
                 if let Err(e) = self.deferred.put(chunk_index, plan.held.iter(), scratch) {
                     // The put held nothing and nothing is queued for the slot: it is free
                     // again, and the chunk is as it was.
-                    self.stores.release(entry.store_index, entry.slot_index);
+                    if let Some(entry) = entry {
+                        self.stores.release(entry.store_index, entry.slot_index);
+                    }
                     return Err(self.io_err(|| "holding deferred data in the scratch file")(
                         e,
                     ));
                 }
-                self.queue(Queued {
-                    entry,
-                    copy_due: true,
-                });
+                let touched = plan
+                    .held
+                    .pieces
+                    .iter()
+                    .fold(0u16, |m, &(_, at, _, len)| {
+                        m | self.parts_of(chunk_index, at, at + len as u64)
+                    });
+                match (entry, need.extend) {
+                    // A first change since the newest snapshot; the chunk's older record
+                    // is partial: completed in the same frame, ahead of the new one.
+                    (Some(mut entry), Some((until, loc))) => {
+                        entry.parts = touched;
+                        self.queue([
+                            Queued {
+                                entry: extension(chunk_index, until, loc, PARTS_ALL),
+                                copy_due: true,
+                                paired: true,
+                            },
+                            Queued {
+                                entry,
+                                copy_due: true,
+                                paired: false,
+                            },
+                        ]);
+                    }
+                    (Some(mut entry), None) => {
+                        entry.parts = touched;
+                        self.queue([Queued {
+                            entry,
+                            copy_due: true,
+                            paired: false,
+                        }]);
+                    }
+                    // More parts of the record serving the newest snapshot.
+                    (None, Some((until, loc))) => self.queue([Queued {
+                        entry: extension(chunk_index, until, loc, loc.parts | touched),
+                        copy_due: true,
+                        paired: false,
+                    }]),
+                    (None, None) => unreachable!("a copy preserves something"),
+                }
             }
             Action::Merge => {
                 let scratch = reserved.scratch.as_mut().expect("scratch reserved");
@@ -741,10 +856,19 @@ impl Volume {
             if runs.is_empty() {
                 return Ok(None);
             }
-            let Some(until) = self.tables.read().preserve_target(chunk_index) else {
-                return Ok(Some(runs));
-            };
-            if let Some(entry) = self.copy_out(chunk_index, until, &old)? {
+            let need = self.tables.read().preserve_need(chunk_index);
+            if let Some((until, loc)) = need.extend {
+                // A partial record (the newest one's, or the older one a new record
+                // completes first): its missing parts from `old`, into its slot.
+                if let Some(entry) =
+                    self.extend_copy(chunk_index, until, loc, PARTS_ALL, CopyFrom::Chunk(&old))?
+                {
+                    copies.push(entry);
+                }
+            }
+            if let Some(until) = need.new_until
+                && let Some(entry) = self.copy_out(chunk_index, until, &old)?
+            {
                 copies.push(entry);
             }
             Ok(Some(runs))
@@ -764,7 +888,7 @@ impl Volume {
         let len = chunk_end - chunk_start;
         assert_eq!(data.len() as u64, len);
         let chunk = self.chunk_lock(chunk_index).write();
-        if self.tables.read().preserve_target(chunk_index).is_some() {
+        if !self.tables.read().preserve_need(chunk_index).is_none() {
             // No durable copy serves the newest snapshot (the commit should have made one):
             // the write path preserves the chunk before it changes the origin.
             drop(chunk);
@@ -892,6 +1016,76 @@ impl Volume {
         Ok(())
     }
 
+    /// Copies the parts of `parts` that the record `(chunk_index, until)` at `loc` lacks from
+    /// the origin (`from`: read now, or the whole chunk as read before; by invariant P the
+    /// origin holds them as the record's snapshot saw them) into its slot, not yet synced; returns the extension entry to commit. `Ok(None)`: the
+    /// record is gone (a snapshot delete freed it, and its slot: nothing may be written
+    /// there) or lacks none of them. Under the tables' lock, so no delete frees the slot
+    /// meanwhile.
+    fn extend_copy(
+        &self,
+        chunk_index: u64,
+        until: u64,
+        loc: Loc,
+        parts: u16,
+        from: CopyFrom<'_>,
+    ) -> Result<Option<PreserveEntry>> {
+        let t = self.tables.read();
+        let Some(now) = t
+            .record(chunk_index, until)
+            .filter(|l| (l.store_index, l.slot_index) == (loc.store_index, loc.slot_index))
+        else {
+            return Ok(None);
+        };
+        let add = parts & !now.parts;
+        if add == 0 {
+            return Ok(None);
+        }
+        let part = self.part_bytes(chunk_index).ok_or_else(|| {
+            self.fail(format!(
+                "chunk {chunk_index} has a partial record (until snapshot {until}) but is copied whole"
+            ))
+        })? as usize;
+        let mut from = from;
+        let chunk_start = chunk_index * self.chunk_bytes();
+        for (a, b) in part_runs(add) {
+            let (a, b) = (a as usize * part, b as usize * part);
+            let bytes: &[u8] = match &mut from {
+                CopyFrom::Chunk(old) => &old[a..b],
+                CopyFrom::Origin(buf) => {
+                    buf.resize(b - a);
+                    self.origin
+                        .read_at(&mut buf[..b - a], chunk_start + a as u64)
+                        .map_err(self.io_err(|| {
+                            format!("reading chunk {chunk_index} of the origin")
+                        }))?;
+                    &buf[..b - a]
+                }
+            };
+            match self
+                .stores
+                .write_slot_part(now.store_index, now.slot_index, a as u64, bytes)
+            {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    return Err(self.no_space(format!(
+                        "copying parts of chunk {chunk_index} into store {} slot {}",
+                        now.store_index, now.slot_index
+                    )));
+                }
+                Err(e) => {
+                    return Err(self.io_err(|| {
+                        format!("writing store {} slot {}", now.store_index, now.slot_index)
+                    })(e));
+                }
+            }
+            self.counters
+                .bytes_preserved
+                .fetch_add((b - a) as u64, Ordering::Relaxed);
+        }
+        Ok(Some(extension(chunk_index, until, now, now.parts | add)))
+    }
+
     /// Copies `data` (one whole chunk) into a store slot, not yet synced. `Ok(None)`: the
     /// store-full policy pruned every snapshot that needed the copy, so none was made.
     fn copy_out(&self, chunk_index: u64, until: u64, data: &[u8]) -> Result<Option<PreserveEntry>> {
@@ -936,17 +1130,19 @@ impl Volume {
     /// device: one write of the run instead of one per chunk). `Ok(false)`: the store's
     /// file system had no space for the run; nothing is recorded, and the caller copies
     /// the chunks one by one (which caps the store and takes other slots).
-    fn copy_deferred_run(&self, run: &mut [PreserveEntry], buf: &mut PageBuf) -> Result<bool> {
+    fn copy_deferred_run(&self, run: &mut [Queued], buf: &mut PageBuf) -> Result<bool> {
         let cs = self.chunk_bytes() as usize;
-        let (store_index, slot_index) = (run[0].store_index, run[0].slot_index);
-        debug_assert!(run.iter().enumerate().all(|(i, e)| {
-            e.store_index == store_index
+        let (store_index, slot_index) = (run[0].entry.store_index, run[0].entry.slot_index);
+        debug_assert!(run.iter().map(|q| &q.entry).enumerate().all(|(i, e)| {
+            e.parts == PARTS_ALL
+                && !e.extends
+                && e.store_index == store_index
                 && e.slot_index == slot_index + i as u64
                 && self.deferred.contains(e.chunk_index)
         }));
         buf.resize(run.len() * cs);
-        for (entry, slot) in run.iter().zip(buf.chunks_exact_mut(cs)) {
-            self.read_old_chunk_into(entry.chunk_index, slot)?;
+        for (q, slot) in run.iter().zip(buf.chunks_exact_mut(cs)) {
+            self.read_old_chunk_into(q.entry.chunk_index, slot)?;
         }
         match self.stores.write_slots(store_index, slot_index, buf) {
             Ok(()) => {}
@@ -960,8 +1156,8 @@ impl Volume {
                 })(e));
             }
         }
-        for (entry, slot) in run.iter_mut().zip(buf.chunks_exact(cs)) {
-            entry.data_crc32c = crc32c::crc32c(slot);
+        for (q, slot) in run.iter_mut().zip(buf.chunks_exact(cs)) {
+            q.entry.data_crc32c = crc32c::crc32c(slot);
         }
         self.counters
             .bytes_preserved
@@ -982,6 +1178,8 @@ impl Volume {
             store_index,
             slot_index,
             data_crc32c: 0,
+            parts: PARTS_ALL,
+            extends: false,
         }))
     }
 
@@ -1067,22 +1265,24 @@ impl Volume {
         st.pending.extend(entries.into_iter().map(|entry| Queued {
             entry,
             copy_due: false,
+            paired: false,
         }));
         drop(st);
         self.group.wake.notify_all();
     }
 
-    /// Queues a mapping entry for the next group commit and wakes the committer.
-    fn queue(&self, queued: Queued) {
+    /// Queues mapping entries (one, or a pair for one frame) for the next group commit and
+    /// wakes the committer.
+    fn queue<const N: usize>(&self, queued: [Queued; N]) {
         let mut st = self.group.state.lock();
-        if st.pending.len() == st.pending.capacity() {
+        if st.pending.len() + N > st.pending.capacity() {
             // Grow in steps, not by doubling: the list peaks at the entry limit (plus the
             // writers racing past it), and doubling there would hold twice that.
             let step = st.pending.len().clamp(PENDING_GROW_MIN, PENDING_GROW_MAX);
             st.pending.reserve_exact(step);
         }
-        st.pending.push(queued);
-        st.queued_count += 1;
+        st.pending.extend(queued);
+        st.queued_count += N as u64;
         drop(st);
         self.group.wake.notify_all();
     }
@@ -1149,7 +1349,11 @@ impl Volume {
             if !st.leader_active {
                 debug_assert!(!st.pending.is_empty());
                 st.leader_active = true;
-                let n = st.pending.len().min(JOURNAL_FRAME_RECORDS_MAX as usize);
+                let mut n = st.pending.len().min(JOURNAL_FRAME_RECORDS_MAX as usize);
+                if st.pending[n - 1].paired && n > 1 {
+                    // Not between a completion and the new record it goes with.
+                    n -= 1;
+                }
                 let batch: Vec<Queued> = st.pending.drain(..n).collect();
                 drop(st);
                 let started = std::time::Instant::now();
@@ -1182,99 +1386,133 @@ impl Volume {
     /// One group commit: the due copies into their slots, stores durable, then the journal
     /// frame, then the tables; then the held pieces of the batch's chunks go to the origin
     /// (each under its chunk lock).
-    fn commit_batch(&self, batch: Vec<Queued>) -> Result<()> {
+    fn commit_batch(&self, mut batch: Vec<Queued>) -> Result<()> {
         debug_assert!(!batch.is_empty());
         self.ensure_ok()?;
-        let mut entries = Vec::with_capacity(batch.len());
+        // The parts each copy takes: a new record's, those of its chunk's held pieces (a
+        // piece held from here on that lies outside them stays held: `drain_held`); an
+        // extension's, those too. Whole where chunks are copied whole.
+        for q in batch.iter_mut().filter(|q| q.copy_due) {
+            let c = q.entry.chunk_index;
+            if q.entry.parts != PARTS_ALL {
+                q.entry.parts = match self.part_bytes(c) {
+                    Some(part) => {
+                        q.entry.parts
+                            | self
+                                .deferred
+                                .held_parts(c, (part / PIECE_BYTES) as u32)
+                    }
+                    None => PARTS_ALL,
+                };
+            }
+        }
         let mut buf = PageBuf::new(); // aligned: the copies go around the page cache
         // The chunks copied here were asked for when their first write was planned
         // (`plan_chunk`), so reading them one by one here finds them read or on their way.
         let run_chunks_max = (COPY_RUN_BYTES_MAX / self.chunk_bytes()).max(1) as usize;
+        let failed = |e: Error, chunk_index: u64| {
+            self.fail(format!(
+                "copying chunk {chunk_index} into the snapshot store failed ({e}); acknowledged writes may be lost"
+            ))
+        };
+        // Entries done (copied, or with nothing to copy), in batch order.
+        let mut done: Vec<Queued> = Vec::with_capacity(batch.len());
         let mut batch = batch.into_iter().peekable();
-        while let Some(q) = batch.next() {
-            if !q.copy_due {
-                entries.push(q.entry);
-                continue;
-            }
-            // A run: the following due copies into the next slots of the same store.
-            let (store_index, slot_index) = (q.entry.store_index, q.entry.slot_index);
-            let first_chunk = q.entry.chunk_index;
-            let mut run = vec![q.entry];
-            while run.len() < run_chunks_max
-                && let Some(next) = batch.next_if(|n| {
-                    n.copy_due
-                        && n.entry.store_index == store_index
-                        && n.entry.slot_index == slot_index + run.len() as u64
-                })
-            {
-                run.push(next.entry);
-            }
-            let failed = |e: Error, chunk_index: u64| {
-                self.fail(format!(
-                    "copying chunk {chunk_index} into the snapshot store failed ({e}); acknowledged writes may be lost"
-                ))
-            };
-            // ENOSPC on a run's one write (a file system that cannot reserve) falls back to
-            // copying chunk by chunk, which finds how far there is space.
-            let whole = run.len() > 1
-                && self
-                    .copy_deferred_run(&mut run, &mut buf)
-                    .map_err(|e| failed(e, first_chunk))?;
-            if !whole {
-                for done_count in 0..run.len() {
-                    let Err(err) = self.copy_deferred_chunk(&mut run[done_count], &mut buf) else {
-                        continue;
-                    };
-                    if !err.is_out_of_space() {
-                        return Err(failed(err, run[done_count].chunk_index));
+        while let Some(mut q) = batch.next() {
+            let copied = if !q.copy_due {
+                Ok(())
+            } else if q.entry.extends {
+                self.copy_extension(&mut q.entry, &mut buf)
+            } else if q.entry.parts != PARTS_ALL {
+                self.copy_partial(&mut q.entry, &mut buf)
+            } else {
+                // A run: the following whole copies into the next slots of the same store.
+                let (store_index, slot_index) = (q.entry.store_index, q.entry.slot_index);
+                let mut run = vec![q];
+                while run.len() < run_chunks_max
+                    && let Some(next) = batch.next_if(|n| {
+                        n.copy_due
+                            && !n.entry.extends
+                            && n.entry.parts == PARTS_ALL
+                            && n.entry.store_index == store_index
+                            && n.entry.slot_index == slot_index + run.len() as u64
+                    })
+                {
+                    run.push(next);
+                }
+                let first_chunk = run[0].entry.chunk_index;
+                // ENOSPC on a run's one write (a file system that cannot reserve) falls
+                // back to copying chunk by chunk, which finds how far there is space.
+                let whole = run.len() > 1
+                    && self
+                        .copy_deferred_run(&mut run, &mut buf)
+                        .map_err(|e| failed(e, first_chunk))?;
+                let mut run = run.into_iter();
+                if whole {
+                    done.extend(run);
+                    continue;
+                }
+                let mut result = Ok(());
+                for mut r in run.by_ref() {
+                    if let Err(e) = self.copy_deferred_chunk(&mut r.entry, &mut buf) {
+                        result = Err((e, r));
+                        break;
                     }
+                    done.push(r);
+                }
+                match result {
+                    Ok(()) => continue,
+                    Err((err, r)) => {
+                        q = r;
+                        // The rest of the run goes back with the batch.
+                        let rest: Vec<Queued> = run.collect();
+                        batch = rest
+                            .into_iter()
+                            .chain(batch)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .peekable();
+                        Err(err)
+                    }
+                }
+            };
+            match copied {
+                Ok(()) => done.push(q),
+                Err(err) if err.is_out_of_space() && self.failed.get().is_none() => {
                     // No space for this copy (the volume is fine): the whole batch goes
-                    // back to the front of the queue, the copies made so far kept, and
-                    // its held pieces stay held until a later commit finds space.
+                    // back to the front of the queue, as it came (copies made so far are
+                    // made again: the origin under held chunks does not change), and its
+                    // held pieces stay held until a later commit finds space.
                     tracing::warn!(volume = %self.config.name, error = %err, "no space for a copy of a group commit; it is tried again");
-                    let not_done = run.split_off(done_count);
-                    let requeued: Vec<Queued> = entries
+                    let requeued: Vec<Queued> = done
                         .into_iter()
-                        .chain(run)
-                        .map(|entry| Queued {
-                            entry,
-                            copy_due: false,
-                        })
-                        .chain(not_done.into_iter().map(|entry| Queued {
-                            entry,
-                            copy_due: true,
-                        }))
+                        .chain(std::iter::once(q))
                         .chain(batch)
                         .collect();
                     self.group.state.lock().pending.splice(0..0, requeued);
                     return Err(err);
                 }
+                Err(err) => return Err(failed(err, q.entry.chunk_index)),
             }
-            entries.extend(run);
         }
         self.stores
             .sync_all()
             .map_err(|e| self.fail(format!("syncing the snapshot stores failed ({e})")))?;
-        let mut chunks: Vec<u64> = entries.iter().map(|e| e.chunk_index).collect();
+        let mut chunks: Vec<u64> = done.iter().map(|q| q.entry.chunk_index).collect();
         {
             let mut js = self.journal.lock();
-            let record = [Record::Preserve(entries)];
+            // Extensions of records gone meanwhile carry nothing (`copy_extension`); the
+            // tables skip them (`Tables::apply`), and so would a replay.
+            let record = [Record::Preserve(
+                done.iter().map(|q| q.entry.clone()).collect(),
+            )];
             if let Err(e) = self.journal_commit(&mut js, &record) {
                 if self.failed.get().is_none() {
                     // No space for the frame (the volume is fine): the batch goes back to
-                    // the front of the queue, its copies made. They stay valid: a chunk's
-                    // origin bytes do not change while its new data is held.
-                    let [Record::Preserve(entries)] = record else {
-                        unreachable!("built above")
-                    };
+                    // the front of the queue. Its copies stay valid (a chunk's origin
+                    // bytes do not change while its new data is held), but are made again.
                     let mut st = self.group.state.lock();
-                    st.pending.splice(
-                        0..0,
-                        entries.into_iter().map(|entry| Queued {
-                            entry,
-                            copy_due: false,
-                        }),
-                    );
+                    st.pending.splice(0..0, done);
                 }
                 return Err(e);
             }
@@ -1299,15 +1537,113 @@ impl Volume {
         Ok(())
     }
 
+    /// Copies the parts of a new partial record (`entry.parts`) from the origin into its
+    /// slot and sets its checksum, that of the whole chunk (read whole: the parts left on
+    /// the origin count too). The chunk is held, so its origin bytes do not change
+    /// meanwhile.
+    fn copy_partial(&self, entry: &mut PreserveEntry, buf: &mut PageBuf) -> Result<()> {
+        debug_assert!(self.deferred.contains(entry.chunk_index));
+        let c = entry.chunk_index;
+        let part = self.part_bytes(c).expect("partial records only where parts are") as usize;
+        self.read_old_chunk(c, buf)?;
+        for (a, b) in part_runs(entry.parts) {
+            let (a, b) = (a as usize * part, b as usize * part);
+            match self
+                .stores
+                .write_slot_part(entry.store_index, entry.slot_index, a as u64, &buf[a..b])
+            {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    return Err(self.no_space(format!(
+                        "copying parts of chunk {c} into store {} slot {} for a group commit (acknowledged writes to it are held and the copy is tried again)",
+                        entry.store_index, entry.slot_index
+                    )));
+                }
+                Err(e) => {
+                    return Err(self.io_err(|| {
+                        format!(
+                            "writing store {} slot {}",
+                            entry.store_index, entry.slot_index
+                        )
+                    })(e));
+                }
+            }
+            self.counters
+                .bytes_preserved
+                .fetch_add((b - a) as u64, Ordering::Relaxed);
+        }
+        entry.data_crc32c = crc32c::crc32c(buf);
+        Ok(())
+    }
+
+    /// Copies the parts an extension adds (those of `entry.parts` the record lacks now)
+    /// from the origin into the record's slot, under the tables' lock (no delete frees the
+    /// slot meanwhile). A record gone meanwhile takes nothing: the entry is left as it is,
+    /// and applying it finds no record and does nothing.
+    fn copy_extension(&self, entry: &mut PreserveEntry, buf: &mut PageBuf) -> Result<()> {
+        debug_assert!(entry.extends);
+        let loc = Loc {
+            store_index: entry.store_index,
+            slot_index: entry.slot_index,
+            data_crc32c: entry.data_crc32c,
+            parts: 0,
+        };
+        if let Some(e) = self.extend_copy(
+            entry.chunk_index,
+            entry.until_snapshot_id,
+            loc,
+            entry.parts,
+            CopyFrom::Origin(buf),
+        )? {
+            *entry = e;
+        }
+        Ok(())
+    }
+
     /// Writes the held pieces of a chunk whose entry is committed to the origin, under the
     /// chunk's lock, and drops them. `Ok(true)`: the file system had no space; the pieces
     /// stay held (reads still see them) for a later try. Any other error fails the volume.
+    ///
+    /// Under the chunk's lock, first what preserves the held pieces is checked (invariant
+    /// P): a piece held after its commit took the chunk's parts (a write between that and
+    /// now) may lie in a part the record lacks; such pieces stay held, and an extension of
+    /// the record is queued for the next commit (`leftover_extensions` counts them, so a
+    /// flush makes another round). The others go to the origin.
     fn drain_held(&self, chunk_index: u64) -> Result<bool> {
         let _chunk = self.chunk_lock(chunk_index).write();
-        match self
-            .deferred
-            .drain_chunk(chunk_index, |pieces| self.write_pieces(chunk_index, pieces))
+        // Bit `i`: part `i` may go to the origin.
+        let mut drainable = PARTS_ALL;
+        let mut pieces_per_part = u32::MAX;
+        if let Some(part) = self.part_bytes(chunk_index)
+            && self.deferred.contains(chunk_index)
         {
+            pieces_per_part = (part / PIECE_BYTES) as u32;
+            let need = self.tables.read().preserve_need(chunk_index);
+            // No record serves the newest snapshot: its entry would be in a later frame,
+            // which `commit_until` never lets happen (pairs stay together).
+            debug_assert!(need.new_until.is_none(), "chunk {chunk_index}: {need:?}");
+            if need.new_until.is_some() {
+                return Ok(false); // that commit drains it
+            }
+            if let Some((until, loc)) = need.extend {
+                let held = self.deferred.held_parts(chunk_index, pieces_per_part);
+                drainable = loc.parts;
+                if held & !loc.parts != 0 {
+                    self.leftover_extensions.fetch_add(1, Ordering::Release);
+                    self.queue([Queued {
+                        entry: extension(chunk_index, until, loc, loc.parts | held),
+                        copy_due: true,
+                        paired: false,
+                    }]);
+                }
+            }
+        }
+        let drain = |piece_index: u32| {
+            drainable == PARTS_ALL || drainable & 1 << (piece_index / pieces_per_part) != 0
+        };
+        match self.deferred.drain_chunk_pieces(chunk_index, drain, |pieces| {
+            self.write_pieces(chunk_index, pieces)
+        }) {
             Ok(()) => {
                 self.origin_writes.fetch_add(1, Ordering::Release);
                 Ok(false)

@@ -2105,6 +2105,8 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             store_index: 0,
             slot_index: 0,
             data_crc32c: 0xdead_beef,
+            parts: snapvol::journal::PreserveEntry::PARTS_ALL,
+            extends: false,
         }]),
         Record::SnapshotCreate {
             snapshot_id: 2,
