@@ -68,7 +68,16 @@ impl Volume {
                 ));
             }
             let store = &self.stores.files()[loc.store_index as usize];
-            let end = loc.slot_index.saturating_mul(cs).saturating_add(cs);
+            // A partial record's slot ends with its last part (the rest was never written).
+            let slot_used_bytes = if loc.is_partial() {
+                cs / 16 * u64::from(16 - loc.parts.leading_zeros())
+            } else {
+                cs
+            };
+            let end = loc
+                .slot_index
+                .saturating_mul(cs)
+                .saturating_add(slot_used_bytes);
             match store_lens[loc.store_index as usize] {
                 Some(len) if len < end => {
                     problems.push(format!(

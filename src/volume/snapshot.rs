@@ -460,14 +460,23 @@ impl Volume {
         slot: &mut [u8],
     ) -> Result<()> {
         debug_assert_eq!(slot.len() as u64, self.chunk_bytes());
-        self.stores
-            .read_slot(loc.store_index, loc.slot_index, slot)
-            .map_err(self.io_err(|| {
-                format!("reading store {} slot {}", loc.store_index, loc.slot_index)
-            }))?;
+        let slot_err = || format!("reading store {} slot {}", loc.store_index, loc.slot_index);
         if loc.is_partial() {
+            // The slot's parts from the slot (the others were never written there, and may
+            // lie past the end of the store file), the rest from the origin.
             let part_bytes = self.chunk_bytes() / u64::from(super::map::PART_COUNT);
             let chunk_start = chunk_index * self.chunk_bytes();
+            for (a, b) in part_runs(loc.parts) {
+                let (a, b) = (a as u64 * part_bytes, b as u64 * part_bytes);
+                self.stores
+                    .read_slot_part(
+                        loc.store_index,
+                        loc.slot_index,
+                        a,
+                        &mut slot[a as usize..b as usize],
+                    )
+                    .map_err(self.io_err(slot_err))?;
+            }
             for (a, b) in part_runs(!loc.parts) {
                 let (a, b) = (a as u64 * part_bytes, b as u64 * part_bytes);
                 self.origin
@@ -476,6 +485,10 @@ impl Volume {
                         format!("reading chunk {chunk_index} of the origin (a partial copy's other parts)")
                     }))?;
             }
+        } else {
+            self.stores
+                .read_slot(loc.store_index, loc.slot_index, slot)
+                .map_err(self.io_err(slot_err))?;
         }
         let crc = crc32c::crc32c(slot);
         if crc != loc.data_crc32c {

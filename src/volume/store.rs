@@ -219,6 +219,20 @@ impl Stores {
             .write_at(data, self.offset(slot_index)?)
     }
 
+    /// Reads `buf.len()` bytes of one slot from `offset_bytes` on (parts of a partial copy;
+    /// the slot's other parts may lie past the end of the file).
+    pub fn read_slot_part(
+        &self,
+        store_index: u16,
+        slot_index: u64,
+        offset_bytes: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        debug_assert!(offset_bytes + buf.len() as u64 <= self.chunk_size_bytes);
+        self.storage(store_index)?
+            .read_at(buf, self.offset(slot_index)? + offset_bytes)
+    }
+
     pub fn read_slot(&self, store_index: u16, slot_index: u64, buf: &mut [u8]) -> io::Result<()> {
         debug_assert_eq!(buf.len() as u64, self.chunk_size_bytes);
         self.storage(store_index)?
