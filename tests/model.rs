@@ -926,21 +926,32 @@ struct SnapRecord {
 fn snapshots_under_concurrent_writes() {
     // 16 KiB chunks hold blocks of 4 different threads (blocks are interleaved), so
     // writers contend on chunks and on preserving them.
-    snapshots_under_concurrent_writes_with(16384);
+    snapshots_under_concurrent_writes_with(16384, Backing::Memory);
 }
 
 /// The same with 64 KiB chunks, copied in parts of 4 KiB: the blocks of all 8 threads
 /// share a chunk, so writes land in parts a record lacks while its commit runs (pieces
 /// held past their commit, extensions queued by the drain), and first writes after each
-/// snapshot complete the older partial records.
+/// snapshot complete the older partial records. On real files, so that a commit's syncs
+/// take long enough for writes to land in its chunks meanwhile.
 #[test]
 fn snapshots_under_concurrent_writes_in_partial_chunks() {
-    snapshots_under_concurrent_writes_with(65536);
+    snapshots_under_concurrent_writes_with(65536, Backing::Files);
 }
 
-fn snapshots_under_concurrent_writes_with(chunk_size_bytes: u32) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dd = DataDir::open_with_disk(tmp.path(), Arc::new(MemDisk::default())).unwrap();
+enum Backing {
+    Memory,
+    Files,
+}
+
+fn snapshots_under_concurrent_writes_with(chunk_size_bytes: u32, backing: Backing) {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dd = match backing {
+        Backing::Memory => {
+            DataDir::open_with_disk(tmp.path(), Arc::new(MemDisk::default())).unwrap()
+        }
+        Backing::Files => DataDir::open(tmp.path()).unwrap(),
+    };
     let blocks = THREADS * BLOCKS_PER_THREAD;
     let size = blocks * BLOCK;
     dd.create_volume(
@@ -983,6 +994,20 @@ fn snapshots_under_concurrent_writes_with(chunk_size_bytes: u32) {
         })
     };
 
+    // A background committer, as the daemon runs one: commits go on while writers write
+    // (so writes land in chunks whose commit is under way).
+    let committer = {
+        let v = v.clone();
+        let done = writers_done.clone();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                if v.wait_for_queued(std::time::Duration::from_millis(5)) {
+                    v.commit_queued().unwrap();
+                }
+            }
+        })
+    };
+
     let writers: Vec<_> = (0..THREADS)
         .map(|t| {
             let v = v.clone();
@@ -1022,6 +1047,7 @@ fn snapshots_under_concurrent_writes_with(chunk_size_bytes: u32) {
         .collect();
     writers_done.store(true, Ordering::SeqCst);
     let snaps = snapshotter.join().unwrap();
+    committer.join().unwrap();
     assert!(
         snaps.len() >= 2,
         "only {} snapshots were taken",
