@@ -860,8 +860,8 @@ fn compare_cached_compares_what_is_in_memory_and_writes_the_rest_through() {
 }
 
 /// Copies in parts (64 KiB chunks, parts of 4 KiB; docs/design/piece-copies.md): a first
-/// write copies only the parts it changes; a later write to other parts of the chunk adds
-/// them to the same record; the first write after a newer snapshot completes the older
+/// write copies only the parts it changes; a later write to other parts of the chunk
+/// completes the same record (all its parts); the first write after a newer snapshot completes the older
 /// partial record in the same frame (invariant P). Every snapshot reads right throughout,
 /// across a crash (journal replay), a checkpointed reopen and a delete; `check` is clean,
 /// and finds an origin part under a partial record changed behind the volume's back.
@@ -888,20 +888,27 @@ fn partial_copies_take_only_the_parts_written_and_keep_every_snapshot() {
         live[at as usize..(at + 4096) as usize].fill(0xA0 + c as u8);
     }
     v.flush().unwrap();
-    assert_eq!(preserved(&v) - p0, 4 * part, "one part per chunk, not whole chunks");
+    assert_eq!(
+        preserved(&v) - p0,
+        4 * part,
+        "one part per chunk, not whole chunks"
+    );
     assert_eq!(read_all(&v, Some("s1")), base);
     assert_eq!(read_all(&v, None), live);
-    // Other parts of chunk 1 (two parts, one write across them): the record takes them.
+    // Other parts of chunk 1 (two parts, one write across them): a second change to the
+    // chunk, so the record takes all its other 15 parts.
     let at = chunk + 7 * part + 100;
     v.write(at, &vec![0xB1; part as usize]).unwrap();
     live[at as usize..(at + part) as usize].fill(0xB1);
     v.flush().unwrap();
-    assert_eq!(preserved(&v) - p0, 6 * part);
-    // The same parts again: nothing more to copy.
+    assert_eq!(preserved(&v) - p0, 19 * part);
+    // The same parts again, and others: nothing more to copy.
     v.write(at, &vec![0xB2; part as usize]).unwrap();
     live[at as usize..(at + part) as usize].fill(0xB2);
+    v.write(chunk, &[0xB3; 4096]).unwrap();
+    live[chunk as usize..(chunk + 4096) as usize].fill(0xB3);
     v.flush().unwrap();
-    assert_eq!(preserved(&v) - p0, 6 * part);
+    assert_eq!(preserved(&v) - p0, 19 * part);
     assert_eq!(read_all(&v, Some("s1")), base);
     // A crash: the records come back from the journal.
     v.abandon();

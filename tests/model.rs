@@ -206,16 +206,14 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         1 => Just(Some(1u64)),
         1 => Just(Some(300u64)),
     ];
-    (size_and_chunk, checkpoints).prop_flat_map(
-        |((size, chunk_size), checkpoint_journal_bytes)| {
-            prop::collection::vec(op_strategy(size, chunk_size), 1..=40).prop_map(move |ops| Case {
-                size,
-                chunk_size,
-                checkpoint_journal_bytes,
-                ops,
-            })
-        },
-    )
+    (size_and_chunk, checkpoints).prop_flat_map(|((size, chunk_size), checkpoint_journal_bytes)| {
+        prop::collection::vec(op_strategy(size, chunk_size), 1..=40).prop_map(move |ops| Case {
+            size,
+            chunk_size,
+            checkpoint_journal_bytes,
+            ops,
+        })
+    })
 }
 
 // ---------------------------------------------------------------------------------------

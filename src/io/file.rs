@@ -319,6 +319,11 @@ impl Storage for FileStorage {
         self.changed(self.file.write_all_at(buf, offset))
     }
 
+    fn write_at_cached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        touch_pages(buf);
+        self.changed(self.file.write_all_at(buf, offset))
+    }
+
     /// One `pwritev2(RWF_DSYNC)` per piece: the data and the metadata needed to read it
     /// (a new size) reach the device before it returns. Other writes through this handle
     /// are not covered, so the handle still counts as changed for `sync`.

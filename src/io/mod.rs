@@ -170,6 +170,13 @@ pub trait Storage: Send + Sync + Debug {
     fn write_around_cache(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Writes through the page cache even after [`Storage::write_around_cache`]: for small
+    /// scattered writes that one later `sync` writes back together (the device takes them
+    /// in parallel), where one direct write each would wait for the device in turn (the
+    /// parts of partial copies). Engines without a cache: `write_at`.
+    fn write_at_cached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
     /// Runs `f` over the stored bytes of `[offset, offset + len)` in place, without copying
     /// them out, where the engine can (a read-only memory map); `false` when it cannot or
     /// when what `f` saw may not be the stored bytes (an I/O error or a truncated file

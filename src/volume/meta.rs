@@ -24,8 +24,7 @@ const META_FORMAT_VERSION_WHOLE: u32 = 1;
 /// Whole records.
 const MAPPING: TableDefinition<(u64, u64), [u8; 18]> = TableDefinition::new("mapping");
 /// Partial records (a key is in one of the two tables, never both).
-const MAPPING_PARTS: TableDefinition<(u64, u64), [u8; 20]> =
-    TableDefinition::new("mapping_parts");
+const MAPPING_PARTS: TableDefinition<(u64, u64), [u8; 20]> = TableDefinition::new("mapping_parts");
 const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const STATE_KEY: &str = "volume";
@@ -621,7 +620,14 @@ mod tests {
         map.remove(3, 2);
         map.insert(5, 1, loc);
         // (6, 2) becomes whole, (7, 2) goes: no partial record is left.
-        map.insert(6, 2, Loc { parts: PARTS_ALL, ..partial });
+        map.insert(
+            6,
+            2,
+            Loc {
+                parts: PARTS_ALL,
+                ..partial
+            },
+        );
         map.remove(7, 2);
         map.insert(8, 1, partial);
         meta.checkpoint(&state, &map, &Dirty::default()).unwrap();
@@ -633,16 +639,34 @@ mod tests {
             l.map.iter().collect::<Vec<_>>(),
             vec![
                 (5, 1, loc),
-                (6, 2, Loc { parts: PARTS_ALL, ..partial }),
+                (
+                    6,
+                    2,
+                    Loc {
+                        parts: PARTS_ALL,
+                        ..partial
+                    }
+                ),
                 (8, 1, partial)
             ],
             "the second checkpoint removed (3, 2) and (7, 2), added (5, 1) and (8, 1), completed (6, 2)"
         );
         assert_eq!(l.snapshots[&2].name, "s");
         let mut map = l.map;
-        map.insert(8, 1, Loc { parts: PARTS_ALL, ..partial });
+        map.insert(
+            8,
+            1,
+            Loc {
+                parts: PARTS_ALL,
+                ..partial
+            },
+        );
         meta.checkpoint(&state, &map, &Dirty::default()).unwrap();
-        assert_eq!(version(&meta), 1, "back to version 1 once no record is partial");
+        assert_eq!(
+            version(&meta),
+            1,
+            "back to version 1 once no record is partial"
+        );
         drop(meta);
         let l = Meta::open(st).unwrap().load().unwrap();
         assert_eq!(l.map.iter().filter(|r| r.2.is_partial()).count(), 0);

@@ -318,6 +318,8 @@ struct GroupState {
     pending: Vec<write::Queued>,
     /// Entries ever queued.
     queued_count: u64,
+    /// The `copy_bytes` of the entries in `pending`.
+    pending_copy_bytes: u64,
     /// The first `applied_count` entries queued are committed and their pieces are on the
     /// origin (one leader at a time, oldest first, so it is a prefix).
     applied_count: u64,

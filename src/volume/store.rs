@@ -197,7 +197,8 @@ impl Stores {
             .write_at(data, self.offset(slot_index)?)
     }
 
-    /// Writes `data` into one slot from `offset_bytes` on (the parts of a partial copy).
+    /// Writes `data` into one slot from `offset_bytes` on (the parts of a partial copy),
+    /// through the page cache.
     pub fn write_slot_part(
         &self,
         store_index: u16,
@@ -206,8 +207,10 @@ impl Stores {
         data: &[u8],
     ) -> io::Result<()> {
         debug_assert!(offset_bytes + data.len() as u64 <= self.chunk_size_bytes);
+        // Through the page cache: parts are small and scattered, and the commit's sync
+        // writes them back together.
         self.storage(store_index)?
-            .write_at(data, self.offset(slot_index)? + offset_bytes)
+            .write_at_cached(data, self.offset(slot_index)? + offset_bytes)
     }
 
     /// Writes `data` (whole slots) into consecutive slots from `slot_index`.

@@ -74,6 +74,9 @@ pub(super) struct Queued {
     /// The next queued entry must go in the same journal frame (this one completes the
     /// older record of the chunk the next one preserves anew: invariant P).
     pub paired: bool,
+    /// The bytes its commit copies, as far as known when queued (pieces merged later may
+    /// add parts): what `DEFERRED_PRESERVE_BYTES_MAX` bounds.
+    pub copy_bytes: u64,
 }
 
 /// Where `extend_copy` takes the old bytes of the parts it copies from.
@@ -781,13 +784,13 @@ impl Volume {
                         e,
                     ));
                 }
-                let touched = plan
-                    .held
-                    .pieces
-                    .iter()
-                    .fold(0u16, |m, &(_, at, _, len)| {
-                        m | self.parts_of(chunk_index, at, at + len as u64)
-                    });
+                let touched = plan.held.pieces.iter().fold(0u16, |m, &(_, at, _, len)| {
+                    m | self.parts_of(chunk_index, at, at + len as u64)
+                });
+                let part_bytes = self
+                    .part_bytes(chunk_index)
+                    .unwrap_or(self.chunk_bytes() / 16);
+                let bytes_of = |parts: u16| u64::from(parts.count_ones()) * part_bytes;
                 match (entry, need.extend) {
                     // A first change since the newest snapshot; the chunk's older record
                     // is partial: completed in the same frame, ahead of the new one.
@@ -798,11 +801,13 @@ impl Volume {
                                 entry: extension(chunk_index, until, loc, PARTS_ALL),
                                 copy_due: true,
                                 paired: true,
+                                copy_bytes: bytes_of(!loc.parts),
                             },
                             Queued {
                                 entry,
                                 copy_due: true,
                                 paired: false,
+                                copy_bytes: bytes_of(touched),
                             },
                         ]);
                     }
@@ -812,13 +817,18 @@ impl Volume {
                             entry,
                             copy_due: true,
                             paired: false,
+                            copy_bytes: bytes_of(touched),
                         }]);
                     }
-                    // More parts of the record serving the newest snapshot.
+                    // More parts of the record serving the newest snapshot: all of them. A
+                    // second change to a chunk since the snapshot says more will come (random
+                    // writes fill chunks part after part, and one copy of the rest costs
+                    // about what one part's does); a chunk changed once stays a part.
                     (None, Some((until, loc))) => self.queue([Queued {
-                        entry: extension(chunk_index, until, loc, loc.parts | touched),
+                        entry: extension(chunk_index, until, loc, PARTS_ALL),
                         copy_due: true,
                         paired: false,
+                        copy_bytes: bytes_of(!loc.parts),
                     }]),
                     (None, None) => unreachable!("a copy preserves something"),
                 }
@@ -1056,9 +1066,9 @@ impl Volume {
                     buf.resize(b - a);
                     self.origin
                         .read_at(&mut buf[..b - a], chunk_start + a as u64)
-                        .map_err(self.io_err(|| {
-                            format!("reading chunk {chunk_index} of the origin")
-                        }))?;
+                        .map_err(
+                            self.io_err(|| format!("reading chunk {chunk_index} of the origin")),
+                        )?;
                     &buf[..b - a]
                 }
             };
@@ -1266,6 +1276,7 @@ impl Volume {
             entry,
             copy_due: false,
             paired: false,
+            copy_bytes: 0,
         }));
         drop(st);
         self.group.wake.notify_all();
@@ -1281,33 +1292,40 @@ impl Volume {
             let step = st.pending.len().clamp(PENDING_GROW_MIN, PENDING_GROW_MAX);
             st.pending.reserve_exact(step);
         }
+        st.pending_copy_bytes += queued.iter().map(|q| q.copy_bytes).sum::<u64>();
         st.pending.extend(queued);
         st.queued_count += N as u64;
         drop(st);
         self.group.wake.notify_all();
     }
 
+    /// Puts entries a commit could not finish back at the front of the queue, in order.
+    fn requeue_front(&self, items: Vec<Queued>) {
+        let mut st = self.group.state.lock();
+        st.pending_copy_bytes += items.iter().map(|q| q.copy_bytes).sum::<u64>();
+        st.pending.splice(0..0, items);
+    }
+
     /// Waits (committing, if no one else is) until the deferred work is back under its
     /// limits. Call before taking the barrier or any chunk lock.
     pub(super) fn wait_for_deferred_room(&self) -> Result<()> {
         loop {
-            let (queued, pending) = {
+            let (queued, pending, pending_copy_bytes) = {
                 let st = self.group.state.lock();
-                (st.queued_count, st.pending.len() as u64)
+                (
+                    st.queued_count,
+                    st.pending.len() as u64,
+                    st.pending_copy_bytes,
+                )
             };
-            if pending < self.deferred_entries_max()
+            if pending < DEFERRED_ENTRIES_MAX
+                && pending_copy_bytes < DEFERRED_PRESERVE_BYTES_MAX
                 && self.deferred.piece_count() < DEFERRED_PIECES_MAX
             {
                 return Ok(());
             }
             self.commit_until(queued)?;
         }
-    }
-
-    /// Most mapping entries queued at once: `DEFERRED_PRESERVE_BYTES_MAX` of copies, and no
-    /// more than `DEFERRED_ENTRIES_MAX` (their index costs memory per entry).
-    fn deferred_entries_max(&self) -> u64 {
-        (DEFERRED_PRESERVE_BYTES_MAX / self.chunk_bytes()).clamp(1, DEFERRED_ENTRIES_MAX)
     }
 
     /// Commits every entry queued so far and writes the pieces they held to the origin.
@@ -1355,6 +1373,7 @@ impl Volume {
                     n -= 1;
                 }
                 let batch: Vec<Queued> = st.pending.drain(..n).collect();
+                st.pending_copy_bytes -= batch.iter().map(|q| q.copy_bytes).sum::<u64>();
                 drop(st);
                 let started = std::time::Instant::now();
                 let result = self.commit_batch(batch);
@@ -1397,10 +1416,7 @@ impl Volume {
             if q.entry.parts != PARTS_ALL {
                 q.entry.parts = match self.part_bytes(c) {
                     Some(part) => {
-                        q.entry.parts
-                            | self
-                                .deferred
-                                .held_parts(c, (part / PIECE_BYTES) as u32)
+                        q.entry.parts | self.deferred.held_parts(c, (part / PIECE_BYTES) as u32)
                     }
                     None => PARTS_ALL,
                 };
@@ -1489,7 +1505,7 @@ impl Volume {
                         .chain(std::iter::once(q))
                         .chain(batch)
                         .collect();
-                    self.group.state.lock().pending.splice(0..0, requeued);
+                    self.requeue_front(requeued);
                     return Err(err);
                 }
                 Err(err) => return Err(failed(err, q.entry.chunk_index)),
@@ -1511,8 +1527,7 @@ impl Volume {
                     // No space for the frame (the volume is fine): the batch goes back to
                     // the front of the queue. Its copies stay valid (a chunk's origin
                     // bytes do not change while its new data is held), but are made again.
-                    let mut st = self.group.state.lock();
-                    st.pending.splice(0..0, done);
+                    self.requeue_front(done);
                 }
                 return Err(e);
             }
@@ -1544,14 +1559,18 @@ impl Volume {
     fn copy_partial(&self, entry: &mut PreserveEntry, buf: &mut PageBuf) -> Result<()> {
         debug_assert!(self.deferred.contains(entry.chunk_index));
         let c = entry.chunk_index;
-        let part = self.part_bytes(c).expect("partial records only where parts are") as usize;
+        let part = self
+            .part_bytes(c)
+            .expect("partial records only where parts are") as usize;
         self.read_old_chunk(c, buf)?;
         for (a, b) in part_runs(entry.parts) {
             let (a, b) = (a as usize * part, b as usize * part);
-            match self
-                .stores
-                .write_slot_part(entry.store_index, entry.slot_index, a as u64, &buf[a..b])
-            {
+            match self.stores.write_slot_part(
+                entry.store_index,
+                entry.slot_index,
+                a as u64,
+                &buf[a..b],
+            ) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                     return Err(self.no_space(format!(
@@ -1634,6 +1653,7 @@ impl Volume {
                         entry: extension(chunk_index, until, loc, loc.parts | held),
                         copy_due: true,
                         paired: false,
+                        copy_bytes: u64::from((held & !loc.parts).count_ones()) * part,
                     }]);
                 }
             }
