@@ -51,6 +51,10 @@ pub struct Stores {
     alloc: Mutex<Allocator>,
 }
 
+/// Runs of parts at least this long are written around the page cache (see
+/// `Stores::write_slot_part`).
+const PART_WRITE_DIRECT_BYTES_MIN: usize = 16 << 10;
+
 impl Stores {
     /// `used` lists every slot the mapping table references; every other slot below a
     /// store's high-water mark is free.
@@ -197,8 +201,8 @@ impl Stores {
             .write_at(data, self.offset(slot_index)?)
     }
 
-    /// Writes `data` into one slot from `offset_bytes` on (the parts of a partial copy),
-    /// through the page cache.
+    /// Writes `data` into one slot from `offset_bytes` on (the parts of a partial copy):
+    /// small runs through the page cache, larger ones around it as whole copies go.
     pub fn write_slot_part(
         &self,
         store_index: u16,
@@ -207,10 +211,17 @@ impl Stores {
         data: &[u8],
     ) -> io::Result<()> {
         debug_assert!(offset_bytes + data.len() as u64 <= self.chunk_size_bytes);
-        // Through the page cache: parts are small and scattered, and the commit's sync
-        // writes them back together.
-        self.storage(store_index)?
-            .write_at_cached(data, self.offset(slot_index)? + offset_bytes)
+        let storage = self.storage(store_index)?;
+        let at = self.offset(slot_index)? + offset_bytes;
+        if data.len() < PART_WRITE_DIRECT_BYTES_MIN {
+            // Through the page cache: small parts are scattered, and the commit's sync
+            // writes them back together (one direct write each would wait in turn).
+            storage.write_at_cached(data, at)
+        } else {
+            // Around it, as whole copies go: buffered write-back of much data runs at a
+            // fraction of the device's direct rate (the rest of a record being completed).
+            storage.write_at(data, at)
+        }
     }
 
     /// Writes `data` (whole slots) into consecutive slots from `slot_index`.

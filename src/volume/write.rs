@@ -348,7 +348,9 @@ impl Volume {
             // Its compare reads the old data: a stream of writes gets it read ahead.
             self.read_ahead_if_streaming(offset, length);
         }
-        self.wait_for_deferred_room()?;
+        if self.may_defer(offset, length) {
+            self.wait_for_deferred_room()?;
+        }
         let result = {
             let _barrier = self.barrier.read();
             self.write_range_locked(offset, length, src, old)
@@ -1304,6 +1306,21 @@ impl Volume {
         let mut st = self.group.state.lock();
         st.pending_copy_bytes += items.iter().map(|q| q.copy_bytes).sum::<u64>();
         st.pending.splice(0..0, items);
+    }
+
+    /// Whether a write of `[offset, offset + length)` may queue a copy or hold pieces: some
+    /// chunk of it must be preserved first, or has pieces held. A write that may not (in
+    /// place, as most steady writes are) need not wait for room in the queue, so copies
+    /// being committed do not stall it. Asked before the write's locks: a snapshot taken
+    /// in between lets it queue past the limits by its own copies, once.
+    fn may_defer(&self, offset: u64, length: u64) -> bool {
+        let cs = self.chunk_bytes();
+        let (first, last) = (offset / cs, (offset + length - 1) / cs);
+        let t = self.tables.read();
+        if t.snapshots.is_empty() && self.deferred.is_empty() {
+            return false;
+        }
+        (first..=last).any(|c| !t.preserve_need(c).is_none() || self.deferred.contains(c))
     }
 
     /// Waits (committing, if no one else is) until the deferred work is back under its
