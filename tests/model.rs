@@ -12,6 +12,7 @@ use proptest::test_runner::Config as ProptestConfig;
 use snapvol::io::{CountingDisk, MemDisk};
 use snapvol::volume::{Counters, DiffRange, OpenConfig};
 use snapvol::{CreateOptions, DataDir, Volume};
+use snapvol_test_support::sim::ColdDisk;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -115,6 +116,9 @@ struct Case {
     /// `OpenConfig::checkpoint_journal_bytes`; small values checkpoint after (nearly)
     /// every journal frame. `None`: the default.
     checkpoint_journal_bytes: Option<u64>,
+    /// The disk says nothing is in memory (as for a volume larger than memory): a second
+    /// change to a partially copied chunk then takes only its parts, not the whole chunk.
+    cold: bool,
     ops: Vec<Op>,
 }
 
@@ -122,8 +126,8 @@ impl fmt::Debug for Case {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "Case {{ size: {}, chunk_size: {}, checkpoint_journal_bytes: {:?}, ops: [",
-            self.size, self.chunk_size, self.checkpoint_journal_bytes
+            "Case {{ size: {}, chunk_size: {}, checkpoint_journal_bytes: {:?}, cold: {}, ops: [",
+            self.size, self.chunk_size, self.checkpoint_journal_bytes, self.cold
         )?;
         for (i, op) in self.ops.iter().enumerate() {
             writeln!(f, "    /* {i:2} */ {op:?},")?;
@@ -206,14 +210,19 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         1 => Just(Some(1u64)),
         1 => Just(Some(300u64)),
     ];
-    (size_and_chunk, checkpoints).prop_flat_map(|((size, chunk_size), checkpoint_journal_bytes)| {
-        prop::collection::vec(op_strategy(size, chunk_size), 1..=40).prop_map(move |ops| Case {
-            size,
-            chunk_size,
-            checkpoint_journal_bytes,
-            ops,
-        })
-    })
+    (size_and_chunk, checkpoints, any::<bool>()).prop_flat_map(
+        |((size, chunk_size), checkpoint_journal_bytes, cold)| {
+            prop::collection::vec(op_strategy(size, chunk_size), 1..=40).prop_map(move |ops| {
+                Case {
+                    size,
+                    chunk_size,
+                    checkpoint_journal_bytes,
+                    cold,
+                    ops,
+                }
+            })
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -407,9 +416,14 @@ fn assert_bytes(actual: &[u8], expected: &[u8], base: u64, what: &str) {
 }
 
 impl Harness {
-    fn new(size: u64, cs: u64, checkpoint_journal_bytes: Option<u64>) -> Harness {
+    fn new(size: u64, cs: u64, checkpoint_journal_bytes: Option<u64>, cold: bool) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
-        let mut dd = DataDir::open_with_disk(tmp.path(), Arc::new(MemDisk::default())).unwrap();
+        let disk: Arc<dyn snapvol::io::Disk> = if cold {
+            Arc::new(ColdDisk::new(Arc::new(MemDisk::default())))
+        } else {
+            Arc::new(MemDisk::default())
+        };
+        let mut dd = DataDir::open_with_disk(tmp.path(), disk).unwrap();
         if let Some(b) = checkpoint_journal_bytes {
             #[allow(clippy::needless_update)]
             dd.set_open_config(OpenConfig {
@@ -657,7 +671,12 @@ impl Harness {
 }
 
 fn run_case(case: &Case) {
-    let mut h = Harness::new(case.size, case.chunk_size, case.checkpoint_journal_bytes);
+    let mut h = Harness::new(
+        case.size,
+        case.chunk_size,
+        case.checkpoint_journal_bytes,
+        case.cold,
+    );
     h.check();
     for (i, op) in case.ops.iter().enumerate() {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -755,6 +774,7 @@ fn model_fixed_sequence() {
         size,
         chunk_size: cs,
         checkpoint_journal_bytes: Some(1),
+        cold: false,
         ops,
     });
 }

@@ -822,16 +822,26 @@ impl Volume {
                             copy_bytes: bytes_of(touched),
                         }]);
                     }
-                    // More parts of the record serving the newest snapshot: all of them. A
-                    // second change to a chunk since the snapshot says more will come (random
-                    // writes fill chunks part after part, and one copy of the rest costs
-                    // about what one part's does); a chunk changed once stays a part.
-                    (None, Some((until, loc))) => self.queue([Queued {
-                        entry: extension(chunk_index, until, loc, PARTS_ALL),
-                        copy_due: true,
-                        paired: false,
-                        copy_bytes: bytes_of(!loc.parts),
-                    }]),
+                    // More parts of the record serving the newest snapshot. All of them when
+                    // the chunk is in memory: a second change to a chunk since the snapshot
+                    // says more will come (random writes fill chunks part after part), and
+                    // one copy of the rest from memory costs about what one part's does.
+                    // Else only the parts this write changes, which its compare has just
+                    // read: the rest would be read from the disk for a copy no write may
+                    // ever need (a volume larger than memory).
+                    (None, Some((until, loc))) => {
+                        let (start, end) = self.chunk_range(chunk_index);
+                        let parts = match self.origin.is_cached(start, end - start) {
+                            Ok(false) => loc.parts | touched,
+                            Ok(true) | Err(_) => PARTS_ALL,
+                        };
+                        self.queue([Queued {
+                            entry: extension(chunk_index, until, loc, parts),
+                            copy_due: true,
+                            paired: false,
+                            copy_bytes: bytes_of(parts & !loc.parts),
+                        }]);
+                    }
                     (None, None) => unreachable!("a copy preserves something"),
                 }
             }

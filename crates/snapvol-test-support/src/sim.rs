@@ -786,6 +786,73 @@ impl FaultPlan {
     }
 }
 
+/// A [`Disk`] whose files say nothing of theirs is in memory (`is_cached` is `false`), as a
+/// volume larger than memory mostly is; everything else is the disk underneath.
+#[derive(Debug, Clone)]
+pub struct ColdDisk {
+    inner: Arc<dyn Disk>,
+}
+
+impl ColdDisk {
+    pub fn new(inner: Arc<dyn Disk>) -> ColdDisk {
+        ColdDisk { inner }
+    }
+}
+
+impl Disk for ColdDisk {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
+        Ok(Arc::new(ColdStorage(self.inner.open(path, mode)?)))
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn scratch(&self, dir: &Path) -> io::Result<Arc<dyn Storage>> {
+        self.inner.scratch(dir)
+    }
+}
+
+#[derive(Debug)]
+struct ColdStorage(Arc<dyn Storage>);
+
+impl Storage for ColdStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn is_cached(&self, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn write_at_cached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at_cached(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.0.sync()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.reserve(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn is_block_device(&self) -> bool {
+        self.0.is_block_device()
+    }
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        self.0.allocation(offset, len)
+    }
+}
+
 /// A [`Disk`] that fails chosen operations of the disk underneath (see [`FaultPlan`]). A
 /// failed operation does not reach the disk underneath. `len` is never failed.
 #[derive(Debug, Clone)]
