@@ -189,6 +189,23 @@ class SnapvolCachedPeer(SnapvolTierPeer):
                                "nbdcopy --flush SEED nbd+unix:///v?socket=S"]
 
 
+class SnapvolPartsPeer(SnapvolTierPeer):
+    """snapvol with `volume create --copies parts` (first writes copy only the parts of a chunk
+    they change)."""
+
+    id = "snapvol-parts"
+    label = "snapvol --copies parts, filled by nbdcopy"
+
+    def create(self):
+        os.makedirs(self.dir, exist_ok=True)
+        self.data = os.path.join(self.dir, "data")
+        hn.run([self.h.snapvol, "--data-dir", self.data, "volume", "create", "v",
+                "--size", hn.fmt_size(self.size), "--copies", "parts"])
+        self.setup_commands = [f"snapvol volume create v --size {hn.fmt_size(self.size)} "
+                               "--copies parts",
+                               "nbdcopy --flush SEED nbd+unix:///v?socket=S"]
+
+
 class SnapvolImportPeer(SnapvolTierPeer):
     """snapvol filled by `snapvol import` (before the daemon starts) instead of nbdcopy."""
 
@@ -362,6 +379,7 @@ def tier_peers(h, tier, size):
         return [
             SnapvolTierPeer(h, tier, size),
             SnapvolImportPeer(h, tier, size),
+            SnapvolPartsPeer(h, tier, size),
             NbdkitTierPeer(h, tier, size),
             QemuTierPeer(h, tier, size, "raw", ["--cache=writeback"], "qemu-raw-wb", "qemu-nbd raw, cache=writeback"),
             QemuTierPeer(h, tier, size, "qcow2", ["--cache=writeback"], "qemu-qcow2-snap",
@@ -370,6 +388,7 @@ def tier_peers(h, tier, size):
     return [
         SnapvolTierPeer(h, tier, size),
         SnapvolCachedPeer(h, tier, size),
+        SnapvolPartsPeer(h, tier, size),
         NbdkitTierPeer(h, tier, size),
         NbdkitTierPeer(h, tier, size, cache_none=True),
         QemuTierPeer(h, tier, size, "raw", ["--cache=none", "--aio=io_uring"], "qemu-raw-direct",

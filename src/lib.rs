@@ -18,7 +18,7 @@ pub mod volume;
 pub use datadir::DataDir;
 pub use error::{Error, Result};
 pub use registry::Registry;
-pub use volume::{CheckReport, ComparePolicy, CreateOptions, StoreFullPolicy, Volume};
+pub use volume::{CheckReport, ComparePolicy, CopyPolicy, CreateOptions, StoreFullPolicy, Volume};
 
 /// The engine is shared between connections: `Volume` and `Registry` must stay `Send + Sync`.
 const _: fn() = || {

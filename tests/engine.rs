@@ -873,6 +873,7 @@ fn partial_copies_take_only_the_parts_written_and_keep_every_snapshot() {
     let v = f.create(CreateOptions {
         size_bytes: Some(8 * chunk),
         chunk_size_bytes: Some(chunk as u32),
+        copies: snapvol::CopyPolicy::Parts,
         ..Default::default()
     });
     let base: Vec<u8> = (0..8 * chunk).map(|i| (i % 253) as u8 | 1).collect();

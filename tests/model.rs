@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use snapvol::io::{CountingDisk, MemDisk};
 use snapvol::volume::{Counters, DiffRange, OpenConfig};
-use snapvol::{CreateOptions, DataDir, Volume};
+use snapvol::{CopyPolicy, CreateOptions, DataDir, Volume};
 use snapvol_test_support::sim::ColdDisk;
 use std::fmt;
 use std::sync::Arc;
@@ -212,14 +212,12 @@ fn case_strategy() -> impl Strategy<Value = Case> {
     ];
     (size_and_chunk, checkpoints, any::<bool>()).prop_flat_map(
         |((size, chunk_size), checkpoint_journal_bytes, cold)| {
-            prop::collection::vec(op_strategy(size, chunk_size), 1..=40).prop_map(move |ops| {
-                Case {
-                    size,
-                    chunk_size,
-                    checkpoint_journal_bytes,
-                    cold,
-                    ops,
-                }
+            prop::collection::vec(op_strategy(size, chunk_size), 1..=40).prop_map(move |ops| Case {
+                size,
+                chunk_size,
+                checkpoint_journal_bytes,
+                cold,
+                ops,
             })
         },
     )
@@ -436,6 +434,13 @@ impl Harness {
             &CreateOptions {
                 size_bytes: Some(size),
                 chunk_size_bytes: Some(cs as u32),
+                // 64 KiB chunks: copies in parts (chunks of 4 and 16 KiB are copied
+                // whole whatever the policy).
+                copies: if cs >= 65536 {
+                    CopyPolicy::Parts
+                } else {
+                    CopyPolicy::Whole
+                },
                 ..Default::default()
             },
         )
@@ -977,6 +982,7 @@ fn snapshots_under_concurrent_writes_with(chunk_size_bytes: u32, backing: Backin
         &CreateOptions {
             size_bytes: Some(size),
             chunk_size_bytes: Some(chunk_size_bytes),
+            copies: CopyPolicy::Parts,
             ..Default::default()
         },
     )

@@ -466,6 +466,12 @@ pub struct VolumeCreateArgs {
     /// reads on volumes larger than memory, identical data there is written).
     #[arg(long, value_name = "POLICY")]
     pub compare: Option<String>,
+    /// What the first change to a chunk after a snapshot copies: whole (the chunk; later
+    /// changes until the next snapshot copy nothing) or parts (only the sixteenths it
+    /// touches, for chunks of 64K and more: fewer bytes for scattered first writes, a copy
+    /// again when other parts change).
+    #[arg(long, value_name = "POLICY")]
+    pub copies: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

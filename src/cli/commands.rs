@@ -11,7 +11,9 @@ use serde::Serialize;
 use snapvol::names::{parse_size, parse_target, validate_name};
 use snapvol::registry::HoldError;
 use snapvol::volume::{DiffRange, SnapshotInfo, VolumeInfo};
-use snapvol::{ComparePolicy, CreateOptions, DataDir, Registry, StoreFullPolicy, Volume};
+use snapvol::{
+    ComparePolicy, CopyPolicy, CreateOptions, DataDir, Registry, StoreFullPolicy, Volume,
+};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -97,6 +99,7 @@ pub struct CreateArgs {
     pub store_size: Option<String>,
     pub on_store_full: Option<String>,
     pub compare: Option<String>,
+    pub copies: Option<String>,
 }
 
 /// Runs `work` on volume `name`. In direct mode the volume is opened for it and closed
@@ -186,6 +189,10 @@ pub fn volume_create(ctx: &mut Ctx, args: &CreateArgs) -> Result<()> {
         None => ComparePolicy::default(),
         Some(text) => ComparePolicy::from_str(text)?,
     };
+    let copies = match args.copies.as_deref() {
+        None => CopyPolicy::default(),
+        Some(text) => CopyPolicy::from_str(text)?,
+    };
     let opts = CreateOptions {
         size_bytes,
         chunk_size_bytes,
@@ -202,6 +209,7 @@ pub fn volume_create(ctx: &mut Ctx, args: &CreateArgs) -> Result<()> {
         store_size_bytes,
         on_store_full,
         compare,
+        copies,
     };
     ctx.data_dir().create_volume(&name, &opts)?;
     Ok(())
@@ -270,6 +278,7 @@ pub fn volume_info(ctx: &mut Ctx, name: &str, json: bool) -> Result<()> {
         ),
         ("on store full", info.on_store_full.as_str().to_string()),
         ("compare", info.compare.as_str().to_string()),
+        ("copies", info.copies.as_str().to_string()),
         (
             "snapshots",
             if info.snapshots.is_empty() {

@@ -242,6 +242,7 @@ fn execute(command: &Command, ctx: &mut Ctx) -> anyhow::Result<()> {
                     store_size: a.store_size.clone(),
                     on_store_full: a.on_store_full.clone(),
                     compare: a.compare.clone(),
+                    copies: a.copies.clone(),
                 },
             ),
             VolumeCommand::List { json } => commands::volume_list(ctx, *json),

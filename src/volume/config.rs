@@ -1,6 +1,6 @@
 //! `volume.toml`: a volume's fixed configuration, written once at create time.
 
-use super::{ComparePolicy, StoreFullPolicy};
+use super::{ComparePolicy, CopyPolicy, StoreFullPolicy};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -42,6 +42,9 @@ pub struct VolumeConfig {
     /// `always`, so those files read the same in every version.
     #[serde(default, skip_serializing_if = "ComparePolicy::is_always")]
     pub compare: ComparePolicy,
+    /// Absent (the default, `whole`) likewise.
+    #[serde(default, skip_serializing_if = "CopyPolicy::is_whole")]
+    pub copies: CopyPolicy,
     pub created_unix_ns: u64,
 }
 

@@ -113,6 +113,46 @@ impl std::str::FromStr for ComparePolicy {
     }
 }
 
+/// What the first change to a chunk after a snapshot copies into a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyPolicy {
+    /// The whole chunk: later changes to it until the next snapshot copy nothing.
+    #[default]
+    Whole,
+    /// Only the sixteenths of the chunk the change touches (chunks of 64 KiB and more; see
+    /// docs/design/piece-copies.md): fewer bytes for a first change, and a later change to
+    /// other parts copies again (the rest of the chunk where it is in memory, else the
+    /// parts it touches).
+    Parts,
+}
+
+impl CopyPolicy {
+    pub fn is_whole(&self) -> bool {
+        *self == CopyPolicy::Whole
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CopyPolicy::Whole => "whole",
+            CopyPolicy::Parts => "parts",
+        }
+    }
+}
+
+impl std::str::FromStr for CopyPolicy {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "whole" => Ok(Self::Whole),
+            "parts" => Ok(Self::Parts),
+            _ => Err(crate::error::Error::InvalidArgument(format!(
+                "--copies must be whole or parts, not {s:?}"
+            ))),
+        }
+    }
+}
+
 /// Options for `DataDir::create_volume`.
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
@@ -129,6 +169,7 @@ pub struct CreateOptions {
     pub store_size_bytes: Option<u64>,
     pub on_store_full: StoreFullPolicy,
     pub compare: ComparePolicy,
+    pub copies: CopyPolicy,
 }
 
 /// Persistent I/O counters of a volume.
@@ -201,6 +242,8 @@ pub struct VolumeInfo {
     pub store_size: Option<u64>,
     pub on_store_full: StoreFullPolicy,
     pub compare: ComparePolicy,
+    #[serde(default, skip_serializing_if = "CopyPolicy::is_whole")]
+    pub copies: CopyPolicy,
     pub snapshots: Vec<String>,
     pub preserved_chunks: u64,
     pub counters: Counters,
@@ -438,6 +481,7 @@ impl Volume {
             store_size: self.config.store_size_bytes,
             on_store_full: self.config.on_store_full,
             compare: self.config.compare,
+            copies: self.config.copies,
             snapshots: t.snapshots.values().map(|s| s.name.clone()).collect(),
             preserved_chunks: t.map.len(),
             counters: self.counters.load(),

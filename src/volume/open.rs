@@ -256,6 +256,7 @@ pub(crate) fn plan(
         store_size_bytes: opts.store_size_bytes,
         on_store_full: opts.on_store_full,
         compare: opts.compare,
+        copies: opts.copies,
         created_unix_ns: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)

@@ -4,7 +4,7 @@ use super::config::PIECE_BYTES;
 use super::deferred::ScratchReservation;
 use super::map::{Loc, PART_COUNT, PARTS_ALL};
 use super::snapshot::{PreserveNeed, part_runs};
-use super::{CHUNK_LOCK_COUNT, ComparePolicy, StoreFullPolicy, Volume};
+use super::{CHUNK_LOCK_COUNT, ComparePolicy, CopyPolicy, StoreFullPolicy, Volume};
 use crate::error::{Error, Result};
 use crate::io::PageBuf;
 use crate::journal::{JOURNAL_FRAME_RECORDS_MAX, PreserveEntry, Record};
@@ -452,6 +452,9 @@ impl Volume {
     /// The bytes of one part of this chunk, if its copies may be partial: chunks of at least
     /// 16 pieces (64 KiB), whole (the last chunk of a volume may be short: copied whole).
     pub(super) fn part_bytes(&self, chunk_index: u64) -> Option<u64> {
+        if self.config.copies == CopyPolicy::Whole {
+            return None;
+        }
         let cs = self.chunk_bytes();
         let part = cs / u64::from(PART_COUNT);
         let (start, end) = self.chunk_range(chunk_index);
