@@ -341,6 +341,13 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
             1,
             "--compare must be always or cached, not \"never\"",
         ),
+        (
+            vec![
+                "volume", "create", "x", "--size", "1M", "--copies", "halves",
+            ],
+            1,
+            "--copies must be whole or parts, not \"halves\"",
+        ),
         (vec!["volume", "create", "x"], 1, "size"),
         // duplicates
         (
@@ -472,6 +479,8 @@ fn volume_lifecycle() {
         "prune-oldest",
         "--compare",
         "cached",
+        "--copies",
+        "parts",
     ]);
     // The global flag also works after the subcommand.
     let out = command(BIN, sb.tmp.path())
@@ -503,13 +512,28 @@ fn volume_lifecycle() {
     let info = sb.json(&["volume", "info", "a.b_c", "--json"]);
     assert_eq!(info["on_store_full"], "prune-oldest");
     assert_eq!(info["compare"], "cached");
-    let compare_line = |vol: &str| {
+    assert_eq!(info["copies"], "parts");
+    let info_line = |vol: &str, field: &str| {
         let human = sb.ok(&["volume", "info", vol]);
-        let line = human.lines().find(|l| l.starts_with("compare:"));
+        let line = human.lines().find(|l| l.starts_with(&format!("{field}:")));
         line.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
     };
-    assert_eq!(compare_line("a.b_c").as_deref(), Some("compare: cached"));
-    assert_eq!(compare_line("vol-1").as_deref(), Some("compare: always"));
+    assert_eq!(
+        info_line("a.b_c", "compare").as_deref(),
+        Some("compare: cached")
+    );
+    assert_eq!(
+        info_line("vol-1", "compare").as_deref(),
+        Some("compare: always")
+    );
+    assert_eq!(
+        info_line("a.b_c", "copies").as_deref(),
+        Some("copies: parts")
+    );
+    assert_eq!(
+        info_line("vol-1", "copies").as_deref(),
+        Some("copies: whole")
+    );
 
     let human = sb.ok(&["volume", "info", "vol-1"]);
     for want in ["vol-1", "8 MiB", "128 KiB", "origin bytes written:"] {
