@@ -1087,28 +1087,42 @@ impl Volume {
                     &buf[..b - a]
                 }
             };
-            match self
-                .stores
-                .write_slot_part(now.store_index, now.slot_index, a as u64, bytes)
-            {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    return Err(self.no_space(format!(
-                        "copying parts of chunk {chunk_index} into store {} slot {}",
-                        now.store_index, now.slot_index
-                    )));
-                }
-                Err(e) => {
-                    return Err(self.io_err(|| {
-                        format!("writing store {} slot {}", now.store_index, now.slot_index)
-                    })(e));
-                }
-            }
-            self.counters
-                .bytes_preserved
-                .fetch_add((b - a) as u64, Ordering::Relaxed);
+            self.write_part_run(chunk_index, (now.store_index, now.slot_index), a, bytes, "")?;
         }
         Ok(Some(extension(chunk_index, until, now, now.parts | add)))
+    }
+
+    /// Writes a run of parts (`bytes`, from `at` bytes into the slot) of a copy of
+    /// `chunk_index` into its slot, not yet synced, and counts it. ENOSPC (a file system that
+    /// cannot reserve) is a no-space error, `why` saying what waits for it.
+    fn write_part_run(
+        &self,
+        chunk_index: u64,
+        (store_index, slot_index): (u16, u64),
+        at: usize,
+        bytes: &[u8],
+        why: &str,
+    ) -> Result<()> {
+        match self
+            .stores
+            .write_slot_part(store_index, slot_index, at as u64, bytes)
+        {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                return Err(self.no_space(format!(
+                    "copying parts of chunk {chunk_index} into store {store_index} slot {slot_index}{why}"
+                )));
+            }
+            Err(e) => {
+                return Err(self.io_err(|| {
+                    format!("writing store {store_index} slot {slot_index}")
+                })(e));
+            }
+        }
+        self.counters
+            .bytes_preserved
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Copies `data` (one whole chunk) into a store slot, not yet synced. `Ok(None)`: the
@@ -1595,31 +1609,13 @@ impl Volume {
         self.read_old_chunk(c, buf)?;
         for (a, b) in part_runs(entry.parts) {
             let (a, b) = (a as usize * part, b as usize * part);
-            match self.stores.write_slot_part(
-                entry.store_index,
-                entry.slot_index,
-                a as u64,
+            self.write_part_run(
+                c,
+                (entry.store_index, entry.slot_index),
+                a,
                 &buf[a..b],
-            ) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    return Err(self.no_space(format!(
-                        "copying parts of chunk {c} into store {} slot {} for a group commit (acknowledged writes to it are held and the copy is tried again)",
-                        entry.store_index, entry.slot_index
-                    )));
-                }
-                Err(e) => {
-                    return Err(self.io_err(|| {
-                        format!(
-                            "writing store {} slot {}",
-                            entry.store_index, entry.slot_index
-                        )
-                    })(e));
-                }
-            }
-            self.counters
-                .bytes_preserved
-                .fetch_add((b - a) as u64, Ordering::Relaxed);
+                " for a group commit (acknowledged writes to it are held and the copy is tried again)",
+            )?;
         }
         entry.data_crc32c = crc32c::crc32c(buf);
         Ok(())
