@@ -490,6 +490,9 @@ struct RestoreModel {
 }
 
 /// Name under which a restore's safety snapshot is modelled before its name is known.
+/// The key prefix of a restore's safety snapshot whose name is not known (the restore
+/// failed, or the log was not known in advance): `pre-restore-*ID`, one per restore op, so
+/// that a later restore taking over the name of an earlier one's does not drop it.
 const SAFETY_WILDCARD: &str = "pre-restore-*";
 
 /// The oracle. Per block, the history of values written (in order; single writer per
@@ -678,7 +681,7 @@ impl Model {
                     .safety_names
                     .get(id)
                     .cloned()
-                    .unwrap_or_else(|| SAFETY_WILDCARD.to_string());
+                    .unwrap_or_else(|| format!("{SAFETY_WILDCARD}{id}"));
                 self.snaps.insert(
                     safety.clone(),
                     SnapModel {
@@ -819,7 +822,7 @@ impl Model {
         let found: HashMap<&str, &Result<Vec<u32>, String>> =
             r.snapshots.iter().map(|(n, c)| (n.as_str(), c)).collect();
         for (name, s) in &self.snaps {
-            if name == SAFETY_WILDCARD {
+            if name.starts_with(SAFETY_WILDCARD) {
                 continue;
             }
             let present = found.get(name.as_str());
@@ -840,11 +843,26 @@ impl Model {
             if self.snaps.contains_key(name) {
                 continue;
             }
-            match self.snaps.get(SAFETY_WILDCARD) {
-                Some(s) if name.starts_with("pre-restore-") => {
-                    self.check_snapshot(name, s, content)?
+            // A safety snapshot of a restore whose safety name is not known: it must hold
+            // what one of those restores' safety snapshots may hold.
+            let mut unnamed = self
+                .snaps
+                .iter()
+                .filter(|(k, _)| k.starts_with(SAFETY_WILDCARD))
+                .map(|(_, s)| s)
+                .peekable();
+            if !name.starts_with("pre-restore-") || unnamed.peek().is_none() {
+                return Err(format!("unexpected snapshot {name}"));
+            }
+            let mut first_error = None;
+            if !unnamed.any(|s| match self.check_snapshot(name, s, content) {
+                Ok(()) => true,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    false
                 }
-                _ => return Err(format!("unexpected snapshot {name}")),
+            }) {
+                return Err(first_error.expect("one was checked"));
             }
         }
         Ok(())
