@@ -150,13 +150,16 @@ class SnapvolTierPeer(TierPeer):
     id = "snapvol"
     label = "snapvol, filled by nbdcopy"
     cow = True
+    # Options of `volume create` beyond the size (the peers below set theirs).
+    create_options = []
 
     def create(self):
         os.makedirs(self.dir, exist_ok=True)
         self.data = os.path.join(self.dir, "data")
         hn.run([self.h.snapvol, "--data-dir", self.data, "volume", "create", "v",
-                "--size", hn.fmt_size(self.size)])
-        self.setup_commands = [f"snapvol volume create v --size {hn.fmt_size(self.size)}",
+                "--size", hn.fmt_size(self.size)] + self.create_options)
+        self.setup_commands = [" ".join(["snapvol volume create v --size", hn.fmt_size(self.size)]
+                                        + self.create_options),
                                "nbdcopy --flush SEED nbd+unix:///v?socket=S"]
 
     def server_cmd(self):
@@ -178,15 +181,7 @@ class SnapvolCachedPeer(SnapvolTierPeer):
 
     id = "snapvol-cached"
     label = "snapvol --compare cached, filled by nbdcopy"
-
-    def create(self):
-        os.makedirs(self.dir, exist_ok=True)
-        self.data = os.path.join(self.dir, "data")
-        hn.run([self.h.snapvol, "--data-dir", self.data, "volume", "create", "v",
-                "--size", hn.fmt_size(self.size), "--compare", "cached"])
-        self.setup_commands = [f"snapvol volume create v --size {hn.fmt_size(self.size)} "
-                               "--compare cached",
-                               "nbdcopy --flush SEED nbd+unix:///v?socket=S"]
+    create_options = ["--compare", "cached"]
 
 
 class SnapvolPartsPeer(SnapvolTierPeer):
@@ -195,15 +190,7 @@ class SnapvolPartsPeer(SnapvolTierPeer):
 
     id = "snapvol-parts"
     label = "snapvol --copies parts, filled by nbdcopy"
-
-    def create(self):
-        os.makedirs(self.dir, exist_ok=True)
-        self.data = os.path.join(self.dir, "data")
-        hn.run([self.h.snapvol, "--data-dir", self.data, "volume", "create", "v",
-                "--size", hn.fmt_size(self.size), "--copies", "parts"])
-        self.setup_commands = [f"snapvol volume create v --size {hn.fmt_size(self.size)} "
-                               "--copies parts",
-                               "nbdcopy --flush SEED nbd+unix:///v?socket=S"]
+    create_options = ["--copies", "parts"]
 
 
 class SnapvolImportPeer(SnapvolTierPeer):

@@ -70,7 +70,7 @@ impl Volume {
             let store = &self.stores.files()[loc.store_index as usize];
             // A partial record's slot ends with its last part (the rest was never written).
             let slot_used_bytes = if loc.is_partial() {
-                cs / 16 * u64::from(16 - loc.parts.leading_zeros())
+                cs / u64::from(super::map::PART_COUNT) * u64::from(16 - loc.parts.leading_zeros())
             } else {
                 cs
             };

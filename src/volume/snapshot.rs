@@ -374,8 +374,9 @@ impl Volume {
             };
             let mut holders = t.snapshots.range(lo..=until).map(|(&id, _)| id);
             if let (Some(only), None) = (holders.next(), holders.next()) {
-                *exclusive.entry(only).or_default() +=
-                    self.chunk_bytes() / 16 * u64::from(loc.parts.count_ones());
+                *exclusive.entry(only).or_default() += self.chunk_bytes()
+                    / u64::from(super::map::PART_COUNT)
+                    * u64::from(loc.parts.count_ones());
             }
             prev = Some((chunk_index, until));
         }

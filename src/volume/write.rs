@@ -794,7 +794,7 @@ impl Volume {
                 });
                 let part_bytes = self
                     .part_bytes(chunk_index)
-                    .unwrap_or(self.chunk_bytes() / 16);
+                    .unwrap_or(self.chunk_bytes() / u64::from(PART_COUNT));
                 let bytes_of = |parts: u16| u64::from(parts.count_ones()) * part_bytes;
                 match (entry, need.extend) {
                     // A first change since the newest snapshot; the chunk's older record
@@ -885,9 +885,13 @@ impl Volume {
             if let Some((until, loc)) = need.extend {
                 // A partial record (the newest one's, or the older one a new record
                 // completes first): its missing parts from `old`, into its slot.
-                if let Some(entry) =
-                    self.extend_copy(chunk_index, until, loc, PARTS_ALL, CopyFrom::Chunk(&old))?
-                {
+                if let Some(entry) = self.extend_copy(
+                    chunk_index,
+                    until,
+                    (loc.store_index, loc.slot_index),
+                    PARTS_ALL,
+                    CopyFrom::Chunk(&old),
+                )? {
                     copies.push(entry);
                 }
             }
@@ -1051,14 +1055,14 @@ impl Volume {
         &self,
         chunk_index: u64,
         until: u64,
-        loc: Loc,
+        slot: (u16, u64),
         parts: u16,
         from: CopyFrom<'_>,
     ) -> Result<Option<PreserveEntry>> {
         let t = self.tables.read();
         let Some(now) = t
             .record(chunk_index, until)
-            .filter(|l| (l.store_index, l.slot_index) == (loc.store_index, loc.slot_index))
+            .filter(|l| (l.store_index, l.slot_index) == slot)
         else {
             return Ok(None);
         };
@@ -1627,16 +1631,10 @@ impl Volume {
     /// and applying it finds no record and does nothing.
     fn copy_extension(&self, entry: &mut PreserveEntry, buf: &mut PageBuf) -> Result<()> {
         debug_assert!(entry.extends);
-        let loc = Loc {
-            store_index: entry.store_index,
-            slot_index: entry.slot_index,
-            data_crc32c: entry.data_crc32c,
-            parts: 0,
-        };
         if let Some(e) = self.extend_copy(
             entry.chunk_index,
             entry.until_snapshot_id,
-            loc,
+            (entry.store_index, entry.slot_index),
             entry.parts,
             CopyFrom::Origin(buf),
         )? {
