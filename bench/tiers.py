@@ -26,6 +26,7 @@ tier sequential 1 MiB writes and reads QD8.
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -191,6 +192,15 @@ class SnapvolPartsPeer(SnapvolTierPeer):
     id = "snapvol-parts"
     label = "snapvol --copies parts, filled by nbdcopy"
     create_options = ["--copies", "parts"]
+
+
+class SnapvolDirtyMaxPeer(SnapvolTierPeer):
+    """snapvol with `volume create --dirty-max 24M` (writers wait for the origin's writeback
+    past 24 MiB, so a snapshot create under heavy writes has little to sync)."""
+
+    id = "snapvol-dirtymax"
+    label = "snapvol --dirty-max 24M, filled by nbdcopy"
+    create_options = ["--dirty-max", "24M"]
 
 
 class SnapvolImportPeer(SnapvolTierPeer):
@@ -367,6 +377,7 @@ def tier_peers(h, tier, size):
             SnapvolTierPeer(h, tier, size),
             SnapvolImportPeer(h, tier, size),
             SnapvolPartsPeer(h, tier, size),
+            SnapvolDirtyMaxPeer(h, tier, size),
             NbdkitTierPeer(h, tier, size),
             QemuTierPeer(h, tier, size, "raw", ["--cache=writeback"], "qemu-raw-wb", "qemu-nbd raw, cache=writeback"),
             QemuTierPeer(h, tier, size, "qcow2", ["--cache=writeback"], "qemu-qcow2-snap",
@@ -484,43 +495,64 @@ def run_peer(h, tier, p, rep, image, big):
 def phase_createload(h):
     """Snapshot create latency (control socket, request to durable reply) on a 4 GiB
     snapvol volume filled by nbdcopy: idle, then while fio writes random 64 KiB blocks at
-    QD16 (a create every 0.8 s)."""
+    QD16 (a create every 0.8 s); the default volume and one created with `--dirty-max`,
+    with the load's own write rate beside (what the bound costs it)."""
     h.phase("createload")
     size = h.args.bigger_size
     image = seed(h, size, "bigger")
-    p = SnapvolTierPeer(h, "createload", size)
     count = h.args.createload_count
-    h.peers.append(p)
+    for cls in (SnapvolTierPeer, SnapvolDirtyMaxPeer):
+        p = cls(h, "createload", size)
+        h.peers.append(p)
+        try:
+            p.create()
+            p.start()
+            p.fill(image)
+            for rep in range(h.reps):
+                for mode in ("idle", "load"):
+                    fio = None
+                    fio_out = os.path.join(p.dir, "fio-load.json")
+                    if mode == "load":
+                        with open(fio_out, "w") as out:
+                            fio = subprocess.Popen(
+                                ["fio", "--name=createload", "--ioengine=nbd", f"--uri={p.uri()}",
+                                 f"--size={size}", "--rw=randwrite", "--bs=64k", "--iodepth=16",
+                                 "--time_based", f"--runtime={int(count * 0.8 + 10)}", "--randrepeat=0",
+                                 "--output-format=json"],
+                                stdout=out, stderr=subprocess.DEVNULL)
+                        time.sleep(3)  # the load is running before the first create
+                    lat = []
+                    for i in range(count):
+                        time.sleep(0.8)
+                        t = time.monotonic()
+                        hn.ctl(p.data, ["snapshot", "create", f"v@{mode}{rep}-{i}"])
+                        lat.append((time.monotonic() - t) * 1000)
+                    load_bw = None
+                    if fio:
+                        fio.send_signal(signal.SIGINT)  # fio stops and writes its report
+                        fio.wait()
+                        load_bw = fio_write_bw(fio_out)
+                    for i in range(count):
+                        hn.ctl(p.data, ["snapshot", "delete", f"v@{mode}{rep}-{i}"])
+                    h.record(phase="createload", workload=f"snapshot-create-{mode}", peer=p.id, rep=rep,
+                             samples_ms=[round(x, 3) for x in lat], p50_ms=round(hn.pct(lat, 50), 3),
+                             p99_ms=round(hn.pct(lat, 99), 3), max_ms=round(max(lat), 3),
+                             load_bw_bytes=load_bw)
+                    hn.log(f"createload {p.id} rep {rep} {mode}: p50 {hn.pct(lat, 50):.1f} ms, "
+                           f"p99 {hn.pct(lat, 99):.1f} ms"
+                           + (f", load {load_bw / hn.MIB:.0f} MiB/s" if load_bw else ""))
+                h.save(False)
+        finally:
+            p.remove()
+            h.peers.remove(p)
+
+
+def fio_write_bw(path):
+    """The write bandwidth (bytes/s) in a fio JSON report, or None if it has none."""
+    import json
     try:
-        p.create()
-        p.start()
-        p.fill(image)
-        for rep in range(h.reps):
-            for mode in ("idle", "load"):
-                fio = None
-                if mode == "load":
-                    fio = subprocess.Popen(
-                        ["fio", "--name=createload", "--ioengine=nbd", f"--uri={p.uri()}", f"--size={size}",
-                         "--rw=randwrite", "--bs=64k", "--iodepth=16", "--time_based",
-                         f"--runtime={int(count * 0.8 + 10)}", "--randrepeat=0"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    time.sleep(3)  # the load is running before the first create
-                lat = []
-                for i in range(count):
-                    time.sleep(0.8)
-                    t = time.monotonic()
-                    hn.ctl(p.data, ["snapshot", "create", f"v@{mode}{rep}-{i}"])
-                    lat.append((time.monotonic() - t) * 1000)
-                if fio:
-                    fio.terminate()
-                    fio.wait()
-                for i in range(count):
-                    hn.ctl(p.data, ["snapshot", "delete", f"v@{mode}{rep}-{i}"])
-                h.record(phase="createload", workload=f"snapshot-create-{mode}", peer="snapvol", rep=rep,
-                         samples_ms=[round(x, 3) for x in lat], p50_ms=round(hn.pct(lat, 50), 3),
-                         p99_ms=round(hn.pct(lat, 99), 3), max_ms=round(max(lat), 3))
-                hn.log(f"createload rep {rep} {mode}: p50 {hn.pct(lat, 50):.1f} ms, p99 {hn.pct(lat, 99):.1f} ms")
-            h.save(False)
-    finally:
-        p.remove()
-        h.peers.remove(p)
+        with open(path) as f:
+            text = f.read()
+        return json.loads(text[text.index("{"):])["jobs"][0]["write"]["bw_bytes"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None

@@ -348,6 +348,32 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
             1,
             "--copies must be whole or parts, not \"halves\"",
         ),
+        (
+            vec![
+                "volume",
+                "create",
+                "x",
+                "--size",
+                "1M",
+                "--dirty-max",
+                "64K",
+            ],
+            1,
+            "--dirty-max 65536 is out of range (1048576..=",
+        ),
+        (
+            vec![
+                "volume",
+                "create",
+                "x",
+                "--size",
+                "1M",
+                "--dirty-max",
+                "lots",
+            ],
+            1,
+            "--dirty-max",
+        ),
         (vec!["volume", "create", "x"], 1, "size"),
         // duplicates
         (
@@ -481,6 +507,8 @@ fn volume_lifecycle() {
         "cached",
         "--copies",
         "parts",
+        "--dirty-max",
+        "24M",
     ]);
     // The global flag also works after the subcommand.
     let out = command(BIN, sb.tmp.path())
@@ -513,6 +541,11 @@ fn volume_lifecycle() {
     assert_eq!(info["on_store_full"], "prune-oldest");
     assert_eq!(info["compare"], "cached");
     assert_eq!(info["copies"], "parts");
+    assert_eq!(u64_field(&info, "dirty_max"), 24 << 20);
+    assert!(
+        sb.json(&["volume", "info", "vol-1", "--json"])["dirty_max"].is_null(),
+        "no --dirty-max"
+    );
     let info_line = |vol: &str, field: &str| {
         let human = sb.ok(&["volume", "info", vol]);
         let line = human.lines().find(|l| l.starts_with(&format!("{field}:")));
@@ -533,6 +566,14 @@ fn volume_lifecycle() {
     assert_eq!(
         info_line("vol-1", "copies").as_deref(),
         Some("copies: whole")
+    );
+    assert_eq!(
+        info_line("a.b_c", "dirty max").as_deref(),
+        Some("dirty max: 24 MiB (25165824 bytes)")
+    );
+    assert_eq!(
+        info_line("vol-1", "dirty max").as_deref(),
+        Some("dirty max: none (the kernel's limits)")
     );
 
     let human = sb.ok(&["volume", "info", "vol-1"]);

@@ -422,6 +422,84 @@ fn origin_writeback_starts_after_every_8_mib_written_and_not_for_identical_data(
     v.close().unwrap();
 }
 
+/// `--dirty-max`: a write that finds that much written to the origin since the last wait
+/// waits for the origin's writeback first (so a snapshot create or flush under heavy writes
+/// has at most about that much to sync); without it no write waits. A failed writeback
+/// fails the volume: the kernel reports a writeback error once, so a later sync would not.
+#[test]
+fn dirty_max_makes_writers_wait_for_the_writeback_and_a_failed_one_fails_the_volume() {
+    use snapvol::io::{CountingDisk, MemDisk};
+    use snapvol_test_support::sim::{FaultDisk, IoKind};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let fault = Arc::new(FaultDisk::new(Arc::new(MemDisk::default())));
+    let counting = Arc::new(CountingDisk::new(fault.clone()));
+    let dd = DataDir::open_with_disk(dir.path(), counting.clone()).unwrap();
+    let mib = |n: u64, byte: u8| vec![byte; (n << 20) as usize];
+    for (name, dirty_bytes_max) in [("bounded", Some(4 << 20)), ("unbounded", None)] {
+        dd.create_volume(
+            name,
+            &CreateOptions {
+                size_bytes: Some(16 << 20),
+                dirty_bytes_max,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    let waited = || counting.counts().writebacks_waited;
+
+    let v = dd.open_volume("unbounded").unwrap();
+    for byte in 1..=3 {
+        v.write(0, &mib(16, byte)).unwrap();
+    }
+    assert_eq!(waited(), 0, "48 MiB written without --dirty-max");
+    v.close().unwrap();
+
+    let v = dd.open_volume("bounded").unwrap();
+    assert_eq!(v.info().dirty_max, Some(4 << 20));
+    v.write(0, &mib(3, 1)).unwrap();
+    v.write(3 << 20, &mib(2, 1)).unwrap();
+    assert_eq!(
+        waited(),
+        0,
+        "5 MiB written: each write found less than 4 MiB before it"
+    );
+    v.write(5 << 20, &mib(1, 1)).unwrap();
+    assert_eq!(waited(), 1, "the write after 5 MiB waited");
+    v.write(6 << 20, &mib(1, 1)).unwrap();
+    assert_eq!(waited(), 1, "1 MiB since the wait");
+    // Identical data is not written, so it does not count.
+    v.write(0, &mib(7, 1)).unwrap();
+    v.write(0, &mib(7, 1)).unwrap();
+    assert_eq!(waited(), 1, "identical rewrites");
+    // First writes after a snapshot count once held for the origin.
+    v.create_snapshot("s").unwrap();
+    v.write(0, &mib(4, 2)).unwrap();
+    v.write(4 << 20, &mib(1, 2)).unwrap();
+    assert_eq!(waited(), 2, "4 MiB of first writes, then one more write");
+
+    fault.plan().only_paths_containing(Some("origin"));
+    fault.plan().arm(0, libc::EIO, false, IoKind::Sync as u8);
+    v.write(5 << 20, &mib(3, 3)).unwrap();
+    assert!(
+        fault.plan().injected().is_empty(),
+        "3 MiB since the wait: no writeback yet"
+    );
+    // 4 MiB since the wait: this write waits, and the writeback fails.
+    let e = v.write(8 << 20, &mib(1, 3)).unwrap_err();
+    assert!(matches!(e, snapvol::Error::VolumeFailed { .. }), "{e}");
+    assert!(
+        e.to_string().contains("writing the origin back failed"),
+        "{e}"
+    );
+    assert!(matches!(
+        v.read(0, &mut [0; 512]),
+        Err(snapvol::Error::VolumeFailed { .. })
+    ));
+    v.abandon();
+}
+
 /// First writes after a snapshot copy whole chunks: each asks for its whole chunk to be read
 /// (one device read instead of the written span now and the rest at the commit), and first
 /// writes chunk after chunk are read ahead as a stream (measured: in-order first writes on

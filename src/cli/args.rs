@@ -390,7 +390,7 @@ pub enum TlsArg {
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// Create a volume.
-    Create(VolumeCreateArgs),
+    Create(Box<VolumeCreateArgs>),
     /// List volumes.
     ///
     /// --json prints {"volumes":[INFO,...]} where each INFO is the object that
@@ -472,6 +472,12 @@ pub struct VolumeCreateArgs {
     /// again when other parts change).
     #[arg(long, value_name = "POLICY")]
     pub copies: Option<String>,
+    /// Most data written to the origin and not yet on its disk before writers wait for
+    /// the disk (e.g. 24M): bounds what a snapshot create or flush waits for under heavy
+    /// writes, at the price of writes at the disk's rate once reached. Without it, the
+    /// kernel's dirty limits apply (gigabytes on a large host).
+    #[arg(long, value_name = "SIZE")]
+    pub dirty_max: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -100,6 +100,7 @@ pub struct CreateArgs {
     pub on_store_full: Option<String>,
     pub compare: Option<String>,
     pub copies: Option<String>,
+    pub dirty_max: Option<String>,
 }
 
 /// Runs `work` on volume `name`. In direct mode the volume is opened for it and closed
@@ -144,7 +145,7 @@ pub(super) fn snapshot_target(text: &str) -> Result<(String, String)> {
 }
 
 fn size_arg(flag: &str, text: &str) -> Result<u64> {
-    let size = parse_size(text)?;
+    let size = parse_size(text).map_err(|e| anyhow!("{flag}: {e}"))?;
     if size == 0 {
         bail!("{flag} must be greater than 0");
     }
@@ -193,6 +194,11 @@ pub fn volume_create(ctx: &mut Ctx, args: &CreateArgs) -> Result<()> {
         None => CopyPolicy::default(),
         Some(text) => CopyPolicy::from_str(text)?,
     };
+    let dirty_bytes_max = args
+        .dirty_max
+        .as_deref()
+        .map(|s| size_arg("--dirty-max", s))
+        .transpose()?;
     let opts = CreateOptions {
         size_bytes,
         chunk_size_bytes,
@@ -210,6 +216,7 @@ pub fn volume_create(ctx: &mut Ctx, args: &CreateArgs) -> Result<()> {
         on_store_full,
         compare,
         copies,
+        dirty_bytes_max,
     };
     ctx.data_dir().create_volume(&name, &opts)?;
     Ok(())
@@ -279,6 +286,11 @@ pub fn volume_info(ctx: &mut Ctx, name: &str, json: bool) -> Result<()> {
         ("on store full", info.on_store_full.as_str().to_string()),
         ("compare", info.compare.as_str().to_string()),
         ("copies", info.copies.as_str().to_string()),
+        (
+            "dirty max",
+            info.dirty_max
+                .map_or_else(|| "none (the kernel's limits)".to_string(), bytes),
+        ),
         (
             "snapshots",
             if info.snapshots.is_empty() {

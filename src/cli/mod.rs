@@ -243,6 +243,7 @@ fn execute(command: &Command, ctx: &mut Ctx) -> anyhow::Result<()> {
                     on_store_full: a.on_store_full.clone(),
                     compare: a.compare.clone(),
                     copies: a.copies.clone(),
+                    dirty_max: a.dirty_max.clone(),
                 },
             ),
             VolumeCommand::List { json } => commands::volume_list(ctx, *json),

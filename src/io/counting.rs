@@ -15,6 +15,8 @@ pub struct IoCounts {
     pub syncs: u64,
     /// `start_writeback` calls (hints to start writing dirty data back).
     pub writebacks_started: u64,
+    /// `wait_writeback` calls (writing dirty data back and waiting for it).
+    pub writebacks_waited: u64,
     /// `will_need` calls (hints to start reading), and the furthest end any of them named.
     pub reads_hinted: u64,
     pub read_hint_end_max: u64,
@@ -27,6 +29,7 @@ struct Counters {
     write_calls: AtomicU64,
     syncs: AtomicU64,
     writebacks_started: AtomicU64,
+    writebacks_waited: AtomicU64,
     reads_hinted: AtomicU64,
     read_hint_end_max: AtomicU64,
 }
@@ -54,6 +57,7 @@ impl CountingDisk {
             write_calls: c.write_calls.load(Ordering::Relaxed),
             syncs: c.syncs.load(Ordering::Relaxed),
             writebacks_started: c.writebacks_started.load(Ordering::Relaxed),
+            writebacks_waited: c.writebacks_waited.load(Ordering::Relaxed),
             reads_hinted: c.reads_hinted.load(Ordering::Relaxed),
             read_hint_end_max: c.read_hint_end_max.load(Ordering::Relaxed),
         }
@@ -113,6 +117,12 @@ impl Storage for CountingStorage {
             .writebacks_started
             .fetch_add(1, Ordering::Relaxed);
         self.inner.start_writeback(offset, len)
+    }
+    fn wait_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.counters
+            .writebacks_waited
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner.wait_writeback(offset, len)
     }
     fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
         self.counters.reads_hinted.fetch_add(1, Ordering::Relaxed);

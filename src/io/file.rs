@@ -407,6 +407,26 @@ impl Storage for FileStorage {
         }
     }
 
+    fn wait_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let Some((off, l)) = hint_range(offset, len) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "writeback range too large",
+            ));
+        };
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: sync_file_range takes a valid open descriptor and plain integers; it does
+        // not touch memory we own.
+        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), off, l, flags) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.block_device || len == 0 {
             return Ok(());

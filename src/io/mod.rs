@@ -143,6 +143,15 @@ pub trait Storage: Send + Sync + Debug {
     fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Writes `[offset, offset + len)` back to the device and waits until what was dirty
+    /// there when it was called has been written (`sync_file_range` with both waits; not a
+    /// durability barrier: no metadata, no device cache flush). For bounding dirty data.
+    /// An error means written data may be lost and is not reported again by a later
+    /// `sync` (the kernel reports a writeback error once per open file): treat it as a
+    /// failed sync. Engines without a device do nothing.
+    fn wait_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Allocates space for `[offset, offset + len)` without changing the size or the bytes
     /// (`fallocate` with KEEP_SIZE), so later writes there cannot fail for lack of space.
     /// Engines without a file system, and devices, do nothing.

@@ -45,6 +45,9 @@ pub struct VolumeConfig {
     /// Absent (the default, `whole`) likewise.
     #[serde(default, skip_serializing_if = "CopyPolicy::is_whole")]
     pub copies: CopyPolicy,
+    /// `--dirty-max`; absent when not set (no bound of the volume's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes_max: Option<u64>,
     pub created_unix_ns: u64,
 }
 
@@ -54,6 +57,19 @@ pub fn validate_chunk_size(chunk_size_bytes: u32) -> Result<()> {
     {
         return Err(Error::InvalidArgument(format!(
             "chunk size {chunk_size_bytes} must be a power of two from 4K to 1M"
+        )));
+    }
+    Ok(())
+}
+
+/// Smallest `--dirty-max`: below a few writes' worth, writers would wait for the disk
+/// after nearly every write.
+pub const DIRTY_BYTES_MAX_MIN: u64 = 1 << 20;
+
+pub fn validate_dirty_max(dirty_bytes_max: u64) -> Result<()> {
+    if !(DIRTY_BYTES_MAX_MIN..=VOLUME_BYTES_MAX).contains(&dirty_bytes_max) {
+        return Err(Error::InvalidArgument(format!(
+            "--dirty-max {dirty_bytes_max} is out of range ({DIRTY_BYTES_MAX_MIN}..={VOLUME_BYTES_MAX} bytes)"
         )));
     }
     Ok(())
@@ -101,6 +117,9 @@ impl VolumeConfig {
         }
         validate_chunk_size(c.chunk_size_bytes).map_err(|e| corrupt(e.to_string()))?;
         validate_size(c.size_bytes).map_err(|e| corrupt(e.to_string()))?;
+        if let Some(d) = c.dirty_bytes_max {
+            validate_dirty_max(d).map_err(|e| corrupt(e.to_string()))?;
+        }
         if c.stores.is_empty() || c.stores.len() > STORE_COUNT_MAX {
             return Err(corrupt(format!(
                 "{} snapshot stores (1..={STORE_COUNT_MAX} allowed)",

@@ -170,6 +170,9 @@ pub struct CreateOptions {
     pub on_store_full: StoreFullPolicy,
     pub compare: ComparePolicy,
     pub copies: CopyPolicy,
+    /// `--dirty-max`: origin data a volume may have written but not on the disk before
+    /// writers wait for it; `None`: no bound of its own (the kernel's dirty limits).
+    pub dirty_bytes_max: Option<u64>,
 }
 
 /// Persistent I/O counters of a volume.
@@ -244,6 +247,8 @@ pub struct VolumeInfo {
     pub compare: ComparePolicy,
     #[serde(default, skip_serializing_if = "CopyPolicy::is_whole")]
     pub copies: CopyPolicy,
+    /// `--dirty-max` in bytes; null without one.
+    pub dirty_max: Option<u64>,
     pub snapshots: Vec<String>,
     pub preserved_chunks: u64,
     pub counters: Counters,
@@ -404,6 +409,10 @@ pub struct Volume {
     /// `WRITEBACK_AHEAD_BYTES` more are written, the committer starts it again, so the
     /// dirty data a snapshot create (or a flush) must sync stays bounded.
     writeback_started_bytes: AtomicU64,
+    /// `counters.origin_bytes_written` when the last writeback wait began (all written
+    /// before it is on the device since); `writeback_wait` lets one writer wait at a time.
+    writeback_waited_bytes: AtomicU64,
+    writeback_wait: Mutex<()>,
     /// Clients streaming through the volume, whose next reads of the origin are asked for
     /// ahead (the origin's own read-ahead is off).
     streams: readahead::Streams,
@@ -482,6 +491,7 @@ impl Volume {
             on_store_full: self.config.on_store_full,
             compare: self.config.compare,
             copies: self.config.copies,
+            dirty_max: self.config.dirty_bytes_max,
             snapshots: t.snapshots.values().map(|s| s.name.clone()).collect(),
             preserved_chunks: t.map.len(),
             counters: self.counters.load(),
@@ -695,6 +705,43 @@ impl Volume {
             // A hint: the next flush or snapshot create syncs, and reports any error.
             tracing::debug!(volume = %self.name(), error = %e, "starting the origin's writeback failed");
         }
+    }
+
+    /// With `--dirty-max` (`config.dirty_bytes_max`): waits for the origin's writeback
+    /// once that much was written to it since the last wait, so the dirty data a snapshot
+    /// create or flush must sync stays bounded under any write load (starting writeback
+    /// ahead does not bound it: writes in place outrun a device's random writes). Call
+    /// before taking the barrier or any chunk lock. A failed writeback fails the volume
+    /// (the kernel would not report the error to a later sync).
+    fn wait_for_origin_writeback(&self) -> Result<()> {
+        let Some(dirty_bytes_max) = self.config.dirty_bytes_max else {
+            return Ok(());
+        };
+        let over = |waited: u64| {
+            self.counters
+                .origin_bytes_written
+                .load(Ordering::Relaxed)
+                .saturating_sub(waited)
+                >= dirty_bytes_max
+        };
+        if !over(self.writeback_waited_bytes.load(Ordering::Acquire)) {
+            return Ok(());
+        }
+        let _one = self.writeback_wait.lock();
+        if !over(self.writeback_waited_bytes.load(Ordering::Acquire)) {
+            return Ok(()); // another writer waited meanwhile
+        }
+        let written = self.counters.origin_bytes_written.load(Ordering::Relaxed);
+        self.origin
+            .wait_writeback(0, self.config.size_bytes)
+            .map_err(|e| {
+                self.fail(format!(
+                    "writing the origin back failed ({e}); unsynced writes may be lost"
+                ))
+            })?;
+        self.writeback_waited_bytes
+            .store(written, Ordering::Release);
+        Ok(())
     }
 
     /// Counts `bytes` written to the origin (or held for it); the write that crosses the

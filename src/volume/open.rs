@@ -194,6 +194,9 @@ pub(crate) fn plan(
         }
     };
     super::config::validate_size(size_bytes)?;
+    if let Some(d) = opts.dirty_bytes_max {
+        super::config::validate_dirty_max(d)?;
+    }
     let mut stores = Vec::new();
     if opts.snapshot_stores.is_empty() {
         stores.push(StoreConfig {
@@ -257,6 +260,7 @@ pub(crate) fn plan(
         on_store_full: opts.on_store_full,
         compare: opts.compare,
         copies: opts.copies,
+        dirty_bytes_max: opts.dirty_bytes_max,
         created_unix_ns: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -564,6 +568,12 @@ impl Volume {
                     .origin_bytes_written
                     .load(std::sync::atomic::Ordering::Relaxed),
             ),
+            writeback_waited_bytes: AtomicU64::new(
+                counters
+                    .origin_bytes_written
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            writeback_wait: Mutex::new(()),
             streams: Default::default(),
             prune: Mutex::new(()),
             counters,

@@ -250,7 +250,9 @@ impl Volume {
             )));
         }
         validate_name("snapshot", name)?;
+        let waited = std::time::Instant::now();
         let _barrier = self.barrier.write();
+        tracing::debug!(volume = %self.config.name, snapshot = %name, barrier_wait_us = waited.elapsed().as_micros() as u64, "snapshot create: writes in flight finished");
         self.create_snapshot_locked(name)
     }
 
@@ -286,7 +288,9 @@ impl Volume {
         }
         // Completed writes must be durable before the snapshot is, or a crash could give
         // the snapshot older data than it had when it was acknowledged.
+        let started = std::time::Instant::now();
         self.flush_durable()?;
+        let flushed = started.elapsed();
         if !self.deferred.is_empty() {
             // No writer runs (the barrier is held), so a flush leaves nothing held; if it
             // did, the new snapshot would read the origin without those writes.
@@ -319,7 +323,14 @@ impl Volume {
             js.restore = restore;
         }
         self.maybe_checkpoint(&mut js)?;
-        tracing::info!(volume = %self.config.name, snapshot = %name, id = snapshot_id, "snapshot created");
+        tracing::info!(
+            volume = %self.config.name,
+            snapshot = %name,
+            id = snapshot_id,
+            flush_us = flushed.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "snapshot created"
+        );
         Ok(SnapshotInfo {
             name: name.to_string(),
             id: snapshot_id,

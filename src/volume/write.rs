@@ -351,6 +351,7 @@ impl Volume {
         if self.may_defer(offset, length) {
             self.wait_for_deferred_room()?;
         }
+        self.wait_for_origin_writeback()?;
         let result = {
             let _barrier = self.barrier.read();
             self.write_range_locked(offset, length, src, old)

@@ -930,6 +930,11 @@ impl Storage for FaultStorage {
         self.plan.check(IoKind::Sync, &self.path)?;
         self.inner.sync()
     }
+    /// Fails as a sync does (a writeback error is one).
+    fn wait_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.plan.check(IoKind::Sync, &self.path)?;
+        self.inner.wait_writeback(offset, len)
+    }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.plan.check(IoKind::Discard, &self.path)?;
         self.inner.discard(offset, len)?;
