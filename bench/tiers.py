@@ -534,10 +534,14 @@ def phase_createload(h):
                         load_bw = fio_write_bw(fio_out)
                     for i in range(count):
                         hn.ctl(p.data, ["snapshot", "delete", f"v@{mode}{rep}-{i}"])
+                    # The daemon's own time for each create (its log), to tell a slow create
+                    # from a slow client (the CLI's start, the control socket).
+                    inside = daemon_create_ms(os.path.join(p.dir, "server.log"),
+                                              [f"{mode}{rep}-{i}" for i in range(count)])
                     h.record(phase="createload", workload=f"snapshot-create-{mode}", peer=p.id, rep=rep,
                              samples_ms=[round(x, 3) for x in lat], p50_ms=round(hn.pct(lat, 50), 3),
                              p99_ms=round(hn.pct(lat, 99), 3), max_ms=round(max(lat), 3),
-                             load_bw_bytes=load_bw)
+                             daemon_samples_ms=inside, load_bw_bytes=load_bw)
                     hn.log(f"createload {p.id} rep {rep} {mode}: p50 {hn.pct(lat, 50):.1f} ms, "
                            f"p99 {hn.pct(lat, 99):.1f} ms"
                            + (f", load {load_bw / hn.MIB:.0f} MiB/s" if load_bw else ""))
@@ -545,6 +549,25 @@ def phase_createload(h):
         finally:
             p.remove()
             h.peers.remove(p)
+
+
+def daemon_create_ms(log_path, names):
+    """The daemon's time (ms, its `snapshot created ... total_us=` log line) for each snapshot
+    of `names`, in that order; None where the line is missing."""
+    import re
+    took = {}
+    try:
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                if "snapshot created" not in line:
+                    continue
+                name = re.search(r"snapshot=(\S+)", line)
+                total = re.search(r"total_us=(\d+)", line)
+                if name and total:
+                    took[name.group(1)] = int(total.group(1)) / 1000
+    except OSError:
+        pass
+    return [took.get(n) for n in names]
 
 
 def fio_write_bw(path):
