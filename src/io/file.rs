@@ -111,6 +111,18 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
+    /// `sync_file_range(2)` over `len` bytes from `offset` with `flags`.
+    fn sync_file_range(&self, offset: i64, len: i64, flags: libc::c_uint) -> io::Result<()> {
+        // SAFETY: sync_file_range takes a valid open descriptor and plain integers; it does
+        // not touch memory we own.
+        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, flags) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn new(file: File, block_device: bool) -> FileStorage {
         FileStorage {
             file,
@@ -395,16 +407,7 @@ impl Storage for FileStorage {
         let Some((off, l)) = hint_range(offset, len) else {
             return Ok(()); // a hint only
         };
-        // SAFETY: sync_file_range takes a valid open descriptor and plain integers; it does
-        // not touch memory we own.
-        let rc = unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), off, l, libc::SYNC_FILE_RANGE_WRITE)
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        self.sync_file_range(off, l, libc::SYNC_FILE_RANGE_WRITE)
     }
 
     fn wait_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -414,17 +417,13 @@ impl Storage for FileStorage {
                 "writeback range too large",
             ));
         };
-        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-            | libc::SYNC_FILE_RANGE_WRITE
-            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        // SAFETY: sync_file_range takes a valid open descriptor and plain integers; it does
-        // not touch memory we own.
-        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), off, l, flags) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        self.sync_file_range(
+            off,
+            l,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
     }
 
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {

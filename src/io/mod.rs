@@ -329,6 +329,9 @@ mod tests {
         assert_eq!(buf, [0u8; 16]);
         s.write_at(&[1u8; 8192], 4096).unwrap();
         assert_eq!(s.len().unwrap(), 12288);
+        // Writing back (and waiting for it) changes no bytes.
+        s.start_writeback(0, 12288).unwrap();
+        s.wait_writeback(0, 12288).unwrap();
         s.read_at(&mut buf, 4090).unwrap();
         assert_eq!(&buf[..6], &[0u8; 6]);
         assert_eq!(&buf[6..], &[1u8; 10]);
@@ -369,6 +372,14 @@ mod tests {
     fn file_disk_honours_contract() {
         let dir = tempfile::tempdir().unwrap();
         contract(&FileDisk, dir.path());
+        let s = FileDisk
+            .open(&dir.path().join("g"), OpenMode::CreateNew)
+            .unwrap();
+        s.write_at(&[1u8; 4096], 0).unwrap();
+        s.wait_writeback(0, 4096).unwrap();
+        // A range past what the system call takes is refused, not cut short.
+        let e = s.wait_writeback(0, u64::MAX).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
