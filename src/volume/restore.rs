@@ -65,7 +65,7 @@ impl Volume {
         let target = self.tables.read().snapshot_id(&self.config.name, name)?;
         let safety_name = self.safety_snapshot_name();
         // The safety snapshot and the restore's start in one journal frame: both or neither.
-        self.create_snapshot_with(&safety_name, Some(target))?;
+        self.create_snapshot_with(&safety_name, Some(target), std::time::Instant::now())?;
         tracing::info!(volume = %self.config.name, snapshot = %name, safety = %safety_name, "restore started");
         if let Err(e) = self.run_restore() {
             return Err(self.restore_interrupted(name, e));

@@ -250,25 +250,21 @@ impl Volume {
             )));
         }
         validate_name("snapshot", name)?;
-        let waited = std::time::Instant::now();
-        let _barrier = self.barrier.write();
-        tracing::debug!(volume = %self.config.name, snapshot = %name, barrier_wait_us = waited.elapsed().as_micros() as u64, "snapshot create: writes in flight finished");
-        self.create_snapshot_locked(name)
-    }
-
-    /// Caller holds the barrier exclusively (no write in flight).
-    pub(super) fn create_snapshot_locked(&self, name: &str) -> Result<SnapshotInfo> {
-        self.create_snapshot_with(name, None)
+        let began = std::time::Instant::now();
+        let _barrier = self.barrier.write(); // writes in flight finish first
+        self.create_snapshot_with(name, None, began)
     }
 
     /// Creates snapshot `name` (caller holds the barrier exclusively); with `restore_to`,
     /// the same journal frame records that a restore to that snapshot id begins, with the
     /// new snapshot as its safety snapshot, so a restore that cannot be recorded (no space
-    /// for the frame) leaves no snapshot behind either.
+    /// for the frame) leaves no snapshot behind either. `began`: when the request began
+    /// (before the barrier), for the log line's total.
     pub(super) fn create_snapshot_with(
         &self,
         name: &str,
         restore_to: Option<u64>,
+        began: std::time::Instant,
     ) -> Result<SnapshotInfo> {
         {
             let t = self.tables.read();
@@ -328,7 +324,7 @@ impl Volume {
             snapshot = %name,
             id = snapshot_id,
             flush_us = flushed.as_micros() as u64,
-            total_us = started.elapsed().as_micros() as u64,
+            total_us = began.elapsed().as_micros() as u64,
             "snapshot created"
         );
         Ok(SnapshotInfo {
