@@ -1524,10 +1524,11 @@ fn check_model(
             }
             continue;
         }
-        assert!(
-            in_range || r.kind == CMD_FLUSH,
-            "request {r:?} outside the export succeeded"
-        );
+        if r.kind == CMD_FLUSH {
+            // Its offset and length mean nothing (any may be sent): no range to check.
+            continue;
+        }
+        assert!(in_range, "request {r:?} outside the export succeeded");
         let (start, end) = (r.offset as usize, (r.offset + r.length) as usize);
         match r.kind {
             CMD_READ => {
