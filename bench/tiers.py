@@ -25,6 +25,7 @@ tier sequential 1 MiB writes and reads QD8.
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -534,8 +535,9 @@ def phase_createload(h):
                         load_bw = fio_write_bw(fio_out)
                     for i in range(count):
                         hn.ctl(p.data, ["snapshot", "delete", f"v@{mode}{rep}-{i}"])
-                    # The daemon's own time for each create (its log), to tell a slow create
-                    # from a slow client (the CLI's start, the control socket).
+                    # The daemon's own time for each create (its log, from the request on), to
+                    # tell a slow create from time outside it (the control socket's request,
+                    # this harness under the load).
                     inside = daemon_create_ms(os.path.join(p.dir, "server.log"),
                                               [f"{mode}{rep}-{i}" for i in range(count)])
                     h.record(phase="createload", workload=f"snapshot-create-{mode}", peer=p.id, rep=rep,
@@ -554,7 +556,6 @@ def phase_createload(h):
 def daemon_create_ms(log_path, names):
     """The daemon's time (ms, its `snapshot created ... total_us=` log line) for each snapshot
     of `names`, in that order; None where the line is missing."""
-    import re
     took = {}
     try:
         with open(log_path, errors="replace") as f:

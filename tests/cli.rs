@@ -372,7 +372,7 @@ fn bad_input_is_one_error_line_and_changes_nothing() {
                 "lots",
             ],
             1,
-            "--dirty-max",
+            "--dirty-max: invalid size \"lots\"",
         ),
         (vec!["volume", "create", "x"], 1, "size"),
         // duplicates
