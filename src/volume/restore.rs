@@ -61,11 +61,12 @@ impl Volume {
     pub fn restore(&self, name: &str) -> Result<String> {
         self.resume_paused_restore()?; // a paused restore finishes first
         self.ensure_ok()?;
+        let began = Instant::now();
         let _barrier = self.barrier.write();
         let target = self.tables.read().snapshot_id(&self.config.name, name)?;
         let safety_name = self.safety_snapshot_name();
         // The safety snapshot and the restore's start in one journal frame: both or neither.
-        self.create_snapshot_with(&safety_name, Some(target), std::time::Instant::now())?;
+        self.create_snapshot_with(&safety_name, Some(target), began)?;
         tracing::info!(volume = %self.config.name, snapshot = %name, safety = %safety_name, "restore started");
         if let Err(e) = self.run_restore() {
             return Err(self.restore_interrupted(name, e));
