@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -33,6 +33,12 @@ struct CommandLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VolumeLabels {
     volume: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumePhaseLabels {
+    volume: String,
+    phase: String,
 }
 
 /// A histogram whose counts the engine kept (`VolumeStats::group_commit_bucket_counts`),
@@ -210,6 +216,7 @@ pub fn encode(volumes: &Volumes) -> String {
     let (restore_done, restore_total) = (gauge(), gauge());
     let (commits, capacity) = (counter(), gauge());
     let commit_latency = Family::<VolumeLabels, KeptHistogram>::default();
+    let commit_phases = Family::<VolumePhaseLabels, Counter<f64, AtomicU64>>::default();
     for v in volumes.open_volumes() {
         let s = v.stats();
         let l = VolumeLabels {
@@ -248,6 +255,17 @@ pub fn encode(volumes: &Volumes) -> String {
                 s.group_commit_count,
                 buckets,
             );
+        }
+        for (phase, ns) in crate::volume::GROUP_COMMIT_PHASES
+            .iter()
+            .zip(s.group_commit_phase_ns)
+        {
+            commit_phases
+                .get_or_create(&VolumePhaseLabels {
+                    volume: l.volume.clone(),
+                    phase: phase.to_string(),
+                })
+                .inc_by(ns as f64 / 1e9);
         }
         if let Some(bytes) = s.store_capacity_bytes {
             capacity.get_or_create(&l).set(as_i64(bytes));
@@ -316,6 +334,12 @@ pub fn encode(volumes: &Volumes) -> String {
         "Time each group commit took, since the volume was opened",
         Unit::Seconds,
         commit_latency,
+    );
+    r.register_with_unit(
+        "group_commit_phase",
+        "Time group commits spent in each step (copies into the stores, store_sync, journal, origin: the held data written in place), since the volume was opened",
+        Unit::Seconds,
+        commit_phases,
     );
     r.register_with_unit(
         "store_capacity",

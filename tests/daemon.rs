@@ -1149,6 +1149,26 @@ fn prometheus_scrapes_the_metrics_while_a_client_writes() {
         ),
         "{text}"
     );
+    // The commits' time by step: every step is there, the copies took some, and the steps
+    // add up to no more than the commits took.
+    let phase = |p: &str| -> f64 {
+        let key = format!(
+            "snapvol_group_commit_phase_seconds_total{{volume=\"default\",phase=\"{p}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+    };
+    let phases: Vec<f64> = ["copies", "store_sync", "journal", "origin"]
+        .iter()
+        .map(|p| phase(p))
+        .collect();
+    assert!(phases[0] > 0.0, "{text}");
+    assert!(
+        phases.iter().sum::<f64>() <= count("snapvol_group_commit_latency_seconds_sum") + 1e-6,
+        "{text}"
+    );
     daemon.stop();
 }
 

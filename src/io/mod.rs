@@ -57,18 +57,23 @@ impl PageBuf {
 
     /// Makes the buffer `len` bytes long; new bytes are zeros.
     pub fn resize(&mut self, len: usize) {
+        let old = self.len;
+        self.resize_for_overwrite(len);
+        if len > old {
+            self[old..].fill(0);
+        }
+    }
+
+    /// Makes the buffer `len` bytes long for a caller that overwrites all of it: bytes
+    /// within what it held before keep whatever they held (no zeroing: a buffer reused for
+    /// large copies would otherwise clear megabytes per use), pages added are zeros.
+    pub fn resize_for_overwrite(&mut self, len: usize) {
         let pages = len.div_ceil(DIRECT_ALIGN_BYTES);
         if pages > self.pages.len() {
             self.pages
                 .resize_with(pages, || AlignedZeros([0; DIRECT_ALIGN_BYTES]));
         }
-        if len > self.len {
-            let old = self.len;
-            self.len = len;
-            self[old..].fill(0);
-        } else {
-            self.len = len;
-        }
+        self.len = len;
     }
 }
 
@@ -368,6 +373,30 @@ mod tests {
         format!("{disk:?}").starts_with("MemDisk")
     }
 
+    /// `resize` zeros what it adds (also over bytes a shorter length left behind);
+    /// `resize_for_overwrite` keeps old bytes and zeros only pages it adds; the start
+    /// stays page-aligned.
+    #[test]
+    fn page_buf_resize_zeros_what_it_adds_and_resize_for_overwrite_keeps_old_bytes() {
+        let mut buf = PageBuf::new();
+        buf.resize(8192);
+        assert!(buf.iter().all(|&b| b == 0));
+        buf.fill(7);
+        buf.resize(100);
+        buf.resize(8192);
+        assert!(buf[..100].iter().all(|&b| b == 7));
+        assert!(
+            buf[100..].iter().all(|&b| b == 0),
+            "resize leaves old bytes"
+        );
+        buf.fill(9);
+        buf.resize_for_overwrite(100);
+        buf.resize_for_overwrite(3 * 4096 + 1);
+        assert_eq!(buf.len(), 3 * 4096 + 1);
+        assert!(buf[..8192].iter().all(|&b| b == 9));
+        assert!(buf[8192..].iter().all(|&b| b == 0), "added pages are zeros");
+        assert_eq!(buf.as_ptr() as usize % DIRECT_ALIGN_BYTES, 0);
+    }
     #[test]
     fn file_disk_honours_contract() {
         let dir = tempfile::tempdir().unwrap();

@@ -194,6 +194,11 @@ pub const GROUP_COMMIT_BUCKETS_US: [u64; 12] = [
     5_000_000,
 ];
 
+/// The steps of a group commit whose time is kept apart (`VolumeStats::group_commit_phase_ns`):
+/// the copies into the stores, the stores' sync, the journal frame and the tables, and the
+/// held pieces written to the origin.
+pub const GROUP_COMMIT_PHASES: [&str; 4] = ["copies", "store_sync", "journal", "origin"];
+
 /// What a metrics scrape reads of a volume: nothing is committed or waited for.
 #[derive(Debug, Clone)]
 pub struct VolumeStats {
@@ -207,6 +212,9 @@ pub struct VolumeStats {
     pub group_commit_ns: u64,
     /// Group commits per latency bucket (`GROUP_COMMIT_BUCKETS_US`, then the rest).
     pub group_commit_bucket_counts: [u64; GROUP_COMMIT_BUCKETS_US.len() + 1],
+    /// Time the group commits spent in each of `GROUP_COMMIT_PHASES` (commits that failed
+    /// part-way count the phases they finished).
+    pub group_commit_phase_ns: [u64; GROUP_COMMIT_PHASES.len()],
     /// `--store-size`, when the volume has one.
     pub store_capacity_bytes: Option<u64>,
     pub restore: Option<RestoreProgress>,
@@ -424,6 +432,10 @@ pub struct Volume {
     group_commit_count: AtomicU64,
     group_commit_ns: AtomicU64,
     group_commit_buckets: [AtomicU64; GROUP_COMMIT_BUCKETS_US.len() + 1],
+    group_commit_phase_ns: [AtomicU64; GROUP_COMMIT_PHASES.len()],
+    /// The group commit's buffer for copies (at most `COPY_RUN_BYTES_MAX`), kept between
+    /// commits; only the commit's leader takes it.
+    copy_buf: Mutex<crate::io::PageBuf>,
     /// The restore running or paused: chunks to go over in all (0: none) and done.
     restore_chunk_count_total: AtomicU64,
     restore_chunk_count_done: AtomicU64,
@@ -515,6 +527,9 @@ impl Volume {
             group_commit_ns: self.group_commit_ns.load(Ordering::Relaxed),
             group_commit_bucket_counts: std::array::from_fn(|i| {
                 self.group_commit_buckets[i].load(Ordering::Relaxed)
+            }),
+            group_commit_phase_ns: std::array::from_fn(|i| {
+                self.group_commit_phase_ns[i].load(Ordering::Relaxed)
             }),
             store_capacity_bytes: self.config.store_size_bytes,
             restore: self.restore_progress(),

@@ -580,6 +580,8 @@ impl Volume {
             group_commit_count: AtomicU64::new(0),
             group_commit_ns: AtomicU64::new(0),
             group_commit_buckets: Default::default(),
+            group_commit_phase_ns: Default::default(),
+            copy_buf: Mutex::new(crate::io::PageBuf::new()),
             restore_chunk_count_total: AtomicU64::new(0),
             restore_chunk_count_done: AtomicU64::new(0),
             restore_paused: AtomicBool::new(false),

@@ -1083,7 +1083,7 @@ impl Volume {
             let bytes: &[u8] = match &mut from {
                 CopyFrom::Chunk(old) => &old[a..b],
                 CopyFrom::Origin(buf) => {
-                    buf.resize(b - a);
+                    buf.resize_for_overwrite(b - a);
                     self.origin
                         .read_at(&mut buf[..b - a], chunk_start + a as u64)
                         .map_err(
@@ -1153,7 +1153,7 @@ impl Volume {
     /// bytes, then zeros past the volume's end (the last chunk may be short). Returns the
     /// chunk's length inside the volume.
     fn read_old_chunk(&self, chunk_index: u64, buf: &mut PageBuf) -> Result<usize> {
-        buf.resize(self.chunk_bytes() as usize);
+        buf.resize_for_overwrite(self.chunk_bytes() as usize);
         self.read_old_chunk_into(chunk_index, buf)
     }
 
@@ -1184,7 +1184,7 @@ impl Volume {
                 && e.slot_index == slot_index + i as u64
                 && self.deferred.contains(e.chunk_index)
         }));
-        buf.resize(run.len() * cs);
+        buf.resize_for_overwrite(run.len() * cs);
         for (q, slot) in run.iter().zip(buf.chunks_exact_mut(cs)) {
             self.read_old_chunk_into(q.entry.chunk_index, slot)?;
         }
@@ -1457,6 +1457,7 @@ impl Volume {
     fn commit_batch(&self, mut batch: Vec<Queued>) -> Result<()> {
         debug_assert!(!batch.is_empty());
         self.ensure_ok()?;
+        let mut phases = PhaseClock::new(&self.group_commit_phase_ns);
         // The parts each copy takes: a new record's, those of its chunk's held pieces (a
         // piece held from here on that lies outside them stays held: `drain_held`); an
         // extension's, those too. Whole where chunks are copied whole.
@@ -1471,7 +1472,10 @@ impl Volume {
                 };
             }
         }
-        let mut buf = PageBuf::new(); // aligned: the copies go around the page cache
+        // Aligned: the copies go around the page cache. Kept from commit to commit (one
+        // leader at a time), so a commit neither faults in nor clears fresh memory.
+        let mut buf = self.copy_buf.lock();
+        let buf = &mut *buf;
         // The chunks copied here were asked for when their first write was planned
         // (`plan_chunk`), so reading them one by one here finds them read or on their way.
         let run_chunks_max = (COPY_RUN_BYTES_MAX / self.chunk_bytes()).max(1) as usize;
@@ -1487,9 +1491,9 @@ impl Volume {
             let copied = if !q.copy_due {
                 Ok(())
             } else if q.entry.extends {
-                self.copy_extension(&mut q.entry, &mut buf)
+                self.copy_extension(&mut q.entry, buf)
             } else if q.entry.parts != PARTS_ALL {
-                self.copy_partial(&mut q.entry, &mut buf)
+                self.copy_partial(&mut q.entry, buf)
             } else {
                 // A run: the following whole copies into the next slots of the same store.
                 let (store_index, slot_index) = (q.entry.store_index, q.entry.slot_index);
@@ -1510,7 +1514,7 @@ impl Volume {
                 // back to copying chunk by chunk, which finds how far there is space.
                 let whole = run.len() > 1
                     && self
-                        .copy_deferred_run(&mut run, &mut buf)
+                        .copy_deferred_run(&mut run, buf)
                         .map_err(|e| failed(e, first_chunk))?;
                 let mut run = run.into_iter();
                 if whole {
@@ -1519,7 +1523,7 @@ impl Volume {
                 }
                 let mut result = Ok(());
                 for mut r in run.by_ref() {
-                    if let Err(e) = self.copy_deferred_chunk(&mut r.entry, &mut buf) {
+                    if let Err(e) = self.copy_deferred_chunk(&mut r.entry, buf) {
                         result = Err((e, r));
                         break;
                     }
@@ -1560,9 +1564,11 @@ impl Volume {
                 Err(err) => return Err(failed(err, q.entry.chunk_index)),
             }
         }
+        phases.end(Phase::Copies);
         self.stores
             .sync_all()
             .map_err(|e| self.fail(format!("syncing the snapshot stores failed ({e})")))?;
+        phases.end(Phase::StoreSync);
         let mut chunks: Vec<u64> = done.iter().map(|q| q.entry.chunk_index).collect();
         {
             let mut js = self.journal.lock();
@@ -1586,6 +1592,7 @@ impl Volume {
             }
             self.maybe_checkpoint(&mut js)?;
         }
+        phases.end(Phase::Journal);
         chunks.sort_unstable();
         chunks.dedup();
         let mut no_space = Vec::new();
@@ -1598,6 +1605,7 @@ impl Volume {
             tracing::warn!(volume = %self.config.name, chunks = no_space.len(), "no space on the origin for data held for a group commit; it stays held and is written by the next commit or flush");
             self.undrained.lock().extend(no_space);
         }
+        phases.end(Phase::Origin);
         Ok(())
     }
 
@@ -1826,5 +1834,36 @@ fn apply_source(
             dst.copy_from_slice(&d[(a - write_offset) as usize..(b - write_offset) as usize])
         }
         Source::Zeroes => dst.fill(0),
+    }
+}
+
+/// A step of a group commit whose time is kept (`super::GROUP_COMMIT_PHASES`, same order).
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Copies = 0,
+    StoreSync = 1,
+    Journal = 2,
+    Origin = 3,
+}
+
+/// Adds the time since the previous step ended to each step's total as it ends.
+struct PhaseClock<'a> {
+    totals_ns: &'a [AtomicU64; super::GROUP_COMMIT_PHASES.len()],
+    since: std::time::Instant,
+}
+
+impl<'a> PhaseClock<'a> {
+    fn new(totals_ns: &'a [AtomicU64; super::GROUP_COMMIT_PHASES.len()]) -> Self {
+        PhaseClock {
+            totals_ns,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    fn end(&mut self, phase: Phase) {
+        let now = std::time::Instant::now();
+        let took_ns = u64::try_from((now - self.since).as_nanos()).unwrap_or(u64::MAX);
+        self.totals_ns[phase as usize].fetch_add(took_ns, Ordering::Relaxed);
+        self.since = now;
     }
 }
