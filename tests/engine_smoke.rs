@@ -569,6 +569,104 @@ fn first_writes_read_their_chunks_ahead_and_in_order_ones_as_a_stream() {
     );
 }
 
+/// A client streaming through a volume whose data is not in memory (`ColdDisk`: nothing
+/// is cached) reads it, and has its writes compared, through the engine's read-ahead of a
+/// stream (`Storage::read_sequential`) once the stream is found, with no hints; random
+/// requests, and streams through memory (`MemDisk`: all cached), keep the ordinary paths.
+/// The bytes are the same either way, and an identical rewrite writes nothing.
+#[test]
+fn a_stream_through_data_not_in_memory_is_read_as_a_stream() {
+    use snapvol::io::{CountingDisk, Disk, IoCounts, MemDisk};
+    use snapvol_test_support::sim::ColdDisk;
+    use std::sync::Arc;
+    const SIZE: u64 = 32 << 20;
+    const REQ: usize = 256 << 10;
+    let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 / 4096) as u8).collect();
+    let run = |under: Arc<dyn Disk>| -> [IoCounts; 4] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let dd = DataDir::open_with_disk(dir.path(), under.clone()).unwrap();
+            dd.create_volume(
+                "v",
+                &CreateOptions {
+                    size_bytes: Some(SIZE),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let v = dd.open_volume("v").unwrap();
+            v.write(0, &data).unwrap();
+            v.close().unwrap();
+        }
+        let mut counts = Vec::new();
+        let mut phase = |f: &mut dyn FnMut(&Volume)| {
+            let counting = Arc::new(CountingDisk::new(under.clone()));
+            let dd = DataDir::open_with_disk(dir.path(), counting.clone()).unwrap();
+            let v = dd.open_volume("v").unwrap();
+            f(&v);
+            v.close().unwrap();
+            counts.push(counting.counts());
+        };
+        // A sequential read, every byte checked.
+        phase(&mut |v| {
+            let mut buf = vec![0u8; REQ];
+            for (i, want) in data.chunks(REQ).enumerate() {
+                v.read((i * REQ) as u64, &mut buf).unwrap();
+                assert!(buf == want, "request {i}");
+            }
+        });
+        // Random reads, far apart.
+        phase(&mut |v| {
+            let mut buf = vec![0u8; 4096];
+            for k in 0..64u64 {
+                let at = (k * 2_654_435_761) % (SIZE / 4096) * 4096;
+                v.read(at, &mut buf).unwrap();
+                assert!(buf[..] == data[at as usize..at as usize + 4096]);
+            }
+        });
+        // An identical rewrite: compared, nothing written.
+        phase(&mut |v| {
+            for (i, chunk) in data.chunks(REQ).enumerate() {
+                v.write((i * REQ) as u64, chunk).unwrap();
+            }
+            // Identical: the origin written by the first fill only (the counter is kept).
+            assert_eq!(v.stats().counters.origin_bytes_written, SIZE);
+        });
+        // A sequential write of other bytes: compared as a stream, written.
+        phase(&mut |v| {
+            let other = vec![0xa5u8; REQ];
+            for i in 0..(SIZE as usize / REQ) {
+                v.write((i * REQ) as u64, &other).unwrap();
+            }
+            let mut buf = vec![0u8; REQ];
+            v.read(SIZE - REQ as u64, &mut buf).unwrap();
+            assert!(buf == other);
+        });
+        counts.try_into().unwrap()
+    };
+
+    let requests = (SIZE as usize / REQ) as u64;
+    let [read, random, rewrite, other] = run(Arc::new(ColdDisk::new(Arc::new(MemDisk::default()))));
+    // All but the first requests, before the stream is one (a few).
+    assert!(read.reads_sequential >= requests - 4, "{read:?}");
+    assert_eq!(
+        read.reads_hinted, 0,
+        "a cold stream gets no hints: {read:?}"
+    );
+    assert_eq!(random.reads_sequential, 0, "{random:?}");
+    assert!(rewrite.reads_sequential >= requests - 4, "{rewrite:?}");
+    assert!(other.reads_sequential >= requests - 4, "{other:?}");
+    assert!(other.bytes_written >= SIZE, "{other:?}");
+
+    let [read, random, rewrite, _] = run(Arc::new(MemDisk::default()));
+    for c in [read, random, rewrite] {
+        assert_eq!(
+            c.reads_sequential, 0,
+            "all in memory: the ordinary paths: {c:?}"
+        );
+    }
+}
+
 /// Issue 13: a restore that runs out of space pauses instead of failing the volume. The
 /// data directory on a 40 MiB tmpfs, a 16 MiB volume whose every chunk changed since
 /// snapshot `s1` (its copies take another 16 MiB): the restore, which copies the current

@@ -20,6 +20,8 @@ pub struct IoCounts {
     /// `will_need` calls (hints to start reading), and the furthest end any of them named.
     pub reads_hinted: u64,
     pub read_hint_end_max: u64,
+    /// `read_sequential` calls (reads of a stream, through the engine's read-ahead).
+    pub reads_sequential: u64,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +34,7 @@ struct Counters {
     writebacks_waited: AtomicU64,
     reads_hinted: AtomicU64,
     read_hint_end_max: AtomicU64,
+    reads_sequential: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -60,6 +63,7 @@ impl CountingDisk {
             writebacks_waited: c.writebacks_waited.load(Ordering::Relaxed),
             reads_hinted: c.reads_hinted.load(Ordering::Relaxed),
             read_hint_end_max: c.read_hint_end_max.load(Ordering::Relaxed),
+            reads_sequential: c.reads_sequential.load(Ordering::Relaxed),
         }
     }
 }
@@ -89,6 +93,24 @@ struct CountingStorage {
 impl Storage for CountingStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.inner.read_at(buf, offset)
+    }
+    fn is_cached(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.inner.is_cached(offset, len)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        self.inner.allocation(offset, len)
+    }
+    fn looks_allocated(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.inner.looks_allocated(offset, len)
+    }
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.drop_cached(offset, len)
+    }
+    fn read_sequential(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.counters
+            .reads_sequential
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner.read_sequential(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.inner.write_at(buf, offset)?;

@@ -168,6 +168,21 @@ pub trait Storage: Send + Sync + Debug {
     fn will_need(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Reads as [`Storage::read_at`], for a caller that knows this read continues a
+    /// sequential stream through a handle declared [`Storage::read_randomly`]: the engine
+    /// reads it through its own read-ahead, which reads ahead of the stream as it goes
+    /// (in large folios, started as the stream reaches its marks), instead of the hints
+    /// of [`Storage::will_need`], which fill the cache a page at a time. Engines without a
+    /// read-ahead: `read_at`.
+    fn read_sequential(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
+    /// Drops the clean cached pages wholly inside `[offset, offset + len)` (a hint, for a
+    /// reader that streams through more than memory holds and is done with them: they
+    /// would otherwise push out what it reads ahead). Engines without a cache do nothing.
+    fn drop_cached(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Declares that reads of this handle come in no order (store slots): the engine reads
     /// only what is asked, with no read-ahead around it (a hint; a volume larger than
     /// memory would otherwise read megabytes around each chunk and evict what it needs).
@@ -210,6 +225,15 @@ pub trait Storage: Send + Sync + Debug {
     /// Whether this is a block device (fixed size, never truncated).
     fn is_block_device(&self) -> bool {
         false
+    }
+    /// Whether `[offset, offset + len)` looks allocated: a quick check for a hint, which
+    /// may miss a hole inside the range (engines may look at its ends only). By default
+    /// from [`Storage::allocation`].
+    fn looks_allocated(&self, offset: u64, len: u64) -> io::Result<bool> {
+        Ok(self
+            .allocation(offset, len)?
+            .iter()
+            .all(|&(_, allocated)| allocated))
     }
     /// Allocation of `[offset, offset + len)` as consecutive `(length, allocated)` extents
     /// covering the range exactly. Unallocated extents read as zeros. Engines that cannot
@@ -348,6 +372,25 @@ mod tests {
         assert!(page.iter().all(|&b| b == 0));
         s.read_at(&mut page, 8192).unwrap();
         assert!(page.iter().all(|&b| b == 1));
+        // A stream's read reads what `read_at` does, zeros past the end too; dropping the
+        // cache loses nothing; the quick look says data where it is (engines that cannot
+        // tell say data everywhere).
+        let mut seq = vec![9u8; 8192];
+        s.read_sequential(&mut seq, 8192).unwrap();
+        assert!(seq[..4096].iter().all(|&b| b == 1));
+        assert!(seq[4096..].iter().all(|&b| b == 0));
+        s.drop_cached(0, 12288).unwrap();
+        s.read_at(&mut page, 8192).unwrap();
+        assert!(page.iter().all(|&b| b == 1));
+        assert!(s.looks_allocated(8192, 4096).unwrap());
+        if s.allocation(4096, 4096).unwrap() == [(4096, false)] {
+            assert!(!s.looks_allocated(4096, 4096).unwrap(), "a hole");
+            assert!(
+                !s.looks_allocated(4096, 8192).unwrap(),
+                "a hole at the start"
+            );
+            assert!(!s.looks_allocated(0, 8192).unwrap(), "a hole at the end");
+        }
         s.set_len(4096).unwrap();
         assert_eq!(s.len().unwrap(), 4096);
         s.sync().unwrap();

@@ -31,6 +31,17 @@ const GAP_REQUESTS: u64 = 4;
 /// Requests continuing a stream before it is read ahead.
 const CONTINUATIONS_MIN: u32 = 3;
 
+/// What [`Streams::note`] made of a request.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Noted {
+    /// It continues a stream that has gone on for `CONTINUATIONS_MIN` requests.
+    pub(crate) streaming: bool,
+    /// That stream was marked cold (`mark_cold`).
+    pub(crate) cold: bool,
+    /// The range `(offset, length)` to ask for ahead, if one is due.
+    pub(crate) ahead: Option<(u64, u64)>,
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Stream {
     /// The largest end of a request of this stream.
@@ -41,6 +52,8 @@ struct Stream {
     continuations: u32,
     /// When a request last used it (a tick of the table).
     used_tick: u64,
+    /// Found reading what is not in memory (`mark_cold`): read as a stream from then on.
+    cold: bool,
 }
 
 #[derive(Debug, Default)]
@@ -56,9 +69,47 @@ pub(crate) struct Streams {
 }
 
 impl Streams {
-    /// Notes a request of `[offset, offset + length)` on a volume of `size_bytes`; returns
-    /// the range `(offset, length)` to ask for ahead, if any.
-    pub(crate) fn note(&self, offset: u64, length: u64, size_bytes: u64) -> Option<(u64, u64)> {
+    /// Notes a request of `[offset, offset + length)` on a volume of `size_bytes`: whether
+    /// it continues a stream, and the range to ask for ahead, if any.
+    pub(crate) fn note(&self, offset: u64, length: u64, size_bytes: u64) -> Noted {
+        self.note_inner(offset, length, size_bytes)
+            .unwrap_or_default()
+    }
+
+    /// Whether noting `[offset, offset + length)` now would find it continuing a stream
+    /// (as `note` would say), without noting it: `Some(cold)` if so.
+    pub(crate) fn continues(&self, offset: u64, length: u64) -> Option<bool> {
+        let table = self.table.try_lock()?; // contended: as `note`, which would skip it
+        let gap = length.saturating_mul(GAP_REQUESTS);
+        table
+            .streams
+            .iter()
+            .find(|s| {
+                s.used_tick != 0
+                    && offset <= s.end.saturating_add(gap)
+                    && offset.saturating_add(gap) >= s.end
+                    && s.continuations.saturating_add(1) >= CONTINUATIONS_MIN
+            })
+            .map(|s| s.cold)
+    }
+
+    /// Marks the stream that `[offset, offset + length)` (noted just before) continues as
+    /// cold: its reader found it not in memory.
+    pub(crate) fn mark_cold(&self, offset: u64, length: u64) {
+        let Some(mut table) = self.table.try_lock() else {
+            return; // contended: a later request marks it
+        };
+        let gap = length.saturating_mul(GAP_REQUESTS);
+        if let Some(s) = table.streams.iter_mut().find(|s| {
+            s.used_tick != 0
+                && offset <= s.end.saturating_add(gap)
+                && offset.saturating_add(gap) >= s.end
+        }) {
+            s.cold = true;
+        }
+    }
+
+    fn note_inner(&self, offset: u64, length: u64, size_bytes: u64) -> Option<Noted> {
         let end = offset.checked_add(length)?;
         debug_assert!(end <= size_bytes);
         let mut table = self.table.try_lock()?; // contended: skip, a hint only
@@ -81,6 +132,7 @@ impl Streams {
                 hinted_end: end,
                 continuations: 0,
                 used_tick: tick,
+                cold: false,
             };
             return None;
         };
@@ -90,13 +142,19 @@ impl Streams {
         if stream.continuations < CONTINUATIONS_MIN {
             return None;
         }
+        let mut noted = Noted {
+            streaming: true,
+            cold: stream.cold,
+            ahead: None,
+        };
         let want_end = stream.end.saturating_add(AHEAD_BYTES).min(size_bytes);
         let start = stream.hinted_end.max(stream.end);
         if want_end <= start || (want_end - start < HINT_STEP_BYTES && want_end < size_bytes) {
-            return None;
+            return Some(noted);
         }
         stream.hinted_end = want_end;
-        Some((start, want_end - start))
+        noted.ahead = Some((start, want_end - start));
+        Some(noted)
     }
 }
 
@@ -112,8 +170,37 @@ mod tests {
         let s = Streams::default();
         requests
             .iter()
-            .filter_map(|&(o, l)| s.note(o, l, size_bytes))
+            .filter_map(|&(o, l)| s.note(o, l, size_bytes).ahead)
             .collect()
+    }
+
+    /// A stream counts as one once it has gone on for `CONTINUATIONS_MIN` requests, as
+    /// `continues` (which notes nothing) foresees; `mark_cold` marks the stream a request
+    /// continues, and only that one.
+    #[test]
+    fn continues_foresees_a_stream_and_mark_cold_marks_only_its_own() {
+        let s = Streams::default();
+        let req = 256 * 1024;
+        let mut noted = Vec::new();
+        for i in 0..6u64 {
+            let foreseen = s.continues(i * req, req);
+            let n = s.note(i * req, req, SIZE);
+            assert_eq!(foreseen.is_some(), n.streaming, "request {i}");
+            noted.push(n.streaming);
+        }
+        assert_eq!(noted, [false, false, false, true, true, true]);
+        // Another stream far away.
+        for i in 0..4u64 {
+            s.note(SIZE / 2 + i * req, req, SIZE);
+        }
+        assert_eq!(s.continues(6 * req, req), Some(false));
+        s.mark_cold(5 * req, req);
+        assert_eq!(s.continues(6 * req, req), Some(true));
+        let n = s.note(6 * req, req, SIZE);
+        assert!(n.streaming && n.cold);
+        assert_eq!(s.continues(SIZE / 2 + 4 * req, req), Some(false));
+        // Random requests continue nothing.
+        assert_eq!(s.continues(SIZE / 4, 4096), None);
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub(super) enum Source<'a> {
 pub(super) enum Old {
     /// Read from the origin (every ordinary write).
     Read,
+    /// Read from the origin by a write that continues a client's stream through data not
+    /// in memory (`Volume::note_read`): with `Storage::read_sequential`, whose read-ahead
+    /// follows the stream.
+    ReadStream,
     /// Zeros, as the caller knows (see [`Volume::write_over_zeros`]): not read.
     KnownZeros,
 }
@@ -344,10 +348,14 @@ impl Volume {
         self.counters
             .client_bytes_written
             .fetch_add(length, Ordering::Relaxed);
-        if matches!(src, Source::Data(_)) && old == Old::Read {
-            // Its compare reads the old data: a stream of writes gets it read ahead.
-            self.read_ahead_if_streaming(offset, length);
-        }
+        // Its compare reads the old data: a stream of writes reads it as a stream.
+        let old =
+            if matches!(src, Source::Data(_)) && old == Old::Read && self.note_read(offset, length)
+            {
+                Old::ReadStream
+            } else {
+                old
+            };
         if self.may_defer(offset, length) {
             self.wait_for_deferred_room()?;
         }
@@ -356,6 +364,9 @@ impl Volume {
             let _barrier = self.barrier.read();
             self.write_range_locked(offset, length, src, old)
         };
+        if old == Old::ReadStream && result.is_ok() {
+            self.drop_behind(offset, length);
+        }
         match result {
             // No space for the held data or the origin: the group commit of what is queued
             // writes the held data to the origin and gives the scratch file's space back
@@ -561,7 +572,7 @@ impl Volume {
             // memory, the write goes through without a read (an engine that cannot tell
             // compares as always); where it is in memory, the compare below as always.
             let write_through = !preserving
-                && old_is == Old::Read
+                && old_is != Old::KnownZeros
                 && self.config.compare == ComparePolicy::Cached
                 && matches!(src, Source::Data(_))
                 && match self.origin.is_cached(span_start, span_len as u64) {
@@ -592,9 +603,12 @@ impl Volume {
                 collect_diffs(&ZEROS[..span_len], span_start, offset, end, src, &mut diffs);
             } else if !in_place {
                 let old_span = &mut old[..span_len];
-                self.origin.read_at(old_span, span_start).map_err(
-                    self.io_err(|| format!("reading chunk {chunk_index} of the origin")),
-                )?;
+                let read = if old_is == Old::ReadStream {
+                    self.origin.read_sequential(old_span, span_start)
+                } else {
+                    self.origin.read_at(old_span, span_start)
+                };
+                read.map_err(self.io_err(|| format!("reading chunk {chunk_index} of the origin")))?;
                 diffs.clear();
                 collect_diffs(old_span, span_start, offset, end, src, &mut diffs);
             }
