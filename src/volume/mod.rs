@@ -785,10 +785,10 @@ impl Volume {
     }
 
     /// Whether the origin holds data in `[offset, offset + length)` (at its ends, a quick
-    /// look): only there is a stream read through the kernel's read-ahead. Over holes it would leave large
-    /// folios of zeros in the cache, and a 4 KiB write into a large folio costs in
-    /// proportion to the folio (measured: steady random 4 KiB writes on a 1 GiB volume
-    /// filled that way 116-131k -> 32-38k IOPS).
+    /// look): only there is a stream read through the kernel's read-ahead. Over holes it
+    /// would leave large folios of zeros in the cache, and a 4 KiB write into a large folio
+    /// costs in proportion to the folio (measured: steady random 4 KiB writes on a 1 GiB
+    /// volume filled that way 116-131k -> 32-38k IOPS).
     fn holds_data(&self, offset: u64, length: u64) -> bool {
         self.origin.looks_allocated(offset, length).unwrap_or(false)
     }
