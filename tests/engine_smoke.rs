@@ -210,6 +210,18 @@ fn small_tmpfs(dir: &std::path::Path, size: &str) -> Option<Unmount> {
     Some(Unmount(dir.to_path_buf()))
 }
 
+/// Creates volume `name` of `size_bytes` with the other options at their defaults.
+fn create_sized(dd: &DataDir, name: &str, size_bytes: u64) {
+    dd.create_volume(
+        name,
+        &CreateOptions {
+            size_bytes: Some(size_bytes),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
 /// 1 MiB of data that tells writes apart: `tag` in every byte but the first of each 4 KiB.
 fn tagged_mib(tag: u8) -> Vec<u8> {
     let mut v = vec![tag; 1 << 20];
@@ -234,14 +246,7 @@ fn rewriting_after_the_file_system_filled_loses_nothing() {
     let mib = 1u64 << 20;
     let size = 40 * mib;
     let dd = DataDir::open(&data).unwrap();
-    dd.create_volume(
-        "big",
-        &CreateOptions {
-            size_bytes: Some(size),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    create_sized(&dd, "big", size);
     let v = dd.open_volume("big").unwrap();
     for i in 0..40 {
         v.write(i * mib, &tagged_mib(1)).unwrap();
@@ -311,14 +316,7 @@ fn a_full_file_system_refuses_writes_and_never_fails_the_volume() {
     let mib = 1u64 << 20;
     let count = 200u64;
     let dd = DataDir::open(&data).unwrap();
-    dd.create_volume(
-        "big",
-        &CreateOptions {
-            size_bytes: Some(count * mib),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    create_sized(&dd, "big", count * mib);
     let v = dd.open_volume("big").unwrap();
     v.write(0, &tagged_mib(1)).unwrap();
     v.create_snapshot("s").unwrap();
@@ -390,14 +388,7 @@ fn origin_writeback_starts_after_every_8_mib_written_and_not_for_identical_data(
     let dir = tempfile::tempdir().unwrap();
     let counting = Arc::new(CountingDisk::new(Arc::new(MemDisk::default())));
     let dd = DataDir::open_with_disk(dir.path(), counting.clone()).unwrap();
-    dd.create_volume(
-        "v",
-        &CreateOptions {
-            size_bytes: Some(48 << 20),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    create_sized(&dd, "v", 48 << 20);
     let v = dd.open_volume("v").unwrap();
     let started = || counting.counts().writebacks_started;
     let mib = |n: u64, byte: u8| vec![byte; (n << 20) as usize];
@@ -527,14 +518,7 @@ fn first_writes_read_their_chunks_ahead_and_in_order_ones_as_a_stream() {
     };
     {
         let dd = DataDir::open_with_disk(dir.path(), mem.clone()).unwrap();
-        dd.create_volume(
-            "v",
-            &CreateOptions {
-                size_bytes: Some(1024 * CHUNK),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        create_sized(&dd, "v", 1024 * CHUNK);
         let v = dd.open_volume("v").unwrap();
         v.write(0, &vec![1u8; (1024 * CHUNK) as usize]).unwrap();
         v.create_snapshot("s").unwrap();
@@ -586,14 +570,7 @@ fn a_stream_through_data_not_in_memory_is_read_as_a_stream() {
         let dir = tempfile::tempdir().unwrap();
         {
             let dd = DataDir::open_with_disk(dir.path(), under.clone()).unwrap();
-            dd.create_volume(
-                "v",
-                &CreateOptions {
-                    size_bytes: Some(SIZE),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            create_sized(&dd, "v", SIZE);
             let v = dd.open_volume("v").unwrap();
             v.write(0, &data).unwrap();
             v.close().unwrap();
@@ -689,14 +666,7 @@ fn a_restore_out_of_space_pauses_and_resumes_once_space_is_freed() {
         restore_retry_interval_ms: 0,
         ..Default::default()
     });
-    dd.create_volume(
-        "v",
-        &CreateOptions {
-            size_bytes: Some(count * mib),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    create_sized(&dd, "v", count * mib);
     let v = dd.open_volume("v").unwrap();
     for i in 0..count {
         v.write(i * mib, &tagged_mib(1)).unwrap();

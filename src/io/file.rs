@@ -150,16 +150,8 @@ impl FileStorage {
                 // /proc/self/fd, which also opens an O_TMPFILE file (no name).
                 let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
                 let opened = OpenOptions::new().read(true).open(path).and_then(|file| {
-                    // SAFETY: posix_fadvise takes a valid open descriptor and plain
-                    // integers; it does not touch memory we own.
-                    let rc = unsafe {
-                        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL)
-                    };
-                    if rc == 0 {
-                        Ok(file)
-                    } else {
-                        Err(io::Error::from_raw_os_error(rc))
-                    }
+                    fadvise(&file, 0, 0, libc::POSIX_FADV_SEQUENTIAL)?;
+                    Ok(file)
                 });
                 match opened {
                     Ok(file) => Some(file),
@@ -275,6 +267,18 @@ fn direct_aligned(buf: &[u8], offset: u64) -> bool {
 /// `(offset, len)` as the `off_t` pair the kernel's range hints take; `None` if too large.
 fn hint_range(offset: u64, len: u64) -> Option<(i64, i64)> {
     Some((i64::try_from(offset).ok()?, i64::try_from(len).ok()?))
+}
+
+/// `posix_fadvise(2)` on `file` over `len` bytes from `offset` (0, 0: the whole file).
+fn fadvise(file: &File, offset: i64, len: i64, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does not
+    // touch memory we own.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, advice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
 }
 
 /// Fills `buf` from `file` at `offset`; bytes past the end read as zeros (the contract of
@@ -497,32 +501,14 @@ impl Storage for FileStorage {
         let Some((off, l)) = hint_range(offset, len) else {
             return Ok(()); // a hint only
         };
-        // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does
-        // not touch memory we own.
-        let rc = unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED)
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(rc))
-        }
+        fadvise(&self.file, off, l, libc::POSIX_FADV_WILLNEED)
     }
 
     fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
         let Some((off, l)) = hint_range(offset, len) else {
             return Ok(()); // a hint only
         };
-        // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does
-        // not touch memory we own.
-        let rc = unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_DONTNEED)
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(rc))
-        }
+        fadvise(&self.file, off, l, libc::POSIX_FADV_DONTNEED)
     }
 
     fn write_around_cache(&self) -> io::Result<()> {
@@ -542,15 +528,7 @@ impl Storage for FileStorage {
     }
 
     fn read_randomly(&self) -> io::Result<()> {
-        // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does
-        // not touch memory we own.
-        let rc =
-            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(rc))
-        }
+        fadvise(&self.file, 0, 0, libc::POSIX_FADV_RANDOM)
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -703,10 +703,10 @@ impl Volume {
         }
         if let Some(cold) = self.streams.continues(offset, len as u64)
             && (cold || !self.looks_cached(offset, len as u64))
-            && self.holds_data(offset, len as u64)
         {
-            // `read` reads it through the read-ahead of a stream (`note_read`): pages
-            // mapped here cost more to reclaim, and the map reads nothing ahead.
+            // `read` reads it through the read-ahead of a stream where it holds data
+            // (`note_read`, which looks for holes: not here as well): pages mapped here
+            // cost more to reclaim, and the map reads nothing ahead.
             return false;
         }
         self.read_ahead_if_streaming(offset, len as u64);

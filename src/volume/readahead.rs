@@ -56,6 +56,16 @@ struct Stream {
     cold: bool,
 }
 
+impl Stream {
+    /// Whether a request from `offset` continues this stream: it starts within `gap` of
+    /// the stream's end, either side.
+    fn continued_by(&self, offset: u64, gap: u64) -> bool {
+        self.used_tick != 0
+            && offset <= self.end.saturating_add(gap)
+            && offset.saturating_add(gap) >= self.end
+    }
+}
+
 #[derive(Debug, Default)]
 struct Table {
     streams: [Stream; STREAMS_MAX],
@@ -85,9 +95,7 @@ impl Streams {
             .streams
             .iter()
             .find(|s| {
-                s.used_tick != 0
-                    && offset <= s.end.saturating_add(gap)
-                    && offset.saturating_add(gap) >= s.end
+                s.continued_by(offset, gap)
                     && s.continuations.saturating_add(1) >= CONTINUATIONS_MIN
             })
             .map(|s| s.cold)
@@ -100,11 +108,11 @@ impl Streams {
             return; // contended: a later request marks it
         };
         let gap = length.saturating_mul(GAP_REQUESTS);
-        if let Some(s) = table.streams.iter_mut().find(|s| {
-            s.used_tick != 0
-                && offset <= s.end.saturating_add(gap)
-                && offset.saturating_add(gap) >= s.end
-        }) {
+        if let Some(s) = table
+            .streams
+            .iter_mut()
+            .find(|s| s.continued_by(offset, gap))
+        {
             s.cold = true;
         }
     }
@@ -116,11 +124,10 @@ impl Streams {
         table.tick = table.tick.wrapping_add(1);
         let tick = table.tick;
         let gap = length.saturating_mul(GAP_REQUESTS);
-        let continued = table.streams.iter_mut().find(|s| {
-            s.used_tick != 0
-                && offset <= s.end.saturating_add(gap)
-                && offset.saturating_add(gap) >= s.end
-        });
+        let continued = table
+            .streams
+            .iter_mut()
+            .find(|s| s.continued_by(offset, gap));
         let Some(stream) = continued else {
             let oldest = table
                 .streams
