@@ -555,9 +555,11 @@ fn first_writes_read_their_chunks_ahead_and_in_order_ones_as_a_stream() {
 
 /// A client streaming through a volume whose data is not in memory (`ColdDisk`: nothing
 /// is cached) reads it, and has its writes compared, through the engine's read-ahead of a
-/// stream (`Storage::read_sequential`) once the stream is found, with no hints; random
-/// requests, and streams through memory (`MemDisk`: all cached), keep the ordinary paths.
-/// The bytes are the same either way, and an identical rewrite writes nothing.
+/// stream (`Storage::read_sequential`) once the stream is found, with no hints; on a
+/// volume larger than memory (sparse, on real files), around the cache
+/// (`Storage::read_around_cache`, `O_DIRECT`). Random requests, and streams through memory
+/// (`MemDisk`: all cached), keep the ordinary paths. The bytes are the same every way, and
+/// an identical rewrite writes nothing.
 #[test]
 fn a_stream_through_data_not_in_memory_is_read_as_a_stream() {
     use snapvol::io::{CountingDisk, Disk, IoCounts, MemDisk};
@@ -566,11 +568,12 @@ fn a_stream_through_data_not_in_memory_is_read_as_a_stream() {
     const SIZE: u64 = 32 << 20;
     const REQ: usize = 256 << 10;
     let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 / 4096) as u8).collect();
-    let run = |under: Arc<dyn Disk>| -> [IoCounts; 4] {
+    // Data in the first SIZE bytes of a volume of `volume_bytes`.
+    let run = |under: Arc<dyn Disk>, volume_bytes: u64| -> [IoCounts; 4] {
         let dir = tempfile::tempdir().unwrap();
         {
             let dd = DataDir::open_with_disk(dir.path(), under.clone()).unwrap();
-            create_sized(&dd, "v", SIZE);
+            create_sized(&dd, "v", volume_bytes);
             let v = dd.open_volume("v").unwrap();
             v.write(0, &data).unwrap();
             v.close().unwrap();
@@ -623,7 +626,8 @@ fn a_stream_through_data_not_in_memory_is_read_as_a_stream() {
     };
 
     let requests = (SIZE as usize / REQ) as u64;
-    let [read, random, rewrite, other] = run(Arc::new(ColdDisk::new(Arc::new(MemDisk::default()))));
+    let [read, random, rewrite, other] =
+        run(Arc::new(ColdDisk::new(Arc::new(MemDisk::default()))), SIZE);
     // All but the first requests, before the stream is one (a few).
     assert!(read.reads_sequential >= requests - 4, "{read:?}");
     assert_eq!(
@@ -635,12 +639,27 @@ fn a_stream_through_data_not_in_memory_is_read_as_a_stream() {
     assert!(other.reads_sequential >= requests - 4, "{other:?}");
     assert!(other.bytes_written >= SIZE, "{other:?}");
 
-    let [read, random, rewrite, _] = run(Arc::new(MemDisk::default()));
+    assert_eq!(read.reads_around_cache, 0, "smaller than memory: {read:?}");
+
+    let [read, random, rewrite, _] = run(Arc::new(MemDisk::default()), SIZE);
     for c in [read, random, rewrite] {
         assert_eq!(
-            c.reads_sequential, 0,
+            c.reads_sequential + c.reads_around_cache,
+            0,
             "all in memory: the ordinary paths: {c:?}"
         );
+    }
+
+    // Larger than memory: 1 TiB, sparse past the data.
+    const HUGE: u64 = 1 << 40;
+    if snapvol::io::fs::memory_for_cache_bytes().is_some_and(|m| m < HUGE) {
+        let cold_files = Arc::new(ColdDisk::new(Arc::new(snapvol::io::FileDisk)));
+        let [read, random, rewrite, other] = run(cold_files, HUGE);
+        for c in [read, rewrite, other] {
+            assert!(c.reads_around_cache >= requests - 4, "{c:?}");
+            assert_eq!(c.reads_sequential, 0, "{c:?}");
+        }
+        assert_eq!(random.reads_around_cache, 0, "{random:?}");
     }
 }
 

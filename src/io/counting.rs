@@ -22,6 +22,8 @@ pub struct IoCounts {
     pub read_hint_end_max: u64,
     /// `read_sequential` calls (reads of a stream, through the engine's read-ahead).
     pub reads_sequential: u64,
+    /// `read_around_cache` calls (reads of a stream through more than memory holds).
+    pub reads_around_cache: u64,
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +37,7 @@ struct Counters {
     reads_hinted: AtomicU64,
     read_hint_end_max: AtomicU64,
     reads_sequential: AtomicU64,
+    reads_around_cache: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -64,6 +67,7 @@ impl CountingDisk {
             reads_hinted: c.reads_hinted.load(Ordering::Relaxed),
             read_hint_end_max: c.read_hint_end_max.load(Ordering::Relaxed),
             reads_sequential: c.reads_sequential.load(Ordering::Relaxed),
+            reads_around_cache: c.reads_around_cache.load(Ordering::Relaxed),
         }
     }
 }
@@ -111,6 +115,12 @@ impl Storage for CountingStorage {
             .reads_sequential
             .fetch_add(1, Ordering::Relaxed);
         self.inner.read_sequential(buf, offset)
+    }
+    fn read_around_cache(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.counters
+            .reads_around_cache
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner.read_around_cache(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.inner.write_at(buf, offset)?;

@@ -1,13 +1,13 @@
 //! The plain engine: positioned reads and writes on a `std::fs::File`.
 
 use super::map::Map;
-use super::{Disk, OpenMode, RawBytes, Storage};
+use super::{DIRECT_ALIGN_BYTES, Disk, OpenMode, PageBuf, RawBytes, Storage};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Opens files and block devices with `pread`/`pwrite`/`fdatasync`.
@@ -112,6 +112,11 @@ pub struct FileStorage {
     /// (`POSIX_FADV_SEQUENTIAL`), for [`Storage::read_sequential`]; made on first use
     /// (`None`: it could not be opened, and those reads use `file`).
     sequential: OnceLock<Option<File>>,
+    /// The same file opened again, read-only, with `O_DIRECT`, for aligned
+    /// [`Storage::read_around_cache`]s; made on first use (`None`: it could not be opened).
+    direct_reads: OnceLock<Option<File>>,
+    /// A read through `direct_reads` was refused (`EINVAL`): not used again.
+    direct_reads_refused: AtomicBool,
 }
 
 impl FileStorage {
@@ -138,7 +143,38 @@ impl FileStorage {
             map: OnceLock::new(),
             direct: OnceLock::new(),
             sequential: OnceLock::new(),
+            direct_reads: OnceLock::new(),
+            direct_reads_refused: AtomicBool::new(false),
         }
+    }
+
+    /// The read-only `O_DIRECT` description for a read of `len` bytes from `offset`, if
+    /// that read can go through it (aligned, and no direct read was refused before);
+    /// opened on first use.
+    fn direct_reads_for(&self, offset: u64, len: usize) -> Option<&File> {
+        let align = DIRECT_ALIGN_BYTES as u64;
+        if !offset.is_multiple_of(align)
+            || !(len as u64).is_multiple_of(align)
+            || self.direct_reads_refused.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        self.direct_reads
+            .get_or_init(|| {
+                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                match OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                {
+                    Ok(file) => Some(file),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no O_DIRECT description for stream reads; reading through the cache");
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 
     /// The read-only description for sequential reads, opened on first use.
@@ -270,6 +306,46 @@ fn hint_range(offset: u64, len: u64) -> Option<(i64, i64)> {
 }
 
 /// `posix_fadvise(2)` on `file` over `len` bytes from `offset` (0, 0: the whole file).
+/// Reads `buf` from `offset` through an `O_DIRECT` description (`offset` and the length
+/// aligned): straight into `buf` where it is aligned too, else through an aligned buffer
+/// of this thread, at most `DIRECT_BOUNCE_BYTES` at a time. A read that comes back short
+/// (the end of the file, which need not be aligned) is finished through `buffered`.
+fn read_direct(direct: &File, buffered: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    const DIRECT_BOUNCE_BYTES: usize = 1 << 20;
+    let read_piece = |piece: &mut [u8], at: u64| -> io::Result<()> {
+        let n = loop {
+            match direct.read_at(piece, at) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                result => break result?,
+            }
+        };
+        match piece.get_mut(n..) {
+            Some(rest) if !rest.is_empty() => read_full(buffered, rest, at + n as u64),
+            _ => Ok(()),
+        }
+    };
+    if (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN_BYTES) {
+        return read_piece(buf, offset);
+    }
+    thread_local! {
+        static BOUNCE: std::cell::RefCell<PageBuf> = const { std::cell::RefCell::new(PageBuf::new()) };
+    }
+    BOUNCE.with(|cell| {
+        let mut bounce = cell.borrow_mut();
+        let mut at = offset;
+        for piece in buf.chunks_mut(DIRECT_BOUNCE_BYTES) {
+            if bounce.len() < piece.len() {
+                bounce.resize_for_overwrite(piece.len());
+            }
+            let staged = &mut bounce[..piece.len()];
+            read_piece(staged, at)?;
+            piece.copy_from_slice(staged);
+            at += piece.len() as u64;
+        }
+        Ok(())
+    })
+}
+
 fn fadvise(file: &File, offset: i64, len: i64, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: posix_fadvise takes a valid open descriptor and plain integers; it does not
     // touch memory we own.
@@ -309,6 +385,21 @@ impl Storage for FileStorage {
 
     fn read_sequential(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         read_full(self.sequential().unwrap_or(&self.file), buf, offset)
+    }
+
+    fn read_around_cache(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(direct) = self.direct_reads_for(offset, buf.len()) {
+            match read_direct(direct, &self.file, buf, offset) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // An alignment this file does not take after all (a device with larger
+                    // blocks): through the cache from now on.
+                    tracing::debug!(error = %e, "O_DIRECT read refused; stream reads go through the cache");
+                    self.direct_reads_refused.store(true, Ordering::Relaxed);
+                }
+                result => return result,
+            }
+        }
+        self.read_sequential(buf, offset)
     }
 
     fn is_cached(&self, offset: u64, len: u64) -> io::Result<bool> {

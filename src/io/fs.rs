@@ -52,6 +52,44 @@ pub fn read_small_file(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
     fs::read(path)
 }
 
+/// The memory this process's page cache may take at most, in bytes: the machine's
+/// (`MemTotal`), or less where its memory cgroup is limited (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`). `None` when it cannot be told (no /proc).
+pub fn memory_for_cache_bytes() -> Option<u64> {
+    let meminfo = read_small_file(Path::new("/proc/meminfo"), 1 << 16).ok()?;
+    let total_bytes = String::from_utf8_lossy(&meminfo)
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())?
+        .saturating_mul(1024);
+    let limit_bytes = read_small_file(Path::new("/proc/self/cgroup"), 1 << 16)
+        .ok()
+        .and_then(|groups| cgroup_memory_limit_bytes(&String::from_utf8_lossy(&groups)));
+    Some(limit_bytes.map_or(total_bytes, |l| l.min(total_bytes)))
+}
+
+/// The memory limit of the cgroup that `/proc/self/cgroup`'s `groups` names, if it has one.
+fn cgroup_memory_limit_bytes(groups: &str) -> Option<u64> {
+    let read_number = |path: String| {
+        let bytes = read_small_file(Path::new(&path), 64).ok()?;
+        String::from_utf8_lossy(&bytes).trim().parse::<u64>().ok() // "max": none
+    };
+    for line in groups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            return read_number(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
+        }
+        if controllers.is_empty()
+            && let Some(limit) = read_number(format!("/sys/fs/cgroup{path}/memory.max"))
+        {
+            return Some(limit);
+        }
+    }
+    None
+}
+
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }

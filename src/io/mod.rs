@@ -169,13 +169,23 @@ pub trait Storage: Send + Sync + Debug {
         Ok(())
     }
     /// Reads as [`Storage::read_at`], for a caller that knows this read continues a
-    /// sequential stream through a handle declared [`Storage::read_randomly`]: the engine
-    /// reads it through its own read-ahead, which reads ahead of the stream as it goes
-    /// (in large folios, started as the stream reaches its marks), instead of the hints
-    /// of [`Storage::will_need`], which fill the cache a page at a time. Engines without a
-    /// read-ahead: `read_at`.
+    /// sequential stream through data not in memory, on a handle declared
+    /// [`Storage::read_randomly`]: the engine reads it through its own read-ahead, which
+    /// reads ahead of the stream as it goes (in large folios, started as the stream
+    /// reaches its marks), instead of the hints of [`Storage::will_need`], which fill the
+    /// cache a page at a time. Engines without a read-ahead: `read_at`.
     fn read_sequential(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_at(buf, offset)
+    }
+    /// Reads as [`Storage::read_sequential`], for a stream through more data than memory
+    /// holds: a file reads it around its cache (`O_DIRECT`) where the range is aligned to
+    /// [`DIRECT_ALIGN_BYTES`], so the device is read once, straight into the caller's
+    /// memory, and nothing is left for reclaim (the clients of such streams keep many
+    /// requests in flight, which keeps the device busy without read-ahead); otherwise as
+    /// `read_sequential`. It returns what `read_at` would: the kernel writes dirty cached
+    /// pages of the range back before it reads around the cache.
+    fn read_around_cache(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_sequential(buf, offset)
     }
     /// Drops the clean cached pages wholly inside `[offset, offset + len)` (a hint, for a
     /// reader that streams through more than memory holds and is done with them: they
@@ -382,6 +392,17 @@ mod tests {
         s.drop_cached(0, 12288).unwrap();
         s.read_at(&mut page, 8192).unwrap();
         assert!(page.iter().all(|&b| b == 1));
+        // A stream's read around the cache (where it can) sees a write not yet written
+        // back, into memory aligned or not; an unaligned one reads through the cache.
+        s.write_at(&[5u8; 4096], 0).unwrap();
+        let mut aligned = PageBuf::new();
+        aligned.resize(8192);
+        s.read_around_cache(&mut aligned, 0).unwrap();
+        assert!(aligned[..4096].iter().all(|&b| b == 5));
+        assert!(aligned[4096..].iter().all(|&b| b == 0));
+        s.read_around_cache(&mut seq[1..4097], 4095).unwrap();
+        assert_eq!(seq[1], 5);
+        assert!(seq[2..4097].iter().all(|&b| b == 0));
         assert!(s.looks_allocated(8192, 4096).unwrap());
         if s.allocation(4096, 4096).unwrap() == [(4096, false)] {
             assert!(!s.looks_allocated(4096, 4096).unwrap(), "a hole");
@@ -403,6 +424,13 @@ mod tests {
         s.read_at(&mut buf, 5090).unwrap();
         assert_eq!(&buf[..10], &[3u8; 10]);
         assert_eq!(&buf[10..], &[0u8; 6]);
+        // A stream's read over an end that is not aligned: zeros past it.
+        let mut seq = vec![9u8; 8193];
+        s.read_around_cache(&mut seq[1..], 0).unwrap();
+        assert!(seq[1..4097].iter().all(|&b| b == 5));
+        assert!(seq[4097..5001].iter().all(|&b| b == 0));
+        assert!(seq[5001..5101].iter().all(|&b| b == 3));
+        assert!(seq[5101..].iter().all(|&b| b == 0));
         s.sync().unwrap();
         let ro = disk.open(&path, OpenMode::ReadOnly).unwrap();
         assert!(ro.write_at(&[1], 0).is_err() || disk_is_mem(disk));
@@ -452,6 +480,23 @@ mod tests {
         // A range past what the system call takes is refused, not cut short.
         let e = s.wait_writeback(0, u64::MAX).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        // A stream's aligned read goes around the cache: it leaves nothing there (where
+        // the file system can drop pages and tell: not tmpfs, Linux 6.5 or later).
+        let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        s.write_at(&data, 0).unwrap();
+        s.sync().unwrap();
+        s.drop_cached(0, 1 << 20).unwrap();
+        if s.is_cached(0, 1 << 20).ok() == Some(false) {
+            let mut unaligned = vec![0u8; (1 << 20) + 1];
+            s.read_around_cache(&mut unaligned[1..], 0).unwrap();
+            assert!(unaligned[1..] == data[..]);
+            assert_eq!(
+                s.is_cached(0, 4096).ok(),
+                Some(false),
+                "read around the cache"
+            );
+            assert_eq!(s.is_cached((1 << 20) - 4096, 4096).ok(), Some(false));
+        }
     }
 
     #[test]
@@ -565,7 +610,7 @@ mod tests {
         let disk = CountingDisk::new(Arc::new(FileDisk));
         contract(&disk, dir.path());
         let counts = disk.counts();
-        assert_eq!(counts.bytes_written, 8192 + 100);
+        assert_eq!(counts.bytes_written, 8192 + 4096 + 100);
         assert_eq!(counts.bytes_discarded, 4096);
         assert!(counts.syncs >= 1);
     }

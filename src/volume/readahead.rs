@@ -11,7 +11,16 @@
 //! Several streams at once (nbdcopy copies with several connections, each at its own
 //! place), requests of one stream arriving a little out of order (many in flight), and
 //! random requests that must cost almost nothing: a small table of streams under a lock
-//! that is only tried, never waited for.
+//! held for a scan of the table. (It used to be only tried: with many workers, requests
+//! that found it taken were not noted, a stream whose end fell behind was lost and
+//! followed again as a new one, and the pages behind it were never dropped.)
+//!
+//! A cold stream (`mark_cold`, read through the kernel's read-ahead) drops its pages
+//! [`DROP_BEHIND_BYTES`] behind its end as it goes (`Noted::drop`), and a cold stream no
+//! request has continued for [`IDLE_TICKS`] drops the rest (`Noted::drop_ended`): unused
+//! read-ahead is what reclaim takes first under a memory limit, so pages left behind cost
+//! the streams still going their own read-ahead (and reclaim under the limit costs more
+//! than the drop).
 
 use parking_lot::Mutex;
 
@@ -30,6 +39,23 @@ const HINT_STEP_BYTES: u64 = AHEAD_BYTES / 4;
 const GAP_REQUESTS: u64 = 4;
 /// Requests continuing a stream before it is read ahead.
 const CONTINUATIONS_MIN: u32 = 3;
+/// Once a stream has gone on for `CONTINUATIONS_MIN` requests, a request at least half as
+/// long as its last continues it if it starts within this many of its own lengths of its
+/// end, either side: a client with many requests in flight (nbdcopy: 64 per connection)
+/// has them noted by as many workers, in whatever order they run. A stream that lost track
+/// of such requests was followed again as a new one, warm (its own read-ahead had brought
+/// the pages in), so the pages behind it were never dropped.
+const FOLLOWED_GAP_REQUESTS: u64 = 64;
+/// How far behind a cold stream's end its cached pages are dropped: more than a client
+/// keeps in flight (nbdcopy: 64 requests of 256 KiB per connection), so that a request
+/// arriving late still finds its pages.
+const DROP_BEHIND_BYTES: u64 = 32 << 20;
+/// Pages behind a cold stream are dropped in blocks of this many bytes (fewer, larger
+/// calls).
+const DROP_BLOCK_BYTES: u64 = 2 << 20;
+/// A cold stream no request continued for this many requests (of any stream) is taken
+/// for ended, and the pages it left are dropped.
+const IDLE_TICKS: u64 = 128;
 
 /// What [`Streams::note`] made of a request.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -40,12 +66,24 @@ pub(crate) struct Noted {
     pub(crate) cold: bool,
     /// The range `(offset, length)` to ask for ahead, if one is due.
     pub(crate) ahead: Option<(u64, u64)>,
+    /// The range `(offset, length)` whose cached pages this request's cold stream left
+    /// `DROP_BEHIND_BYTES` behind it, to drop, if one is due.
+    pub(crate) drop: Option<(u64, u64)>,
+    /// The range an ended cold stream left (the last `DROP_BEHIND_BYTES` before its end),
+    /// to drop, if one is due (found by this request, whatever stream it continues).
+    pub(crate) drop_ended: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Stream {
+    /// Where its first request started.
+    start: u64,
+    /// The length of its last request.
+    request_bytes: u64,
     /// The largest end of a request of this stream.
     end: u64,
+    /// Its cached pages before here were dropped (a cold stream's, `Noted::drop`).
+    dropped_end: u64,
     /// Hinted up to here already.
     hinted_end: u64,
     /// Requests that continued it.
@@ -57,9 +95,20 @@ struct Stream {
 }
 
 impl Stream {
-    /// Whether a request from `offset` continues this stream: it starts within `gap` of
-    /// the stream's end, either side.
-    fn continued_by(&self, offset: u64, gap: u64) -> bool {
+    /// Whether a request of `length` bytes from `offset` continues this stream: it starts
+    /// near the stream's end, either side (`GAP_REQUESTS`; once the stream is followed,
+    /// `FOLLOWED_GAP_REQUESTS`).
+    fn continued_by(&self, offset: u64, length: u64) -> bool {
+        // Wide only for requests like the stream's own: a first write of 4 KiB into the
+        // chunk that a stream of whole-chunk hints (`plan_chunk`) has just covered is not
+        // a late request of that stream.
+        let followed = self.continuations >= CONTINUATIONS_MIN
+            && length.saturating_mul(2) >= self.request_bytes;
+        let gap = length.saturating_mul(if followed {
+            FOLLOWED_GAP_REQUESTS
+        } else {
+            GAP_REQUESTS
+        });
         self.used_tick != 0
             && offset <= self.end.saturating_add(gap)
             && offset.saturating_add(gap) >= self.end
@@ -70,6 +119,18 @@ impl Stream {
 struct Table {
     streams: [Stream; STREAMS_MAX],
     tick: u64,
+}
+
+impl Table {
+    /// The stream a request of `[offset, offset + length)` continues, if any: of several,
+    /// the one that has gone on longest (a stray request near a stream starts a stream of
+    /// its own, which must not take the real one's requests).
+    fn find(&mut self, offset: u64, length: u64) -> Option<&mut Stream> {
+        self.streams
+            .iter_mut()
+            .filter(|s| s.continued_by(offset, length))
+            .max_by_key(|s| (s.continuations, s.used_tick))
+    }
 }
 
 /// Sequential-access detector of one volume (see the module's documentation).
@@ -89,71 +150,89 @@ impl Streams {
     /// Whether noting `[offset, offset + length)` now would find it continuing a stream
     /// (as `note` would say), without noting it: `Some(cold)` if so.
     pub(crate) fn continues(&self, offset: u64, length: u64) -> Option<bool> {
-        let table = self.table.try_lock()?; // contended: as `note`, which would skip it
-        let gap = length.saturating_mul(GAP_REQUESTS);
+        let mut table = self.table.lock();
         table
-            .streams
-            .iter()
-            .find(|s| {
-                s.continued_by(offset, gap)
-                    && s.continuations.saturating_add(1) >= CONTINUATIONS_MIN
-            })
+            .find(offset, length)
+            .filter(|s| s.continuations.saturating_add(1) >= CONTINUATIONS_MIN)
             .map(|s| s.cold)
     }
 
     /// Marks the stream that `[offset, offset + length)` (noted just before) continues as
     /// cold: its reader found it not in memory.
     pub(crate) fn mark_cold(&self, offset: u64, length: u64) {
-        let Some(mut table) = self.table.try_lock() else {
-            return; // contended: a later request marks it
-        };
-        let gap = length.saturating_mul(GAP_REQUESTS);
-        if let Some(s) = table
-            .streams
-            .iter_mut()
-            .find(|s| s.continued_by(offset, gap))
+        let mut table = self.table.lock();
+        if let Some(s) = table.find(offset, length)
+            && !s.cold
         {
             s.cold = true;
+            // What it read before it was found cold is dropped with the rest.
+            s.dropped_end = s.start - s.start % DROP_BLOCK_BYTES;
         }
     }
 
     fn note_inner(&self, offset: u64, length: u64, size_bytes: u64) -> Option<Noted> {
         let end = offset.checked_add(length)?;
         debug_assert!(end <= size_bytes);
-        let mut table = self.table.try_lock()?; // contended: skip, a hint only
+        let mut table = self.table.lock();
         table.tick = table.tick.wrapping_add(1);
         let tick = table.tick;
-        let gap = length.saturating_mul(GAP_REQUESTS);
-        let continued = table
+        let drop_ended = table
             .streams
             .iter_mut()
-            .find(|s| s.continued_by(offset, gap));
-        let Some(stream) = continued else {
+            .find(|s| {
+                s.cold && s.end > s.dropped_end && tick.wrapping_sub(s.used_tick) >= IDLE_TICKS
+            })
+            .map(|s| {
+                let range = (s.dropped_end, s.end - s.dropped_end);
+                s.dropped_end = s.end;
+                range
+            });
+        let Some(stream) = table.find(offset, length) else {
             let oldest = table
                 .streams
                 .iter_mut()
                 .min_by_key(|s| s.used_tick)
                 .expect("STREAMS_MAX > 0");
             *oldest = Stream {
+                start: offset,
+                request_bytes: length,
                 end,
+                dropped_end: offset,
                 hinted_end: end,
                 continuations: 0,
                 used_tick: tick,
                 cold: false,
             };
-            return None;
+            return Some(Noted {
+                drop_ended,
+                ..Noted::default()
+            });
         };
         stream.used_tick = tick;
+        stream.request_bytes = length;
         stream.end = stream.end.max(end);
         stream.continuations = stream.continuations.saturating_add(1);
         if stream.continuations < CONTINUATIONS_MIN {
-            return None;
+            return Some(Noted {
+                drop_ended,
+                ..Noted::default()
+            });
         }
         let mut noted = Noted {
             streaming: true,
             cold: stream.cold,
             ahead: None,
+            drop: None,
+            drop_ended,
         };
+        if stream.cold {
+            let keep_from = stream.end.saturating_sub(DROP_BEHIND_BYTES);
+            let keep_from = keep_from - keep_from % DROP_BLOCK_BYTES;
+            if keep_from > stream.dropped_end {
+                noted.drop = Some((stream.dropped_end, keep_from - stream.dropped_end));
+                stream.dropped_end = keep_from;
+            }
+        }
         let want_end = stream.end.saturating_add(AHEAD_BYTES).min(size_bytes);
         let start = stream.hinted_end.max(stream.end);
         if want_end <= start || (want_end - start < HINT_STEP_BYTES && want_end < size_bytes) {
@@ -270,6 +349,74 @@ mod tests {
                 "stream {s} not read ahead: {h:?}"
             );
         }
+    }
+
+    /// One stream whose requests are noted in a shuffled order (a client with 64 in
+    /// flight, as many workers) stays one stream: once marked cold, every later request
+    /// finds it cold, and the pages behind it are dropped once each, in order, from where
+    /// it started, never within `DROP_BEHIND_BYTES` of its end. When it ends, what it left
+    /// is dropped after `IDLE_TICKS` requests of other streams.
+    #[test]
+    fn a_shuffled_cold_stream_stays_one_and_drops_what_it_leaves() {
+        let s = Streams::default();
+        let req = 256 * 1024;
+        let base = 3 * 128 * MIB;
+        let count = 1024u64; // 256 MiB
+        let mut order: Vec<u64> = (0..count).collect();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for window in order.chunks_mut(32) {
+            for i in (1..window.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                window.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+        }
+        // The first requests arrive in order (a stream is found after a few).
+        order[..8].sort_unstable();
+        let mut dropped_end = base;
+        let mut max_end = 0;
+        for (n, &i) in order.iter().enumerate() {
+            let offset = base + i * req;
+            max_end = max_end.max(offset + req);
+            let noted = s.note(offset, req, SIZE);
+            if n == 4 {
+                assert!(noted.streaming);
+                s.mark_cold(offset, req);
+            }
+            if n > 4 {
+                assert!(
+                    noted.streaming && noted.cold,
+                    "request {n} ({i}) lost the stream"
+                );
+            }
+            assert_eq!(noted.drop_ended, None);
+            if let Some((start, len)) = noted.drop {
+                assert_eq!(start, dropped_end, "drops in order, each once");
+                assert!(start + len + DROP_BEHIND_BYTES <= max_end);
+                dropped_end = start + len;
+            }
+        }
+        assert!(dropped_end + DROP_BEHIND_BYTES + DROP_BLOCK_BYTES >= max_end);
+        // Another stream far away: after IDLE_TICKS of its requests, the first one's rest.
+        let mut ended = Vec::new();
+        for i in 0..IDLE_TICKS + 1 {
+            ended.extend(s.note(i * req, req, SIZE).drop_ended);
+        }
+        assert_eq!(ended, [(dropped_end, max_end - dropped_end)]);
+    }
+
+    /// A request much shorter than a stream's own does not continue it from behind: a
+    /// first write of 4 KiB into the chunk a stream of whole-chunk hints has just covered.
+    #[test]
+    fn a_short_request_behind_a_stream_is_not_one_of_its_own() {
+        let s = Streams::default();
+        let chunk = 64 * 1024;
+        for i in 0..8u64 {
+            s.note(i * chunk, chunk, SIZE);
+        }
+        assert_eq!(s.continues(7 * chunk, 64 * 1024), Some(false));
+        assert_eq!(s.continues(7 * chunk, 4096), None);
     }
 
     #[test]

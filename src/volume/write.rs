@@ -27,8 +27,7 @@ pub(super) enum Old {
     /// Read from the origin (every ordinary write).
     Read,
     /// Read from the origin by a write that continues a client's stream through data not
-    /// in memory (`Volume::note_read`): with `Storage::read_sequential`, whose read-ahead
-    /// follows the stream.
+    /// in memory (`Volume::note_read`): with `Volume::read_stream`.
     ReadStream,
     /// Zeros, as the caller knows (see [`Volume::write_over_zeros`]): not read.
     KnownZeros,
@@ -364,9 +363,6 @@ impl Volume {
             let _barrier = self.barrier.read();
             self.write_range_locked(offset, length, src, old)
         };
-        if old == Old::ReadStream && result.is_ok() {
-            self.drop_behind(offset, length);
-        }
         match result {
             // No space for the held data or the origin: the group commit of what is queued
             // writes the held data to the origin and gives the scratch file's space back
@@ -604,7 +600,7 @@ impl Volume {
             } else if !in_place {
                 let old_span = &mut old[..span_len];
                 let read = if old_is == Old::ReadStream {
-                    self.origin.read_sequential(old_span, span_start)
+                    self.read_stream(old_span, span_start)
                 } else {
                     self.origin.read_at(old_span, span_start)
                 };

@@ -851,6 +851,18 @@ impl Storage for ColdStorage {
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
         self.0.allocation(offset, len)
     }
+    fn looks_allocated(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.0.looks_allocated(offset, len)
+    }
+    fn read_sequential(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_sequential(buf, offset)
+    }
+    fn read_around_cache(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_around_cache(buf, offset)
+    }
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.drop_cached(offset, len)
+    }
 }
 
 /// A [`Disk`] that fails chosen operations of the disk underneath (see [`FaultPlan`]). A
