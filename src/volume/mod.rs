@@ -786,8 +786,13 @@ impl Volume {
     }
 
     /// Reads `buf` from `offset` of the origin for a cold stream (`note_read` said so).
+    /// Around the cache only where the range is not in memory (its last page): a stream of
+    /// first writes has its chunks asked for ahead (`plan_chunk`), and its compares find
+    /// them there.
     pub(super) fn read_stream(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if self.streams_around_cache.load(Ordering::Relaxed) {
+        if self.streams_around_cache.load(Ordering::Relaxed)
+            && !self.looks_cached(offset, buf.len() as u64)
+        {
             self.origin.read_around_cache(buf, offset)
         } else {
             self.origin.read_sequential(buf, offset)

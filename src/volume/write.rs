@@ -41,6 +41,31 @@ static ZEROS: [u8; super::config::CHUNK_SIZE_BYTES_MAX as usize] =
 thread_local! {
     /// Per-thread buffer for the old contents of a chunk: no allocation per request.
     static OLD_CHUNK: RefCell<PageBuf> = const { RefCell::new(PageBuf::new()) };
+    /// Per-thread buffer for the old contents of a stream's request ([`Prefetched`]).
+    static OLD_RANGE: RefCell<PageBuf> = const { RefCell::new(PageBuf::new()) };
+}
+
+/// A stream's write of at most this many bytes over several chunks has its old contents
+/// read at once ([`Prefetched`]); a larger one chunk by chunk (the per-thread buffer stays
+/// this small).
+const PREFETCH_BYTES_MAX: u64 = 1 << 20;
+
+/// The old bytes of a write's whole range from `start`, read at once under its chunk locks
+/// (a stream's compare: one device read for its request, not one per chunk; around the
+/// cache, each of those waits for the device).
+#[derive(Clone, Copy)]
+struct Prefetched<'a> {
+    start: u64,
+    bytes: &'a [u8],
+}
+
+impl<'a> Prefetched<'a> {
+    /// The old bytes of `[start, end)`, if they were read.
+    fn get(self, start: u64, end: u64) -> Option<&'a [u8]> {
+        let from = usize::try_from(start.checked_sub(self.start)?).ok()?;
+        let to = usize::try_from(end.checked_sub(self.start)?).ok()?;
+        self.bytes.get(from..to)
+    }
 }
 
 /// Most bytes of preserved copies queued for a group commit at once (to be copied into the
@@ -403,26 +428,55 @@ impl Volume {
             // One chunk (most writes): the same steps without a list of locks or plans.
             let chunk_index = offset / cs;
             let _chunk = self.chunk_lock(chunk_index).write();
-            let mut plans = [self.plan_chunk(chunk_index, offset, length, src, old)?];
+            let mut plans = [self.plan_chunk(chunk_index, offset, length, src, old, None)?];
             let mut reserved = self.reserve_plans(&mut plans, src)?;
             let [plan] = plans;
             return self.apply_plan(plan, offset, src, &mut reserved);
         }
         let _chunks = self.lock_chunks(offset / cs, (end - 1) / cs);
-        let mut plans = Vec::with_capacity(((end - 1) / cs - offset / cs + 1) as usize);
-        let mut at = offset;
-        while at < end {
-            let chunk_index = at / cs;
-            let part_end = ((chunk_index + 1) * cs).min(end);
-            let part = match src {
-                Source::Data(d) => {
-                    Source::Data(&d[(at - offset) as usize..(part_end - offset) as usize])
+        let mut plans = OLD_RANGE.with(|cell| -> Result<Vec<ChunkPlan>> {
+            let mut buf = cell.borrow_mut();
+            let prefetched = if old == Old::ReadStream
+                && self.config.compare == ComparePolicy::Always
+                && length <= PREFETCH_BYTES_MAX
+            {
+                let start = align_down(offset, PIECE_BYTES);
+                let stop =
+                    (align_down(end - 1, PIECE_BYTES) + PIECE_BYTES).min(self.config.size_bytes);
+                let len = (stop - start) as usize;
+                if buf.len() < len {
+                    buf.resize_for_overwrite(len);
                 }
-                Source::Zeroes => Source::Zeroes,
+                let bytes = &mut buf[..len];
+                self.read_stream(bytes, start)
+                    .map_err(self.io_err(|| format!("reading the origin at {start}")))?;
+                Some(Prefetched { start, bytes })
+            } else {
+                None
             };
-            plans.push(self.plan_chunk(chunk_index, at, part_end - at, part, old)?);
-            at = part_end;
-        }
+            let mut plans = Vec::with_capacity(((end - 1) / cs - offset / cs + 1) as usize);
+            let mut at = offset;
+            while at < end {
+                let chunk_index = at / cs;
+                let part_end = ((chunk_index + 1) * cs).min(end);
+                let part = match src {
+                    Source::Data(d) => {
+                        Source::Data(&d[(at - offset) as usize..(part_end - offset) as usize])
+                    }
+                    Source::Zeroes => Source::Zeroes,
+                };
+                plans.push(self.plan_chunk(
+                    chunk_index,
+                    at,
+                    part_end - at,
+                    part,
+                    old,
+                    prefetched,
+                )?);
+                at = part_end;
+            }
+            Ok(plans)
+        })?;
         let mut reserved = self.reserve_plans(&mut plans, src)?;
         let mut plans = plans.into_iter();
         for plan in plans.by_ref() {
@@ -521,6 +575,7 @@ impl Volume {
         length: u64,
         src: Source<'_>,
         old_is: Old,
+        prefetched: Option<Prefetched<'_>>,
     ) -> Result<ChunkPlan> {
         let (chunk_start, chunk_end) = self.chunk_range(chunk_index);
         let end = offset + length;
@@ -599,10 +654,13 @@ impl Volume {
                 collect_diffs(&ZEROS[..span_len], span_start, offset, end, src, &mut diffs);
             } else if !in_place {
                 let old_span = &mut old[..span_len];
-                let read = if old_is == Old::ReadStream {
-                    self.read_stream(old_span, span_start)
-                } else {
-                    self.origin.read_at(old_span, span_start)
+                let read = match prefetched.and_then(|p| p.get(span_start, span_end)) {
+                    Some(bytes) => {
+                        old_span.copy_from_slice(bytes);
+                        Ok(())
+                    }
+                    None if old_is == Old::ReadStream => self.read_stream(old_span, span_start),
+                    None => self.origin.read_at(old_span, span_start),
                 };
                 read.map_err(self.io_err(|| format!("reading chunk {chunk_index} of the origin")))?;
                 diffs.clear();
