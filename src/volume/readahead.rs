@@ -15,7 +15,7 @@
 //! that found it taken were not noted, a stream whose end fell behind was lost and
 //! followed again as a new one, and the pages behind it were never dropped.)
 //!
-//! A cold stream (`mark_cold`, read through the kernel's read-ahead) drops its pages
+//! A cold stream (`mark_cold`: read as a stream, `Volume::read_stream`) drops its pages
 //! [`DROP_BEHIND_BYTES`] behind its end as it goes (`Noted::drop`), and a cold stream no
 //! request has continued for [`IDLE_TICKS`] drops the rest (`Noted::drop_ended`): unused
 //! read-ahead is what reclaim takes first under a memory limit, so pages left behind cost
