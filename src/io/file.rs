@@ -161,12 +161,7 @@ impl FileStorage {
         }
         self.direct_reads
             .get_or_init(|| {
-                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-                match OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(path)
-                {
+                match self.reopen(OpenOptions::new().read(true).custom_flags(libc::O_DIRECT)) {
                     Ok(file) => Some(file),
                     Err(e) => {
                         tracing::debug!(error = %e, "no O_DIRECT description for stream reads; reading through the cache");
@@ -177,15 +172,20 @@ impl FileStorage {
             .as_ref()
     }
 
+    /// The same file opened again, as a second open file description (`O_DIRECT` and the
+    /// read-ahead are properties of the description), through /proc/self/fd, which also
+    /// opens an O_TMPFILE file (no name to open).
+    fn reopen(&self, options: &OpenOptions) -> io::Result<File> {
+        options.open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
     /// The read-only description for sequential reads, opened on first use.
     fn sequential(&self) -> Option<&File> {
         self.sequential
             .get_or_init(|| {
-                // A second open file description: read-ahead is a property of the
-                // description, so `file` keeps reading only what is asked. Through
-                // /proc/self/fd, which also opens an O_TMPFILE file (no name).
-                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-                let opened = OpenOptions::new().read(true).open(path).and_then(|file| {
+                // Read-ahead is a property of the description, so `file` keeps reading
+                // only what is asked.
+                let opened = self.reopen(OpenOptions::new().read(true)).and_then(|file| {
                     fadvise(&file, 0, 0, libc::POSIX_FADV_SEQUENTIAL)?;
                     Ok(file)
                 });
@@ -606,14 +606,9 @@ impl Storage for FileStorage {
         if self.direct.get().is_some() {
             return Ok(());
         }
-        // A second open file description of the same file (`O_DIRECT` is a property of
-        // the description, so the buffered reads of `file` keep the cache); also works for
-        // an O_TMPFILE file, which has no name to open.
-        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-        let file = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)?;
+        // `O_DIRECT` is a property of the description, so the buffered reads of `file`
+        // keep the cache.
+        let file = self.reopen(OpenOptions::new().write(true).custom_flags(libc::O_DIRECT))?;
         let _ = self.direct.set(file);
         Ok(())
     }
