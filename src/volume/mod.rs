@@ -698,33 +698,15 @@ impl Volume {
         {
             return false;
         }
-        if let Some(cold) = self.streams.continues(offset, len as u64)
-            && (cold || !self.looks_cached(offset, len as u64))
-        {
-            // `read` reads it through the read-ahead of a stream where it holds data
-            // (`note_read`, which looks for holes: not here as well): pages mapped here
-            // cost more to reclaim, and the map reads nothing ahead.
+        if self.streams.continues(offset, len as u64) == Some(true) {
+            // A cold stream: `read` reads it as one (`note_read`): pages mapped here cost
+            // more to reclaim, and the map reads nothing ahead.
             return false;
         }
-        self.note_mapped_read(offset, len as u64);
+        // Served by the map either way; a stream this request finds cold is read by `read`
+        // from its next request on.
+        let _ = self.note_read(offset, len as u64);
         self.origin.raw_at(offset, len, f)
-    }
-
-    /// Notes a read that the map serves: the range ahead of its stream is asked for, unless
-    /// it is not in memory: then the stream is marked cold and its next requests are read
-    /// as a stream (`note_read`), not hinted.
-    fn note_mapped_read(&self, offset: u64, length: u64) {
-        let noted = self.streams.note(offset, length, self.config.size_bytes);
-        self.drop_left_behind(&noted);
-        if noted.streaming
-            && !noted.cold
-            && self.ahead_not_cached(&noted)
-            && self.holds_data(offset, length)
-        {
-            self.mark_cold(offset, length);
-        } else if let Some((start, len)) = noted.ahead {
-            let _ = self.origin.will_need(start, len);
-        }
     }
 
     /// Asks for the origin's next bytes ahead when `[offset, offset + length)` continues a
