@@ -565,7 +565,8 @@ fn a_stream_through_data_not_in_memory_is_read_as_a_stream() {
     use snapvol::io::{CountingDisk, Disk, IoCounts, MemDisk};
     use snapvol_test_support::sim::ColdDisk;
     use std::sync::Arc;
-    const SIZE: u64 = 32 << 20;
+    // Longer than a cold stream goes before it drops what it left behind (32 MiB).
+    const SIZE: u64 = 48 << 20;
     const REQ: usize = 256 << 10;
     let data: Vec<u8> = (0..SIZE).map(|i| (i * 7 / 4096) as u8).collect();
     // Data in the first SIZE bytes of a volume of `volume_bytes`.
@@ -651,6 +652,10 @@ fn a_stream_through_data_not_in_memory_is_read_as_a_stream() {
     assert!(other.bytes_written >= SIZE / 2, "{other:?}");
 
     assert_eq!(read.reads_around_cache, 0, "smaller than memory: {read:?}");
+    // A volume that fits in memory keeps what its streams went through.
+    for c in [read, random, rewrite, other] {
+        assert_eq!(c.caches_dropped, 0, "smaller than memory: {c:?}");
+    }
 
     let [read, random, rewrite, _] = run(Arc::new(MemDisk::default()), SIZE);
     for c in [read, random, rewrite] {
@@ -671,6 +676,10 @@ fn a_stream_through_data_not_in_memory_is_read_as_a_stream() {
             assert_eq!(c.reads_sequential, 0, "{c:?}");
         }
         assert_eq!(random.reads_around_cache, 0, "{random:?}");
+        // And drops what they leave behind (no copies queued: nothing holds them back).
+        for c in [read, rewrite] {
+            assert!(c.caches_dropped > 0, "larger than memory: {c:?}");
+        }
     }
 }
 

@@ -24,6 +24,8 @@ pub struct IoCounts {
     pub reads_sequential: u64,
     /// `read_around_cache` calls (reads of a stream through more than memory holds).
     pub reads_around_cache: u64,
+    /// `drop_cached` calls (hints to drop cached pages).
+    pub caches_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +40,7 @@ struct Counters {
     read_hint_end_max: AtomicU64,
     reads_sequential: AtomicU64,
     reads_around_cache: AtomicU64,
+    caches_dropped: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -68,6 +71,7 @@ impl CountingDisk {
             read_hint_end_max: c.read_hint_end_max.load(Ordering::Relaxed),
             reads_sequential: c.reads_sequential.load(Ordering::Relaxed),
             reads_around_cache: c.reads_around_cache.load(Ordering::Relaxed),
+            caches_dropped: c.caches_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -108,6 +112,7 @@ impl Storage for CountingStorage {
         self.inner.looks_allocated(offset, len)
     }
     fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.counters.caches_dropped.fetch_add(1, Ordering::Relaxed);
         self.inner.drop_cached(offset, len)
     }
     fn read_sequential(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -424,10 +424,11 @@ pub struct Volume {
     /// Clients streaming through the volume, whose next reads of the origin are asked for
     /// ahead (the origin's own read-ahead is off).
     streams: readahead::Streams,
-    /// Cold streams read around the cache (`Storage::read_around_cache`): the volume is
-    /// larger than the memory its cache may take (`io::fs::memory_for_cache_bytes`), asked
-    /// again each time a stream is found cold (the daemon may be moved into a cgroup).
-    streams_around_cache: AtomicBool,
+    /// The volume is larger than the memory its cache may take
+    /// (`io::fs::memory_for_cache_bytes`), asked again each time a stream is found cold
+    /// (the daemon may be moved into a cgroup): cold streams then read around the cache
+    /// (`Storage::read_around_cache`) and drop what they leave behind.
+    larger_than_memory: AtomicBool,
     /// Serialises the prune-oldest decision, so concurrent writers that found the stores
     /// full prune one snapshot at a time and retry before pruning another.
     prune: Mutex<()>,
@@ -721,13 +722,16 @@ impl Volume {
     }
 
     /// Drops the cached pages a cold stream left behind, if `noted` names any: far enough
-    /// behind every request in flight (`readahead::DROP_BEHIND_BYTES`). A hint only. Not
-    /// while copies are queued: the group commit reads their chunks later, up to a queue's
+    /// behind every request in flight (`readahead::DROP_BEHIND_BYTES`). A hint only. Only
+    /// on a volume larger than memory: one that fits keeps what its streams read or wrote,
+    /// as any file would (measured: 1 MiB writes through a filled 1 GiB volume, once a
+    /// stream was found cold, dropped half of it, and random writes after them compared
+    /// through the disk: 29,892 IOPS against 52-59k). Not while copies are queued: the group commit reads their chunks later, up to a queue's
     /// worth behind a stream of first writes (with `--copies parts`, 8 MiB of 4 KiB parts
     /// span 128 MiB of the volume; measured, dropping them made each first write read
     /// 95-113 KiB from the disk instead of 64).
     fn drop_left_behind(&self, noted: &readahead::Noted) {
-        if !self.deferred.is_empty() {
+        if !self.larger_than_memory.load(Ordering::Relaxed) || !self.deferred.is_empty() {
             return;
         }
         for (start, len) in [noted.drop, noted.drop_ended].into_iter().flatten() {
@@ -771,7 +775,7 @@ impl Volume {
     fn mark_cold(&self, offset: u64, length: u64) {
         self.streams.mark_cold(offset, length);
         let memory_bytes = crate::io::fs::memory_for_cache_bytes().unwrap_or(u64::MAX);
-        self.streams_around_cache
+        self.larger_than_memory
             .store(self.config.size_bytes > memory_bytes, Ordering::Relaxed);
     }
 
@@ -780,7 +784,7 @@ impl Volume {
     /// first writes has its chunks asked for ahead (`plan_chunk`), and its compares find
     /// them there.
     pub(super) fn read_stream(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if self.streams_around_cache.load(Ordering::Relaxed)
+        if self.larger_than_memory.load(Ordering::Relaxed)
             && !self.looks_cached(offset, buf.len() as u64)
         {
             self.origin.read_around_cache(buf, offset)

@@ -575,7 +575,7 @@ impl Volume {
             ),
             writeback_wait: Mutex::new(()),
             streams: Default::default(),
-            streams_around_cache: AtomicBool::new(false),
+            larger_than_memory: AtomicBool::new(false),
             prune: Mutex::new(()),
             counters,
             group_commit_count: AtomicU64::new(0),
