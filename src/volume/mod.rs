@@ -726,7 +726,8 @@ impl Volume {
     /// on a volume larger than memory: one that fits keeps what its streams read or wrote,
     /// as any file would (measured: 1 MiB writes through a filled 1 GiB volume, once a
     /// stream was found cold, dropped half of it, and random writes after them compared
-    /// through the disk: 29,892 IOPS against 52-59k). Not while copies are queued: the group commit reads their chunks later, up to a queue's
+    /// through the disk: 29,892 IOPS against 58-64k). Not while copies are queued: the
+    /// group commit reads their chunks later, up to a queue's
     /// worth behind a stream of first writes (with `--copies parts`, 8 MiB of 4 KiB parts
     /// span 128 MiB of the volume; measured, dropping them made each first write read
     /// 95-113 KiB from the disk instead of 64).
