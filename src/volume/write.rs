@@ -655,7 +655,12 @@ impl Volume {
             if known_zeros {
                 diffs.clear();
                 collect_diffs(&ZEROS[..span_len], span_start, offset, end, src, &mut diffs);
+            } else if let Some(bytes) = given.filter(|_| !in_place && !preserving) {
+                // Compared where the request's read put them: nothing is held from them.
+                diffs.clear();
+                collect_diffs(bytes, span_start, offset, end, src, &mut diffs);
             } else if !in_place {
+                // A chunk to preserve builds its held pieces in `old` (below).
                 let old_span = &mut old[..span_len];
                 let read = match given {
                     Some(bytes) => {
