@@ -7,7 +7,7 @@
 //! handshake included.
 //!
 //! TLS: `NBD_OPT_STARTTLS` is acknowledged, then the TLS handshake runs on the same socket
-//! (`tls::start`) and the options go on over the plaintext end the TLS pump gives back.
+//! (`tls::start`) and the options go on over the TLS stream it gives back.
 //! Nothing is read past an option's payload before it is answered, so bytes a client (or
 //! a man in the middle) sends after `NBD_OPT_STARTTLS` reach the TLS handshake, never the
 //! option parser. What was negotiated before TLS (structured replies, extended headers,
@@ -60,7 +60,7 @@ struct State {
     /// The last `NBD_OPT_SET_META_CONTEXT`: export (canonical name) and selection.
     meta: Option<(String, Vec<(u32, Context)>)>,
     options: u32,
-    /// TLS is up (the stream is the TLS pump's plaintext end).
+    /// TLS is up (the stream is the TLS session).
     tls: bool,
 }
 
@@ -76,8 +76,8 @@ impl State {
     }
 }
 
-/// The stream a connection is served over: the client's socket, or with TLS the plaintext
-/// end of the TLS pump. Dropping it ends the TLS session (`close_notify`) after what was
+/// The stream a connection is served over: the client's socket, or with TLS the TLS
+/// session on it. Dropping it ends the TLS session (`close_notify`) after what was
 /// written.
 pub struct Channel {
     pub stream: NbdStream,
@@ -206,7 +206,7 @@ impl Conn<'_> {
 }
 
 /// Runs the handshake on `stream`, from a client known as `peer` (its unix-socket
-/// credentials, if any). Returns the stream to go on with (the TLS pump's end once TLS is
+/// credentials, if any). Returns the stream to go on with (the TLS session once TLS is
 /// up) and what was agreed; `None`: the client aborted or went away (or the server is
 /// shutting down) before choosing an export.
 pub fn negotiate(

@@ -111,6 +111,8 @@ pub enum NbdError {
 pub enum NbdStream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A TLS session on a TCP or unix socket: reads decrypt, writes encrypt.
+    Tls(Arc<tls::TlsStream>),
 }
 
 impl NbdStream {
@@ -118,34 +120,55 @@ impl NbdStream {
         Ok(match self {
             NbdStream::Tcp(s) => NbdStream::Tcp(s.try_clone()?),
             NbdStream::Unix(s) => NbdStream::Unix(s.try_clone()?),
+            NbdStream::Tls(s) => NbdStream::Tls(s.clone()),
         })
     }
 
-    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+    /// The socket under the stream (for TLS, the client's socket).
+    fn socket(&self) -> &NbdStream {
         match self {
+            NbdStream::Tls(s) => s.net(),
+            plain => plain,
+        }
+    }
+
+    /// Whether bytes written to the socket reach the client as they are, so replies may be
+    /// sent straight from memory by file descriptor (`writev` from a map): not over TLS.
+    pub fn sends_from_memory(&self) -> bool {
+        !matches!(self, NbdStream::Tls(_))
+    }
+
+    /// Shuts the socket down at once (over TLS without `close_notify`: a kick or an error
+    /// must not wait for the client; the graceful end is the TLS session's drop).
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self.socket() {
             NbdStream::Tcp(s) => s.shutdown(how),
             NbdStream::Unix(s) => s.shutdown(how),
+            NbdStream::Tls(_) => Ok(()),
         }
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
+        match self.socket() {
             NbdStream::Tcp(s) => s.set_read_timeout(t),
             NbdStream::Unix(s) => s.set_read_timeout(t),
+            NbdStream::Tls(_) => Ok(()),
         }
     }
 
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
+        match self.socket() {
             NbdStream::Tcp(s) => s.set_nonblocking(on),
             NbdStream::Unix(s) => s.set_nonblocking(on),
+            NbdStream::Tls(_) => Ok(()),
         }
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
+        match self.socket() {
             NbdStream::Tcp(s) => s.set_write_timeout(t),
             NbdStream::Unix(s) => s.set_write_timeout(t),
+            NbdStream::Tls(_) => Ok(()),
         }
     }
 }
@@ -155,6 +178,7 @@ impl std::os::fd::AsFd for NbdStream {
         match self {
             NbdStream::Tcp(s) => s.as_fd(),
             NbdStream::Unix(s) => s.as_fd(),
+            NbdStream::Tls(s) => s.net().as_fd(),
         }
     }
 }
@@ -176,6 +200,7 @@ impl Read for &NbdStream {
         match *self {
             NbdStream::Tcp(s) => (&*s).read(buf),
             NbdStream::Unix(s) => (&*s).read(buf),
+            NbdStream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -185,6 +210,7 @@ impl Write for &NbdStream {
         match *self {
             NbdStream::Tcp(s) => (&*s).write(buf),
             NbdStream::Unix(s) => (&*s).write(buf),
+            NbdStream::Tls(s) => s.write_all_vectored(&[io::IoSlice::new(buf)]),
         }
     }
 
@@ -192,6 +218,7 @@ impl Write for &NbdStream {
         match *self {
             NbdStream::Tcp(s) => (&*s).write_vectored(bufs),
             NbdStream::Unix(s) => (&*s).write_vectored(bufs),
+            NbdStream::Tls(s) => s.write_all_vectored(bufs),
         }
     }
 

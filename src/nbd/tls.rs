@@ -2,25 +2,26 @@
 //!
 //! The protocol code never sees TLS. When the handshake accepts `NBD_OPT_STARTTLS`, it
 //! calls [`start`], which runs the TLS handshake on the client's socket (under the NBD
-//! handshake's deadline), then hands the session to a **pump** thread and returns one end
-//! of a unix socket pair. The NBD option phase and transmission phase go on over that end
-//! exactly as over a plaintext socket (the reader loop, the worker pool, the reply writer
-//! and the zero-copy send from the page cache are unchanged); the pump moves plaintext
-//! between the pair and the TLS session:
+//! handshake's deadline) and returns a [`TlsStream`] in an [`NbdStream`]. The NBD option
+//! phase and transmission phase go on over it exactly as over a plaintext socket (the
+//! reader loop, the worker pool, the reply writer); the record layer runs in the
+//! connection's own threads:
 //!
 //! ```text
-//!  client ══TLS══ socket ── pump thread (rustls) ── socketpair ── NBD handshake/transmission
+//!  client ══TLS══ socket ── TlsStream (rustls) ── NBD reader (decrypts as it reads)
+//!                                             └── reply writer (encrypts as it writes)
 //! ```
 //!
-//! The pump is one thread in `poll(2)` over both sockets. It reads the client only while
-//! less than `PUMP_AHEAD_BYTES` of decrypted plaintext waits for the NBD side, and takes
-//! plaintext from the NBD side only once everything encrypted before has gone to the
-//! client, so the memory per connection is bounded (rustls bounds a TLS record to 16 KiB
-//! of plaintext and refuses larger records). When the client closes (with or
-//! without `close_notify`), the NBD side sees the end of its stream; when the NBD side is
-//! done ([`Session`] dropped), the pump sends `close_notify` and closes the socket. A
-//! client that takes no bytes for [`PUMP_STALL_TIMEOUT`] while some are waiting is
-//! dropped, as the transmission phase does.
+//! The reader reads at most `RX_CIPHERTEXT_BYTES` of ciphertext at a time and hands
+//! rustls more only once the plaintext before it is taken, so the memory per connection is
+//! bounded (rustls bounds a TLS record to 16 KiB of plaintext and refuses larger records);
+//! a sender seals at most `TX_SEAL_BYTES` at a time and sends it before sealing more. The
+//! socket's own timeouts apply (a client that takes no replies for the transmission
+//! phase's stall timeout is dropped). When the client closes (with or without
+//! `close_notify`), the reader sees the end of its stream; when the connection is done
+//! ([`Session`] dropped), `close_notify` goes out and the socket's write side is shut.
+//! Replies to reads are sealed from the reply buffer: the zero-copy send from the page
+//! cache is for plaintext sockets only ([`NbdStream::sends_from_memory`]).
 //!
 //! Certificates are in one directory, as nbdkit and qemu's `tls-creds-x509` lay them out:
 //! `ca-cert.pem` (to verify client certificates), `server-cert.pem` (the chain, leaf
@@ -32,18 +33,15 @@
 //! checked). External PSKs are not supported: rustls has none.
 
 use super::{NbdError, NbdStream};
+use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConnection};
-use std::collections::VecDeque;
-use std::io::{self, BufRead, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The files of `--tls-certificates DIR`.
@@ -52,17 +50,13 @@ pub const SERVER_CERT_FILE: &str = "server-cert.pem";
 pub const SERVER_KEY_FILE: &str = "server-key.pem";
 /// Largest certificate or key file read.
 const PEM_FILE_BYTES_MAX: u64 = 1 << 20;
-/// The pump drops a client that takes none of the bytes waiting for it for this long.
-pub const PUMP_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Plaintext the pump takes from the NBD side at a time (encrypted at once, then sent
-/// before more is taken).
-const PUMP_PLAINTEXT_BYTES: usize = 256 << 10;
-/// Decrypted bytes the pump holds for the NBD side before it stops reading the client.
-const PUMP_AHEAD_BYTES: usize = 1 << 20;
-/// Socket buffer of each end of the pair (the kernel may give less).
-const PAIR_BUFFER_BYTES: libc::c_int = 1 << 20;
-/// Encrypted bytes the pump reads from the client at a time.
-const PUMP_CIPHERTEXT_BYTES: usize = 256 << 10;
+/// Ciphertext the reading thread reads from the client at a time.
+const RX_CIPHERTEXT_BYTES: usize = 256 << 10;
+/// Plaintext the reading thread takes out of the session per hold of its lock (the thread
+/// sending replies waits at most that long).
+const RX_PLAINTEXT_PER_LOCK_BYTES: usize = 256 << 10;
+/// Plaintext a sender seals per hold of the session's lock, then sends.
+const TX_SEAL_BYTES: usize = 128 << 10;
 /// Largest client identity name kept (CN or SAN).
 const IDENTITY_BYTES_MAX: usize = 1024;
 /// Most client identity names kept.
@@ -300,21 +294,189 @@ impl rustls::server::ResolvesServerCert for SingleCert {
     }
 }
 
-/// A running TLS session: the pump thread. Dropping it ends the NBD side's stream (what
-/// was written to it still goes out), then waits for the pump to send `close_notify` and
-/// finish (at most [`PUMP_STALL_TIMEOUT`] if the client takes nothing).
-pub struct Session {
-    /// The NBD side's end of the pair (a clone), shut down on drop.
-    nbd_end: UnixStream,
-    thread: Option<JoinHandle<()>>,
+/// A TLS session on the client's socket, run by the connection's own threads: the thread
+/// that reads requests decrypts ([`TlsStream::read`]), the thread that writes a reply
+/// encrypts it ([`TlsStream::write`]). One rustls session serves both directions under a
+/// lock held only while records are opened or sealed, never across a socket read or send.
+///
+/// Encrypted bytes leave in the order rustls sealed them: they are taken out of the
+/// session and sent under `tx`, which every sender holds (replies, and the alerts or
+/// `KeyUpdate` answers that reading produces). Lock order: `rx`, then `tx`, then `conn`.
+pub struct TlsStream {
+    /// The client's socket (TCP or unix), never itself TLS.
+    net: Box<NbdStream>,
+    conn: Mutex<ServerConnection>,
+    /// Ciphertext read from the client and not yet handed to rustls (only the reading
+    /// thread takes it).
+    rx: Mutex<Rx>,
+    /// Encrypted bytes on their way to the client (the buffer is kept between sends).
+    tx: Mutex<Vec<u8>>,
 }
+
+struct Rx {
+    buf: Vec<u8>,
+    /// `buf[lo..hi]` not yet given to rustls.
+    lo: usize,
+    hi: usize,
+    /// The client's stream ended (EOF or a reset).
+    eof: bool,
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream").finish_non_exhaustive()
+    }
+}
+
+impl TlsStream {
+    /// The client's socket.
+    pub fn net(&self) -> &NbdStream {
+        &self.net
+    }
+
+    /// Decrypted bytes from the client into `buf`: what rustls holds, else what the bytes
+    /// already read open to, else one read of the socket (blocking, under its read
+    /// timeout). `Ok(0)` at the end of the client's stream, with or without
+    /// `close_notify` (every NBD message carries its length, so a truncation is seen
+    /// there). A record that does not open (forged, too large, out of order) sends the
+    /// client an alert and fails.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut rx = self.rx.lock();
+        loop {
+            let mut done = 0usize;
+            let mut reply_due = false;
+            let mut failure = None;
+            {
+                let mut c = self.conn.lock();
+                loop {
+                    match c.reader().read(buf.get_mut(done..).unwrap_or_default()) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            done += n;
+                            if done == buf.len() || done >= RX_PLAINTEXT_PER_LOCK_BYTES {
+                                break;
+                            }
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                    // rustls has nothing decrypted: hand it more of what was read.
+                    let Rx {
+                        buf: b,
+                        lo,
+                        hi,
+                        eof,
+                    } = &mut *rx;
+                    if lo == hi && !*eof {
+                        break;
+                    }
+                    let mut data = b.get(*lo..*hi).unwrap_or_default();
+                    match c.read_tls(&mut data) {
+                        // At the end of the stream (tells rustls so), or after
+                        // close_notify (what follows it is ignored).
+                        Ok(0) => *lo = *hi,
+                        Ok(n) => *lo += n,
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                    if let Err(e) = c.process_new_packets() {
+                        failure = Some(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+                        reply_due = c.wants_write();
+                        break;
+                    }
+                    reply_due |= c.wants_write();
+                }
+            }
+            if reply_due {
+                // An alert, or the answer to a KeyUpdate: a send error shows on the next
+                // reply as well.
+                let _ = self.send_sealed();
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            if done > 0 || rx.eof {
+                return Ok(done);
+            }
+            let Rx {
+                buf: b,
+                lo,
+                hi,
+                eof,
+            } = &mut *rx;
+            (*lo, *hi) = (0, 0);
+            match (&*self.net).read(b) {
+                Ok(0) => *eof = true,
+                Ok(n) => *hi = n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A reset: the client is gone.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => *eof = true,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Encrypts `bufs` and sends them whole, sealing at most `TX_SEAL_BYTES` at a time (the
+    /// reading thread waits for the session at most that long).
+    pub fn write_all_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let mut tx = self.tx.lock();
+        let mut total = 0usize;
+        for b in bufs {
+            for piece in b.chunks(TX_SEAL_BYTES) {
+                {
+                    let mut c = self.conn.lock();
+                    c.writer().write_all(piece)?;
+                    tx.clear();
+                    while c.wants_write() {
+                        c.write_tls(&mut *tx)?;
+                    }
+                }
+                (&*self.net).write_all(&tx)?;
+                total += piece.len();
+            }
+        }
+        Ok(total)
+    }
+
+    /// Sends what rustls has sealed and not yet sent.
+    fn send_sealed(&self) -> io::Result<()> {
+        let mut tx = self.tx.lock();
+        tx.clear();
+        {
+            let mut c = self.conn.lock();
+            while c.wants_write() {
+                c.write_tls(&mut *tx)?;
+            }
+        }
+        (&*self.net).write_all(&tx)
+    }
+
+    /// Ends the session: `close_notify` (as far as the client takes it within the socket's
+    /// send timeout), then the socket's write side.
+    pub fn close(&self) {
+        self.conn.lock().send_close_notify();
+        let _ = self.send_sealed();
+        let _ = self.net.shutdown(Shutdown::Write);
+    }
+}
+
+/// The TLS side of a connection, held by the handshake's channel: dropping it ends the
+/// session (`close_notify`) after everything written before.
+pub struct Session(Arc<TlsStream>);
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let _ = self.nbd_end.shutdown(Shutdown::Write);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.0.close();
     }
 }
 
@@ -357,7 +519,7 @@ fn timed_out() -> NbdError {
 
 /// Runs the TLS handshake on `net` (the NBD handshake has just acknowledged
 /// `NBD_OPT_STARTTLS`; nothing the client sent after it has been read), within
-/// `deadline`, then starts the pump. Returns the plaintext stream for the NBD code, the
+/// `deadline`. Returns the stream for the NBD code (it reads and writes plaintext), the
 /// session, and the names of the client's verified certificate (empty without one).
 pub fn start(
     net: &NbdStream,
@@ -365,6 +527,9 @@ pub fn start(
     deadline: Option<Instant>,
 ) -> Result<(NbdStream, Session, Vec<String>), NbdError> {
     let net = net.try_clone()?;
+    if matches!(net, NbdStream::Tls(_)) {
+        return Err(NbdError::Tls("TLS is already active".into()));
+    }
     let mut tls =
         ServerConnection::new(setup.config.clone()).map_err(|e| NbdError::Tls(e.to_string()))?;
     let left = || -> Result<Option<Duration>, NbdError> {
@@ -412,267 +577,22 @@ pub fn start(
         .and_then(|c| c.first())
         .map(|c| certificate_names(c.as_ref()))
         .unwrap_or_default();
-    let (nbd_end, pump_end) = UnixStream::pair()?;
-    let size = PAIR_BUFFER_BYTES;
-    for end in [&nbd_end, &pump_end] {
-        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-            // SAFETY: a valid socket, option and c_int value of the stated size.
-            unsafe {
-                libc::setsockopt(
-                    end.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&raw const size).cast::<libc::c_void>(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
-        }
-    }
-    let nbd_clone = nbd_end.try_clone()?;
-    net.set_read_timeout(None)?;
-    net.set_write_timeout(None)?;
-    let thread = std::thread::Builder::new()
-        .name("nbd-tls".into())
-        .spawn(move || {
-            if let Err(e) = pump(tls, &net, &pump_end) {
-                tracing::debug!(error = %e, "TLS session ended");
-            }
-            // Whatever happened, both streams end: the NBD side sees it at once.
-            let _ = pump_end.shutdown(Shutdown::Both);
-            let _ = net.shutdown(Shutdown::Both);
-        })?;
-    Ok((
-        NbdStream::Unix(nbd_end),
-        Session {
-            nbd_end: nbd_clone,
-            thread: Some(thread),
-        },
-        names,
-    ))
-}
-
-/// Moves plaintext between the TLS session on `net` and `inner` (the NBD side) until both
-/// directions are done; see the module documentation.
-fn pump(mut tls: ServerConnection, net: &NbdStream, inner: &UnixStream) -> io::Result<()> {
-    net.set_nonblocking(true)?;
-    inner.set_nonblocking(true)?;
-    let mut to_nbd = ToNbd {
-        inner,
-        pending: VecDeque::new(),
-        deaf: false,
-    };
-    let mut plain = vec![0u8; PUMP_PLAINTEXT_BYTES];
-    let mut cipher = vec![0u8; PUMP_CIPHERTEXT_BYTES];
-    // Flow control is the pump's (see above): rustls need not limit what it holds.
+    // The sending side bounds what it seals at a time (`TX_SEAL_BYTES`), the reading side
+    // what it holds (`RX_CIPHERTEXT_BYTES`, and one record in rustls): rustls need not
+    // limit its queues.
     tls.set_buffer_limit(None);
-    // The client sent no more (EOF, close_notify, or its read side was shut down).
-    let mut net_done = false;
-    // The NBD side is told the stream ended.
-    let mut inner_told_eof = false;
-    // The NBD side sent everything (EOF): close_notify is queued.
-    let mut inner_done = false;
-    let mut last_progress = Instant::now();
-    // Whether a read may find bytes: cleared by a short read or EAGAIN, set by poll, so a
-    // wake-up costs no read that can only fail (random 4 KiB writes: two syscalls less per
-    // request).
-    let (mut net_ready, mut inner_ready) = (true, true);
-    // Records that arrived with the end of the handshake.
-    let state = tls
-        .process_new_packets()
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    to_nbd.take(&mut tls)?;
-    if state.peer_has_closed() {
-        net_done = true;
-    }
-    loop {
-        // 1. Encrypted bytes to the client.
-        while tls.wants_write() {
-            match tls.write_tls(&mut &*net) {
-                Ok(_) => last_progress = Instant::now(),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if inner_done && !tls.wants_write() {
-            let _ = net.shutdown(Shutdown::Write);
-            return Ok(());
-        }
-        // 2. Plaintext held back for the NBD side.
-        to_nbd.flush();
-        // 3. From the client, while the NBD side keeps up (at most PUMP_AHEAD_BYTES
-        // decrypted and not yet taken). One large read, then rustls is fed from the buffer
-        // (its own reads are 4 KiB).
-        if net_ready && !net_done && to_nbd.pending.len() < PUMP_AHEAD_BYTES {
-            match (&*net).read(&mut cipher) {
-                Ok(0) => net_done = true,
-                Ok(n) => {
-                    net_ready = n == cipher.len();
-                    match feed(&mut tls, cipher.get(..n).unwrap_or_default(), &mut to_nbd) {
-                        Ok(closed) => net_done |= closed,
-                        Err(e) => {
-                            send_alert(&mut tls, net);
-                            return Err(e);
-                        }
-                    }
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => net_ready = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // A reset: the client is gone.
-                Err(_) => net_done = true,
-            }
-        }
-        if net_done && to_nbd.pending.is_empty() && !inner_told_eof {
-            let _ = inner.shutdown(Shutdown::Write);
-            inner_told_eof = true;
-        }
-        // 4. From the NBD side, once everything before has been sent.
-        if inner_ready && !inner_done && !tls.wants_write() {
-            match (&*inner).read(&mut plain) {
-                Ok(0) => {
-                    inner_done = true;
-                    tls.send_close_notify();
-                    continue;
-                }
-                Ok(n) => {
-                    inner_ready = n == plain.len();
-                    tls.writer().write_all(plain.get(..n).unwrap_or_default())?;
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => inner_ready = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    inner_done = true;
-                    tls.send_close_notify();
-                    continue;
-                }
-            }
-        }
-        // Wait for something to do.
-        let mut fds = [
-            libc::pollfd {
-                fd: net.as_fd().as_raw_fd(),
-                events: 0,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: inner.as_raw_fd(),
-                events: 0,
-                revents: 0,
-            },
-        ];
-        if !net_done && to_nbd.pending.len() < PUMP_AHEAD_BYTES {
-            fds[0].events |= libc::POLLIN;
-        }
-        if tls.wants_write() {
-            fds[0].events |= libc::POLLOUT;
-        }
-        if !inner_done && !tls.wants_write() {
-            fds[1].events |= libc::POLLIN;
-        }
-        if !to_nbd.pending.is_empty() {
-            fds[1].events |= libc::POLLOUT;
-        }
-        // A socket waited on for nothing is left out: its POLLHUP or POLLERR (a client
-        // that reset the connection while replies are still being made) would otherwise
-        // wake the loop at once, again and again.
-        for p in &mut fds {
-            if p.events == 0 {
-                p.fd = -1;
-            }
-        }
-        // SAFETY: `fds` is a valid array of two pollfd structures.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-        let readable =
-            |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
-        net_ready |= readable(&fds[0]);
-        inner_ready |= readable(&fds[1]);
-        if tls.wants_write() && last_progress.elapsed() > PUMP_STALL_TIMEOUT {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client took no bytes for 60 s",
-            ));
-        }
-        if !tls.wants_write() {
-            last_progress = Instant::now();
-        }
-    }
-}
-
-/// The plaintext path to the NBD side: decrypted bytes wait in `pending` until the pair
-/// takes them.
-struct ToNbd<'a> {
-    inner: &'a UnixStream,
-    pending: VecDeque<u8>,
-    /// The NBD side takes no more input (it is finishing): plaintext is dropped.
-    deaf: bool,
-}
-
-impl ToNbd<'_> {
-    /// Writes `bytes` to the pair; how many it took (all of them once it is deaf).
-    fn write(inner: &UnixStream, deaf: &mut bool, bytes: &[u8]) -> usize {
-        if *deaf {
-            return bytes.len();
-        }
-        loop {
-            match (&*inner).write(bytes) {
-                Ok(n) => return n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return 0,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    *deaf = true;
-                    return bytes.len();
-                }
-            }
-        }
-    }
-
-    /// Writes what is pending, as far as the pair takes it.
-    fn flush(&mut self) {
-        while !self.pending.is_empty() {
-            let (front, _) = self.pending.as_slices();
-            let n = ToNbd::write(self.inner, &mut self.deaf, front);
-            if self.deaf {
-                self.pending.clear();
-                return;
-            }
-            if n == 0 {
-                return;
-            }
-            self.pending.drain(..n);
-        }
-    }
-
-    /// Takes the plaintext rustls decrypted, to be written by [`ToNbd::flush`] once the
-    /// whole read from the client is decrypted: one write to the pair per read, not one
-    /// per 16 KiB record, wakes the NBD side once (a write per record cost a context
-    /// switch per record on both sides: 1 MiB writes over TLS ran at about 0.6x nbdkit).
-    fn take(&mut self, tls: &mut ServerConnection) -> io::Result<()> {
-        let mut reader = tls.reader();
-        loop {
-            let chunk = match reader.fill_buf() {
-                Ok([]) => return Ok(()),
-                Ok(chunk) => chunk,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                // The client closed without close_notify: the end of its stream all the
-                // same (a truncation cannot matter: every NBD message carries its length).
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let n = chunk.len();
-            if !self.deaf {
-                self.pending.extend(chunk);
-            }
-            reader.consume(n);
-        }
-    }
+    let stream = Arc::new(TlsStream {
+        net: Box::new(net),
+        conn: Mutex::new(tls),
+        rx: Mutex::new(Rx {
+            buf: vec![0u8; RX_CIPHERTEXT_BYTES],
+            lo: 0,
+            hi: 0,
+            eof: false,
+        }),
+        tx: Mutex::new(Vec::new()),
+    });
+    Ok((NbdStream::Tls(stream.clone()), Session(stream), names))
 }
 
 /// Sends what rustls queued (an alert telling the client why its connection ends), as far
@@ -685,28 +605,6 @@ fn send_alert(tls: &mut ServerConnection, net: &NbdStream) {
             break;
         }
     }
-}
-
-/// Hands `data` (bytes from the client) to rustls and the plaintext it yields to the NBD
-/// side; true once the client has sent `close_notify`. A bad record (too large, not
-/// decryptable, ...) fails.
-fn feed(tls: &mut ServerConnection, mut data: &[u8], to_nbd: &mut ToNbd<'_>) -> io::Result<bool> {
-    while !data.is_empty() {
-        if tls.read_tls(&mut data)? == 0 {
-            // close_notify came: what follows it is ignored.
-            return Ok(true);
-        }
-        match tls.process_new_packets() {
-            Ok(state) => {
-                to_nbd.take(tls)?;
-                if state.peer_has_closed() {
-                    return Ok(true);
-                }
-            }
-            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
-        }
-    }
-    Ok(false)
 }
 
 #[cfg(test)]

@@ -367,12 +367,13 @@ impl Shared<'_> {
     /// Replies to a READ of the live volume with the origin's bytes sent straight from its
     /// memory map (one copy, page cache to socket, instead of two through a buffer), under
     /// the writer lock. `false`, having sent nothing, where it cannot: a snapshot export,
-    /// data held for the group commit, no map, an I/O error under the map (the buffered
+    /// data held for the group commit, no map, a TLS connection (the bytes are sealed from
+    /// a buffer), an I/O error under the map (the buffered
     /// read then reports it), or, in structured mode without DF, a whole aligned 4 KiB
     /// block of zeros (the buffered read sends it as a hole). A write error after the
     /// header went out gives up the connection, as for any reply.
     pub(super) fn read_raw(&self, r: &Request) -> bool {
-        if self.export.snapshot_id.is_some() {
+        if self.export.snapshot_id.is_some() || !self.sends_from_memory {
             return false;
         }
         let scan = self.mode != Mode::Simple && r.flags & CMD_FLAG_DF == 0;

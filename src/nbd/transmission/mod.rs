@@ -208,6 +208,8 @@ struct Shared<'a> {
     payload_max: u32,
     shutdown: &'a AtomicBool,
     writer: Mutex<ReplyWriter>,
+    /// Replies may be sent straight from the origin's map (not over TLS).
+    sends_from_memory: bool,
     pool: BufPool,
     gate: Gate,
     queue: Queue,
@@ -254,6 +256,7 @@ pub fn serve(
             stream: stream.try_clone()?,
             failed: false,
         }),
+        sends_from_memory: stream.sends_from_memory(),
         pool: BufPool {
             idle: Mutex::new(Vec::new()),
         },
