@@ -933,8 +933,8 @@ fn restore_force_and_sigterm_end_tls_connections() {
     let Setup { pki, daemon, sb } = setup(&[]);
     let addr = daemon.loopback_addr();
     let config = alice_config(&pki);
-    // A writer over TLS holds restore off until --force kicks it (through the socket
-    // pair's end; the pump then closes the TLS session).
+    // A writer over TLS holds restore off until --force kicks it (the kick shuts the
+    // client's socket).
     let mut t = starttls(greet(&addr), config.clone());
     go(&mut t, "default").unwrap();
     assert_eq!(request(&mut t, 1, 0, 4096, &[9u8; 4096]), 0);
