@@ -10,6 +10,7 @@ use crate::io::PageBuf;
 use crate::journal::{JOURNAL_FRAME_RECORDS_MAX, PreserveEntry, Record};
 use parking_lot::RwLockWriteGuard;
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What a write puts into the volume.
@@ -132,6 +133,60 @@ fn extension(chunk_index: u64, until: u64, loc: Loc, parts: u16) -> PreserveEntr
 /// Runs of a chunk whose new contents differ from the origin: `[start, end)` in bytes from
 /// the chunk's start, on 4 KiB piece boundaries (the last may end at the volume's end).
 pub(super) type DiffRuns = Vec<(u32, u32)>;
+
+/// How far into a group commit's batch `gather_run` looks for slots that continue a run.
+const RUN_LOOKAHEAD_ENTRIES: usize = 256;
+
+/// Whether `q` is a whole copy still to make (what a run is made of).
+fn whole_copy(q: &Queued) -> bool {
+    q.copy_due && !q.entry.extends && q.entry.parts == PARTS_ALL
+}
+
+/// The run of whole copies `first` (a whole copy) starts: the entries among the next
+/// `RUN_LOOKAHEAD_ENTRIES` of `batch` whose slots continue `first`'s downwards and upwards
+/// in the same store, taken out of `batch`, in slot order (at most `max`), so that one
+/// write copies them all. Workers reserve slots and queue their entries in slightly
+/// different orders, so the slots that follow each other are near in the batch, not always
+/// next to each other (measured, first writes in order at QD16: runs of 3 chunks on
+/// average, most of them single 64 KiB writes). An entry is only taken past entries of
+/// other chunks: the order of one chunk's entries (invariant P) is kept. At most
+/// `below_max` entries go ahead of `first` (0 when `first` is the new record paired with
+/// the completion just before it: nothing may come between them).
+fn gather_run(
+    first: Queued,
+    batch: &mut VecDeque<Queued>,
+    max: usize,
+    below_max: usize,
+) -> Vec<Queued> {
+    debug_assert!(whole_copy(&first) && !first.paired);
+    let store_index = first.entry.store_index;
+    let mut run = VecDeque::from([first]);
+    let find = |batch: &VecDeque<Queued>, run: &VecDeque<Queued>, slot_index: u64| {
+        let i = batch.iter().take(RUN_LOOKAHEAD_ENTRIES).position(|n| {
+            whole_copy(n) && n.entry.store_index == store_index && n.entry.slot_index == slot_index
+        })?;
+        let c = batch.get(i)?.entry.chunk_index;
+        let passes = batch.iter().take(i).chain(run.iter());
+        (!passes.into_iter().any(|n| n.entry.chunk_index == c)).then_some(i)
+    };
+    while run.len() < max && run.len() <= below_max {
+        let below = run.front().and_then(|q| q.entry.slot_index.checked_sub(1));
+        let Some(i) = below.and_then(|slot| find(batch, &run, slot)) else {
+            break;
+        };
+        if let Some(q) = batch.remove(i) {
+            run.push_front(q);
+        }
+    }
+    while run.len() < max {
+        let above = run.back().map(|q| q.entry.slot_index + 1);
+        let Some(i) = above.and_then(|slot| find(batch, &run, slot)) else {
+            break;
+        };
+        run.extend(batch.remove(i));
+    }
+    run.into()
+}
 
 /// The runs of 4 KiB pieces in which `old` and `new` (one chunk, or its part inside the
 /// volume) differ.
@@ -1560,10 +1615,10 @@ impl Volume {
                 "copying chunk {chunk_index} into the snapshot store failed ({e}); acknowledged writes may be lost"
             ))
         };
-        // Entries done (copied, or with nothing to copy), in batch order.
+        // Entries done (copied, or with nothing to copy), in batch order but for runs.
         let mut done: Vec<Queued> = Vec::with_capacity(batch.len());
-        let mut batch = batch.into_iter().peekable();
-        while let Some(mut q) = batch.next() {
+        let mut batch: VecDeque<Queued> = batch.into();
+        while let Some(mut q) = batch.pop_front() {
             let copied = if !q.copy_due {
                 Ok(())
             } else if q.entry.extends {
@@ -1571,20 +1626,12 @@ impl Volume {
             } else if q.entry.parts != PARTS_ALL {
                 self.copy_partial(&mut q.entry, buf)
             } else {
-                // A run: the following whole copies into the next slots of the same store.
-                let (store_index, slot_index) = (q.entry.store_index, q.entry.slot_index);
-                let mut run = vec![q];
-                while run.len() < run_chunks_max
-                    && let Some(next) = batch.next_if(|n| {
-                        n.copy_due
-                            && !n.entry.extends
-                            && n.entry.parts == PARTS_ALL
-                            && n.entry.store_index == store_index
-                            && n.entry.slot_index == slot_index + run.len() as u64
-                    })
-                {
-                    run.push(next);
-                }
+                // A run: whole copies into the slots around it in the same store.
+                let below_max = match done.last() {
+                    Some(d) if d.paired => 0,
+                    _ => run_chunks_max,
+                };
+                let mut run = gather_run(q, &mut batch, run_chunks_max, below_max);
                 let first_chunk = run[0].entry.chunk_index;
                 // ENOSPC on a run's one write (a file system that cannot reserve) falls
                 // back to copying chunk by chunk, which finds how far there is space.
@@ -1610,13 +1657,9 @@ impl Volume {
                     Err((err, r)) => {
                         q = r;
                         // The rest of the run goes back with the batch.
-                        let rest: Vec<Queued> = run.collect();
-                        batch = rest
-                            .into_iter()
-                            .chain(batch)
-                            .collect::<Vec<_>>()
-                            .into_iter()
-                            .peekable();
+                        for rest in run.rev() {
+                            batch.push_front(rest);
+                        }
                         Err(err)
                     }
                 }
@@ -1941,5 +1984,117 @@ impl<'a> PhaseClock<'a> {
         let took_ns = u64::try_from((now - self.since).as_nanos()).unwrap_or(u64::MAX);
         self.totals_ns[phase as usize].fetch_add(took_ns, Ordering::Relaxed);
         self.since = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queued whole copy of `chunk_index` into slot `slot_index` of store `store_index`.
+    fn whole(chunk_index: u64, store_index: u16, slot_index: u64) -> Queued {
+        Queued {
+            entry: PreserveEntry {
+                chunk_index,
+                until_snapshot_id: 1,
+                store_index,
+                slot_index,
+                data_crc32c: 0,
+                parts: PARTS_ALL,
+                extends: false,
+            },
+            copy_due: true,
+            paired: false,
+            copy_bytes: 0,
+        }
+    }
+
+    /// (chunk, store, slot) of each entry.
+    fn ids(qs: &[Queued]) -> Vec<(u64, u16, u64)> {
+        qs.iter()
+            .map(|q| (q.entry.chunk_index, q.entry.store_index, q.entry.slot_index))
+            .collect()
+    }
+
+    /// One case: the batch as (chunk, store, slot) with the first entry the run's start;
+    /// the run and what stays in the batch, in order.
+    fn case(batch: &[(u64, u16, u64)], max: usize, below_max: usize) -> (Vec<u64>, Vec<u64>) {
+        let mut q: VecDeque<Queued> = batch.iter().map(|&(c, st, sl)| whole(c, st, sl)).collect();
+        let first = q.pop_front().unwrap();
+        let run = gather_run(first, &mut q, max, below_max);
+        // A run is one write: slots that follow each other in one store.
+        let r = ids(&run);
+        assert!(
+            r.windows(2)
+                .all(|w| w[1].1 == w[0].1 && w[1].2 == w[0].2 + 1),
+            "{r:?}"
+        );
+        let chunks = |v: Vec<(u64, u16, u64)>| v.into_iter().map(|e| e.0).collect::<Vec<_>>();
+        (chunks(r), chunks(ids(q.make_contiguous())))
+    }
+
+    #[test]
+    fn runs_gather_slots_queued_out_of_order() {
+        // Chunk c in slot c (store 0) unless said otherwise; the first entry starts the run.
+        // Workers queued 11 before 10 and 13 before 12: one run 10..=14 all the same.
+        assert_eq!(
+            case(
+                &[
+                    (11, 0, 11),
+                    (10, 0, 10),
+                    (13, 0, 13),
+                    (12, 0, 12),
+                    (14, 0, 14)
+                ],
+                16,
+                16
+            ),
+            (vec![10, 11, 12, 13, 14], vec![])
+        );
+        // At most `max`; what is left keeps its order.
+        assert_eq!(
+            case(
+                &[
+                    (11, 0, 11),
+                    (10, 0, 10),
+                    (13, 0, 13),
+                    (12, 0, 12),
+                    (14, 0, 14)
+                ],
+                3,
+                16
+            ),
+            (vec![10, 11, 12], vec![13, 14])
+        );
+        // Nothing below the first when it must follow the entry before it.
+        assert_eq!(
+            case(&[(11, 0, 11), (10, 0, 10), (12, 0, 12)], 16, 0),
+            (vec![11, 12], vec![10])
+        );
+        // Another store's slot, a gap, a partial copy, an extension: not in the run.
+        let mut partial = whole(3, 0, 3);
+        partial.entry.parts = 1;
+        let mut extension = whole(4, 0, 4);
+        extension.entry.extends = true;
+        let mut q: VecDeque<Queued> =
+            VecDeque::from([whole(2, 1, 3), partial, extension, whole(9, 0, 9)]);
+        let run = gather_run(whole(2, 0, 2), &mut q, 16, 16);
+        assert_eq!(ids(&run), vec![(2, 0, 2)]);
+        assert_eq!(q.len(), 4);
+        // An entry is not taken past an entry of its own chunk (chunk 7 has an older entry,
+        // a partial one, ahead of its whole copy in slot 6).
+        let mut older = whole(7, 1, 40);
+        older.entry.parts = 1;
+        let mut q: VecDeque<Queued> = VecDeque::from([older, whole(7, 0, 6), whole(8, 0, 4)]);
+        let run = gather_run(whole(5, 0, 5), &mut q, 16, 16);
+        assert_eq!(ids(&run), vec![(8, 0, 4), (5, 0, 5)]);
+        assert_eq!(ids(q.make_contiguous()), vec![(7, 1, 40), (7, 0, 6)]);
+        // Slots beyond the look-ahead are not searched.
+        let mut far: VecDeque<Queued> = (0..RUN_LOOKAHEAD_ENTRIES as u64)
+            .map(|i| whole(1000 + i, 2, i))
+            .collect();
+        far.push_back(whole(51, 0, 51));
+        let run = gather_run(whole(50, 0, 50), &mut far, 16, 16);
+        assert_eq!(run.len(), 1);
     }
 }
