@@ -1151,5 +1151,23 @@ fn large_pipelined_requests_and_key_updates_over_tls() {
     );
     drop(t);
     daemon.wait_idle("end");
+    // A client that ends with close_notify alone (no NBD_CMD_DISC, its socket left open):
+    // the end of its stream, answered with the server's own close_notify.
+    let mut t = starttls(greet(&addr), alice_config(&pki));
+    go(&mut t, "default").unwrap();
+    t.conn.send_close_notify();
+    t.flush().unwrap();
+    t.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let end = t.read_to_end(&mut rest);
+    assert!(
+        end.is_ok() && rest.is_empty(),
+        "{end:?} {} bytes",
+        rest.len()
+    );
+    drop(t);
+    daemon.wait_idle("close_notify");
     daemon.stop();
 }

@@ -349,11 +349,16 @@ impl TlsStream {
             let mut done = 0usize;
             let mut reply_due = false;
             let mut failure = None;
+            // The client sent close_notify: nothing follows what rustls holds.
+            let mut closed = false;
             {
                 let mut c = self.conn.lock();
                 loop {
                     match c.reader().read(buf.get_mut(done..).unwrap_or_default()) {
-                        Ok(0) => break,
+                        Ok(0) => {
+                            closed = true;
+                            break;
+                        }
                         Ok(n) => {
                             done += n;
                             if done == buf.len() || done >= RX_PLAINTEXT_PER_LOCK_BYTES {
@@ -405,7 +410,7 @@ impl TlsStream {
             if let Some(e) = failure {
                 return Err(e);
             }
-            if done > 0 || rx.eof {
+            if done > 0 || closed || rx.eof {
                 return Ok(done);
             }
             let Rx {
