@@ -1668,9 +1668,11 @@ impl Volume {
                 Ok(()) => done.push(q),
                 Err(err) if err.is_out_of_space() && self.failed.get().is_none() => {
                     // No space for this copy (the volume is fine): the whole batch goes
-                    // back to the front of the queue, as it came (copies made so far are
-                    // made again: the origin under held chunks does not change), and its
-                    // held pieces stay held until a later commit finds space.
+                    // back to the front of the queue, as it came but for the runs taken
+                    // out of order (`gather_run` keeps each chunk's entries in order and a
+                    // pair together; copies made so far are made again: the origin under
+                    // held chunks does not change), and its held pieces stay held until a
+                    // later commit finds space.
                     tracing::warn!(volume = %self.config.name, error = %err, "no space for a copy of a group commit; it is tried again");
                     let requeued: Vec<Queued> = done
                         .into_iter()
