@@ -1064,6 +1064,17 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Reads the server's end of the session: close_notify and nothing before it.
+fn assert_ends_cleanly(t: &mut Tls) {
+    let mut rest = Vec::new();
+    let end = t.read_to_end(&mut rest);
+    assert!(
+        end.is_ok() && rest.is_empty(),
+        "{end:?} {} bytes",
+        rest.len()
+    );
+}
+
 #[test]
 fn large_pipelined_requests_and_key_updates_over_tls() {
     // The record layer runs in the connection's own threads: the reader decrypts payloads
@@ -1142,13 +1153,7 @@ fn large_pipelined_requests_and_key_updates_over_tls() {
     // The clean end: NBD_CMD_DISC, then the server's close_notify.
     t.write_all(&header(2, 9, 0, 0)).unwrap();
     t.flush().unwrap();
-    let mut rest = Vec::new();
-    let end = t.read_to_end(&mut rest);
-    assert!(
-        end.is_ok() && rest.is_empty(),
-        "{end:?} {} bytes",
-        rest.len()
-    );
+    assert_ends_cleanly(&mut t);
     drop(t);
     daemon.wait_idle("end");
     // A client that ends with close_notify alone (no NBD_CMD_DISC, its socket left open):
@@ -1160,13 +1165,7 @@ fn large_pipelined_requests_and_key_updates_over_tls() {
     t.sock
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut rest = Vec::new();
-    let end = t.read_to_end(&mut rest);
-    assert!(
-        end.is_ok() && rest.is_empty(),
-        "{end:?} {} bytes",
-        rest.len()
-    );
+    assert_ends_cleanly(&mut t);
     drop(t);
     daemon.wait_idle("close_notify");
     daemon.stop();

@@ -124,14 +124,6 @@ impl NbdStream {
         })
     }
 
-    /// The socket under the stream (for TLS, the client's socket).
-    fn socket(&self) -> &NbdStream {
-        match self {
-            NbdStream::Tls(s) => s.net(),
-            plain => plain,
-        }
-    }
-
     /// Whether bytes written to the socket reach the client as they are, so replies may be
     /// sent straight from memory by file descriptor (`writev` from a map): not over TLS.
     pub fn sends_from_memory(&self) -> bool {
@@ -141,34 +133,34 @@ impl NbdStream {
     /// Shuts the socket down at once (over TLS without `close_notify`: a kick or an error
     /// must not wait for the client; the graceful end is the TLS session's drop).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        match self.socket() {
+        match self {
             NbdStream::Tcp(s) => s.shutdown(how),
             NbdStream::Unix(s) => s.shutdown(how),
-            NbdStream::Tls(_) => Ok(()),
+            NbdStream::Tls(s) => s.net().shutdown(how),
         }
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self.socket() {
+        match self {
             NbdStream::Tcp(s) => s.set_read_timeout(t),
             NbdStream::Unix(s) => s.set_read_timeout(t),
-            NbdStream::Tls(_) => Ok(()),
+            NbdStream::Tls(s) => s.net().set_read_timeout(t),
         }
     }
 
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self.socket() {
+        match self {
             NbdStream::Tcp(s) => s.set_nonblocking(on),
             NbdStream::Unix(s) => s.set_nonblocking(on),
-            NbdStream::Tls(_) => Ok(()),
+            NbdStream::Tls(s) => s.net().set_nonblocking(on),
         }
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self.socket() {
+        match self {
             NbdStream::Tcp(s) => s.set_write_timeout(t),
             NbdStream::Unix(s) => s.set_write_timeout(t),
-            NbdStream::Tls(_) => Ok(()),
+            NbdStream::Tls(s) => s.net().set_write_timeout(t),
         }
     }
 }

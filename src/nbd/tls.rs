@@ -322,6 +322,39 @@ struct Rx {
     eof: bool,
 }
 
+impl Rx {
+    /// Hands `tls` the next of the bytes read (at the end of the stream, the end itself);
+    /// `Ok(false)`: there are none, the socket must be read.
+    fn feed(&mut self, tls: &mut ServerConnection) -> io::Result<bool> {
+        if self.lo == self.hi && !self.eof {
+            return Ok(false);
+        }
+        let mut data = self.buf.get(self.lo..self.hi).unwrap_or_default();
+        match tls.read_tls(&mut data)? {
+            // At the end of the stream (tells rustls so), or after close_notify (what
+            // follows it is ignored).
+            0 => self.lo = self.hi,
+            n => self.lo += n,
+        }
+        Ok(true)
+    }
+
+    /// One read of the client's socket into the (fully handed over) buffer.
+    fn refill(&mut self, net: &NbdStream) -> io::Result<()> {
+        debug_assert_eq!(self.lo, self.hi);
+        (self.lo, self.hi) = (0, 0);
+        match (&*net).read(&mut self.buf) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.hi = n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A reset: the client is gone.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream").finish_non_exhaustive()
@@ -374,21 +407,9 @@ impl TlsStream {
                         }
                     }
                     // rustls has nothing decrypted: hand it more of what was read.
-                    let Rx {
-                        buf: b,
-                        lo,
-                        hi,
-                        eof,
-                    } = &mut *rx;
-                    if lo == hi && !*eof {
-                        break;
-                    }
-                    let mut data = b.get(*lo..*hi).unwrap_or_default();
-                    match c.read_tls(&mut data) {
-                        // At the end of the stream (tells rustls so), or after
-                        // close_notify (what follows it is ignored).
-                        Ok(0) => *lo = *hi,
-                        Ok(n) => *lo += n,
+                    match rx.feed(&mut c) {
+                        Ok(true) => {}
+                        Ok(false) => break,
                         Err(e) => {
                             failure = Some(e);
                             break;
@@ -413,21 +434,7 @@ impl TlsStream {
             if done > 0 || closed || rx.eof {
                 return Ok(done);
             }
-            let Rx {
-                buf: b,
-                lo,
-                hi,
-                eof,
-            } = &mut *rx;
-            (*lo, *hi) = (0, 0);
-            match (&*self.net).read(b) {
-                Ok(0) => *eof = true,
-                Ok(n) => *hi = n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // A reset: the client is gone.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => *eof = true,
-                Err(e) => return Err(e),
-            }
+            rx.refill(&self.net)?;
         }
     }
 
@@ -436,34 +443,32 @@ impl TlsStream {
     pub fn write_all_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         let mut tx = self.tx.lock();
         let mut total = 0usize;
-        for b in bufs {
-            for piece in b.chunks(TX_SEAL_BYTES) {
-                {
-                    let mut c = self.conn.lock();
-                    c.writer().write_all(piece)?;
-                    tx.clear();
-                    while c.wants_write() {
-                        c.write_tls(&mut *tx)?;
-                    }
-                }
-                (&*self.net).write_all(&tx)?;
-                total += piece.len();
-            }
+        for piece in bufs.iter().flat_map(|b| b.chunks(TX_SEAL_BYTES)) {
+            self.seal_and_send(&mut tx, piece)?;
+            total += piece.len();
         }
         Ok(total)
     }
 
     /// Sends what rustls has sealed and not yet sent.
     fn send_sealed(&self) -> io::Result<()> {
-        let mut tx = self.tx.lock();
+        self.seal_and_send(&mut self.tx.lock(), &[])
+    }
+
+    /// Seals `plaintext` (if any), takes everything sealed out of the session into `tx`
+    /// (the `tx` lock's buffer: held, so bytes leave in sealing order) and sends it.
+    fn seal_and_send(&self, tx: &mut Vec<u8>, plaintext: &[u8]) -> io::Result<()> {
         tx.clear();
         {
             let mut c = self.conn.lock();
+            if !plaintext.is_empty() {
+                c.writer().write_all(plaintext)?;
+            }
             while c.wants_write() {
-                c.write_tls(&mut *tx)?;
+                c.write_tls(tx)?;
             }
         }
-        (&*self.net).write_all(&tx)
+        (&*self.net).write_all(tx)
     }
 
     /// Ends the session: `close_notify` (as far as the client takes it within the socket's

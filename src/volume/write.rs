@@ -2035,39 +2035,22 @@ mod tests {
         (chunks(r), chunks(ids(q.make_contiguous())))
     }
 
+    /// Chunks 10..=14 in slots 10..=14 of store 0, queued 11, 10, 13, 12, 14.
+    const SHUFFLED: [(u64, u16, u64); 5] = [
+        (11, 0, 11),
+        (10, 0, 10),
+        (13, 0, 13),
+        (12, 0, 12),
+        (14, 0, 14),
+    ];
+
     #[test]
     fn runs_gather_slots_queued_out_of_order() {
         // Chunk c in slot c (store 0) unless said otherwise; the first entry starts the run.
         // Workers queued 11 before 10 and 13 before 12: one run 10..=14 all the same.
-        assert_eq!(
-            case(
-                &[
-                    (11, 0, 11),
-                    (10, 0, 10),
-                    (13, 0, 13),
-                    (12, 0, 12),
-                    (14, 0, 14)
-                ],
-                16,
-                16
-            ),
-            (vec![10, 11, 12, 13, 14], vec![])
-        );
+        assert_eq!(case(&SHUFFLED, 16, 16), (vec![10, 11, 12, 13, 14], vec![]));
         // At most `max`; what is left keeps its order.
-        assert_eq!(
-            case(
-                &[
-                    (11, 0, 11),
-                    (10, 0, 10),
-                    (13, 0, 13),
-                    (12, 0, 12),
-                    (14, 0, 14)
-                ],
-                3,
-                16
-            ),
-            (vec![10, 11, 12], vec![13, 14])
-        );
+        assert_eq!(case(&SHUFFLED, 3, 16), (vec![10, 11, 12], vec![13, 14]));
         // Nothing below the first when it must follow the entry before it.
         assert_eq!(
             case(&[(11, 0, 11), (10, 0, 10), (12, 0, 12)], 16, 0),
