@@ -1291,7 +1291,7 @@ def main():
     ap.add_argument("--bigger-size", help="export size of the larger-than-memory tier and createload "
                     "(default 4G; 512M with --quick); servers get a memory cgroup of 1/8 of it")
     ap.add_argument("--settled-reps", type=int, help="repetitions of the settled-tier phases "
-                    "(firstwrite ... memory; default 1, or --reps when given)")
+                    "(firstwrite ... memory; default 1, or --reps when given; the restore at least 5 in a full run)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (seed images) afterwards")
     ap.add_argument("--perf", metavar="DIR", help="profile snapvol and nbdkit (perf record -g) during the first "
                     "repetition of the first-write and matrix runs; DIR gets PEER-WORKLOAD.data and a .txt summary. "
