@@ -1314,7 +1314,7 @@ def main():
     a.scaling_writes = 2 if q else 8
     a.scaling_reps = a.reps if q else max(a.reps, 5)
     # A restore of 10% of 1 GiB takes 0.1-0.4 s and one run of it spread 0.25-0.63x: at
-    # least 5, so that its median says something (each costs about 15 s).
+    # least 5, so that its median says something (each costs about 10 s).
     a.restore_reps = a.settled_reps if q else max(a.settled_reps, 5)
     a.snapcreate_snapshots = 200 if q else 1000
     a.snapcreate_samples = 40 if q else 1000
