@@ -271,7 +271,7 @@ fn every_fault(name: &str) {
     };
     let mut tally = Tally::default();
     for &seed in seeds {
-        every_fault_with(w, name, seed, &mut tally);
+        every_fault_with(w, seed, &mut tally);
     }
     eprintln!(
         "{name}: {} runs, {} faults injected, {} failed syncs, {} ENOSPC runs went on once space came back, {} with a restore paused by ENOSPC, then resumed, {} problems",
@@ -296,14 +296,15 @@ fn every_fault(name: &str) {
 
 /// Every operation of `w`'s run with `seed` failed in turn, once and from then on, in
 /// every mode.
-fn every_fault_with(w: &'static Workload, name: &str, seed: u64, tally: &mut Tally) {
+fn every_fault_with(w: &'static Workload, seed: u64, tally: &mut Tally) {
     for mode in MODES {
         let total = count_ops(w, seed, mode);
         for n in 0..=total {
             for persistent in [false, true] {
                 if let Err(e) = run_one(w, seed, n, mode, persistent, tally) {
                     tally.failures.push(format!(
-                        "workload={name} seed={seed} fail op {n}/{total} with {}{}: {e}",
+                        "workload={} seed={seed} fail op {n}/{total} with {}{}: {e}",
+                        w.name,
                         mode.name(),
                         if persistent { " from then on" } else { " once" }
                     ));
