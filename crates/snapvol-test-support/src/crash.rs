@@ -132,7 +132,7 @@ pub fn block_values(sectors: &[u32]) -> Vec<u32> {
 // Workload specs and the client that logs every request
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spec {
     pub size: u64,
     pub chunk: u32,
